@@ -1,0 +1,87 @@
+"""`ganflow ...`: the command line for people (the DVC stages live in pipelines/)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+import yaml
+
+from ganflow.config import DEFAULT_PARAMS, load_config
+from ganflow.errors import GanflowError
+
+
+def run_main(fn: Callable[[], int | None]) -> int:
+    """Run an entry point; a user error becomes one line on stderr and a non-zero exit code."""
+    try:
+        return fn() or 0
+    except GanflowError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    cfg = load_config(args.params)
+    print(f"# {args.params}: OK (resolved, paths absolute)")
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    return 0
+
+
+def cmd_outputs(args: argparse.Namespace) -> int:
+    """Where the pipeline's artifacts are, and which exist yet."""
+    cfg = load_config(args.params)
+    for name, path in cfg.paths.model_dump().items():
+        state = "present" if path.exists() else "not yet produced"
+        print(f"{name:17s} {cfg.relative(path):32s} {state}")
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from ganflow.tracking import artifact_root, tracking_uri
+
+    cfg = load_config(args.params)
+    uri = tracking_uri(cfg)
+    command = ["mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
+    if uri.startswith("sqlite:"):
+        command += ["--default-artifact-root", artifact_root(cfg)]
+    print(f"MLflow UI on http://{args.host}:{args.port} (store: {uri}); Ctrl-C stops it", flush=True)
+    os.execvp(command[0], command)
+    return 0  # not reached
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ganflow",
+        description="Reproducible, distributed, tracked GAN training. "
+        "The pipeline runs with `dvc repro`; these commands are for people.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("check-config", help="validate a params file and print the resolved config")
+    p.add_argument("params", nargs="?", default=DEFAULT_PARAMS, help="params file (default: params.yaml)")
+    p.set_defaults(fn=cmd_check_config)
+
+    p = sub.add_parser("outputs", help="list where the pipeline's artifacts are and which exist")
+    p.add_argument("params", nargs="?", default=DEFAULT_PARAMS, help="params file (default: params.yaml)")
+    p.set_defaults(fn=cmd_outputs)
+
+    p = sub.add_parser("ui", help="start the MLflow UI on the project's tracking store")
+    p.add_argument("--params", default=DEFAULT_PARAMS, help="params file (default: params.yaml)")
+    p.add_argument("--host", default="127.0.0.1", help="listen address (default: loopback only)")
+    p.add_argument("--port", type=int, default=5000)
+    p.set_defaults(fn=cmd_ui)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_main(lambda: args.fn(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,301 @@
+"""The one typed config of ganflow, loaded from params.yaml.
+
+Every section is a pydantic model that forbids unknown keys; defaults live here and only
+here (code never does ``cfg.get(key, default)``). Loading a bad file raises ``ConfigError``
+whose single line names the file, the dotted key and the reason, e.g.
+``params.yaml: train.lr_g: must be > 0``.
+
+Paths under ``paths:`` are relative to the directory of the params file; ``load_config``
+makes them absolute, because Ray workers and Ray jobs run in other working directories.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from ganflow.errors import ConfigError
+
+DEFAULT_PARAMS = "params.yaml"
+
+
+class Section(BaseModel):
+    # extra="forbid": a misspelt key is an error, never silently ignored.
+    # validate_assignment: overrides applied after loading are checked too.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PathsConfig(Section):
+    """Where each artifact lives, relative to the params file (made absolute on load)."""
+
+    prepared: Path = Path("data/prepared")
+    encoder: Path = Path("models/encoder")
+    tune_best: Path = Path("tune/best.json")
+    generator: Path = Path("models/generator")
+    metrics: Path = Path("metrics")
+    plots: Path = Path("plots")
+    registry: Path = Path("registry/model_version.json")
+    mlflow_db: Path = Path("mlflow.db")
+    mlflow_artifacts: Path = Path("mlartifacts")
+    ray_results: Path = Path("ray_results")
+
+
+class DataConfig(Section):
+    """The source of real images and how they are brought to the training shape."""
+
+    # digits: scikit-learn's bundled 8x8 digits; folder: an image folder; npz: arrays in a .npz file
+    source: Literal["digits", "folder", "npz"] = "digits"
+    # the image folder (source=folder) or .npz file (source=npz); relative to the params file.
+    # A DVC dependency of the prepare stage, so it must exist (data/raw ships empty).
+    path: Path = Path("data/raw")
+    image_size: int = 32
+    channels: Literal[1, 3] = 1
+    # how a non-square image reaches image_size x image_size:
+    # crop = scale the short side, centre-crop; pad = scale the long side, pad with black;
+    # stretch = resize both sides (changes the aspect ratio)
+    resize: Literal["crop", "pad", "stretch"] = "crop"
+    # fail the prepare stage when more than this fraction of the image files cannot be read
+    max_bad_fraction: float = Field(0.1, ge=0.0, le=1.0)
+    # images larger than this many pixels are skipped (decompression-bomb guard)
+    max_image_pixels: int = Field(50_000_000, gt=0)
+    # training-time augmentation; whatever is applied to the real images is learnt by G
+    hflip: float = Field(0.0, ge=0.0, le=1.0)
+    # DataLoader worker processes per training worker (0 = load in the training process)
+    loader_workers: int = Field(0, ge=0)
+
+    @field_validator("image_size")
+    @classmethod
+    def _power_of_two(cls, v: int) -> int:
+        if v < 16 or v > 128 or v & (v - 1):
+            raise ValueError("must be a power of two from 16 to 128")
+        return v
+
+
+class ModelConfig(Section):
+    """DCGAN-style generator and discriminator."""
+
+    latent_dim: int = Field(64, gt=0)
+    g_width: int = Field(64, gt=0)  # channels of G's last hidden layer; doubles per upsampling
+    d_width: int = Field(64, gt=0)  # channels of D's first layer; doubles per downsampling
+    spectral_norm: bool = False  # on D; BatchNorm is dropped from D when it is on
+
+
+class TrainConfig(Section):
+    epochs: int = Field(20, gt=0)
+    batch_size: int = Field(64, gt=0)  # global batch, split across cluster.num_workers
+    lr_g: float = Field(2e-4, gt=0.0)
+    lr_d: float = Field(2e-4, gt=0.0)
+    beta1: float = Field(0.5, ge=0.0, lt=1.0)
+    beta2: float = Field(0.999, ge=0.0, lt=1.0)
+    loss: Literal["bce", "hinge"] = "bce"
+    d_steps: int = Field(1, ge=1)  # D updates per G update
+    ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
+    seed: int = Field(0, ge=0)
+    checkpoint_every: int = Field(1, ge=1)  # epochs
+    max_failures: int = Field(2, ge=0)  # worker-group restarts Ray may make
+    # mixed precision on GPU: auto = bf16 where supported, else fp16 with a grad scaler
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+
+
+class TuneConfig(Section):
+    enabled: bool = True
+    num_samples: int = Field(8, gt=0)
+    epochs: int = Field(6, gt=0)  # epochs per trial
+    lr_g_min: float = Field(5e-5, gt=0.0)
+    lr_g_max: float = Field(2e-3, gt=0.0)
+    lr_d_min: float = Field(5e-5, gt=0.0)
+    lr_d_max: float = Field(2e-3, gt=0.0)
+    search: Literal["random", "optuna"] = "random"
+    max_concurrent_trials: int | None = Field(None, gt=0)  # None: derived from the cluster
+    grace_period: int = Field(2, ge=1)
+    reduction_factor: int = Field(2, ge=2)
+    seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> TuneConfig:
+        for name in ("lr_g", "lr_d"):
+            lo, hi = getattr(self, f"{name}_min"), getattr(self, f"{name}_max")
+            if lo >= hi:
+                raise _FieldError(f"{name}_max", f"must be > {name}_min ({lo:g})")
+        return self
+
+
+class ClusterConfig(Section):
+    # None: join RAY_ADDRESS if set, else start a local Ray in-process
+    address: str | None = None
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    # None: paths.ray_results (local). A shared path or s3://, gs:// URI on real clusters.
+    storage_path: str | None = None
+
+
+class TrackingConfig(Section):
+    # None: MLFLOW_TRACKING_URI if set, else sqlite:///<abs paths.mlflow_db>
+    uri: str | None = None
+    experiment: str = "ganflow"
+
+
+class RegistryConfig(Section):
+    model_name: str = "ganflow-generator"
+
+
+class EvalConfig(Section):
+    every: int = Field(1, ge=1)  # epochs between in-training evaluations
+    num_samples: int = Field(1000, gt=0)
+    inception_weights: Path | None = None  # a local weights file; None = skip Inception FID
+
+
+class Config(Section):
+    paths: PathsConfig = PathsConfig()
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    tune: TuneConfig = TuneConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    registry: RegistryConfig = RegistryConfig()
+    eval: EvalConfig = EvalConfig()
+
+    # the directory relative paths were resolved against (the params file's directory)
+    _root: Path = PrivateAttr(default_factory=Path.cwd)
+
+    @property
+    def root(self) -> Path:
+        return self._root
+
+    def relative(self, path: Path) -> str:
+        """``path`` relative to the project root when inside it (for outputs that must not
+        depend on where the project is checked out), else absolute."""
+        try:
+            return path.relative_to(self._root).as_posix()
+        except ValueError:
+            return path.as_posix()
+
+    @model_validator(mode="after")
+    def _cross_section(self) -> Config:
+        if self.train.batch_size % self.cluster.num_workers:
+            raise _FieldError(
+                "train.batch_size",
+                f"must be divisible by cluster.num_workers ({self.cluster.num_workers})",
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, YAML/JSON-ready values (paths as strings)."""
+        return self.model_dump(mode="json")
+
+
+class _FieldError(ValueError):
+    """Raised in a model validator to blame a specific (dotted, relative) key."""
+
+    def __init__(self, key: str, reason: str):
+        super().__init__(reason)
+        self.key = key
+        self.reason = reason
+
+
+def _num(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+# pydantic error type -> our wording; anything else falls back to pydantic's message.
+_REASONS = {
+    "extra_forbidden": lambda e: "unknown key",
+    "missing": lambda e: "required key is missing",
+    "greater_than": lambda e: f"must be > {_num(e['ctx']['gt'])}",
+    "greater_than_equal": lambda e: f"must be >= {_num(e['ctx']['ge'])}",
+    "less_than": lambda e: f"must be < {_num(e['ctx']['lt'])}",
+    "less_than_equal": lambda e: f"must be <= {_num(e['ctx']['le'])}",
+    "literal_error": lambda e: f"must be one of {e['ctx']['expected']}, got {e['input']!r}",
+    "int_parsing": lambda e: f"must be an integer, got {e['input']!r}",
+    "int_from_float": lambda e: f"must be an integer, got {e['input']!r}",
+    "int_type": lambda e: f"must be an integer, got {e['input']!r}",
+    "float_parsing": lambda e: f"must be a number, got {e['input']!r}",
+    "float_type": lambda e: f"must be a number, got {e['input']!r}",
+    "bool_parsing": lambda e: f"must be true or false, got {e['input']!r}",
+    "bool_type": lambda e: f"must be true or false, got {e['input']!r}",
+    "string_type": lambda e: f"must be a string, got {e['input']!r}",
+    "model_type": lambda e: f"must be a mapping of keys, got {e['input']!r}",
+    "model_attributes_type": lambda e: f"must be a mapping of keys, got {e['input']!r}",
+    "path_type": lambda e: f"must be a path, got {e['input']!r}",
+}
+
+
+def _describe(error: dict[str, Any]) -> tuple[str, str]:
+    """(dotted key, reason) for one pydantic error."""
+    loc = [str(part) for part in error["loc"]]
+    key = ".".join(loc)
+    ctx = error.get("ctx") or {}
+    original = ctx.get("error")
+    if isinstance(original, _FieldError):
+        key = ".".join([*loc, original.key]) if loc else original.key
+        return key, original.reason
+    if error["type"] == "value_error" and original is not None:
+        return key, str(original)
+    reason = _REASONS.get(error["type"])
+    return key, reason(error) if reason else error["msg"]
+
+
+def from_dict(raw: Any, source: str = DEFAULT_PARAMS) -> Config:
+    """Validate a parsed params mapping; ``source`` only names it in errors."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: top level must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        key, reason = _describe(exc.errors()[0])
+        where = f"{key}: " if key else ""
+        extra = len(exc.errors()) - 1
+        more = f" (and {extra} more error{'s' if extra > 1 else ''})" if extra else ""
+        raise ConfigError(f"{source}: {where}{reason}{more}") from None
+
+
+def resolve_paths(cfg: Config, root: Path) -> Config:
+    """Make every relative path in ``cfg`` absolute against ``root``."""
+    root = root.resolve()
+
+    def absolute(p: Path) -> Path:
+        return p if p.is_absolute() else (root / p)
+
+    paths = {name: absolute(getattr(cfg.paths, name)) for name in PathsConfig.model_fields}
+    cfg = cfg.model_copy(deep=True)
+    cfg.paths = PathsConfig(**paths)
+    cfg.data.path = absolute(cfg.data.path)
+    if cfg.eval.inception_weights is not None:
+        cfg.eval.inception_weights = absolute(cfg.eval.inception_weights)
+    cfg._root = root
+    return cfg
+
+
+def load_config(path: str | Path = DEFAULT_PARAMS) -> Config:
+    """Load, validate and resolve a params file. Raises ConfigError with one readable line."""
+    path = Path(path)
+    name = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{name}: file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{name}: cannot read: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{name}: {where}invalid YAML: {problem}") from None
+    return resolve_paths(from_dict(raw, name), path.parent)

@@ -1,0 +1,509 @@
+"""Real images: the sources, the albumentations transforms, the prepared dataset format, the loader.
+
+Sources (``data.source``), each turned into uint8 (H, W, C) images with C = ``data.channels``:
+  digits  scikit-learn's bundled 1,797 labelled 8x8 digits (no download)
+  folder  an image folder; first-level subfolders name the classes, a flat folder is unlabelled
+  npz     a .npz file with ``images`` (uint8, NHWC or NHW) and optional ``labels``/``class_names``
+
+The prepared dataset is a directory with ``images.npy`` (uint8, N x S x S x C), ``labels.npy``
+(int64, N; -1 when unlabelled) and ``manifest.json``. It is written to a temporary sibling and
+renamed into place, so an interrupted prepare never leaves half a dataset, and the same input
+and params give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import sys
+import tempfile
+import uuid
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+from ganflow.config import Config, DataConfig
+from ganflow.errors import DataError
+
+FORMAT = "ganflow-prepared/1"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+MANIFEST = "manifest.json"
+# the data.* keys that decide the prepared bytes; dvc.yaml's prepare stage lists exactly these
+PREPARE_KEYS = ("source", "path", "image_size", "channels", "resize", "max_bad_fraction", "max_image_pixels")
+IMAGES = "images.npy"
+LABELS = "labels.npy"
+
+
+@dataclass
+class RawSource:
+    """Images read from a source, before resizing: each uint8 (H, W, C), C = data.channels."""
+
+    images: list[np.ndarray]
+    labels: np.ndarray | None  # int64 (N,) indices into class_names, or None when unlabelled
+    class_names: list[str]
+    content_hash: str  # sha256 over the source's bytes
+    files_total: int = 0  # files seen (folder source)
+    skipped: list[dict[str, str]] = field(default_factory=list)  # {"file": ..., "reason": ...}
+
+
+# ---------------------------------------------------------------------------------------------
+# pixels
+
+
+def to_channels(image: Image.Image, channels: int) -> np.ndarray:
+    """Any PIL image -> uint8 (H, W, channels). Transparency is composited onto black."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        # 16/32-bit grayscale: scale the used range to 8 bits instead of clipping at 255
+        arr = np.asarray(image, dtype=np.float64)
+        top = arr.max() if arr.size and arr.max() > 0 else 1.0
+        image = Image.fromarray(np.clip(arr * (255.0 / top), 0, 255).round().astype(np.uint8))
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = image.convert("RGBA")
+        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(black, rgba).convert("RGB")
+    if channels == 1:
+        return np.asarray(image.convert("L"), dtype=np.uint8)[:, :, None]
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def array_to_channels(images: np.ndarray, channels: int) -> np.ndarray:
+    """uint8 (N, H, W, C in {1, 3, 4}) -> uint8 (N, H, W, channels), as to_channels does per image."""
+    n, h, w, c = images.shape
+    if c == channels:
+        return images
+    out = np.empty((n, h, w, channels), dtype=np.uint8)
+    for i in range(n):
+        pixels = images[i, :, :, 0] if c == 1 else images[i]
+        out[i] = to_channels(Image.fromarray(np.ascontiguousarray(pixels)), channels)  # L, RGB or RGBA
+    return out
+
+
+def decode_image(data: bytes, channels: int, max_pixels: int) -> np.ndarray:
+    """Bytes of one image file -> uint8 (H, W, channels). Raises ValueError with a short reason."""
+    if not data:
+        raise ValueError("empty file")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError:
+            raise ValueError(f"more than {max_pixels} pixels") from None
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning):
+            raise ValueError("not a readable image") from None
+        w, h = image.size
+        if w * h > max_pixels:
+            raise ValueError(f"{w}x{h} is more than data.max_image_pixels={max_pixels}")
+        if w == 0 or h == 0:
+            raise ValueError("image has no pixels")
+        try:
+            image.load()  # decodes all pixel data: a truncated file fails here
+            image = ImageOps.exif_transpose(image)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ValueError(f"corrupt image ({reason})") from None
+    return to_channels(image, channels)
+
+
+# ---------------------------------------------------------------------------------------------
+# sources
+
+
+def load_digits_source(data: DataConfig) -> RawSource:
+    """scikit-learn's bundled 8x8 digits, values 0..16 scaled to 0..255."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    gray = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)  # (1797, 8, 8)
+    images = array_to_channels(gray[:, :, :, None], data.channels)
+    labels = digits.target.astype(np.int64)
+    content_hash = _sha256(b"sklearn-digits", gray.tobytes(), labels.tobytes())
+    return RawSource(
+        images=list(images),
+        labels=labels,
+        class_names=[str(i) for i in range(10)],
+        content_hash=content_hash,
+        files_total=0,
+    )
+
+
+def _folder_files(root: Path) -> list[Path]:
+    """Every non-hidden file under root, in a stable order."""
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        files.extend(Path(dirpath) / f for f in filenames if not f.startswith("."))
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def load_folder_source(data: DataConfig) -> RawSource:
+    root = data.path
+    if not root.exists():
+        raise DataError(f"data.path: folder not found: {root}")
+    if not root.is_dir():
+        raise DataError(f"data.path: not a folder: {root} (use data.source: npz for a .npz file)")
+    files = _folder_files(root)
+    if not files:
+        raise DataError(f"data.path: folder is empty: {root}")
+
+    rel = {f: f.relative_to(root).as_posix() for f in files}
+    is_image = {f: f.suffix.lower() in IMAGE_EXTENSIONS for f in files}
+    image_files = [f for f in files if is_image[f]]
+    if not image_files:
+        raise DataError(
+            f"data.path: no image files ({', '.join(IMAGE_EXTENSIONS)}) in {root} ({len(files)} other files)"
+        )
+    top_level = [f for f in image_files if f.parent == root]
+    nested = [f for f in image_files if f.parent != root]
+    labelled = bool(nested)
+    if labelled and top_level:
+        raise DataError(
+            f"data.path: {root} mixes class subfolders with {len(top_level)} images at the top "
+            f"(e.g. {rel[top_level[0]]}): move them into a class folder or remove the subfolders"
+        )
+    class_names = sorted({rel[f].split("/")[0] for f in nested}) if labelled else []
+    class_index = {name: i for i, name in enumerate(class_names)}
+
+    images: list[np.ndarray] = []
+    labels: list[int] = []
+    skipped: list[dict[str, str]] = []
+    digest = hashlib.sha256(b"folder")
+    bar = tqdm(files, desc="prepare: reading images", unit="file", disable=None, file=sys.stderr)
+    for f in bar:
+        raw = f.read_bytes()
+        digest.update(rel[f].encode() + b"\0" + hashlib.sha256(raw).digest())
+        if not is_image[f]:
+            skipped.append({"file": rel[f], "reason": "not an image file"})
+            continue
+        try:
+            images.append(decode_image(raw, data.channels, data.max_image_pixels))
+        except ValueError as exc:
+            skipped.append({"file": rel[f], "reason": str(exc)})
+            continue
+        if labelled:
+            labels.append(class_index[rel[f].split("/")[0]])
+    bar.close()
+
+    bad = len(image_files) - len(images)
+    unreadable = [s for s in skipped if s["reason"] != "not an image file"]
+    examples = ", ".join(f"{s['file']} ({s['reason']})" for s in unreadable[:3])
+    if not images:
+        raise DataError(f"data.path: no usable images in {root}: all {bad} image files failed: {examples}")
+    if bad / len(image_files) > data.max_bad_fraction:
+        raise DataError(
+            f"data.path: {bad} of {len(image_files)} image files in {root} could not be read, "
+            f"more than data.max_bad_fraction={data.max_bad_fraction:g}: {examples}"
+        )
+    return RawSource(
+        images=images,
+        labels=np.asarray(labels, dtype=np.int64) if labelled else None,
+        class_names=class_names,
+        content_hash=digest.hexdigest(),
+        files_total=len(files),
+        skipped=skipped,
+    )
+
+
+def load_npz_source(data: DataConfig) -> RawSource:
+    path = data.path
+    if not path.is_file():
+        raise DataError(f"data.path: .npz file not found: {path}")
+    raw = path.read_bytes()
+    try:
+        with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, EOFError) as exc:
+        raise DataError(f"data.path: {path}: not a readable .npz file ({exc})") from None
+    if "images" not in arrays:
+        raise DataError(f"data.path: {path}: no 'images' array (found: {', '.join(arrays) or 'none'})")
+    images = arrays["images"]
+    if images.dtype != np.uint8:
+        raise DataError(f"data.path: {path}: 'images' must be uint8, got {images.dtype}")
+    if images.ndim == 3:
+        images = images[:, :, :, None]  # (N, H, W) grayscale -> (N, H, W, 1)
+    if images.ndim != 4 or images.shape[-1] not in (1, 3, 4) or images.shape[0] == 0:
+        raise DataError(
+            f"data.path: {path}: 'images' must be (N, H, W) or (N, H, W, C) with C in 1, 3, 4 "
+            f"and N > 0, got shape {images.shape}"
+        )
+    labels = class_names = None
+    if "labels" in arrays:
+        labels = arrays["labels"]
+        if labels.shape != (images.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
+            raise DataError(
+                f"data.path: {path}: 'labels' must be integers of shape ({images.shape[0]},), "
+                f"got {labels.dtype} {labels.shape}"
+            )
+        values = sorted(int(v) for v in np.unique(labels))
+        if "class_names" in arrays:
+            class_names = [str(n) for n in arrays["class_names"]]
+            if values[0] < 0 or values[-1] >= len(class_names):
+                raise DataError(
+                    f"data.path: {path}: labels must index class_names (0..{len(class_names) - 1})"
+                )
+            labels = labels.astype(np.int64)
+        else:
+            class_names = [str(v) for v in values]
+            remap = {v: i for i, v in enumerate(values)}
+            labels = np.asarray([remap[int(v)] for v in labels], dtype=np.int64)
+    converted = array_to_channels(np.ascontiguousarray(images), data.channels)
+    return RawSource(
+        images=list(converted),
+        labels=labels,
+        class_names=class_names or [],
+        content_hash=_sha256(b"npz", raw),
+    )
+
+
+# A choice is a small dict a reader can grep.
+SOURCES: dict[str, Callable[[DataConfig], RawSource]] = {
+    "digits": load_digits_source,
+    "folder": load_folder_source,
+    "npz": load_npz_source,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# transforms
+
+
+def build_resize_transform(data: DataConfig) -> A.Compose:
+    """Deterministic: any (H, W, C) uint8 image -> (S, S, C), S = data.image_size."""
+    size = data.image_size
+    interp = cv2.INTER_LINEAR
+    steps: dict[str, list[A.BasicTransform]] = {
+        "crop": [
+            A.SmallestMaxSize(max_size=size, interpolation=interp, area_for_downscale="image"),
+            A.CenterCrop(height=size, width=size),
+        ],
+        "pad": [
+            A.LongestMaxSize(max_size=size, interpolation=interp, area_for_downscale="image"),
+            A.PadIfNeeded(min_height=size, min_width=size, border_mode=cv2.BORDER_CONSTANT, fill=0),
+        ],
+        "stretch": [A.Resize(height=size, width=size, interpolation=interp, area_for_downscale="image")],
+    }
+    return A.Compose(steps[data.resize], seed=0)
+
+
+def build_train_transform(data: DataConfig) -> A.Compose | None:
+    """Random augmentation applied to real images at training time, or None.
+
+    Whatever is applied here changes the real distribution D sees, and so what G learns to
+    draw: a horizontal flip makes G draw mirrored images too (fine for faces, wrong for digits
+    or text). Keep it to symmetries the data really has.
+    """
+    if data.hflip <= 0:
+        return None
+    return A.Compose([A.HorizontalFlip(p=data.hflip)], seed=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the prepare stage
+
+
+@dataclass
+class PrepareSummary:
+    path: Path
+    count: int
+    shape: tuple[int, int, int]
+    class_names: list[str]
+    skipped: int
+    source_hash: str
+
+
+def prepare(cfg: Config) -> PrepareSummary:
+    """Read ``data.source``, bring every image to the training shape, write the prepared dataset."""
+    data = cfg.data
+    raw = SOURCES[data.source](data)
+    resize = build_resize_transform(data)
+    out = np.empty((len(raw.images), data.image_size, data.image_size, data.channels), dtype=np.uint8)
+    for i, image in enumerate(raw.images):
+        out[i] = resize(image=image)["image"].reshape(out.shape[1:])
+    labels = raw.labels if raw.labels is not None else np.full(len(out), -1, dtype=np.int64)
+
+    params = {key: getattr(data, key) for key in PREPARE_KEYS}
+    params["path"] = cfg.relative(data.path) if data.source != "digits" else None
+    manifest: dict[str, Any] = {
+        "format": FORMAT,
+        "source": data.source,
+        "source_hash": raw.content_hash,
+        "count": int(len(out)),
+        "shape": list(out.shape[1:]),  # (H, W, C)
+        "labelled": raw.labels is not None,
+        "class_names": raw.class_names,
+        "class_counts": {
+            name: int((labels == i).sum()) for i, name in enumerate(raw.class_names)
+        },
+        "files_total": raw.files_total,
+        "skipped_count": len(raw.skipped),
+        "skipped": raw.skipped,
+        "params": params,
+    }
+    write_prepared(cfg.paths.prepared, out, labels, manifest)
+    return PrepareSummary(
+        path=cfg.paths.prepared,
+        count=len(out),
+        shape=tuple(out.shape[1:]),
+        class_names=raw.class_names,
+        skipped=len(raw.skipped),
+        source_hash=raw.content_hash,
+    )
+
+
+def write_prepared(out: Path, images: np.ndarray, labels: np.ndarray, manifest: dict[str, Any]) -> None:
+    """Write the dataset into a temporary sibling of ``out``, then swap it into place."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        _save_npy(tmp / IMAGES, images)
+        _save_npy(tmp / LABELS, labels)
+        manifest = {**manifest, "files": {n: _file_sha256(tmp / n) for n in (IMAGES, LABELS)}}
+        _write_bytes(tmp / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Put directory ``new`` at ``target``; an existing ``target`` is kept until ``new`` is in place."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+        os.rename(target, old)
+    try:
+        os.rename(new, target)
+    except BaseException:
+        if old is not None:
+            os.rename(old, target)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    _write_bytes(path, buf.getvalue())
+
+
+def _write_bytes(path: Path, payload: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(payload)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _sha256(*chunks: bytes) -> str:
+    digest = hashlib.sha256()
+    for chunk in chunks:
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# loading the prepared dataset
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise DataError(f"{path}: no prepared dataset here (missing {MANIFEST}); run `dvc repro prepare`")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{manifest_path}: not valid JSON ({exc.msg})") from None
+    if manifest.get("format") != FORMAT:
+        raise DataError(f"{manifest_path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    return manifest
+
+
+def transform_seed(seed: int, rank: int, worker_id: int, epoch: int) -> int:
+    """A distinct, reproducible augmentation seed per (seed, rank, DataLoader worker, epoch)."""
+    return int(np.random.SeedSequence([seed, rank, worker_id, epoch]).generate_state(1)[0])
+
+
+class PreparedDataset(torch.utils.data.Dataset):
+    """The prepared images as float tensors (C, H, W) in [-1, 1], with int labels (-1 = none).
+
+    albumentations 2.0.8 gives every copy of a Compose the same random stream: in each
+    DataLoader worker and each Ray rank. ``reseed`` (called by ``TransformSeeder`` in each
+    worker, or directly with loader_workers=0) gives each its own stream.
+    """
+
+    def __init__(self, path: Path, transform: A.Compose | None = None):
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path)
+        self.images = np.load(self.path / IMAGES, mmap_mode="r", allow_pickle=False)  # (N, H, W, C)
+        self.labels = np.load(self.path / LABELS, allow_pickle=False)  # (N,)
+        if len(self.images) != len(self.labels) or len(self.images) != self.manifest["count"]:
+            raise DataError(f"{self.path}: images, labels and manifest disagree on the count")
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.manifest["class_names"])
+
+    def reseed(self, seed: int) -> None:
+        if self.transform is not None:
+            self.transform.set_random_seed(seed)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = np.array(self.images[index])  # (H, W, C) uint8, a copy out of the memory map
+        if self.transform is not None:
+            image = self.transform(image=image)["image"].reshape(image.shape)
+        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)  # (C, H, W)
+        return x.float().div_(127.5).sub_(1.0), int(self.labels[index])  # [0, 255] -> [-1, 1]
+
+
+class TransformSeeder:
+    """``worker_init_fn`` giving each DataLoader worker of each rank its own augmentation stream.
+
+    Set ``epoch`` before iterating the loader each epoch: non-persistent workers are
+    started (and this object pickled to them) anew at each ``iter()``.
+    """
+
+    def __init__(self, seed: int, rank: int):
+        self.seed = seed
+        self.rank = rank
+        self.epoch = 0
+
+    def start_epoch(self, epoch: int, dataset: PreparedDataset) -> None:
+        """Call before iterating each epoch. Seeds the in-process copy too (loader_workers=0)."""
+        self.epoch = epoch
+        dataset.reseed(transform_seed(self.seed, self.rank, 0, epoch))
+
+    def __call__(self, worker_id: int) -> None:
+        info = torch.utils.data.get_worker_info()
+        info.dataset.reseed(transform_seed(self.seed, self.rank, worker_id, self.epoch))

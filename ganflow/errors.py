@@ -1,0 +1,17 @@
+"""User-facing errors: each carries one readable line; the CLI prints it and exits non-zero."""
+
+
+class GanflowError(Exception):
+    """An error caused by the user's input or environment, not a bug in ganflow."""
+
+    exit_code = 1
+
+
+class ConfigError(GanflowError):
+    """A params file that cannot be used: ``params.yaml: train.lr_g: must be > 0``."""
+
+    exit_code = 2
+
+
+class DataError(GanflowError):
+    """A data source that cannot be prepared or loaded."""

@@ -1,0 +1,56 @@
+"""Shared fixtures: a copy of the project to run stages in, and tiny params files."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the venv's bin: dvc, ganflow, python
+
+
+def run(cmd: list[str], cwd: Path, timeout: float = 300, check: bool = False) -> subprocess.CompletedProcess:
+    """Run a command with the venv's tools first on PATH; output captured as text."""
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+def tracked_files() -> list[str]:
+    """The files a clone would have: tracked plus untracked-but-not-ignored."""
+    out = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    ).stdout
+    return [line for line in out.splitlines() if line and (REPO / line).is_file()]
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A fresh copy of the project as a git + DVC repo, with its own outputs and stores."""
+    dest = tmp_path / "project"
+    for rel in tracked_files():
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, target)
+    (dest / "data" / "raw").mkdir(parents=True, exist_ok=True)
+    run(["git", "init", "-q"], dest, check=True)
+    run(["git", "add", "-A"], dest, check=True)
+    run(["git", "-c", "user.email=t@example.com", "-c", "user.name=t", "commit", "-qm", "copy"], dest, check=True)
+    return dest
+
+
+def edit_params(params_file: Path, **sections: dict) -> None:
+    """Update keys of a params file in place: edit_params(p, train={"epochs": 1})."""
+    data = yaml.safe_load(params_file.read_text())
+    for section, values in sections.items():
+        data.setdefault(section, {}).update(values)
+    params_file.write_text(yaml.safe_dump(data, sort_keys=False))

@@ -1,0 +1,101 @@
+"""The typed config: every bad params file is refused with one line naming file, key, reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ganflow.config import Config, ConfigError, load_config
+from tests.conftest import REPO, run
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    return path
+
+
+def error_of(path: Path) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_project_params_file_loads_and_resolves_paths():
+    cfg = load_config(REPO / "params.yaml")
+    assert cfg.data.source == "digits"
+    assert cfg.paths.prepared == REPO / "data" / "prepared"
+    assert all(p.is_absolute() for p in cfg.paths.model_dump().values())
+    # every key of the file is a key of the config and the values round-trip
+    assert Config.model_validate(yaml.safe_load((REPO / "params.yaml").read_text())).train == cfg.train
+
+
+def test_empty_file_gives_the_defaults(tmp_path):
+    cfg = load_config(write(tmp_path, ""))
+    assert cfg.train == Config().train
+    assert cfg.paths.prepared == tmp_path.resolve() / "data" / "prepared"
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("train:\n  lr_gg: 0.1\n", "params.yaml: train.lr_gg: unknown key"),
+        ("trian:\n  epochs: 1\n", "params.yaml: trian: unknown key"),
+        ("train:\n  lr_g: 0\n", "params.yaml: train.lr_g: must be > 0"),
+        ("train:\n  lr_g: -1e-3\n", "params.yaml: train.lr_g: must be > 0"),
+        ("train:\n  epochs: ten\n", "params.yaml: train.epochs: must be an integer, got 'ten'"),
+        ("train:\n  epochs: 2.5\n", "params.yaml: train.epochs: must be an integer, got 2.5"),
+        ("train:\n  lr_d: fast\n", "params.yaml: train.lr_d: must be a number, got 'fast'"),
+        ("cluster:\n  use_gpu: maybe\n", "params.yaml: cluster.use_gpu: must be true or false, got 'maybe'"),
+        ("data:\n  source: s3\n", "params.yaml: data.source: must be one of 'digits', 'folder' or 'npz', got 's3'"),
+        ("data:\n  channels: 2\n", "params.yaml: data.channels: must be one of 1 or 3, got 2"),
+        ("data:\n  image_size: 48\n", "params.yaml: data.image_size: must be a power of two from 16 to 128"),
+        ("data:\n  image_size: 8\n", "params.yaml: data.image_size: must be a power of two from 16 to 128"),
+        ("data: 3\n", "params.yaml: data: must be a mapping of keys, got 3"),
+        ("- a\n- b\n", "params.yaml: top level must be a mapping of sections, got list"),
+        (
+            "train:\n  batch_size: 10\ncluster:\n  num_workers: 4\n",
+            "params.yaml: train.batch_size: must be divisible by cluster.num_workers (4)",
+        ),
+        ("tune:\n  lr_g_min: 1e-2\n  lr_g_max: 1e-3\n", "params.yaml: tune.lr_g_max: must be > lr_g_min (0.01)"),
+    ],
+)
+def test_bad_values_name_file_key_and_reason(tmp_path, text, expected):
+    path = write(tmp_path, text)
+    assert error_of(path) == expected.replace("params.yaml", str(path), 1)
+
+
+def test_several_errors_are_counted_on_one_line(tmp_path):
+    message = error_of(write(tmp_path, "train:\n  lr_g: 0\n  lr_d: 0\n  epochs: 0\n"))
+    assert message.startswith(f"{tmp_path / 'params.yaml'}: train.")
+    assert message.endswith("(and 2 more errors)")
+
+
+def test_invalid_yaml_and_missing_file(tmp_path):
+    path = write(tmp_path, "train: [1, 2\n")
+    assert error_of(path).startswith(f"{path}: line ")
+    with pytest.raises(ConfigError, match=r"nope\.yaml: file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_yaml_exponent_without_dot_is_a_number(tmp_path):
+    # PyYAML reads `2e-4` as a string; users write it all the time
+    assert load_config(write(tmp_path, "train:\n  lr_g: 2e-4\n")).train.lr_g == pytest.approx(2e-4)
+
+
+def test_check_config_cli(tmp_path):
+    good = run(["ganflow", "check-config", str(REPO / "params.yaml")], cwd=tmp_path)
+    assert good.returncode == 0, good.stderr
+    printed = yaml.safe_load(good.stdout)
+    assert printed["train"]["lr_g"] == pytest.approx(2e-4)
+    assert printed["paths"]["prepared"] == str(REPO / "data" / "prepared")
+
+    bad = write(tmp_path, "train:\n  lr_g: 0\n")
+    proc = run(["ganflow", "check-config", str(bad)], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: {bad}: train.lr_g: must be > 0"]
+    assert "Traceback" not in proc.stderr

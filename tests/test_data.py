@@ -1,0 +1,299 @@
+"""The prepare stage's sources, its guarantees (determinism, atomic output) and the loader."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import ganflow.data as data_mod
+from ganflow.config import from_dict, resolve_paths
+from ganflow.data import (
+    PreparedDataset,
+    TransformSeeder,
+    build_train_transform,
+    prepare,
+    read_manifest,
+)
+from ganflow.errors import DataError
+from tests.conftest import REPO, run
+
+
+def make_cfg(root: Path, **data):
+    return resolve_paths(from_dict({"data": data}), root)
+
+
+def folder_bytes(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+
+
+def save(path: Path, image: Image.Image, **kw) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, **kw)
+
+
+def gradient(w: int, h: int) -> np.ndarray:
+    return (np.add.outer(np.arange(h), np.arange(w)) * 255 // max(1, w + h - 2)).astype(np.uint8)
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """Two classes of valid images in every mode and size, plus unreadable files."""
+    root = tmp_path / "images"
+    g = gradient(40, 30)
+    save(root / "cats" / "rgb.png", Image.fromarray(np.stack([g, g[::-1], 255 - g], -1)))
+    save(root / "cats" / "gray.jpg", Image.fromarray(g), quality=95)
+    save(root / "cats" / "rgba.webp", Image.fromarray(np.dstack([g, g, g, g])))
+    save(root / "cats" / "pal.bmp", Image.fromarray(g).convert("P"))
+    save(root / "dogs" / "wide.png", Image.fromarray(gradient(100, 20)))
+    save(root / "dogs" / "deep" / "tiny.png", Image.fromarray(gradient(5, 7)))
+    save(root / "dogs" / "sixteen.png", Image.fromarray((gradient(24, 24).astype(np.uint16) * 200)))
+    save(root / "dogs" / "trans.png", Image.fromarray(g).convert("P"), transparency=0)
+    # unreadable: truncated PNG, zero bytes, text with an image extension, and a non-image file
+    full = root / "dogs" / "whole.png"
+    save(full, Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)))
+    (root / "dogs" / "truncated.png").write_bytes(full.read_bytes()[:200])
+    full.unlink()
+    (root / "cats" / "empty.png").write_bytes(b"")
+    (root / "cats" / "fake.jpg").write_text("this is not a jpeg")
+    (root / "cats" / "notes.txt").write_text("labelled by folder")
+    (root / ".DS_Store").write_bytes(b"\0\1")  # hidden files are ignored entirely
+    return root
+
+
+def test_digits_source(tmp_path):
+    summary = prepare(make_cfg(tmp_path, source="digits", image_size=16))
+    manifest = read_manifest(summary.path)
+    images = np.load(summary.path / "images.npy")
+    labels = np.load(summary.path / "labels.npy")
+    assert images.shape == (1797, 16, 16, 1) and images.dtype == np.uint8
+    assert images.max() > 200 and images.min() == 0  # 0..16 scaled to 0..255
+    assert sorted(np.unique(labels)) == list(range(10))
+    assert manifest["count"] == 1797 and manifest["class_names"] == [str(i) for i in range(10)]
+    assert sum(manifest["class_counts"].values()) == 1797
+    assert manifest["params"]["image_size"] == 16 and manifest["params"]["path"] is None
+
+
+def test_digits_in_rgb(tmp_path):
+    summary = prepare(make_cfg(tmp_path, source="digits", channels=3, image_size=16))
+    images = np.load(summary.path / "images.npy")
+    assert images.shape == (1797, 16, 16, 3)
+    assert np.array_equal(images[..., 0], images[..., 2])
+
+
+@pytest.mark.parametrize("resize", ["crop", "pad", "stretch"])
+def test_folder_source_labelled_with_skips(tmp_path, image_folder, resize):
+    cfg = make_cfg(
+        tmp_path, source="folder", path=str(image_folder), channels=3, image_size=16,
+        resize=resize, max_bad_fraction=0.5,
+    )
+    summary = prepare(cfg)
+    manifest = read_manifest(summary.path)
+    images = np.load(summary.path / "images.npy")
+    labels = np.load(summary.path / "labels.npy")
+    assert images.shape == (8, 16, 16, 3)
+    assert manifest["class_names"] == ["cats", "dogs"]
+    assert manifest["class_counts"] == {"cats": 4, "dogs": 4}
+    assert list(labels) == [0, 0, 0, 0, 1, 1, 1, 1]
+    skipped = {s["file"]: s["reason"] for s in manifest["skipped"]}
+    assert set(skipped) == {"cats/empty.png", "cats/fake.jpg", "cats/notes.txt", "dogs/truncated.png"}
+    assert skipped["cats/notes.txt"] == "not an image file"
+    assert skipped["cats/empty.png"] == "empty file"
+    assert "corrupt" in skipped["dogs/truncated.png"] or "not a readable" in skipped["dogs/truncated.png"]
+    assert manifest["skipped_count"] == 4 and manifest["files_total"] == 12
+    if resize == "pad":  # the 100x20 image is letterboxed: black rows top and bottom
+        wide = images[list(labels).index(1) + 2]  # dogs/ sorted: deep/tiny, sixteen, trans, wide
+        assert wide[0].max() == 0 and wide[8].max() > 0
+
+
+def test_folder_too_many_unreadable_fails(tmp_path, image_folder):
+    cfg = make_cfg(tmp_path, source="folder", path=str(image_folder))  # default max_bad_fraction 0.1
+    with pytest.raises(DataError) as info:
+        prepare(cfg)
+    message = str(info.value)
+    assert "3 of 11 image files" in message and "data.max_bad_fraction=0.1" in message
+    assert "\n" not in message
+    assert not cfg.paths.prepared.exists()
+
+
+def test_flat_folder_is_unlabelled_and_grayscale(tmp_path):
+    root = tmp_path / "flat"
+    for i in range(3):
+        save(root / f"{i}.png", Image.fromarray(np.full((20, 20, 3), 60 * i, np.uint8)))
+    summary = prepare(make_cfg(tmp_path, source="folder", path=str(root), image_size=16))
+    manifest = read_manifest(summary.path)
+    assert manifest["labelled"] is False and manifest["class_names"] == []
+    assert list(np.load(summary.path / "labels.npy")) == [-1, -1, -1]
+    assert np.load(summary.path / "images.npy").shape == (3, 16, 16, 1)
+
+
+def test_huge_image_is_skipped(tmp_path):
+    root = tmp_path / "huge"
+    save(root / "ok.png", Image.fromarray(gradient(32, 32)))
+    save(root / "big.png", Image.fromarray(np.zeros((300, 400), np.uint8)))
+    cfg = make_cfg(tmp_path, source="folder", path=str(root), max_image_pixels=50_000, max_bad_fraction=0.5)
+    manifest = read_manifest(prepare(cfg).path)
+    assert manifest["count"] == 1
+    assert manifest["skipped"] == [{"file": "big.png", "reason": "400x300 is more than data.max_image_pixels=50000"}]
+
+
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (lambda root: None, "folder not found"),
+        (lambda root: root.mkdir(), "folder is empty"),
+        (lambda root: (root.mkdir(), (root / "a.txt").write_text("x")), "no image files"),
+        (lambda root: (root.mkdir(), (root / "a.png").write_bytes(b"")), "no usable images"),
+        (
+            lambda root: (
+                save(root / "top.png", Image.fromarray(gradient(8, 8))),
+                save(root / "cls" / "a.png", Image.fromarray(gradient(8, 8))),
+            ),
+            "mixes class subfolders",
+        ),
+    ],
+)
+def test_unusable_folders(tmp_path, setup, message):
+    root = tmp_path / "in"
+    setup(root)
+    with pytest.raises(DataError, match=message):
+        prepare(make_cfg(tmp_path, source="folder", path=str(root)))
+
+
+def test_npz_source(tmp_path):
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (6, 20, 24, 3), dtype=np.uint8)
+    np.savez(tmp_path / "arr.npz", images=images, labels=np.array([7, 5, 7, 5, 5, 7]))
+    summary = prepare(make_cfg(tmp_path, source="npz", path="arr.npz", image_size=16))
+    manifest = read_manifest(summary.path)
+    assert np.load(summary.path / "images.npy").shape == (6, 16, 16, 1)
+    assert manifest["class_names"] == ["5", "7"]
+    assert list(np.load(summary.path / "labels.npy")) == [1, 0, 1, 0, 0, 1]
+    assert manifest["params"]["path"] == "arr.npz"  # relative to the project, not this machine
+
+
+def test_npz_errors(tmp_path):
+    np.savez(tmp_path / "float.npz", images=np.zeros((2, 8, 8), np.float32))
+    with pytest.raises(DataError, match="'images' must be uint8, got float32"):
+        prepare(make_cfg(tmp_path, source="npz", path="float.npz"))
+    np.savez(tmp_path / "none.npz", pixels=np.zeros((2, 8, 8), np.uint8))
+    with pytest.raises(DataError, match="no 'images' array"):
+        prepare(make_cfg(tmp_path, source="npz", path="none.npz"))
+    (tmp_path / "junk.npz").write_text("junk")
+    with pytest.raises(DataError, match="not a readable .npz"):
+        prepare(make_cfg(tmp_path, source="npz", path="junk.npz"))
+
+
+def test_same_input_same_bytes(tmp_path, image_folder):
+    cfg = make_cfg(tmp_path, source="folder", path=str(image_folder), max_bad_fraction=0.5)
+    first = folder_bytes(prepare(cfg).path)
+    second = folder_bytes(prepare(cfg).path)
+    assert first == second and set(first) == {"images.npy", "labels.npy", "manifest.json"}
+    digits = make_cfg(tmp_path / "d", source="digits")
+    assert folder_bytes(prepare(digits).path) == folder_bytes(prepare(digits).path)
+
+
+def test_changed_input_changes_the_hash(tmp_path, image_folder):
+    cfg = make_cfg(tmp_path, source="folder", path=str(image_folder), max_bad_fraction=0.5)
+    before = read_manifest(prepare(cfg).path)["source_hash"]
+    save(image_folder / "cats" / "new.png", Image.fromarray(gradient(9, 9)))
+    assert read_manifest(prepare(cfg).path)["source_hash"] != before
+
+
+@pytest.mark.parametrize("interrupt", [OSError("disk full"), KeyboardInterrupt()])
+def test_interrupted_write_keeps_the_previous_output(tmp_path, monkeypatch, interrupt):
+    cfg = make_cfg(tmp_path, source="digits", image_size=16)
+    before = folder_bytes(prepare(cfg).path)
+    real_save = data_mod._save_npy
+
+    def failing_save(path, array):
+        if path.name == "labels.npy":  # images.npy is already half the new dataset
+            raise interrupt
+        real_save(path, array)
+
+    monkeypatch.setattr(data_mod, "_save_npy", failing_save)
+    with pytest.raises(type(interrupt)):
+        prepare(make_cfg(tmp_path, source="digits", image_size=32))
+    assert folder_bytes(cfg.paths.prepared) == before
+    assert sorted(p.name for p in cfg.paths.prepared.parent.iterdir()) == ["prepared"]  # no temp left
+
+
+def test_prepare_stage_cli_errors(tmp_path):
+    """The stage entry point: one error line, exit 1, the earlier output untouched."""
+    params = tmp_path / "params.yaml"
+    params.write_text("data:\n  source: digits\n  image_size: 16\n")
+    ok = run(["python", str(REPO / "pipelines" / "prepare.py"), "--params", str(params)], cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert "prepared 1797 images (16x16x1, 10 classes)" in ok.stdout
+    before = folder_bytes(tmp_path / "data" / "prepared")
+
+    (tmp_path / "empty").mkdir()
+    params.write_text("data:\n  source: folder\n  path: empty\n")
+    bad = run(["python", str(REPO / "pipelines" / "prepare.py"), "--params", str(params)], cwd=tmp_path)
+    assert bad.returncode == 1
+    assert bad.stderr.strip().splitlines() == [f"error: data.path: folder is empty: {tmp_path / 'empty'}"]
+    assert folder_bytes(tmp_path / "data" / "prepared") == before
+
+    params.write_text("data:\n  image_size: 20\n")
+    bad = run(["python", str(REPO / "pipelines" / "prepare.py"), "--params", str(params)], cwd=tmp_path)
+    assert bad.returncode == 2 and "data.image_size: must be a power of two" in bad.stderr
+
+
+# --------------------------------------------------------------------------------------------- loader
+
+
+@pytest.fixture
+def half_white(tmp_path) -> Path:
+    """24 images whose left half is white: a horizontal flip is visible in pixel (0, 0)."""
+    images = np.zeros((24, 16, 16, 1), np.uint8)
+    images[:, :, :8] = 255
+    np.savez(tmp_path / "half.npz", images=images, labels=np.arange(24) % 3)
+    return prepare(make_cfg(tmp_path, source="npz", path="half.npz", image_size=16)).path
+
+
+def test_loader_values_and_shapes(tmp_path):
+    path = prepare(make_cfg(tmp_path, source="digits", image_size=16)).path
+    dataset = PreparedDataset(path)
+    x, y = dataset[5]
+    assert x.shape == (1, 16, 16) and x.dtype == torch.float32
+    assert x.min() >= -1.0 and x.max() <= 1.0
+    batch = torch.stack([dataset[i][0] for i in range(200)])
+    assert batch.min() == -1.0 and batch.max() == 1.0  # 0 -> -1, 255 -> 1
+    assert y == 5 and dataset.num_classes == 10 and len(dataset) == 1797
+
+
+def flips(dataset: PreparedDataset, seeder: TransformSeeder, workers: int, epoch: int = 0) -> list[bool]:
+    seeder.start_epoch(epoch, dataset)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=1, num_workers=workers, worker_init_fn=seeder if workers else None
+    )
+    return [bool(x[0, 0, 0, 0] < 0) for x, _ in loader]  # white pixel (0, 0) went dark: flipped
+
+
+def test_each_worker_and_rank_gets_its_own_augmentation_stream(half_white):
+    cfg_data = make_cfg(half_white.parent, hflip=0.5).data
+    dataset = PreparedDataset(half_white, build_train_transform(cfg_data))
+    seq = flips(dataset, TransformSeeder(seed=3, rank=0), workers=2)
+    assert 0 < sum(seq) < len(seq)
+    # batches alternate between the two workers; without reseeding both draw the same stream
+    assert seq[0::2] != seq[1::2]
+    # reproducible for the same (seed, rank), different for another rank and another epoch
+    assert flips(dataset, TransformSeeder(seed=3, rank=0), workers=2) == seq
+    assert flips(dataset, TransformSeeder(seed=3, rank=1), workers=2) != seq
+    assert flips(dataset, TransformSeeder(seed=3, rank=0), workers=2, epoch=1) != seq
+    in_process = flips(dataset, TransformSeeder(seed=3, rank=0), workers=0)
+    assert in_process == flips(dataset, TransformSeeder(seed=3, rank=0), workers=0)
+    assert in_process != flips(dataset, TransformSeeder(seed=3, rank=1), workers=0)
+
+
+def test_loader_refuses_a_missing_dataset(tmp_path):
+    with pytest.raises(DataError, match="run `dvc repro prepare`"):
+        PreparedDataset(tmp_path / "nothing")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "manifest.json").write_text(json.dumps({"format": "other"}))
+    with pytest.raises(DataError, match="format 'other'"):
+        PreparedDataset(tmp_path / "bad")

@@ -1,0 +1,52 @@
+"""The DVC pipeline, run for real with `dvc repro` in a fresh copy of the project."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from ganflow.data import PREPARE_KEYS
+from tests.conftest import REPO, edit_params, run
+
+pytestmark = pytest.mark.slow
+
+
+def test_prepare_stage_lists_exactly_the_keys_that_shape_its_output():
+    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["prepare"]
+    assert stage["params"] == [f"data.{key}" for key in PREPARE_KEYS]
+    assert stage["outs"] == ["${paths.prepared}"]
+
+
+def test_dvc_repro_prepare(project):
+    first = run(["dvc", "repro", "prepare"], project, check=True)
+    assert "prepared 1797 images (32x32x1, 10 classes)" in first.stdout
+    manifest = json.loads((project / "data" / "prepared" / "manifest.json").read_text())
+    assert manifest["count"] == 1797
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    assert lock["stages"]["prepare"]["outs"][0]["path"] == "data/prepared"
+
+    again = run(["dvc", "repro", "prepare"], project, check=True)
+    assert "Stage 'prepare' didn't change, skipping" in again.stdout
+    assert "prepared 1797 images" not in again.stdout
+
+    # a param that shapes the data reruns the stage; the output follows it
+    edit_params(project / "params.yaml", data={"image_size": 16})
+    third = run(["dvc", "repro", "prepare"], project, check=True)
+    assert "prepared 1797 images (16x16x1, 10 classes)" in third.stdout
+    assert run(["dvc", "status"], project, check=True).stdout.strip().endswith("up to date.")
+
+
+def test_dvc_repro_fails_cleanly_on_bad_params(project):
+    run(["dvc", "repro", "prepare"], project, check=True)
+    before = (project / "data" / "prepared" / "images.npy").read_bytes()
+    edit_params(project / "params.yaml", data={"source": "folder"})  # data/raw holds only .gitkeep
+    proc = run(["dvc", "repro", "prepare"], project)
+    assert proc.returncode != 0
+    assert "error: data.path: folder is empty" in proc.stderr + proc.stdout
+    # DVC keeps the last good output in its cache; checkout brings it back unchanged
+    run(["dvc", "checkout", "--force", "prepare"], project)
+    edit_params(project / "params.yaml", data={"source": "digits"})
+    assert run(["dvc", "status"], project, check=True).stdout.strip().endswith("up to date.")
+    assert (project / "data" / "prepared" / "images.npy").read_bytes() == before
