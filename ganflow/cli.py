@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from collections.abc import Callable, Sequence
 
 import yaml
@@ -41,6 +42,46 @@ def cmd_outputs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sample(args: argparse.Namespace) -> int:
+    """Draw images from an exported generator or an MLflow model URI."""
+    import numpy as np
+
+    from ganflow.data import _write_bytes
+    from ganflow.sampling import make_grid, sample
+
+    if args.n <= 0:
+        raise GanflowError(f"-n: must be > 0, got {args.n}")
+    if args.tracking_uri:
+        import mlflow
+
+        mlflow.set_tracking_uri(args.tracking_uri)
+        mlflow.set_registry_uri(args.tracking_uri)
+    elif ":/" in args.model and "MLFLOW_TRACKING_URI" not in os.environ:
+        # runs:/ and models:/ URIs resolve against the project's own store by default
+        import mlflow
+
+        from ganflow.tracking import tracking_uri
+
+        uri = tracking_uri(load_config(args.params))
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+    images = sample(args.model, args.n, args.seed)  # (N, H, W, C) uint8
+    import io
+
+    buf = io.BytesIO()
+    np.savez_compressed(buf, images=images)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _write_bytes(out, buf.getvalue())
+    print(f"{len(images)} images {images.shape[1]}x{images.shape[2]}x{images.shape[3]} -> {out}")
+    if args.grid:
+        from PIL import Image
+
+        Image.fromarray(make_grid(images)).save(args.grid)
+        print(f"grid -> {args.grid}")
+    return 0
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     from ganflow.tracking import artifact_root, tracking_uri
 
@@ -69,6 +110,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("outputs", help="list where the pipeline's artifacts are and which exist")
     p.add_argument("params", nargs="?", default=DEFAULT_PARAMS, help="params file (default: params.yaml)")
     p.set_defaults(fn=cmd_outputs)
+
+    p = sub.add_parser("sample", help="draw images from a trained generator")
+    p.add_argument(
+        "--model", default="models/generator",
+        help="a generator directory, runs:/RUN_ID/generator or models:/NAME@ALIAS (default: models/generator)",
+    )
+    p.add_argument("-n", type=int, default=64, help="number of images (default: 64)")
+    p.add_argument("--seed", type=int, default=0, help="latent noise seed (default: 0)")
+    p.add_argument("--out", required=True, help="output .npz; 'images' is uint8 (N, H, W, C)")
+    p.add_argument("--grid", help="also write a PNG grid of the images")
+    p.add_argument("--params", default=DEFAULT_PARAMS, help="params file naming the tracking store")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI for runs:/ and models:/ (default: the project's)")
+    p.set_defaults(fn=cmd_sample)
 
     p = sub.add_parser("ui", help="start the MLflow UI on the project's tracking store")
     p.add_argument("--params", default=DEFAULT_PARAMS, help="params file (default: params.yaml)")

@@ -281,6 +281,13 @@ def resolve_paths(cfg: Config, root: Path) -> Config:
     return cfg
 
 
+def config_from_dict(values: dict[str, Any], root: str | Path) -> Config:
+    """Rebuild a resolved config (``Config.to_dict()`` output) in another process, e.g. a Ray worker."""
+    cfg = from_dict(values, "config")
+    cfg._root = Path(root)
+    return cfg
+
+
 def load_config(path: str | Path = DEFAULT_PARAMS) -> Config:
     """Load, validate and resolve a params file. Raises ConfigError with one readable line."""
     path = Path(path)

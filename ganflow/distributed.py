@@ -1,0 +1,314 @@
+"""The training driver: starts or joins Ray, runs the TorchTrainer, tracks and exports the result.
+
+Resume: the Ray Train run is named from the training params, so running the same training
+again (``dvc repro`` after a crash or Ctrl-C) finds the run in ``cluster.storage_path`` and
+Ray restarts the workers from its latest checkpoint; the MLflow run id travels in the
+checkpoint, so logging continues in the same run. A finished training is not resumed: it
+trains again (same params and seed, same result on CPU).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ganflow.config import Config
+from ganflow.data import read_manifest
+from ganflow.errors import GanflowError
+from ganflow.sampling import export_generator
+from ganflow.tracking import connect, git_commit, params_hash, start_run, tracking_uri
+from ganflow.train_loop import CHECKPOINT_META, CHECKPOINT_STATE, read_checkpoint_meta, train_loop_per_worker
+
+# Ray Train settings ganflow changes from Ray's defaults (an environment variable wins).
+RAY_ENV_DEFAULTS = {
+    # the controller polls worker reports this often: a worker that dies right after a
+    # report loses at most about one poll of checkpoints (default 2 s)
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # otherwise every worker print shows twice
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # an error line per fit on clusters without preemption
+}
+
+
+class TrainingError(GanflowError):
+    """Training could not run or did not finish."""
+
+
+def init_ray(cfg: Config) -> None:
+    """Join cluster.address / RAY_ADDRESS, or start a local Ray sized to this machine."""
+    import ray
+
+    for key, value in RAY_ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    if ray.is_initialized():
+        return
+    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    try:
+        if address:
+            ray.init(address=address, logging_level="WARNING")
+        else:
+            ray.init(num_cpus=os.cpu_count(), logging_level="WARNING")
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TrainingError(f"cluster.address: cannot connect to Ray at {address or 'local'}: {first}") from None
+
+
+def scaling_config(cfg: Config):
+    from ray.train import ScalingConfig
+
+    per_worker: dict[str, float] = {"CPU": cfg.cluster.cpus_per_worker}
+    if cfg.cluster.use_gpu:
+        per_worker["GPU"] = 1.0
+    return ScalingConfig(
+        num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu, resources_per_worker=per_worker
+    )
+
+
+def check_resources(cfg: Config) -> None:
+    """Fail now, not after a hang, when the cluster can never place the workers."""
+    import ray
+
+    per_worker = scaling_config(cfg).resources_per_worker
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    total = {k: sum(n.get(k, 0.0) for n in nodes) for k in per_worker}
+    fits_per_node = [min(int(n.get(k, 0.0) // v) for k, v in per_worker.items() if v > 0) for n in nodes]
+    if sum(fits_per_node) < cfg.cluster.num_workers:
+        wanted = ", ".join(f"{v:g} {k}" for k, v in per_worker.items())
+        have = ", ".join(f"{v:g} {k}" for k, v in total.items())
+        raise TrainingError(
+            f"cluster: {cfg.cluster.num_workers} workers x ({wanted}) do not fit on this Ray cluster "
+            f"({len(nodes)} node(s), {have} in all): lower cluster.num_workers / cluster.cpus_per_worker"
+            + (" or set cluster.use_gpu: false" if cfg.cluster.use_gpu and total.get("GPU", 0) == 0 else "")
+        )
+
+
+def storage_path(cfg: Config) -> str:
+    return cfg.cluster.storage_path or str(cfg.paths.ray_results)
+
+
+def run_name(cfg: Config, lr_g: float, lr_d: float) -> str:
+    """The Ray run's name: the same training params give the same name (that is how resume works)."""
+    values = cfg.to_dict()
+    # epochs is left out: raising train.epochs continues a finished run instead of starting over
+    key = {s: values[s] for s in ("model", "train")}
+    key["train"] = {k: v for k, v in key["train"].items() if k != "epochs"}
+    key["data"] = {k: values["data"][k] for k in ("hflip", "loader_workers")}
+    key["data_hash"] = _prepared_hash(cfg)
+    key.update(num_workers=cfg.cluster.num_workers, lr_g=lr_g, lr_d=lr_d)
+    return "train-" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _prepared_hash(cfg: Config) -> str:
+    return read_manifest(cfg.paths.prepared)["files"]["images.npy"]
+
+
+def latest_checkpoint(storage: str, name: str) -> Path | None:
+    """The newest checkpoint directory of a run in local storage, or None."""
+    run_dir = Path(storage) / name
+    if "://" in storage or not run_dir.is_dir():
+        return None  # remote storage: Ray still resumes; the MLflow run id then comes from the checkpoint
+    found = sorted(p for p in run_dir.glob("checkpoint_*") if (p / CHECKPOINT_META).is_file())
+    return found[-1] if found else None
+
+
+def check_trainable(cfg: Config) -> int:
+    """Refuse a training that cannot run, before any worker starts. Returns the dataset size."""
+    count = read_manifest(cfg.paths.prepared)["count"]
+    per_rank = cfg.train.batch_size // cfg.cluster.num_workers
+    if count // cfg.cluster.num_workers < per_rank:
+        raise TrainingError(
+            f"train.batch_size: {cfg.train.batch_size} is larger than the prepared dataset allows "
+            f"({count} images over {cfg.cluster.num_workers} worker(s))"
+        )
+    return count
+
+
+def fit(cfg: Config, config: dict[str, Any], name: str, callbacks: list | None = None):
+    """Run one TorchTrainer; worker failures become a one-line TrainingError."""
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        scaling_config=scaling_config(cfg),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path(cfg),
+            # controller_failure_limit=0: a placement that never succeeds raises instead of retrying forever
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures, controller_failure_limit=0),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            logging_config=LoggingConfig(log_level="WARNING"),
+            callbacks=callbacks or [],
+        ),
+    )
+    try:
+        return trainer.fit()
+    except ray.train.WorkerGroupError as exc:
+        rank, error = sorted(exc.worker_failures.items())[0]
+        message = str(error).strip().splitlines()[-1] if str(error).strip() else ""
+        raise TrainingError(f"training failed on rank {rank}: {type(error).__name__}: {message}") from None
+    except ray.train.TrainingFailedError as exc:
+        cause = getattr(exc, "controller_failure", exc)
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise TrainingError(f"training failed: {first}") from None
+
+
+@dataclass
+class TrainSummary:
+    run_id: str
+    epochs: int
+    final: dict[str, float]
+    history: list[dict[str, float]]
+    lr_g: float
+    lr_d: float
+    resumed_from_epoch: int
+
+
+def run_training(cfg: Config, lr_g: float, lr_d: float) -> TrainSummary:
+    """Train, export the EMA generator to paths.generator, log everything to one MLflow run."""
+    check_trainable(cfg)
+    client, experiment_id = connect(cfg)  # fails here, before Ray starts, if MLflow is unreachable
+    init_ray(cfg)
+    check_resources(cfg)
+
+    name = run_name(cfg, lr_g, lr_d)
+    storage = storage_path(cfg)
+    previous = latest_checkpoint(storage, name)
+    resumed_from = 0
+    run_id = None
+    if previous is not None:
+        meta = read_checkpoint_meta(previous)
+        if meta["epoch"] >= cfg.train.epochs:  # finished before with as many epochs: train again
+            shutil.rmtree(Path(storage) / name)
+        else:
+            run_id, resumed_from = meta["run_id"], meta["epoch"]
+            client.update_run(run_id, status="RUNNING")
+            print(f"resuming {name} from epoch {resumed_from} (MLflow run {run_id})", flush=True)
+    if run_id is None:
+        tags = {
+            "ganflow.stage": "train",
+            "ganflow.ray_run": name,
+            "git_commit": git_commit(cfg.root),
+            "data_hash": _prepared_hash(cfg),
+            "params_hash": params_hash(cfg),
+        }
+        run_id = start_run(client, experiment_id, cfg, f"train lr_g={lr_g:.2g} lr_d={lr_d:.2g}", tags)
+        # the learning rates this run used (train.lr_* in the params may be overridden by tune)
+        client.log_param(run_id, "lr_g", repr(lr_g))
+        client.log_param(run_id, "lr_d", repr(lr_d))
+
+    config = {
+        "cfg": cfg.to_dict(),
+        "root": str(cfg.root),
+        "lr_g": lr_g,
+        "lr_d": lr_d,
+        "run_id": run_id,
+        "tracking_uri": tracking_uri(cfg),
+    }
+    try:
+        result = fit(cfg, config, name)
+    except KeyboardInterrupt:
+        client.set_terminated(run_id, status="KILLED")
+        raise
+    except GanflowError as exc:
+        client.set_tag(run_id, "ganflow.failure", str(exc))
+        client.set_terminated(run_id, status="FAILED")
+        raise
+
+    outcome = result.return_value or {}
+    if outcome.get("diverged"):
+        reason = outcome["diverged"]
+        client.set_tag(run_id, "ganflow.failure", reason)
+        client.set_terminated(run_id, status="FAILED")
+        last = latest_checkpoint(storage, name)
+        kept = f"; last good checkpoint: {last}" if last else ""
+        raise TrainingError(f"training diverged: {reason}: lower train.lr_g / train.lr_d{kept}")
+
+    with result.checkpoint.as_directory() as directory:
+        summary = export(cfg, Path(directory), run_id, lr_g, lr_d, resumed_from)
+    log_model(cfg, run_id)
+    client.set_terminated(run_id, status="FINISHED")
+    return summary
+
+
+def export(cfg: Config, checkpoint: Path, run_id: str, lr_g: float, lr_d: float, resumed_from: int) -> TrainSummary:
+    """Checkpoint -> paths.generator (EMA generator), metrics/train.json, plots/train.csv."""
+    meta = read_checkpoint_meta(checkpoint)
+    tensors = torch.load(checkpoint / CHECKPOINT_STATE, map_location="cpu", weights_only=True)
+    spec = {
+        "latent_dim": cfg.model.latent_dim,
+        "channels": cfg.data.channels,
+        "image_size": cfg.data.image_size,
+        "g_width": cfg.model.g_width,
+        "epoch": meta["epoch"],
+        "mlflow_run_id": run_id,
+        "lr_g": lr_g,
+        "lr_d": lr_d,
+        "config": meta["config"],
+    }
+    export_generator(tensors["ema_g"], spec, cfg.paths.generator)
+    history = meta["history"]
+    final = {k: v for k, v in history[-1].items() if k != "epoch"}
+    deterministic = {k: v for k, v in final.items() if k != "imgs_per_sec"}
+    _write_atomic(
+        cfg.paths.metrics / "train.json",
+        json.dumps({"epochs": meta["epoch"], "lr_g": lr_g, "lr_d": lr_d, **deterministic}, indent=2, sort_keys=True),
+    )
+    buf = io.StringIO()
+    columns = ["epoch", "loss_d", "loss_g", "d_real", "d_fake"]
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    _write_atomic(cfg.paths.plots / "train.csv", buf.getvalue())
+    return TrainSummary(run_id, meta["epoch"], final, history, lr_g, lr_d, resumed_from)
+
+
+def log_model(cfg: Config, run_id: str) -> None:
+    """The EMA generator as an MLflow model: z (N, latent) float32 -> images (N, C, H, W) in [-1, 1]."""
+    import mlflow
+    import mlflow.pytorch
+    from mlflow.models import infer_signature
+
+    from ganflow.sampling import load_generator_dir
+
+    g = load_generator_dir(cfg.paths.generator)
+    # a batch of 2 in the example keeps the exported batch dimension dynamic
+    z = np.random.default_rng(0).standard_normal((2, cfg.model.latent_dim)).astype(np.float32)
+    with torch.no_grad():
+        out = g(torch.from_numpy(z)).numpy()
+    with mlflow.start_run(run_id=run_id, log_system_metrics=False):
+        mlflow.pytorch.log_model(
+            g,
+            name="generator",
+            signature=infer_signature(z, out),
+            input_example=z,
+            pip_requirements=[f"torch>={torch.__version__.split('+')[0]}", "numpy"],
+        )
+        mlflow.log_artifacts(str(cfg.paths.generator), artifact_path="generator_files")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text if text.endswith("\n") else text + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,110 @@
+"""The exported generator: writing it, loading it (path, runs:/ or models:/ URI), drawing samples.
+
+``models/generator/`` holds ``generator.safetensors`` (the EMA generator's weights) and
+``generator.json`` (what builds the network, plus the resolved config and the run it came
+from). Loading builds the network from the JSON and reads the weights with safetensors:
+nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from ganflow.data import replace_dir
+from ganflow.errors import GanflowError
+from ganflow.models import Generator
+
+WEIGHTS = "generator.safetensors"
+SPEC = "generator.json"
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> uint8 (N, H, W, C)."""
+    x = ((images.detach().float().cpu().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def make_grid(images: np.ndarray, cols: int | None = None, pad: int = 2) -> np.ndarray:
+    """uint8 (N, H, W, C) -> one uint8 (rows*(H+pad)+pad, cols*(W+pad)+pad, C) image."""
+    n, h, w, c = images.shape
+    cols = cols or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad, c), dtype=np.uint8)
+    for i in range(n):
+        r, k = divmod(i, cols)
+        top, left = pad + r * (h + pad), pad + k * (w + pad)
+        grid[top : top + h, left : left + w] = images[i]
+    return grid if c != 1 else grid[:, :, 0]
+
+
+def generator_spec(g: Generator) -> dict[str, int]:
+    return {"latent_dim": g.latent_dim, "channels": g.channels, "image_size": g.image_size, "g_width": g.width}
+
+
+def export_generator(
+    weights: dict[str, torch.Tensor], spec: dict[str, Any], out: Path
+) -> None:
+    """Write the generator directory atomically (temporary sibling, then rename)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / WEIGHTS))
+        (tmp / SPEC).write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
+        tmp.chmod(0o755)
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_generator_dir(path: Path) -> Generator:
+    """Build the EMA generator from an exported directory (safetensors: no unpickling)."""
+    path = Path(path)
+    if not (path / SPEC).is_file() or not (path / WEIGHTS).is_file():
+        raise GanflowError(f"{path}: not an exported generator (needs {SPEC} and {WEIGHTS})")
+    spec = json.loads((path / SPEC).read_text())
+    g = Generator(spec["latent_dim"], spec["channels"], spec["image_size"], spec["g_width"])
+    g.load_state_dict(load_file(str(path / WEIGHTS)))
+    return g.eval()
+
+
+def load_sampler(model: str) -> tuple[Callable[[np.ndarray], np.ndarray], int]:
+    """(z (N, latent) float32 -> images (N, C, H, W) in [-1, 1], latent_dim) for a generator
+    directory, a ``runs:/RUN_ID/generator`` URI or a ``models:/NAME@ALIAS`` URI."""
+    if "://" not in model and ":/" not in model:
+        g = load_generator_dir(Path(model))
+
+        def run_local(z: np.ndarray) -> np.ndarray:
+            with torch.no_grad():
+                return g(torch.from_numpy(z)).numpy()
+
+        return run_local, g.latent_dim
+
+    import mlflow.pyfunc
+    from mlflow.exceptions import MlflowException
+
+    try:
+        pyfunc = mlflow.pyfunc.load_model(model)
+    except (MlflowException, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise GanflowError(f"--model {model}: cannot load ({first})") from None
+    latent_dim = pyfunc.metadata.get_input_schema().inputs[0].shape[-1]
+    return (lambda z: np.asarray(pyfunc.predict(z))), int(latent_dim)
+
+
+def sample(model: str, n: int, seed: int, batch: int = 256) -> np.ndarray:
+    """n images from ``model`` as uint8 (n, H, W, C), reproducible for a seed."""
+    run, latent_dim = load_sampler(model)
+    z = np.random.default_rng(seed).standard_normal((n, latent_dim)).astype(np.float32)
+    chunks = [to_uint8(torch.from_numpy(run(z[i : i + batch]))) for i in range(0, n, batch)]
+    return np.concatenate(chunks)

@@ -1,0 +1,334 @@
+"""The per-worker training loop: one GAN update per batch, run by every Ray Train worker.
+
+Per batch: the D step on fake.detach() (G's gradients untouched), then, every train.d_steps
+batches, the G step; an EMA copy of G follows every G step. Every epoch ends with one
+``ray.train.report`` on every rank (it is a barrier); rank 0 attaches the checkpoint.
+Side effects (MLflow, sample grids) happen on rank 0 only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ganflow.config import Config
+from ganflow.losses import LOSSES
+from ganflow.models import build_discriminator, build_generator
+
+CHECKPOINT_STATE = "state.pt"
+CHECKPOINT_META = "meta.json"
+DIAGNOSTICS = ("loss_d", "loss_g", "d_real", "d_fake")
+
+
+class Diverged(Exception):
+    """A non-finite loss: the run stops, keeping its last good checkpoint."""
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside a DDP wrapper (sample, evaluate and export through this)."""
+    return model.module if hasattr(model, "module") else model
+
+
+def noise_seed(seed: int, rank: int, epoch: int) -> int:
+    """Noise seed per (run seed, rank, epoch): ranks draw different z, and a resumed epoch
+    draws exactly the z it drew the first time."""
+    return int(np.random.SeedSequence([seed, rank, epoch, 1]).generate_state(1)[0])
+
+
+def fixed_noise(cfg: Config, n: int = 64) -> torch.Tensor:
+    """The same latent vectors every epoch, so sample grids show progress, not new draws."""
+    g = torch.Generator().manual_seed(cfg.train.seed)
+    return torch.randn(n, cfg.model.latent_dim, generator=g)
+
+
+def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype for this device, or None for full precision (CPU always)."""
+    if device.type != "cuda" or cfg.train.amp == "off":
+        return None
+    if cfg.train.amp == "fp16":
+        return torch.float16
+    if cfg.train.amp == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+@dataclass
+class GanState:
+    """Everything one worker trains; g and d may be DDP-wrapped, ema_g never is."""
+
+    g: nn.Module
+    d: nn.Module
+    ema_g: nn.Module
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    scaler_g: torch.amp.GradScaler
+    scaler_d: torch.amp.GradScaler
+    device: torch.device
+    dtype: torch.dtype | None  # autocast dtype, None = full precision
+    epoch: int = 0  # the next epoch to run
+    step: int = 0  # batches done (D steps)
+    g_steps: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)  # one row per finished epoch
+
+
+def build_state(cfg: Config, device: torch.device, lr_g: float, lr_d: float) -> GanState:
+    torch.manual_seed(cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts)
+    g = build_generator(cfg).to(device)
+    d = build_discriminator(cfg).to(device)
+    ema_g = copy.deepcopy(g).eval().requires_grad_(False)
+    betas = (cfg.train.beta1, cfg.train.beta2)
+    dtype = amp_dtype(cfg, device)
+    fp16 = dtype == torch.float16
+    return GanState(
+        g=g,
+        d=d,
+        ema_g=ema_g,
+        opt_g=torch.optim.Adam(g.parameters(), lr=lr_g, betas=betas),
+        opt_d=torch.optim.Adam(d.parameters(), lr=lr_d, betas=betas),
+        scaler_g=torch.amp.GradScaler(device.type, enabled=fp16),
+        scaler_d=torch.amp.GradScaler(device.type, enabled=fp16),
+        device=device,
+        dtype=dtype,
+    )
+
+
+def _autocast(state: GanState):
+    if state.dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=state.device.type, dtype=state.dtype)
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1.0 - decay)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)  # BatchNorm running statistics: follow G
+
+
+def gan_step(
+    state: GanState, cfg: Config, real: torch.Tensor, z_gen: torch.Generator, update_g: bool
+) -> dict[str, torch.Tensor]:
+    """One D update, then (if update_g) one G update. real: (B, C, H, W) in [-1, 1].
+
+    Returns detached diagnostics: loss_d, loss_g, d_real, d_fake (mean D probabilities).
+    """
+    d_loss_fn, g_loss_fn = LOSSES[cfg.train.loss]
+    b = real.shape[0]
+    z = torch.randn(b, cfg.model.latent_dim, generator=z_gen, device=z_gen.device).to(state.device)
+
+    # D step: minimise d_loss(D(x), D(G(z))) on fake.detach(), so no gradient reaches G
+    with _autocast(state):
+        fake = state.g(z)
+        real_logits = state.d(real)
+        fake_logits = state.d(fake.detach())
+        loss_d = d_loss_fn(real_logits.float(), fake_logits.float())
+    state.opt_d.zero_grad(set_to_none=True)
+    state.scaler_d.scale(loss_d).backward()
+    state.scaler_d.step(state.opt_d)
+    state.scaler_d.update()
+
+    diagnostics = {
+        "loss_d": loss_d.detach(),
+        "d_real": torch.sigmoid(real_logits.detach().float()).mean(),
+        "d_fake": torch.sigmoid(fake_logits.detach().float()).mean(),
+    }
+    if not update_g:
+        diagnostics["loss_g"] = torch.full_like(diagnostics["loss_d"], float("nan"))
+        return diagnostics
+
+    # G step: minimise g_loss(D(G(z))) through D; D's gradients from this pass are thrown
+    # away (zeroed before D's next step), and no_sync keeps DDP from all-reducing them
+    no_sync = state.d.no_sync() if hasattr(state.d, "no_sync") else contextlib.nullcontext()
+    with no_sync:
+        with _autocast(state):
+            loss_g = g_loss_fn(state.d(fake).float())
+        state.opt_g.zero_grad(set_to_none=True)
+        state.scaler_g.scale(loss_g).backward()
+    state.scaler_g.step(state.opt_g)
+    state.scaler_g.update()
+    state.g_steps += 1
+    update_ema(state.ema_g, unwrap(state.g), cfg.train.ema_decay)
+    diagnostics["loss_g"] = loss_g.detach()
+    return diagnostics
+
+
+# ------------------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(state: GanState, cfg: Config, directory: Path, meta: dict[str, Any]) -> None:
+    """The whole training state: networks, EMA, optimizers, scalers, counters, RNG, config."""
+    tensors = {
+        "g": unwrap(state.g).state_dict(),
+        "d": unwrap(state.d).state_dict(),
+        "ema_g": state.ema_g.state_dict(),
+        "opt_g": state.opt_g.state_dict(),
+        "opt_d": state.opt_d.state_dict(),
+        "scaler_g": state.scaler_g.state_dict(),
+        "scaler_d": state.scaler_d.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+    }
+    torch.save(tensors, directory / CHECKPOINT_STATE)
+    meta = {
+        **meta,
+        "epoch": state.epoch,
+        "step": state.step,
+        "g_steps": state.g_steps,
+        "history": state.history,
+        "config": cfg.to_dict(),
+    }
+    (directory / CHECKPOINT_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
+
+
+def read_checkpoint_meta(directory: Path) -> dict[str, Any]:
+    return json.loads((Path(directory) / CHECKPOINT_META).read_text())
+
+
+def load_checkpoint(state: GanState, cfg: Config, directory: Path, lr_g: float, lr_d: float) -> dict:
+    """Restore ``state`` (unwrapped modules) from a checkpoint directory; returns its meta."""
+    # weights_only: tensors and plain containers only, never arbitrary pickled objects
+    tensors = torch.load(Path(directory) / CHECKPOINT_STATE, map_location=state.device, weights_only=True)
+    unwrap(state.g).load_state_dict(tensors["g"])
+    unwrap(state.d).load_state_dict(tensors["d"])
+    state.ema_g.load_state_dict(tensors["ema_g"])
+    state.opt_g.load_state_dict(tensors["opt_g"])
+    state.opt_d.load_state_dict(tensors["opt_d"])
+    state.scaler_g.load_state_dict(tensors["scaler_g"])
+    state.scaler_d.load_state_dict(tensors["scaler_d"])
+    torch.set_rng_state(tensors["torch_rng"].cpu())
+    # the config decides the learning rates, not the optimizer state that was saved
+    for opt, lr in ((state.opt_g, lr_g), (state.opt_d, lr_d)):
+        for group in opt.param_groups:
+            group["lr"] = lr
+    meta = read_checkpoint_meta(directory)
+    state.epoch, state.step, state.g_steps = meta["epoch"], meta["step"], meta["g_steps"]
+    state.history = meta["history"]
+    return meta
+
+
+# ------------------------------------------------------------------------------------- the loop
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """Entry point of each Ray Train worker. ``config`` is built by ganflow.distributed."""
+    import ray.train
+    import ray.train.torch
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from ganflow.config import config_from_dict
+    from ganflow.data import PreparedDataset, TransformSeeder, build_train_transform
+    from ganflow.tracking import RunLogger
+
+    cfg = config_from_dict(config["cfg"], config["root"])
+    lr_g, lr_d = config["lr_g"], config["lr_d"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(max(1, int(cfg.cluster.cpus_per_worker)))
+
+    state = build_state(cfg, device, lr_g, lr_d)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            load_checkpoint(state, cfg, Path(directory), lr_g, lr_d)
+    # one DDP per network, never one around both; D's BatchNorm buffers stay per rank
+    # (broadcasting them mid-step breaks CUDA DDP with in-place errors)
+    state.g = ray.train.torch.prepare_model(state.g)
+    state.d = ray.train.torch.prepare_model(state.d, parallel_strategy_kwargs={"broadcast_buffers": False})
+
+    dataset = PreparedDataset(cfg.paths.prepared, build_train_transform(cfg.data))
+    per_rank_batch = cfg.train.batch_size // world
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.train.seed, drop_last=True)
+    seeder = TransformSeeder(cfg.train.seed, rank)
+    loader = DataLoader(
+        dataset,
+        batch_size=per_rank_batch,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=cfg.data.loader_workers,
+        worker_init_fn=seeder if cfg.data.loader_workers else None,
+        pin_memory=device.type == "cuda",
+    )
+    z_gen = torch.Generator(device="cpu")
+    logger = RunLogger(config["tracking_uri"], config["run_id"]) if rank == 0 else None
+    samples_z = fixed_noise(cfg).to(device)
+
+    while state.epoch < cfg.train.epochs:
+        epoch = state.epoch
+        sampler.set_epoch(epoch)
+        seeder.start_epoch(epoch, dataset)
+        z_gen.manual_seed(noise_seed(cfg.train.seed, rank, epoch))
+        state.g.train()
+        state.d.train()
+        sums = {k: 0.0 for k in DIAGNOSTICS}
+        counts = {k: 0 for k in DIAGNOSTICS}
+        finite = True
+        started = time.perf_counter()
+        images = 0
+        for i, (real, _) in enumerate(loader):
+            t0 = time.perf_counter()
+            real = real.to(device, non_blocking=True)
+            diag = gan_step(state, cfg, real, z_gen, update_g=(i + 1) % cfg.train.d_steps == 0)
+            values = {k: float(v) for k, v in diag.items()}  # syncs the device once per step
+            state.step += 1
+            images += real.shape[0] * world
+            for k, v in values.items():
+                if not math.isnan(v) or k != "loss_g":
+                    finite &= math.isfinite(v)
+                    sums[k] += v
+                    counts[k] += 1
+            if logger is not None:
+                values["imgs_per_sec"] = real.shape[0] * world / max(time.perf_counter() - t0, 1e-9)
+                logger.log_metrics({k: v for k, v in values.items() if math.isfinite(v)}, step=state.step)
+
+        # every rank learns whether any rank diverged, so all stop at the same report
+        finite = _all_ranks_true(finite, world, device)
+        elapsed = time.perf_counter() - started
+        row = {k: sums[k] / max(counts[k], 1) for k in DIAGNOSTICS}
+        row.update(epoch=epoch + 1, imgs_per_sec=images / max(elapsed, 1e-9))
+        if not finite:
+            reason = f"non-finite loss in epoch {epoch + 1} (loss_d={row['loss_d']:.4g}, loss_g={row['loss_g']:.4g})"
+            ray.train.report({"epoch": epoch + 1, "diverged": reason}, checkpoint=None)
+            return {"diverged": reason, "epoch": epoch + 1}  # rank 0's value reaches the driver
+
+        state.epoch = epoch + 1
+        state.history.append(row)
+        if logger is not None:
+            with torch.no_grad():
+                grid = state.ema_g(samples_z)  # (64, C, H, W) in [-1, 1]; EMA G is never DDP-wrapped
+            logger.log_grid(grid, step=state.epoch)
+            logger.log_metrics({f"epoch_{k}": v for k, v in row.items() if k != "epoch"}, step=state.epoch)
+            logger.log_metrics({"epoch": float(state.epoch)}, step=state.epoch)  # last: marks the epoch done
+            print(
+                f"epoch {state.epoch}/{cfg.train.epochs}  loss_d {row['loss_d']:.3f}  loss_g {row['loss_g']:.3f}  "
+                f"D(x) {row['d_real']:.2f}  D(G(z)) {row['d_fake']:.2f}  {row['imgs_per_sec']:.0f} img/s",
+                flush=True,
+            )
+
+        last = state.epoch == cfg.train.epochs
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0 and (last or state.epoch % cfg.train.checkpoint_every == 0):
+                save_checkpoint(state, cfg, Path(tmp), {"run_id": config["run_id"], "lr_g": lr_g, "lr_d": lr_d})
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report({**row, "diverged": ""}, checkpoint=ckpt)
+    return {"diverged": "", "epoch": state.epoch}
+
+
+def _all_ranks_true(flag: bool, world: int, device: torch.device) -> bool:
+    if world == 1:
+        return flag
+    t = torch.tensor([0.0 if flag else 1.0], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t.item() == 0.0
