@@ -9,13 +9,16 @@ trains again (same params and seed, same result on CPU).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +45,29 @@ RAY_ENV_DEFAULTS = {
 
 class TrainingError(GanflowError):
     """Training could not run or did not finish."""
+
+
+class Interrupted(GanflowError):
+    """Stopped by Ctrl-C or SIGTERM (exit status 130, as a shell reports SIGINT)."""
+
+    exit_code = 130
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """Treat SIGTERM (e.g. a killed `dvc repro`) like Ctrl-C while training runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def init_ray(cfg: Config) -> None:
@@ -218,10 +244,16 @@ def run_training(cfg: Config, lr_g: float, lr_d: float) -> TrainSummary:
         "tracking_uri": tracking_uri(cfg),
     }
     try:
-        result = fit(cfg, config, name)
-    except KeyboardInterrupt:
+        with _sigterm_as_interrupt():
+            result = fit(cfg, config, name)
+    except (KeyboardInterrupt, SystemExit):
+        # Ctrl-C (Ray's handler aborts the run and exits) or SIGTERM: the run is not left RUNNING
+        client.set_tag(run_id, "ganflow.failure", "interrupted")
         client.set_terminated(run_id, status="KILLED")
-        raise
+        raise Interrupted(
+            f"training interrupted; MLflow run {run_id} marked KILLED; the same command resumes "
+            f"from the last checkpoint in {storage}/{name}"
+        ) from None
     except GanflowError as exc:
         client.set_tag(run_id, "ganflow.failure", str(exc))
         client.set_terminated(run_id, status="FAILED")

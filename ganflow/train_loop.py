@@ -79,6 +79,7 @@ class GanState:
     epoch: int = 0  # the next epoch to run
     step: int = 0  # batches done (D steps)
     g_steps: int = 0
+    starts: int = 1  # how many times the worker group started on this run (1 + restarts/resumes)
     history: list[dict[str, float]] = field(default_factory=list)  # one row per finished epoch
 
 
@@ -185,6 +186,7 @@ def save_checkpoint(state: GanState, cfg: Config, directory: Path, meta: dict[st
         "epoch": state.epoch,
         "step": state.step,
         "g_steps": state.g_steps,
+        "starts": state.starts,
         "history": state.history,
         "config": cfg.to_dict(),
     }
@@ -213,6 +215,7 @@ def load_checkpoint(state: GanState, cfg: Config, directory: Path, lr_g: float, 
             group["lr"] = lr
     meta = read_checkpoint_meta(directory)
     state.epoch, state.step, state.g_steps = meta["epoch"], meta["step"], meta["g_steps"]
+    state.starts = meta["starts"] + 1
     state.history = meta["history"]
     return meta
 
@@ -242,6 +245,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             load_checkpoint(state, cfg, Path(directory), lr_g, lr_d)
+        if rank == 0:
+            print(f"resuming from the checkpoint of epoch {state.epoch} (start {state.starts})", flush=True)
     # one DDP per network, never one around both; D's BatchNorm buffers stay per rank
     # (broadcasting them mid-step breaks CUDA DDP with in-place errors)
     state.g = ray.train.torch.prepare_model(state.g)
@@ -297,6 +302,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         elapsed = time.perf_counter() - started
         row = {k: sums[k] / max(counts[k], 1) for k in DIAGNOSTICS}
         row.update(epoch=epoch + 1, imgs_per_sec=images / max(elapsed, 1e-9))
+        if world > 1:
+            row["rank_param_spread"] = _rank_param_spread(state, world, device)
         if not finite:
             reason = f"non-finite loss in epoch {epoch + 1} (loss_d={row['loss_d']:.4g}, loss_g={row['loss_g']:.4g})"
             ray.train.report({"epoch": epoch + 1, "diverged": reason}, checkpoint=None)
@@ -320,10 +327,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0 and (last or state.epoch % cfg.train.checkpoint_every == 0):
-                save_checkpoint(state, cfg, Path(tmp), {"run_id": config["run_id"], "lr_g": lr_g, "lr_d": lr_d})
+                meta = {"run_id": config["run_id"], "lr_g": lr_g, "lr_d": lr_d, "world_size": world,
+                        "per_rank_batch": per_rank_batch}
+                save_checkpoint(state, cfg, Path(tmp), meta)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report({**row, "diverged": ""}, checkpoint=ckpt)
     return {"diverged": "", "epoch": state.epoch}
+
+
+def _rank_param_spread(state: GanState, world: int, device: torch.device) -> float:
+    """Largest difference between ranks of a checksum of G's and D's weights: 0 when DDP
+    keeps the ranks in sync, as it must."""
+    sums = []
+    for net in (unwrap(state.g), unwrap(state.d)):
+        flat = torch.cat([p.detach().double().flatten() for p in net.parameters()])
+        weights = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.float64)
+        sums += [flat.sum(), (flat * weights).sum()]  # position-weighted: a swap shows too
+    local = torch.stack(sums).to(device)
+    gathered = [torch.empty_like(local) for _ in range(world)]
+    torch.distributed.all_gather(gathered, local)
+    return float(torch.stack(gathered).sub(local).abs().max())
 
 
 def _all_ranks_true(flag: bool, world: int, device: torch.device) -> bool:

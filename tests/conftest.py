@@ -54,3 +54,14 @@ def edit_params(params_file: Path, **sections: dict) -> None:
     for section, values in sections.items():
         data.setdefault(section, {}).update(values)
     params_file.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+@pytest.fixture(autouse=True)
+def isolated_environment(monkeypatch):
+    """No test leaks a tracking store or cluster address into the next (mlflow.set_tracking_uri
+    exports MLFLOW_TRACKING_URI to child processes)."""
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "RAY_ADDRESS"):
+        monkeypatch.delenv(var, raising=False)
+    yield
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        os.environ.pop(var, None)

@@ -1,0 +1,127 @@
+"""The GAN update itself, without Ray: what each step touches, EMA, checkpoints."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from ganflow.config import from_dict, resolve_paths
+from ganflow.losses import LOSSES
+from ganflow.models import build_discriminator, build_generator
+from ganflow.train_loop import build_state, gan_step, load_checkpoint, save_checkpoint, update_ema
+
+
+def tiny_cfg(tmp_path, **train):
+    values = {
+        "data": {"image_size": 16},
+        "model": {"latent_dim": 8, "g_width": 8, "d_width": 8},
+        "train": {"batch_size": 8, **train},
+    }
+    return resolve_paths(from_dict(values), tmp_path)
+
+
+def params_of(module):
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def changed(before, module):
+    return any(not torch.equal(a, b) for a, b in zip(before, module.parameters()))
+
+
+@pytest.mark.parametrize("size, channels", [(16, 1), (32, 3), (64, 1), (128, 3)])
+def test_model_shapes(tmp_path, size, channels):
+    cfg = resolve_paths(from_dict({"data": {"image_size": size, "channels": channels},
+                                   "model": {"latent_dim": 8, "g_width": 4, "d_width": 4}}), tmp_path)
+    g, d = build_generator(cfg), build_discriminator(cfg)
+    x = g(torch.randn(3, 8))
+    assert x.shape == (3, channels, size, size)
+    assert x.min() >= -1 and x.max() <= 1
+    assert d(x).shape == (3,)
+
+
+def test_spectral_norm_discriminator_has_no_batchnorm(tmp_path):
+    cfg = resolve_paths(from_dict({"model": {"spectral_norm": True}}), tmp_path)
+    d = build_discriminator(cfg)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in d.modules())
+    assert any(hasattr(m, "parametrizations") for m in d.modules())
+
+
+@pytest.mark.parametrize("loss", sorted(LOSSES))
+def test_a_step_updates_both_networks(tmp_path, loss):
+    cfg = tiny_cfg(tmp_path, loss=loss)
+    state = build_state(cfg, torch.device("cpu"), 1e-3, 1e-3)
+    g0, d0, ema0 = params_of(state.g), params_of(state.d), params_of(state.ema_g)
+    diag = gan_step(state, cfg, torch.rand(8, 1, 16, 16) * 2 - 1, torch.Generator().manual_seed(0), update_g=True)
+    assert changed(g0, state.g) and changed(d0, state.d) and changed(ema0, state.ema_g)
+    assert set(diag) == {"loss_d", "loss_g", "d_real", "d_fake"}
+    assert all(torch.isfinite(v) for v in diag.values())
+    assert 0 < diag["d_real"] < 1 and 0 < diag["d_fake"] < 1
+    assert state.g_steps == 1
+
+
+def test_the_d_step_leaves_g_alone(tmp_path):
+    """With update_g=False only D moves, and G's gradients are exactly what they were."""
+    cfg = tiny_cfg(tmp_path)
+    state = build_state(cfg, torch.device("cpu"), 1e-3, 1e-3)
+    for p in state.g.parameters():
+        p.grad = torch.full_like(p, 0.5)
+    g0 = params_of(state.g)
+    d0 = params_of(state.d)
+    diag = gan_step(state, cfg, torch.rand(8, 1, 16, 16) * 2 - 1, torch.Generator().manual_seed(0), update_g=False)
+    assert not changed(g0, state.g)
+    assert all(torch.equal(p.grad, torch.full_like(p, 0.5)) for p in state.g.parameters())
+    assert changed(d0, state.d)
+    assert torch.isnan(diag["loss_g"]) and state.g_steps == 0
+
+
+def test_bce_losses_match_the_paper():
+    real, fake = torch.tensor([2.0, -1.0]), torch.tensor([0.5, -3.0])
+    d_loss, g_loss = LOSSES["bce"]
+    expected_d = -(torch.log(torch.sigmoid(real)).mean() + torch.log(1 - torch.sigmoid(fake)).mean())
+    assert torch.allclose(d_loss(real, fake), expected_d)
+    assert torch.allclose(g_loss(fake), -torch.log(torch.sigmoid(fake)).mean())  # non-saturating
+    h_d, h_g = LOSSES["hinge"]
+    assert torch.allclose(h_d(real, fake), torch.tensor((0 + 2) / 2 + (1.5 + 0) / 2))
+    assert torch.allclose(h_g(fake), torch.tensor(1.25))
+
+
+def test_ema_moves_toward_the_model():
+    model = torch.nn.Linear(2, 2)
+    ema = copy.deepcopy(model)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    before = ema.weight.clone()
+    update_ema(ema, model, decay=0.9)
+    assert torch.allclose(ema.weight, before + 0.1 * (model.weight - before))
+
+
+def test_checkpoint_round_trip_restores_everything_and_the_config_lrs(tmp_path):
+    cfg = tiny_cfg(tmp_path)
+    state = build_state(cfg, torch.device("cpu"), 1e-3, 2e-3)
+    real = torch.rand(8, 1, 16, 16) * 2 - 1
+    for _ in range(3):
+        gan_step(state, cfg, real, torch.Generator().manual_seed(1), update_g=True)
+    state.epoch, state.step = 2, 6
+    state.history = [{"epoch": 1, "loss_d": 1.0}, {"epoch": 2, "loss_d": 0.9}]
+    (tmp_path / "ck").mkdir()
+    save_checkpoint(state, cfg, tmp_path / "ck", {"run_id": "abc"})
+
+    other = build_state(cfg, torch.device("cpu"), 5e-4, 5e-4)
+    meta = load_checkpoint(other, cfg, tmp_path / "ck", lr_g=5e-4, lr_d=7e-4)
+    assert meta["run_id"] == "abc" and meta["config"]["train"]["batch_size"] == 8
+    assert (other.epoch, other.step, other.g_steps, other.starts) == (2, 6, 3, 2)
+    for a, b in [(state.g, other.g), (state.d, other.d), (state.ema_g, other.ema_g)]:
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert other.opt_g.state_dict()["state"][0]["step"] == state.opt_g.state_dict()["state"][0]["step"]
+    # learning rates come from the config given now, not from the saved optimizer
+    assert other.opt_g.param_groups[0]["lr"] == 5e-4 and other.opt_d.param_groups[0]["lr"] == 7e-4
+    # with the same learning rates, both continue identically
+    for opt, lr in ((state.opt_g, 5e-4), (state.opt_d, 7e-4)):
+        opt.param_groups[0]["lr"] = lr
+    for _ in range(2):
+        a = gan_step(state, cfg, real, torch.Generator().manual_seed(2), update_g=True)
+        b = gan_step(other, cfg, real, torch.Generator().manual_seed(2), update_g=True)
+        assert torch.equal(a["loss_d"], b["loss_d"]) and torch.equal(a["loss_g"], b["loss_g"])
+    assert all(torch.equal(x, y) for x, y in zip(state.ema_g.parameters(), other.ema_g.parameters()))

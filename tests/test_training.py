@@ -1,0 +1,204 @@
+"""Training for real: the train stage in a subprocess on a local Ray, tracked in a local MLflow."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+
+from ganflow.config import load_config
+from ganflow.data import prepare
+from tests.conftest import BIN, REPO, run
+
+pytestmark = pytest.mark.slow
+TRAIN = str(REPO / "pipelines" / "train.py")
+
+
+def make_project(root: Path, **sections) -> Path:
+    """A params file for a tiny training at ``root``, and its prepared digits."""
+    values = {
+        "data": {"image_size": 16},
+        "model": {"latent_dim": 16, "g_width": 16, "d_width": 16},
+        "train": {"epochs": 2, "batch_size": 64, "max_failures": 1},
+    }
+    for section, keys in sections.items():
+        values.setdefault(section, {}).update(keys)
+    root.mkdir(parents=True, exist_ok=True)
+    params = root / "params.yaml"
+    params.write_text(yaml.safe_dump(values))
+    prepare(load_config(params))
+    return params
+
+
+def mlflow_client(root: Path) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+
+
+def only_run(root: Path):
+    client = mlflow_client(root)
+    runs = client.search_runs([client.get_experiment_by_name("ganflow").experiment_id])
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    return client, runs[0]
+
+
+def steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def final_meta(root: Path) -> dict:
+    (run_dir,) = (root / "ray_results").glob("train-*")
+    newest = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())[-1]
+    return json.loads((newest / "meta.json").read_text())
+
+
+def wait_for_checkpoint(root: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while not list((root / "ray_results").glob("train-*/checkpoint_*/meta.json")):
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.2)
+
+
+def start_training(params: Path) -> subprocess.Popen:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.Popen(
+        [sys.executable, TRAIN, "--params", str(params)], cwd=params.parent, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def test_two_workers_ddp_tracked_exported_and_sampled(tmp_path):
+    root = tmp_path / "p"
+    params = make_project(root, cluster={"num_workers": 2})
+    proc = run([sys.executable, TRAIN, "--params", str(params)], cwd=root, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "trained 2 epochs" in proc.stdout
+
+    # DDP: the global batch of 64 is split 32 + 32, and the ranks hold identical weights
+    meta = final_meta(root)
+    assert (meta["world_size"], meta["per_rank_batch"]) == (2, 32)
+    assert meta["step"] == 2 * (1797 // 2 // 32)
+    assert [row["rank_param_spread"] for row in meta["history"]] == [0.0, 0.0]
+
+    # the exported generator, its metrics and plot table
+    spec = json.loads((root / "models" / "generator" / "generator.json").read_text())
+    assert spec["epoch"] == 2 and spec["config"]["cluster"]["num_workers"] == 2
+    train_json = json.loads((root / "metrics" / "train.json").read_text())
+    assert train_json["epochs"] == 2 and np.isfinite(train_json["loss_d"])
+    assert (root / "plots" / "train.csv").read_text().splitlines()[0] == "epoch,loss_d,loss_g,d_real,d_fake"
+
+    # the MLflow run: params, per-step diagnostics, sample grids, tags, the model
+    client, r = only_run(root)
+    run_id = r.info.run_id
+    assert r.info.status == "FINISHED" and spec["mlflow_run_id"] == run_id
+    assert r.data.params["train.lr_g"] == "0.0002" and r.data.params["lr_d"] == "0.0002"
+    assert r.data.params["cluster.num_workers"] == "2"
+    for key in ("loss_d", "loss_g", "d_real", "d_fake", "imgs_per_sec"):
+        assert len(steps(client, run_id, key)) >= 2, key
+    assert steps(client, run_id, "epoch") == [1, 2]
+    images = [a.path for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png")]
+    assert sorted(int(p.split("+step+")[1].split("+")[0]) for p in images) == [1, 2]
+    assert {"git_commit", "data_hash", "params_hash", "ganflow.stage"} <= set(r.data.tags)
+
+    import mlflow.pytorch
+    import mlflow.pyfunc
+
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    model = mlflow.pytorch.load_model(f"runs:/{run_id}/generator")
+    out = model(torch.randn(4, 16))
+    assert tuple(out.shape) == (4, 1, 16, 16) and out.abs().max() <= 1
+    z = np.random.default_rng(0).standard_normal((3, 16)).astype(np.float32)
+    assert np.asarray(mlflow.pyfunc.load_model(f"runs:/{run_id}/generator").predict(z)).shape == (3, 1, 16, 16)
+
+    # ganflow sample: on the directory and on the runs:/ URI, the same images for the same seed
+    for i, model_ref in enumerate(["models/generator", f"runs:/{run_id}/generator"]):
+        proc = run(["ganflow", "sample", "--model", model_ref, "-n", "5", "--seed", "3",
+                    "--out", f"s{i}.npz", "--grid", f"s{i}.png", "--params", str(params)], cwd=root)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    a, b = (np.load(root / f"s{i}.npz")["images"] for i in range(2))
+    assert a.shape == (5, 16, 16, 1) and a.dtype == np.uint8
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # eager vs exported graph: rounding only
+    assert (root / "s0.png").stat().st_size > 0
+
+
+def test_ctrl_c_then_rerun_resumes_in_the_same_run(tmp_path):
+    root = tmp_path / "p"
+    params = make_project(root, data={"image_size": 32}, model={"latent_dim": 32, "g_width": 32, "d_width": 32},
+                          train={"epochs": 8})
+    proc = start_training(params)
+    wait_for_checkpoint(root, proc)
+    time.sleep(1.0)  # let Ray's controller register the checkpoint
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0, out
+    client, r = only_run(root)
+    assert r.info.status == "KILLED"
+    stopped_at = final_meta(root)["epoch"]
+    assert 1 <= stopped_at < 8
+
+    again = run([sys.executable, TRAIN, "--params", str(params)], cwd=root, timeout=400)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming" in again.stdout
+    client, r = only_run(root)  # still one MLflow run: the same one continued
+    assert r.info.status == "FINISHED"
+    assert steps(client, r.info.run_id, "epoch") == list(range(1, 9))  # every epoch once
+    assert steps(client, r.info.run_id, "loss_d") == list(range(1, final_meta(root)["step"] + 1))
+    meta = final_meta(root)
+    assert meta["starts"] == 2 and meta["epoch"] == 8
+
+
+def test_killed_worker_is_restarted_from_the_checkpoint(tmp_path):
+    root = tmp_path / "p"
+    params = make_project(root, data={"image_size": 32}, model={"latent_dim": 32, "g_width": 32, "d_width": 32},
+                          train={"epochs": 6, "max_failures": 2})
+    proc = start_training(params)
+    wait_for_checkpoint(root, proc)
+    time.sleep(1.0)
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "RayTrainWorker" in " ".join(p.cmdline())]
+    if not workers:  # the local Ray's processes may not descend from the driver
+        workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+    assert len(workers) == 1
+    workers[0].kill()
+    out, err = proc.communicate(timeout=400)
+    assert proc.returncode == 0, err[-3000:]
+    meta = final_meta(root)
+    assert meta["epoch"] == 6 and meta["starts"] == 2
+    client, r = only_run(root)
+    assert r.info.status == "FINISHED"
+    assert steps(client, r.info.run_id, "epoch") == list(range(1, 7))
+
+
+def test_divergence_fails_the_run_and_keeps_the_last_checkpoint(tmp_path):
+    root = tmp_path / "p"
+    params = make_project(root, train={"epochs": 3, "lr_g": 1e30, "lr_d": 1e30})
+    proc = run([sys.executable, TRAIN, "--params", str(params)], cwd=root, timeout=400)
+    assert proc.returncode == 1
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "training diverged: non-finite loss in epoch 1" in lines[0]
+    client, r = only_run(root)
+    assert r.info.status == "FAILED" and "non-finite" in r.data.tags["ganflow.failure"]
+    assert not (root / "models" / "generator").exists()
+
+
+def test_more_workers_than_the_machine_has_fail_fast(tmp_path):
+    root = tmp_path / "p"
+    params = make_project(root, cluster={"num_workers": 64}, train={"batch_size": 64})
+    started = time.time()
+    proc = run([sys.executable, TRAIN, "--params", str(params)], cwd=root, timeout=120)
+    assert proc.returncode == 1
+    assert "cluster: 64 workers x (1 CPU) do not fit on this Ray cluster" in proc.stderr
+    assert time.time() - started < 60
+    gpu = make_project(tmp_path / "g", cluster={"use_gpu": True})
+    proc = run([sys.executable, TRAIN, "--params", str(gpu)], cwd=gpu.parent, timeout=120)
+    assert proc.returncode == 1 and "set cluster.use_gpu: false" in proc.stderr
