@@ -15,7 +15,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import signal
 import tempfile
 import threading
@@ -138,13 +137,37 @@ def _prepared_hash(cfg: Config) -> str:
     return read_manifest(cfg.paths.prepared)["files"]["images.npy"]
 
 
-def latest_checkpoint(storage: str, name: str) -> Path | None:
-    """The newest checkpoint directory of a run in local storage, or None."""
-    run_dir = Path(storage) / name
-    if "://" in storage or not run_dir.is_dir():
-        return None  # remote storage: Ray still resumes; the MLflow run id then comes from the checkpoint
-    found = sorted(p for p in run_dir.glob("checkpoint_*") if (p / CHECKPOINT_META).is_file())
-    return found[-1] if found else None
+def _storage(storage: str):
+    """(pyarrow filesystem, base path) for a local path or a URI such as s3://bucket/prefix."""
+    import pyarrow.fs
+
+    if "://" in storage:
+        return pyarrow.fs.FileSystem.from_uri(storage)
+    return pyarrow.fs.LocalFileSystem(), str(Path(storage).resolve())
+
+
+def latest_checkpoint_meta(storage: str, name: str) -> tuple[str, dict[str, Any]] | None:
+    """(path, meta) of the newest complete checkpoint of run ``name`` in ``storage``, or None."""
+    import pyarrow.fs
+
+    fs, base = _storage(storage)
+    selector = pyarrow.fs.FileSelector(f"{base}/{name}", allow_not_found=True)
+    found = sorted(
+        info.path for info in fs.get_file_info(selector)
+        if info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith("checkpoint_")
+    )
+    for path in reversed(found):
+        try:
+            with fs.open_input_stream(f"{path}/{CHECKPOINT_META}") as stream:
+                return path, json.loads(stream.read())
+        except (FileNotFoundError, OSError, json.JSONDecodeError):
+            continue  # an incomplete upload: try the one before
+    return None
+
+
+def _delete_run(storage: str, name: str) -> None:
+    fs, base = _storage(storage)
+    fs.delete_dir(f"{base}/{name}")
 
 
 def check_trainable(cfg: Config) -> int:
@@ -211,13 +234,13 @@ def run_training(cfg: Config, lr_g: float, lr_d: float) -> TrainSummary:
 
     name = run_name(cfg, lr_g, lr_d)
     storage = storage_path(cfg)
-    previous = latest_checkpoint(storage, name)
+    previous = latest_checkpoint_meta(storage, name)
     resumed_from = 0
     run_id = None
     if previous is not None:
-        meta = read_checkpoint_meta(previous)
+        meta = previous[1]
         if meta["epoch"] >= cfg.train.epochs:  # finished before with as many epochs: train again
-            shutil.rmtree(Path(storage) / name)
+            _delete_run(storage, name)
         else:
             run_id, resumed_from = meta["run_id"], meta["epoch"]
             client.update_run(run_id, status="RUNNING")
@@ -264,8 +287,8 @@ def run_training(cfg: Config, lr_g: float, lr_d: float) -> TrainSummary:
         reason = outcome["diverged"]
         client.set_tag(run_id, "ganflow.failure", reason)
         client.set_terminated(run_id, status="FAILED")
-        last = latest_checkpoint(storage, name)
-        kept = f"; last good checkpoint: {last}" if last else ""
+        last = latest_checkpoint_meta(storage, name)
+        kept = f"; last good checkpoint: {last[0]} (epoch {last[1]['epoch']})" if last else ""
         raise TrainingError(f"training diverged: {reason}: lower train.lr_g / train.lr_d{kept}")
 
     with result.checkpoint.as_directory() as directory:

@@ -136,6 +136,7 @@ class RunLogger:
         self.client = MlflowClient(uri)
         self.run_id = run_id
         self._last: dict[str, int] = {}
+        self._pending: list = []
         self._warned = False
 
     def _last_step(self, key: str) -> int:
@@ -154,15 +155,20 @@ class RunLogger:
             return None
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Queue metric points; they reach MLflow at the next ``flush`` (once per epoch),
+        so per-step logging costs the training loop almost nothing."""
         from mlflow.entities import Metric
 
-        fresh = {k: v for k, v in metrics.items() if step > self._last_step(k)}
-        if not fresh:
-            return
         stamp = _now_ms()
-        batch = [Metric(k, float(v), stamp, step) for k, v in fresh.items()]
-        self._call(self.client.log_batch, self.run_id, metrics=batch)
-        self._last.update({k: step for k in fresh})
+        for key, value in metrics.items():
+            if step > self._last_step(key):
+                self._pending.append(Metric(key, float(value), stamp, step))
+                self._last[key] = step
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, []
+        for i in range(0, len(pending), 1000):  # MLflow takes at most 1000 metrics per batch
+            self._call(self.client.log_batch, self.run_id, metrics=pending[i : i + 1000])
 
     def log_grid(self, images, step: int) -> None:
         """images: (N, C, H, W) tensor in [-1, 1] -> one grid image under SAMPLES_KEY."""
@@ -170,6 +176,7 @@ class RunLogger:
 
         if step <= self._last_step("epoch"):
             return
+        self.flush()
         self._call(self.client.log_image, self.run_id, make_grid(to_uint8(images)), key=SAMPLES_KEY, step=step)
 
 

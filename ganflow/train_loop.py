@@ -306,6 +306,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             row["rank_param_spread"] = _rank_param_spread(state, world, device)
         if not finite:
             reason = f"non-finite loss in epoch {epoch + 1} (loss_d={row['loss_d']:.4g}, loss_g={row['loss_g']:.4g})"
+            if logger is not None:
+                logger.flush()  # the finite steps before it, for diagnosis
             ray.train.report({"epoch": epoch + 1, "diverged": reason}, checkpoint=None)
             return {"diverged": reason, "epoch": epoch + 1}  # rank 0's value reaches the driver
 
@@ -317,6 +319,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             logger.log_grid(grid, step=state.epoch)
             logger.log_metrics({f"epoch_{k}": v for k, v in row.items() if k != "epoch"}, step=state.epoch)
             logger.log_metrics({"epoch": float(state.epoch)}, step=state.epoch)  # last: marks the epoch done
+            logger.flush()
             print(
                 f"epoch {state.epoch}/{cfg.train.epochs}  loss_d {row['loss_d']:.3f}  loss_g {row['loss_g']:.3f}  "
                 f"D(x) {row['d_real']:.2f}  D(G(z)) {row['d_fake']:.2f}  {row['imgs_per_sec']:.0f} img/s",
@@ -328,7 +331,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             ckpt = None
             if rank == 0 and (last or state.epoch % cfg.train.checkpoint_every == 0):
                 meta = {"run_id": config["run_id"], "lr_g": lr_g, "lr_d": lr_d, "world_size": world,
-                        "per_rank_batch": per_rank_batch}
+                        "per_rank_batch": per_rank_batch, "device": str(device), "amp": str(state.dtype)}
                 save_checkpoint(state, cfg, Path(tmp), meta)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report({**row, "diverged": ""}, checkpoint=ckpt)

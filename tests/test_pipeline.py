@@ -35,7 +35,7 @@ def test_dvc_repro_prepare(project):
     edit_params(project / "params.yaml", data={"image_size": 16})
     third = run(["dvc", "repro", "prepare"], project, check=True)
     assert "prepared 1797 images (16x16x1, 10 classes)" in third.stdout
-    assert run(["dvc", "status"], project, check=True).stdout.strip().endswith("up to date.")
+    assert run(["dvc", "status", "prepare"], project, check=True).stdout.strip().endswith("up to date.")
 
 
 def test_dvc_repro_fails_cleanly_on_bad_params(project):
@@ -48,5 +48,26 @@ def test_dvc_repro_fails_cleanly_on_bad_params(project):
     # DVC keeps the last good output in its cache; checkout brings it back unchanged
     run(["dvc", "checkout", "--force", "prepare"], project)
     edit_params(project / "params.yaml", data={"source": "digits"})
-    assert run(["dvc", "status"], project, check=True).stdout.strip().endswith("up to date.")
+    assert run(["dvc", "status", "prepare"], project, check=True).stdout.strip().endswith("up to date.")
     assert (project / "data" / "prepared" / "images.npy").read_bytes() == before
+
+
+def test_dvc_repro_whole_pipeline(project):
+    """`dvc repro` on a tiny params file: every stage runs, writes its outputs, then nothing reruns."""
+    edit_params(
+        project / "params.yaml",
+        data={"image_size": 16},
+        model={"latent_dim": 16, "g_width": 16, "d_width": 16},
+        train={"epochs": 2},
+    )
+    first = run(["dvc", "repro"], project, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "trained 2 epochs" in first.stdout
+    for out in ("data/prepared/manifest.json", "models/generator/generator.safetensors",
+                "models/generator/generator.json", "metrics/train.json", "plots/train.csv"):
+        assert (project / out).is_file(), out
+    shown = run(["dvc", "metrics", "show", "--json"], project, check=True).stdout
+    assert json.loads(shown)[""]["data"]["metrics/train.json"]["data"]["epochs"] == 2
+    again = run(["dvc", "repro"], project, check=True)
+    assert "Stage 'train' didn't change, skipping" in again.stdout
+    assert "Data and pipelines are up to date." in again.stdout

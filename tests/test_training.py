@@ -111,8 +111,9 @@ def test_two_workers_ddp_tracked_exported_and_sampled(tmp_path):
     assert sorted(int(p.split("+step+")[1].split("+")[0]) for p in images) == [1, 2]
     assert {"git_commit", "data_hash", "params_hash", "ganflow.stage"} <= set(r.data.tags)
 
-    import mlflow.pytorch
+    import mlflow
     import mlflow.pyfunc
+    import mlflow.pytorch
 
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
     model = mlflow.pytorch.load_model(f"runs:/{run_id}/generator")
@@ -121,14 +122,21 @@ def test_two_workers_ddp_tracked_exported_and_sampled(tmp_path):
     z = np.random.default_rng(0).standard_normal((3, 16)).astype(np.float32)
     assert np.asarray(mlflow.pyfunc.load_model(f"runs:/{run_id}/generator").predict(z)).shape == (3, 1, 16, 16)
 
-    # ganflow sample: on the directory and on the runs:/ URI, the same images for the same seed
-    for i, model_ref in enumerate(["models/generator", f"runs:/{run_id}/generator"]):
+    # ganflow sample: on the directory, the runs:/ URI and a registry alias: same seed, same images
+    version = mlflow.register_model(f"runs:/{run_id}/generator", "test-generator").version
+    client.set_registered_model_alias("test-generator", "champion", version)
+    refs = ["models/generator", f"runs:/{run_id}/generator", "models:/test-generator@champion"]
+    for i, model_ref in enumerate(refs):
         proc = run(["ganflow", "sample", "--model", model_ref, "-n", "5", "--seed", "3",
                     "--out", f"s{i}.npz", "--grid", f"s{i}.png", "--params", str(params)], cwd=root)
         assert proc.returncode == 0, proc.stderr[-2000:]
-    a, b = (np.load(root / f"s{i}.npz")["images"] for i in range(2))
+    a, b, c = (np.load(root / f"s{i}.npz")["images"] for i in range(3))
     assert a.shape == (5, 16, 16, 1) and a.dtype == np.uint8
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # eager vs exported graph: rounding only
+    assert np.array_equal(b, c)
+    missing = run(["ganflow", "sample", "--model", "models:/no-such-model@champion", "-n", "2",
+                   "--out", "x.npz", "--params", str(params)], cwd=root)
+    assert missing.returncode == 1 and "error: --model models:/no-such-model@champion: cannot load" in missing.stderr
     assert (root / "s0.png").stat().st_size > 0
 
 
