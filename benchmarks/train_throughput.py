@@ -29,7 +29,7 @@ from ganflow.config import load_config
 from ganflow.data import PreparedDataset, prepare
 from ganflow.losses import LOSSES
 from ganflow.models import build_discriminator, build_generator
-from ganflow.train_loop import update_ema
+from ganflow.train_loop import ema_decay_at, update_ema
 
 
 def write_params(root: Path, args: argparse.Namespace, workers: int) -> Path:
@@ -77,7 +77,7 @@ def bare_run(params: Path) -> float:
     loader = torch.utils.data.DataLoader(
         PreparedDataset(cfg.paths.prepared), batch_size=cfg.train.batch_size, shuffle=True, drop_last=True
     )
-    rates = []
+    rates, g_steps = [], 0
     for _ in range(cfg.train.epochs):
         started, images = time.perf_counter(), 0
         for real, _ in loader:
@@ -91,7 +91,8 @@ def bare_run(params: Path) -> float:
             opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
             opt_g.step()
-            update_ema(ema, g, cfg.train.ema_decay)
+            update_ema(ema, g, ema_decay_at(cfg.train.ema_decay, g_steps))
+            g_steps += 1
             float(loss_d.detach()), float(loss_g.detach())  # the ganflow loop reads its diagnostics every step too
             images += real.shape[0]
         rates.append(images / (time.perf_counter() - started))

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 
 import yaml
 
-from ganflow.config import DEFAULT_PARAMS, load_config
+from ganflow.config import DEFAULT_PARAMS, Config, load_config
 from ganflow.errors import GanflowError
 
 
@@ -24,6 +24,14 @@ def run_main(fn: Callable[[], int | None]) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+
+
+def stage_main(doc: str, stage: Callable[[Config], None], argv: Sequence[str] | None = None) -> int:
+    """The whole ``main()`` of a pipelines/ entry point: ``--params``, load, run, one-line errors."""
+    parser = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
+    parser.add_argument("--params", default=DEFAULT_PARAMS, help="params file (default: params.yaml)")
+    args = parser.parse_args(argv)
+    return run_main(lambda: stage(load_config(args.params)))
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -46,7 +54,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     """Draw images from an exported generator or an MLflow model URI."""
     import numpy as np
 
-    from ganflow.data import _write_bytes
+    from ganflow.atomic import write_file
     from ganflow.sampling import make_grid, sample
 
     if args.n <= 0:
@@ -71,8 +79,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     buf = io.BytesIO()
     np.savez_compressed(buf, images=images)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _write_bytes(out, buf.getvalue())
+    write_file(out, buf.getvalue())
     print(f"{len(images)} images {images.shape[1]}x{images.shape[2]}x{images.shape[3]} -> {out}")
     if args.grid:
         from PIL import Image

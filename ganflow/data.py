@@ -17,10 +17,7 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import sys
-import tempfile
-import uuid
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,6 +31,7 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from ganflow.atomic import atomic_dir, write_bytes
 from ganflow.config import Config, DataConfig
 from ganflow.errors import DataError
 
@@ -365,53 +363,17 @@ def prepare(cfg: Config) -> PrepareSummary:
 
 def write_prepared(out: Path, images: np.ndarray, labels: np.ndarray, manifest: dict[str, Any]) -> None:
     """Write the dataset into a temporary sibling of ``out``, then swap it into place."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         _save_npy(tmp / IMAGES, images)
         _save_npy(tmp / LABELS, labels)
         manifest = {**manifest, "files": {n: _file_sha256(tmp / n) for n in (IMAGES, LABELS)}}
-        _write_bytes(tmp / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def replace_dir(new: Path, target: Path) -> None:
-    """Put directory ``new`` at ``target``; an existing ``target`` is kept until ``new`` is in place."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(target, old)
-    try:
-        os.rename(new, target)
-    except BaseException:
-        if old is not None:
-            os.rename(old, target)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        write_bytes(tmp / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
-    _write_bytes(path, buf.getvalue())
-
-
-def _write_bytes(path: Path, payload: bytes) -> None:
-    with open(path, "wb") as fh:
-        fh.write(payload)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    write_bytes(path, buf.getvalue())
 
 
 def _sha256(*chunks: bytes) -> str:

@@ -16,7 +16,6 @@ import io
 import json
 import os
 import signal
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ganflow.atomic import write_file
 from ganflow.config import Config
 from ganflow.data import read_manifest
 from ganflow.errors import GanflowError
@@ -317,16 +317,16 @@ def export(cfg: Config, checkpoint: Path, run_id: str, lr_g: float, lr_d: float,
     history = meta["history"]
     final = {k: v for k, v in history[-1].items() if k != "epoch"}
     deterministic = {k: v for k, v in final.items() if k != "imgs_per_sec"}
-    _write_atomic(
+    write_file(
         cfg.paths.metrics / "train.json",
-        json.dumps({"epochs": meta["epoch"], "lr_g": lr_g, "lr_d": lr_d, **deterministic}, indent=2, sort_keys=True),
+        json.dumps({"epochs": meta["epoch"], "lr_g": lr_g, "lr_d": lr_d, **deterministic}, indent=2, sort_keys=True) + "\n",
     )
     buf = io.StringIO()
     columns = ["epoch", "loss_d", "loss_g", "d_real", "d_fake"]
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(history)
-    _write_atomic(cfg.paths.plots / "train.csv", buf.getvalue())
+    write_file(cfg.paths.plots / "train.csv", buf.getvalue())
     return TrainSummary(run_id, meta["epoch"], final, history, lr_g, lr_d, resumed_from)
 
 
@@ -352,18 +352,3 @@ def log_model(cfg: Config, run_id: str) -> None:
             pip_requirements=[f"torch>={torch.__version__.split('+')[0]}", "numpy"],
         )
         mlflow.log_artifacts(str(cfg.paths.generator), artifact_path="generator_files")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text if text.endswith("\n") else text + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

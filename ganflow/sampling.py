@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ganflow.data import replace_dir
+from ganflow.atomic import atomic_dir, write_bytes
 from ganflow.errors import GanflowError
 from ganflow.models import Generator
 
@@ -51,20 +49,11 @@ def generator_spec(g: Generator) -> dict[str, int]:
     return {"latent_dim": g.latent_dim, "channels": g.channels, "image_size": g.image_size, "g_width": g.width}
 
 
-def export_generator(
-    weights: dict[str, torch.Tensor], spec: dict[str, Any], out: Path
-) -> None:
+def export_generator(weights: dict[str, torch.Tensor], spec: dict[str, Any], out: Path) -> None:
     """Write the generator directory atomically (temporary sibling, then rename)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / WEIGHTS))
-        (tmp / SPEC).write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
-        tmp.chmod(0o755)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_bytes(tmp / SPEC, (json.dumps(spec, indent=2, sort_keys=True) + "\n").encode())
 
 
 def load_generator_dir(path: Path) -> Generator:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import math
 import tempfile
 import time
@@ -110,6 +111,12 @@ def _autocast(state: GanState):
     return torch.autocast(device_type=state.device.type, dtype=state.dtype)
 
 
+def ema_decay_at(decay: float, updates: int) -> float:
+    """The EMA decay after ``updates`` G steps, warmed up: a fixed 0.999 over a short run
+    (a few hundred steps) would keep the EMA mostly at the random initial weights."""
+    return min(decay, (1.0 + updates) / (10.0 + updates))
+
+
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     for e, p in zip(ema.parameters(), model.parameters()):
@@ -159,8 +166,8 @@ def gan_step(
         state.scaler_g.scale(loss_g).backward()
     state.scaler_g.step(state.opt_g)
     state.scaler_g.update()
+    update_ema(state.ema_g, unwrap(state.g), ema_decay_at(cfg.train.ema_decay, state.g_steps))
     state.g_steps += 1
-    update_ema(state.ema_g, unwrap(state.g), cfg.train.ema_decay)
     diagnostics["loss_g"] = loss_g.detach()
     return diagnostics
 
@@ -233,6 +240,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     from ganflow.data import PreparedDataset, TransformSeeder, build_train_transform
     from ganflow.tracking import RunLogger
 
+    _quiet_ray_report_log()
     cfg = config_from_dict(config["cfg"], config["root"])
     lr_g, lr_d = config["lr_g"], config["lr_d"]
     context = ray.train.get_context()
@@ -336,6 +344,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report({**row, "diverged": ""}, checkpoint=ckpt)
     return {"diverged": "", "epoch": state.epoch}
+
+
+def _quiet_ray_report_log() -> None:
+    """Ray Train logs each report at INFO with the whole metrics dict; rank 0's epoch line says it
+    better. The logger is named after its module's file, so it is found through the module."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray version: its logging is left as it is
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def _rank_param_spread(state: GanState, world: int, device: torch.device) -> float:

@@ -8,29 +8,24 @@ plots/train.csv, and logs the run (params, metrics, sample grids, model) to MLfl
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from ganflow.cli import run_main
-from ganflow.config import DEFAULT_PARAMS, load_config
+from ganflow.cli import stage_main
+from ganflow.config import Config
 from ganflow.distributed import run_training
 
 
+def stage(cfg: Config) -> None:
+    summary = run_training(cfg, cfg.train.lr_g, cfg.train.lr_d)
+    final = summary.final
+    print(
+        f"trained {summary.epochs} epochs (loss_d {final['loss_d']:.3f}, loss_g {final['loss_g']:.3f}); "
+        f"generator -> {cfg.paths.generator}; MLflow run {summary.run_id}"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default=DEFAULT_PARAMS)
-    args = parser.parse_args(argv)
-
-    def stage() -> None:
-        cfg = load_config(args.params)
-        summary = run_training(cfg, cfg.train.lr_g, cfg.train.lr_d)
-        final = summary.final
-        print(
-            f"trained {summary.epochs} epochs (loss_d {final['loss_d']:.3f}, loss_g {final['loss_g']:.3f}); "
-            f"generator -> {cfg.paths.generator}; MLflow run {summary.run_id}"
-        )
-
-    return run_main(stage)
+    return stage_main(__doc__, stage, argv)
 
 
 if __name__ == "__main__":

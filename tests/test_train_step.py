@@ -10,7 +10,7 @@ import torch
 from ganflow.config import from_dict, resolve_paths
 from ganflow.losses import LOSSES
 from ganflow.models import build_discriminator, build_generator
-from ganflow.train_loop import build_state, gan_step, load_checkpoint, save_checkpoint, update_ema
+from ganflow.train_loop import build_state, ema_decay_at, gan_step, load_checkpoint, save_checkpoint, update_ema
 
 
 def tiny_cfg(tmp_path, **train):
@@ -95,6 +95,13 @@ def test_ema_moves_toward_the_model():
     before = ema.weight.clone()
     update_ema(ema, model, decay=0.9)
     assert torch.allclose(ema.weight, before + 0.1 * (model.weight - before))
+
+
+def test_ema_decay_warms_up_to_the_configured_value():
+    assert ema_decay_at(0.999, 0) == pytest.approx(0.1)  # the first update nearly copies G
+    assert ema_decay_at(0.999, 90) == pytest.approx(0.91)
+    assert ema_decay_at(0.999, 100_000) == 0.999
+    assert all(ema_decay_at(0.999, n) <= ema_decay_at(0.999, n + 1) for n in range(2000))
 
 
 def test_checkpoint_round_trip_restores_everything_and_the_config_lrs(tmp_path):
