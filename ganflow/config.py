@@ -153,8 +153,18 @@ class RegistryConfig(Section):
 
 class EvalConfig(Section):
     every: int = Field(1, ge=1)  # epochs between in-training evaluations
-    num_samples: int = Field(1000, gt=0)
-    inception_weights: Path | None = None  # a local weights file; None = skip Inception FID
+    # generated samples per evaluation; the real reference and floor halves are this size too
+    # (at most half the dataset each)
+    num_samples: int = Field(1000, ge=10)
+    seed: int = Field(0, ge=0)  # the real-data split, the encoder's init, the KID subsets
+    encoder_epochs: int = Field(15, gt=0)
+    feature_dim: int = Field(64, gt=0)  # keep well below num_samples: a covariance is estimated
+    kid_subsets: int = Field(50, gt=0)
+    kid_subset_size: int = Field(500, ge=2)
+    pr_k: int = Field(3, gt=0)  # k of the k-NN manifolds for precision/recall
+    # a local TorchScript Inception feature extractor ((N, 3, 299, 299) in [0, 255] -> (N, D));
+    # None = no Inception FID (nothing is ever downloaded)
+    inception_weights: Path | None = None
 
 
 class Config(Section):

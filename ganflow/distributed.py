@@ -28,6 +28,7 @@ from ganflow.atomic import write_file
 from ganflow.config import Config
 from ganflow.data import read_manifest
 from ganflow.errors import GanflowError
+from ganflow.evaluation import load_reference
 from ganflow.sampling import export_generator
 from ganflow.tracking import connect, git_commit, params_hash, start_run, tracking_uri
 from ganflow.train_loop import CHECKPOINT_META, CHECKPOINT_STATE, read_checkpoint_meta, train_loop_per_worker
@@ -173,6 +174,7 @@ def _delete_run(storage: str, name: str) -> None:
 def check_trainable(cfg: Config) -> int:
     """Refuse a training that cannot run, before any worker starts. Returns the dataset size."""
     count = read_manifest(cfg.paths.prepared)["count"]
+    load_reference(cfg)  # the encoder the in-training evaluation needs, for this data shape
     per_rank = cfg.train.batch_size // cfg.cluster.num_workers
     if count // cfg.cluster.num_workers < per_rank:
         raise TrainingError(
@@ -223,6 +225,8 @@ class TrainSummary:
     lr_g: float
     lr_d: float
     resumed_from_epoch: int
+    best_epoch: int
+    best_fd: float | None
 
 
 def run_training(cfg: Config, lr_g: float, lr_d: float) -> TrainSummary:
@@ -313,21 +317,25 @@ def export(cfg: Config, checkpoint: Path, run_id: str, lr_g: float, lr_d: float,
         "lr_d": lr_d,
         "config": meta["config"],
     }
-    export_generator(tensors["ema_g"], spec, cfg.paths.generator)
+    # the best EMA generator by in-training fd_domain; the last one if no evaluation ran
+    best = "best_ema_g" in tensors
+    spec.update(best_epoch=meta["best_epoch"] if best else meta["epoch"], fd_domain=meta["best_fd"])
+    export_generator(tensors["best_ema_g" if best else "ema_g"], spec, cfg.paths.generator)
     history = meta["history"]
     final = {k: v for k, v in history[-1].items() if k != "epoch"}
     deterministic = {k: v for k, v in final.items() if k != "imgs_per_sec"}
-    write_file(
-        cfg.paths.metrics / "train.json",
-        json.dumps({"epochs": meta["epoch"], "lr_g": lr_g, "lr_d": lr_d, **deterministic}, indent=2, sort_keys=True) + "\n",
-    )
+    summary = {"epochs": meta["epoch"], "lr_g": lr_g, "lr_d": lr_d, "best_epoch": spec["best_epoch"],
+               "best_fd_domain": meta["best_fd"], "last": deterministic}
+    write_file(cfg.paths.metrics / "train.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
     buf = io.StringIO()
-    columns = ["epoch", "loss_d", "loss_g", "d_real", "d_fake"]
+    columns = ["epoch", "loss_d", "loss_g", "d_real", "d_fake", "fd_domain", "kid"]
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(history)
     write_file(cfg.paths.plots / "train.csv", buf.getvalue())
-    return TrainSummary(run_id, meta["epoch"], final, history, lr_g, lr_d, resumed_from)
+    return TrainSummary(
+        run_id, meta["epoch"], final, history, lr_g, lr_d, resumed_from, spec["best_epoch"], meta["best_fd"]
+    )
 
 
 def log_model(cfg: Config, run_id: str) -> None:

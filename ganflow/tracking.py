@@ -184,3 +184,26 @@ def _now_ms() -> int:
     import time
 
     return int(time.time() * 1000)
+
+
+def log_evaluation(cfg: Config, run_id: str | None, metrics: dict[str, Any], grid: Path) -> bool:
+    """Add the evaluate stage's numbers and grid to the training's run. The files are the
+    record; a tracking store that fails here costs a warning, not the evaluation."""
+    if not run_id:
+        return False
+    from mlflow.tracking import MlflowClient
+
+    from mlflow.entities import Metric
+
+    numbers = {f"eval_{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    stamp = _now_ms()
+    try:
+        check_reachable(tracking_uri(cfg))
+        client = MlflowClient(tracking_uri(cfg))
+        client.log_batch(run_id, metrics=[Metric(k, v, stamp, 0) for k, v in sorted(numbers.items())])
+        client.log_artifact(run_id, str(grid), artifact_path="eval")
+    except Exception as exc:  # noqa: BLE001 - any store failure is reported the same way
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"warning: evaluation not logged to MLflow run {run_id}: {first}", file=sys.stderr)
+        return False
+    return True

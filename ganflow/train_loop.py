@@ -24,12 +24,14 @@ import torch
 from torch import nn
 
 from ganflow.config import Config
+from ganflow.evaluation import Reference, encode, load_reference
 from ganflow.losses import LOSSES
 from ganflow.models import build_discriminator, build_generator
 
 CHECKPOINT_STATE = "state.pt"
 CHECKPOINT_META = "meta.json"
 DIAGNOSTICS = ("loss_d", "loss_g", "d_real", "d_fake")
+EVAL_METRICS = ("fd_domain", "kid", "kid_std")
 
 
 class Diverged(Exception):
@@ -81,6 +83,9 @@ class GanState:
     step: int = 0  # batches done (D steps)
     g_steps: int = 0
     starts: int = 1  # how many times the worker group started on this run (1 + restarts/resumes)
+    best_fd: float = float("inf")  # the best in-training fd_domain so far, and where
+    best_epoch: int = 0
+    best_ema_g: dict[str, torch.Tensor] | None = None  # the EMA generator of best_epoch (CPU)
     history: list[dict[str, float]] = field(default_factory=list)  # one row per finished epoch
 
 
@@ -187,6 +192,8 @@ def save_checkpoint(state: GanState, cfg: Config, directory: Path, meta: dict[st
         "scaler_d": state.scaler_d.state_dict(),
         "torch_rng": torch.get_rng_state(),
     }
+    if state.best_ema_g is not None:
+        tensors["best_ema_g"] = state.best_ema_g
     torch.save(tensors, directory / CHECKPOINT_STATE)
     meta = {
         **meta,
@@ -194,6 +201,8 @@ def save_checkpoint(state: GanState, cfg: Config, directory: Path, meta: dict[st
         "step": state.step,
         "g_steps": state.g_steps,
         "starts": state.starts,
+        "best_fd": state.best_fd if math.isfinite(state.best_fd) else None,
+        "best_epoch": state.best_epoch,
         "history": state.history,
         "config": cfg.to_dict(),
     }
@@ -223,6 +232,9 @@ def load_checkpoint(state: GanState, cfg: Config, directory: Path, lr_g: float, 
     meta = read_checkpoint_meta(directory)
     state.epoch, state.step, state.g_steps = meta["epoch"], meta["step"], meta["g_steps"]
     state.starts = meta["starts"] + 1
+    state.best_fd = meta["best_fd"] if meta["best_fd"] is not None else float("inf")
+    state.best_epoch = meta["best_epoch"]
+    state.best_ema_g = tensors.get("best_ema_g")
     state.history = meta["history"]
     return meta
 
@@ -273,6 +285,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         worker_init_fn=seeder if cfg.data.loader_workers else None,
         pin_memory=device.type == "cuda",
     )
+    reference = load_reference(cfg) if rank == 0 else None  # the encoder: rank 0 evaluates
     z_gen = torch.Generator(device="cpu")
     logger = RunLogger(config["tracking_uri"], config["run_id"]) if rank == 0 else None
     samples_z = fixed_noise(cfg).to(device)
@@ -320,21 +333,30 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             return {"diverged": reason, "epoch": epoch + 1}  # rank 0's value reaches the driver
 
         state.epoch = epoch + 1
+        last = state.epoch == cfg.train.epochs
+        if reference is not None and (state.epoch % cfg.eval.every == 0 or last):
+            row.update(evaluate_ema(state, cfg, reference))
+            if row["fd_domain"] < state.best_fd:  # the exported generator is the best, not the last
+                state.best_fd, state.best_epoch = row["fd_domain"], state.epoch
+                state.best_ema_g = {k: v.detach().cpu().clone() for k, v in state.ema_g.state_dict().items()}
         state.history.append(row)
         if logger is not None:
             with torch.no_grad():
                 grid = state.ema_g(samples_z)  # (64, C, H, W) in [-1, 1]; EMA G is never DDP-wrapped
             logger.log_grid(grid, step=state.epoch)
-            logger.log_metrics({f"epoch_{k}": v for k, v in row.items() if k != "epoch"}, step=state.epoch)
+            # per-epoch means as epoch_*; the evaluation metrics under their own names (as in tune runs)
+            evaluated = {k: row[k] for k in EVAL_METRICS if k in row}
+            epoch_means = {f"epoch_{k}": v for k, v in row.items() if k not in evaluated and k != "epoch"}
+            logger.log_metrics({**epoch_means, **evaluated}, step=state.epoch)
             logger.log_metrics({"epoch": float(state.epoch)}, step=state.epoch)  # last: marks the epoch done
             logger.flush()
+            fd = f"  fd_domain {row['fd_domain']:.3f}" if "fd_domain" in row else ""
             print(
                 f"epoch {state.epoch}/{cfg.train.epochs}  loss_d {row['loss_d']:.3f}  loss_g {row['loss_g']:.3f}  "
-                f"D(x) {row['d_real']:.2f}  D(G(z)) {row['d_fake']:.2f}  {row['imgs_per_sec']:.0f} img/s",
+                f"D(x) {row['d_real']:.2f}  D(G(z)) {row['d_fake']:.2f}{fd}  {row['imgs_per_sec']:.0f} img/s",
                 flush=True,
             )
 
-        last = state.epoch == cfg.train.epochs
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0 and (last or state.epoch % cfg.train.checkpoint_every == 0):
@@ -344,6 +366,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report({**row, "diverged": ""}, checkpoint=ckpt)
     return {"diverged": "", "epoch": state.epoch}
+
+
+def evaluate_ema(state: GanState, cfg: Config, reference: Reference) -> dict[str, float]:
+    """fd_domain and KID of the EMA generator on as many samples as the real reference holds,
+    from latent vectors fixed by eval.seed (so epochs are compared on the same z)."""
+    n = reference.sample_size
+    z = torch.randn(n, cfg.model.latent_dim, generator=torch.Generator().manual_seed(cfg.eval.seed))
+    with torch.no_grad():
+        images = torch.cat([state.ema_g(chunk.to(state.device)).float().cpu() for chunk in z.split(500)])
+    features, _ = encode(reference.encoder, images)
+    return reference.quick(features)
 
 
 def _quiet_ray_report_log() -> None:

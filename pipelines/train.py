@@ -17,10 +17,10 @@ from ganflow.distributed import run_training
 
 def stage(cfg: Config) -> None:
     summary = run_training(cfg, cfg.train.lr_g, cfg.train.lr_d)
-    final = summary.final
+    best = f"fd_domain {summary.best_fd:.3f}" if summary.best_fd is not None else "not evaluated"
     print(
-        f"trained {summary.epochs} epochs (loss_d {final['loss_d']:.3f}, loss_g {final['loss_g']:.3f}); "
-        f"generator -> {cfg.paths.generator}; MLflow run {summary.run_id}"
+        f"trained {summary.epochs} epochs; exported the EMA generator of epoch {summary.best_epoch} "
+        f"({best}) -> {cfg.paths.generator}; MLflow run {summary.run_id}"
     )
 
 

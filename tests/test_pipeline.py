@@ -59,15 +59,36 @@ def test_dvc_repro_whole_pipeline(project):
         data={"image_size": 16},
         model={"latent_dim": 16, "g_width": 16, "d_width": 16},
         train={"epochs": 2},
+        eval={"num_samples": 200, "encoder_epochs": 2, "kid_subsets": 5, "kid_subset_size": 100},
     )
     first = run(["dvc", "repro"], project, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "trained 2 epochs" in first.stdout
-    for out in ("data/prepared/manifest.json", "models/generator/generator.safetensors",
-                "models/generator/generator.json", "metrics/train.json", "plots/train.csv"):
+    order = [first.stdout.index(f"Running stage '{s}'") for s in ("prepare", "encoder", "train", "evaluate")]
+    assert order == sorted(order)
+    assert "trained 2 epochs" in first.stdout and "x its real-vs-real floor" in first.stdout
+    for out in ("data/prepared/manifest.json", "models/encoder/encoder.safetensors",
+                "models/encoder/reference.safetensors", "models/generator/generator.safetensors",
+                "models/generator/generator.json", "metrics/train.json", "metrics/encoder.json",
+                "metrics/eval.json", "plots/train.csv", "plots/eval_classes.csv", "plots/samples.png"):
         assert (project / out).is_file(), out
-    shown = run(["dvc", "metrics", "show", "--json"], project, check=True).stdout
-    assert json.loads(shown)[""]["data"]["metrics/train.json"]["data"]["epochs"] == 2
+    shown = json.loads(run(["dvc", "metrics", "show", "--json"], project, check=True).stdout)[""]["data"]
+    assert shown["metrics/train.json"]["data"]["epochs"] == 2
+    evaluation = shown["metrics/eval.json"]["data"]
+    assert evaluation["fd_domain_over_floor"] == pytest.approx(evaluation["fd_domain"] / evaluation["floor_fd_domain"])
     again = run(["dvc", "repro"], project, check=True)
     assert "Stage 'train' didn't change, skipping" in again.stdout
     assert "Data and pipelines are up to date." in again.stdout
+
+    # an evaluation-only param reruns evaluate and nothing upstream; metrics diff shows it
+    run(["git", "add", "-A"], project, check=True)
+    run(["git", "-c", "user.email=t@e", "-c", "user.name=t", "commit", "-qm", "run 1"], project, check=True)
+    import torch
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 9, 8), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    torch.jit.script(net).save(str(project / "inception.pt"))  # stands in for a user's local file
+    edit_params(project / "params.yaml", eval={"inception_weights": "inception.pt"})
+    third = run(["dvc", "repro"], project, check=True)
+    assert "Running stage 'evaluate'" in third.stdout
+    assert "Running stage 'train'" not in third.stdout and "Running stage 'encoder'" not in third.stdout
+    diff = run(["dvc", "metrics", "diff", "--json"], project, check=True).stdout
+    assert "fid_inception" in json.loads(diff)["metrics/eval.json"]

@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from ganflow.config import load_config
 from ganflow.data import prepare
+from ganflow.evaluation import fit_encoder
 from tests.conftest import BIN, REPO, run
 
 pytestmark = pytest.mark.slow
@@ -31,13 +32,16 @@ def make_project(root: Path, **sections) -> Path:
         "data": {"image_size": 16},
         "model": {"latent_dim": 16, "g_width": 16, "d_width": 16},
         "train": {"epochs": 2, "batch_size": 64, "max_failures": 1},
+        "eval": {"num_samples": 200, "encoder_epochs": 2, "kid_subsets": 5, "kid_subset_size": 100},
     }
     for section, keys in sections.items():
         values.setdefault(section, {}).update(keys)
     root.mkdir(parents=True, exist_ok=True)
     params = root / "params.yaml"
     params.write_text(yaml.safe_dump(values))
-    prepare(load_config(params))
+    cfg = load_config(params)
+    prepare(cfg)
+    fit_encoder(cfg)
     return params
 
 
@@ -91,12 +95,20 @@ def test_two_workers_ddp_tracked_exported_and_sampled(tmp_path):
     assert meta["step"] == 2 * (1797 // 2 // 32)
     assert [row["rank_param_spread"] for row in meta["history"]] == [0.0, 0.0]
 
-    # the exported generator, its metrics and plot table
+    # the exported generator is the EMA generator of the epoch with the best in-training fd_domain
     spec = json.loads((root / "models" / "generator" / "generator.json").read_text())
     assert spec["epoch"] == 2 and spec["config"]["cluster"]["num_workers"] == 2
+    fds = [row["fd_domain"] for row in meta["history"]]
+    assert spec["best_epoch"] == 1 + int(np.argmin(fds)) and spec["fd_domain"] == min(fds)
+    from safetensors.torch import load_file
+
+    exported = load_file(str(root / "models" / "generator" / "generator.safetensors"))
+    newest = sorted(p for p in (root / "ray_results").glob("train-*/checkpoint_*") if p.is_dir())[-1]
+    state = torch.load(newest / "state.pt", weights_only=True)
+    assert all(torch.equal(exported[k], state["best_ema_g"][k]) for k in exported)
     train_json = json.loads((root / "metrics" / "train.json").read_text())
-    assert train_json["epochs"] == 2 and np.isfinite(train_json["loss_d"])
-    assert (root / "plots" / "train.csv").read_text().splitlines()[0] == "epoch,loss_d,loss_g,d_real,d_fake"
+    assert train_json["epochs"] == 2 and train_json["best_fd_domain"] == min(fds)
+    assert (root / "plots" / "train.csv").read_text().splitlines()[0] == "epoch,loss_d,loss_g,d_real,d_fake,fd_domain,kid"
 
     # the MLflow run: params, per-step diagnostics, sample grids, tags, the model
     client, r = only_run(root)
@@ -107,6 +119,7 @@ def test_two_workers_ddp_tracked_exported_and_sampled(tmp_path):
     for key in ("loss_d", "loss_g", "d_real", "d_fake", "imgs_per_sec"):
         assert len(steps(client, run_id, key)) >= 2, key
     assert steps(client, run_id, "epoch") == [1, 2]
+    assert steps(client, run_id, "fd_domain") == [1, 2] and steps(client, run_id, "kid") == [1, 2]
     images = [a.path for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png")]
     assert sorted(int(p.split("+step+")[1].split("+")[0]) for p in images) == [1, 2]
     assert {"git_commit", "data_hash", "params_hash", "ganflow.stage"} <= set(r.data.tags)
