@@ -40,6 +40,10 @@ RAY_ENV_DEFAULTS = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # otherwise every worker print shows twice
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # an error line per fit on clusters without preemption
+    # how long a worker group may wait for its resources. check_resources() has already refused
+    # what can never fit; what remains is waiting for other trials to free theirs, or slow
+    # process start-up on a loaded machine (60 s, Ray's default, was seen to run out)
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300",
 }
 
 
@@ -166,9 +170,13 @@ def latest_checkpoint_meta(storage: str, name: str) -> tuple[str, dict[str, Any]
     return None
 
 
-def _delete_run(storage: str, name: str) -> None:
+def delete_run(storage: str, name: str) -> None:
+    """Remove run ``name`` from storage, if it is there."""
+    import pyarrow.fs
+
     fs, base = _storage(storage)
-    fs.delete_dir(f"{base}/{name}")
+    if fs.get_file_info(f"{base}/{name}").type != pyarrow.fs.FileType.NotFound:
+        fs.delete_dir(f"{base}/{name}")
 
 
 def check_trainable(cfg: Config) -> int:
@@ -244,7 +252,7 @@ def run_training(cfg: Config, lr_g: float, lr_d: float) -> TrainSummary:
     if previous is not None:
         meta = previous[1]
         if meta["epoch"] >= cfg.train.epochs:  # finished before with as many epochs: train again
-            _delete_run(storage, name)
+            delete_run(storage, name)
         else:
             run_id, resumed_from = meta["run_id"], meta["epoch"]
             client.update_run(run_id, status="RUNNING")

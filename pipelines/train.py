@@ -2,7 +2,7 @@
 
     python pipelines/train.py [--params params.yaml]
 
-Writes paths.generator (generator.safetensors + generator.json), metrics/train.json and
+Learning rates come from paths.tune_best (the tune stage's output). Writes paths.generator (generator.safetensors + generator.json), metrics/train.json and
 plots/train.csv, and logs the run (params, metrics, sample grids, model) to MLflow.
 """
 
@@ -13,10 +13,12 @@ import sys
 from ganflow.cli import stage_main
 from ganflow.config import Config
 from ganflow.distributed import run_training
+from ganflow.tuning import read_best
 
 
 def stage(cfg: Config) -> None:
-    summary = run_training(cfg, cfg.train.lr_g, cfg.train.lr_d)
+    lr_g, lr_d = read_best(cfg)  # tune/best.json: the sweep's winner, or train.lr_* passed through
+    summary = run_training(cfg, lr_g, lr_d)
     best = f"fd_domain {summary.best_fd:.3f}" if summary.best_fd is not None else "not evaluated"
     print(
         f"trained {summary.epochs} epochs; exported the EMA generator of epoch {summary.best_epoch} "

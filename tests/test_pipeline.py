@@ -60,23 +60,32 @@ def test_dvc_repro_whole_pipeline(project):
         model={"latent_dim": 16, "g_width": 16, "d_width": 16},
         train={"epochs": 2},
         eval={"num_samples": 200, "encoder_epochs": 2, "kid_subsets": 5, "kid_subset_size": 100},
+        tune={"num_samples": 2, "epochs": 1, "grace_period": 1, "max_concurrent_trials": 2},
     )
     first = run(["dvc", "repro"], project, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
-    order = [first.stdout.index(f"Running stage '{s}'") for s in ("prepare", "encoder", "train", "evaluate")]
+    stages = ("prepare", "encoder", "tune", "train", "evaluate", "register")
+    order = [first.stdout.index(f"Running stage '{s}'") for s in stages]
     assert order == sorted(order)
     assert "trained 2 epochs" in first.stdout and "x its real-vs-real floor" in first.stdout
     for out in ("data/prepared/manifest.json", "models/encoder/encoder.safetensors",
                 "models/encoder/reference.safetensors", "models/generator/generator.safetensors",
                 "models/generator/generator.json", "metrics/train.json", "metrics/encoder.json",
-                "metrics/eval.json", "plots/train.csv", "plots/eval_classes.csv", "plots/samples.png"):
+                "metrics/eval.json", "plots/train.csv", "plots/eval_classes.csv", "plots/samples.png",
+                "tune/best.json", "registry/model_version.json"):
         assert (project / out).is_file(), out
     shown = json.loads(run(["dvc", "metrics", "show", "--json"], project, check=True).stdout)[""]["data"]
     assert shown["metrics/train.json"]["data"]["epochs"] == 2
     evaluation = shown["metrics/eval.json"]["data"]
     assert evaluation["fd_domain_over_floor"] == pytest.approx(evaluation["fd_domain"] / evaluation["floor_fd_domain"])
+    best = json.loads((project / "tune" / "best.json").read_text())
+    spec = json.loads((project / "models" / "generator" / "generator.json").read_text())
+    assert (spec["lr_g"], spec["lr_d"]) == (best["lr_g"], best["lr_d"])  # train used the sweep's rates
+    registered = json.loads((project / "registry" / "model_version.json").read_text())
+    assert registered["version"] == 1 and "champion" in registered["aliases"]
     again = run(["dvc", "repro"], project, check=True)
-    assert "Stage 'train' didn't change, skipping" in again.stdout
+    for name in stages:
+        assert f"Stage '{name}' didn't change, skipping" in again.stdout
     assert "Data and pipelines are up to date." in again.stdout
 
     # an evaluation-only param reruns evaluate and nothing upstream; metrics diff shows it

@@ -1,0 +1,293 @@
+"""The learning-rate search: a Ray Tune sweep over (lr_g, lr_d), one TorchTrainer per trial.
+
+Train V2 pattern: Tune runs a small driver function per trial, which starts a TorchTrainer
+(itself multi-worker DDP if cluster.num_workers > 1) whose rank 0 reports fd_domain every
+epoch; TuneReportCallback forwards those reports to Tune, and ASHA stops bad trials early.
+MLflow: one parent run per sweep, a nested child run per trial, created with the experiment
+that the driver made once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from ganflow.atomic import write_file
+from ganflow.config import Config
+from ganflow.distributed import (
+    TrainingError,
+    delete_run,
+    check_resources,
+    check_trainable,
+    fit,
+    init_ray,
+    scaling_config,
+    storage_path,
+)
+from ganflow.errors import GanflowError
+from ganflow.tracking import connect, git_commit, params_hash, start_run, tracking_uri
+
+# a trial's own driver function needs (almost) nothing: the workers hold the CPUs/GPUs. A
+# non-empty bundle is required; a tiny CPU share would keep two 1-CPU trials off a 2-CPU box.
+TRIAL_DRIVER_RESOURCES = {"memory": 64 * 1024 * 1024}
+
+
+class TuneError(GanflowError):
+    """The sweep cannot run."""
+
+
+@dataclass
+class Best:
+    lr_g: float
+    lr_d: float
+    fd_domain: float | None
+    epoch: int | None
+    sweep_run_id: str | None
+    trials: int
+    trial_epochs: int
+    stopped_early: int
+    tuned: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def trial_config(cfg: Config) -> Config:
+    """The config each trial trains with: tune.epochs, and fd_domain every epoch (ASHA's signal)."""
+    trial = cfg.model_copy(deep=True)
+    trial.train.epochs = cfg.tune.epochs
+    trial.eval.every = 1
+    trial._root = cfg.root
+    return trial
+
+
+def max_concurrent(cfg: Config) -> int:
+    """tune.max_concurrent_trials, or as many trials as the cluster's resources hold at once."""
+    if cfg.tune.max_concurrent_trials:
+        return cfg.tune.max_concurrent_trials
+    import ray
+
+    per_worker = scaling_config(cfg).resources_per_worker
+    total = ray.cluster_resources()
+    fits = min(int(total.get(k, 0.0) // (v * cfg.cluster.num_workers)) for k, v in per_worker.items() if v > 0)
+    return max(1, fits)
+
+
+def search_algorithm(cfg: Config, concurrent: int):
+    """Random search (seeded) by default; Optuna's TPE when tune.search: optuna. Either runs at
+    most ``concurrent`` trials at once (a BasicVariantGenerator passed in explicitly ignores
+    TuneConfig.max_concurrent_trials: it must be told itself)."""
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+
+    if cfg.tune.search == "random":
+        return BasicVariantGenerator(random_state=cfg.tune.seed, max_concurrent=concurrent)
+    try:
+        import optuna  # noqa: F401
+        from ray.tune.search.optuna import OptunaSearch
+    except ImportError:
+        raise TuneError("tune.search: optuna needs the optuna package: pip install 'ganflow[optuna]'") from None
+    return ConcurrencyLimiter(OptunaSearch(seed=cfg.tune.seed), max_concurrent=concurrent)
+
+
+def sweep_name(cfg: Config) -> str:
+    key = json.dumps({"tune": cfg.tune.model_dump(mode="json"), "params": params_hash(cfg)}, sort_keys=True)
+    return "tune-" + hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def _trial(config: dict[str, Any], *, base: dict[str, Any], root: str, parent_run_id: str,
+           experiment_id: str, uri: str, sweep: str) -> None:
+    """One trial, run by Tune: a child MLflow run and one TorchTrainer fit."""
+    import ray.tune
+    from mlflow.tracking import MlflowClient
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from ganflow.config import config_from_dict
+
+    cfg = config_from_dict(base, root)
+    context = ray.tune.get_context()
+    lr_g, lr_d = float(config["lr_g"]), float(config["lr_d"])
+    client = MlflowClient(uri)
+    tags = {
+        "mlflow.parentRunId": parent_run_id,  # nests the trial under the sweep in the UI
+        "ganflow.stage": "tune-trial",
+        "ganflow.trial_id": context.get_trial_id(),
+        "sweep_id": parent_run_id,
+    }
+    run_id = start_run(client, experiment_id, cfg, f"trial lr_g={lr_g:.2g} lr_d={lr_d:.2g}", tags)
+    client.log_param(run_id, "lr_g", repr(lr_g))
+    client.log_param(run_id, "lr_d", repr(lr_d))
+    train_config = {"cfg": base, "root": root, "lr_g": lr_g, "lr_d": lr_d, "run_id": run_id, "tracking_uri": uri}
+    try:
+        result = fit(cfg, train_config, f"{sweep}/{context.get_trial_name()}", callbacks=[TuneReportCallback()])
+    except TrainingError as exc:
+        client.set_tag(run_id, "ganflow.failure", str(exc))
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    diverged = (result.return_value or {}).get("diverged")
+    if diverged:
+        client.set_tag(run_id, "ganflow.failure", diverged)
+    client.set_tag(run_id, "ganflow.trial_status", "diverged" if diverged else "finished")
+    client.set_terminated(run_id, status="FAILED" if diverged else "FINISHED")
+
+
+def run_sweep(cfg: Config) -> Best:
+    """Search (lr_g, lr_d), or pass train.lr_* through when tune.enabled is false."""
+    if not cfg.tune.enabled:
+        return Best(cfg.train.lr_g, cfg.train.lr_d, None, None, None, 0, 0, 0, tuned=False)
+    import ray.tune
+    from ray import tune
+
+    trial_cfg = trial_config(cfg)
+    check_trainable(trial_cfg)
+    client, experiment_id = connect(cfg)  # the experiment exists before any trial logs
+    init_ray(cfg)
+    check_resources(cfg)
+    concurrent = max_concurrent(cfg)
+    search = search_algorithm(cfg, concurrent)
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # divergence reports have no fd
+
+    name = sweep_name(cfg)
+    storage = storage_path(cfg)
+    delete_run(storage, name)  # a sweep always starts fresh; DVC decides when it reruns
+    parent = start_run(
+        client, experiment_id, cfg, f"tune {cfg.tune.num_samples} trials ({cfg.tune.search})",
+        {"ganflow.stage": "tune", "git_commit": git_commit(cfg.root), "params_hash": params_hash(cfg)},
+    )
+    client.set_tag(parent, "sweep_id", parent)
+    trainable = tune.with_parameters(
+        _trial, base=trial_cfg.to_dict(), root=str(cfg.root), parent_run_id=parent,
+        experiment_id=experiment_id, uri=tracking_uri(cfg), sweep=name,
+    )
+    space = {
+        "lr_g": tune.loguniform(cfg.tune.lr_g_min, cfg.tune.lr_g_max),
+        "lr_d": tune.loguniform(cfg.tune.lr_d_min, cfg.tune.lr_d_max),
+    }
+    scheduler = tune.schedulers.ASHAScheduler(
+        time_attr="training_iteration", max_t=cfg.tune.epochs,
+        grace_period=min(cfg.tune.grace_period, cfg.tune.epochs), reduction_factor=cfg.tune.reduction_factor,
+    )
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, TRIAL_DRIVER_RESOURCES),
+        param_space=space,
+        tune_config=tune.TuneConfig(
+            metric="fd_domain", mode="min", num_samples=cfg.tune.num_samples, scheduler=scheduler,
+            search_alg=search,
+        ),
+        run_config=ray.tune.RunConfig(name=name, storage_path=storage, verbose=0),
+    )
+    try:
+        results = tuner.fit()
+    except (KeyboardInterrupt, SystemExit):
+        client.set_terminated(parent, status="KILLED")
+        raise
+    best = summarise(cfg, client, parent, results)
+    client.set_terminated(parent, status="FINISHED" if best.fd_domain is not None else "FAILED")
+    if best.fd_domain is None:
+        raise TuneError(f"tune: no trial of {best.trials} produced an fd_domain (see MLflow run {parent})")
+    return best
+
+
+def summarise(cfg: Config, client: Any, parent: str, results: Any) -> Best:
+    """The best (trial, epoch) by fd_domain; child-run statuses; the parent's record and plot."""
+    trials = []
+    for result in results:
+        frame = result.metrics_dataframe
+        fds = list(frame["fd_domain"]) if frame is not None and "fd_domain" in frame else []
+        finite = [(fd, epoch) for epoch, fd in enumerate(fds, start=1) if math.isfinite(fd)]
+        fd, epoch = min(finite) if finite else (None, None)
+        trials.append({"lr_g": float(result.config["lr_g"]), "lr_d": float(result.config["lr_d"]), "fd": fd,
+                       "epoch": epoch, "epochs": 0 if frame is None else len(frame),
+                       "error": str(result.error).splitlines()[0] if result.error else None})
+    stopped = _close_trial_runs(cfg, client, parent, results)
+    scored = [t for t in trials if t["fd"] is not None]
+    best = min(scored, key=lambda t: t["fd"]) if scored else None
+    summary = Best(
+        lr_g=best["lr_g"] if best else cfg.train.lr_g,
+        lr_d=best["lr_d"] if best else cfg.train.lr_d,
+        fd_domain=best["fd"] if best else None,
+        epoch=best["epoch"] if best else None,
+        sweep_run_id=parent,
+        trials=len(trials),
+        trial_epochs=sum(t["epochs"] for t in trials),
+        stopped_early=stopped,
+        tuned=True,
+    )
+    client.log_param(parent, "best_lr_g", repr(summary.lr_g))
+    client.log_param(parent, "best_lr_d", repr(summary.lr_d))
+    if summary.fd_domain is not None:
+        client.log_metric(parent, "best_fd_domain", summary.fd_domain)
+    client.log_metric(parent, "trial_epochs", summary.trial_epochs)
+    client.log_metric(parent, "trials_stopped_early", stopped)
+    client.log_image(parent, _sweep_plot(trials), artifact_file="sweep_fd_domain.png")
+    client.log_text(parent, json.dumps(trials, default=str, indent=2), "trials.json")
+    return summary
+
+
+def _close_trial_runs(cfg: Config, client: Any, parent: str, results: Any) -> int:
+    """Trials that Tune ended were killed mid-fit, leaving their runs RUNNING: mark those ASHA
+    stopped early KILLED (tag ganflow.trial_status = "stopped early (ASHA)"), those that ran
+    every epoch FINISHED. Returns how many were stopped early."""
+    children = client.search_runs(
+        [client.get_run(parent).info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'"
+    )
+    stopped = 0
+    for result in results:
+        # Tune names a trial's directory after its trial id, which the child run carries as a tag
+        run = next((r for r in children if result.path and r.data.tags.get("ganflow.trial_id", "?") in result.path),
+                   None)
+        if run is None or run.info.status != "RUNNING":
+            continue
+        epochs = 0 if result.metrics_dataframe is None else len(result.metrics_dataframe)
+        if result.error is not None:
+            status, note = "FAILED", "error"
+        elif epochs < cfg.tune.epochs:
+            status, note = "KILLED", "stopped early (ASHA)"
+            stopped += 1
+        else:  # Tune ends a trial at its last report, before its fit() returns
+            status, note = "FINISHED", "finished"
+        client.set_tag(run.info.run_id, "ganflow.trial_status", note)
+        client.set_terminated(run.info.run_id, status=status)
+    return stopped
+
+
+def _sweep_plot(trials: list[dict[str, Any]]):
+    """fd_domain over (lr_g, lr_d): one dot per trial, log axes, colour = best fd_domain."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from PIL import Image
+
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=100)
+    scored = [t for t in trials if t["fd"] is not None]
+    if scored:
+        dots = ax.scatter([t["lr_g"] for t in scored], [t["lr_d"] for t in scored], c=[t["fd"] for t in scored],
+                          cmap="viridis_r", s=60)
+        fig.colorbar(dots, label="best fd_domain")
+    unscored = [t for t in trials if t["fd"] is None]
+    ax.scatter([t["lr_g"] for t in unscored], [t["lr_d"] for t in unscored], marker="x", c="red")
+    ax.set(xscale="log", yscale="log", xlabel="lr_g", ylabel="lr_d", title="sweep: fd_domain per trial")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return np.asarray(Image.open(buf).convert("RGB"))
+
+
+def write_best(cfg: Config, best: Best) -> None:
+    write_file(cfg.paths.tune_best, json.dumps(best.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+def read_best(cfg: Config) -> tuple[float, float]:
+    """The learning rates the train stage uses: tune/best.json, written by the tune stage."""
+    path = cfg.paths.tune_best
+    if not path.is_file():
+        raise TuneError(f"{path}: no tune result; run `dvc repro tune` (or set tune.enabled: false and rerun it)")
+    values = json.loads(path.read_text())
+    return float(values["lr_g"]), float(values["lr_d"])

@@ -1,0 +1,34 @@
+"""DVC stage `tune`: Ray Tune search of (lr_g, lr_d) by in-training fd_domain, ASHA early stopping;
+writes paths.tune_best (tune/best.json), which the train stage reads. Never edits params.yaml.
+
+    python pipelines/tune.py [--params params.yaml]
+"""
+
+from __future__ import annotations
+
+import sys
+
+from ganflow.cli import stage_main
+from ganflow.config import Config
+from ganflow.tuning import run_sweep, write_best
+
+
+def stage(cfg: Config) -> None:
+    best = run_sweep(cfg)
+    write_best(cfg, best)
+    if not best.tuned:
+        print(f"tune.enabled is false: train.lr_g={best.lr_g:g}, train.lr_d={best.lr_d:g} -> {cfg.paths.tune_best}")
+        return
+    print(
+        f"best of {best.trials} trials ({best.stopped_early} stopped early, {best.trial_epochs} trial-epochs): "
+        f"lr_g={best.lr_g:.3g} lr_d={best.lr_d:.3g}, fd_domain {best.fd_domain:.3f} at epoch {best.epoch}; "
+        f"MLflow sweep run {best.sweep_run_id} -> {cfg.paths.tune_best}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(__doc__, stage, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

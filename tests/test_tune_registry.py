@@ -1,0 +1,132 @@
+"""The tune stage (Ray Tune + ASHA over a TorchTrainer per trial, nested MLflow runs), the train
+stage using its result, and the registry's promotion rule."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file, save_file
+
+from ganflow.config import load_config
+from ganflow.registry import register
+from tests.conftest import REPO, run
+from tests.test_training import make_project, mlflow_client
+
+pytestmark = pytest.mark.slow
+TUNE = {"num_samples": 4, "epochs": 3, "grace_period": 1, "reduction_factor": 2, "max_concurrent_trials": 2, "seed": 2,
+        "lr_g_min": 1e-5, "lr_g_max": 1e-2, "lr_d_min": 1e-5, "lr_d_max": 1e-2}
+# seed 2 draws (lr_g, lr_d) = (6.1e-5, 7.9e-5), (2.8e-3, 1.9e-5), (6.3e-4, 1.5e-3), (3.7e-5, 1.5e-5): the last
+# learns far slower than the first three, so ASHA stops it at its first rung whatever the timing
+
+
+def stage(name: str, params, timeout: float = 600):
+    proc = run([sys.executable, str(REPO / "pipelines" / f"{name}.py"), "--params", str(params)],
+               cwd=params.parent, timeout=timeout)
+    assert proc.returncode == 0, f"{name}: {proc.stderr[-3000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    """prepare + encoder, then tune -> train -> evaluate -> register, once for the module."""
+    root = tmp_path_factory.mktemp("tune") / "p"
+    params = make_project(root, tune=TUNE, train={"epochs": 1})
+    outputs = {name: stage(name, params).stdout for name in ("tune", "train", "evaluate", "register")}
+    return root, params, outputs
+
+
+def test_sweep_stops_trials_early_and_nests_them_in_mlflow(swept):
+    root, params, outputs = swept
+    best = json.loads((root / "tune" / "best.json").read_text())
+    assert best["tuned"] is True and best["trials"] == 4
+    assert TUNE["lr_g_min"] <= best["lr_g"] <= TUNE["lr_g_max"] and TUNE["lr_d_min"] <= best["lr_d"] <= TUNE["lr_d_max"]
+    assert best["stopped_early"] >= 1 and best["trial_epochs"] < 4 * TUNE["epochs"]
+    assert 1 <= best["epoch"] <= TUNE["epochs"] and np.isfinite(best["fd_domain"])
+
+    client = mlflow_client(root)
+    experiment = client.get_experiment_by_name("ganflow").experiment_id
+    parent = client.get_run(best["sweep_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["ganflow.stage"] == "tune"
+    assert float(parent.data.params["best_lr_g"]) == best["lr_g"]
+    assert parent.data.metrics["best_fd_domain"] == pytest.approx(best["fd_domain"])
+    assert "sweep_fd_domain.png" in [a.path for a in client.list_artifacts(parent.info.run_id)]
+    children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert len(children) == 4
+    statuses = {c.data.tags.get("ganflow.trial_status") for c in children}
+    assert "stopped early (ASHA)" in statuses
+    for child in children:
+        assert child.info.status in ("FINISHED", "KILLED")
+        assert {"lr_g", "lr_d"} <= set(child.data.params)
+        fd_steps = [m.step for m in client.get_metric_history(child.info.run_id, "fd_domain")]
+        assert fd_steps == list(range(1, len(fd_steps) + 1)) and fd_steps  # every epoch it ran, once
+    # the best trial's best epoch is the sweep's answer
+    best_child = min(children, key=lambda c: min(m.value for m in client.get_metric_history(c.info.run_id, "fd_domain")))
+    assert float(best_child.data.params["lr_g"]) == best["lr_g"]
+
+
+def test_train_used_the_tuned_learning_rates(swept):
+    root, params, outputs = swept
+    best = json.loads((root / "tune" / "best.json").read_text())
+    spec = json.loads((root / "models" / "generator" / "generator.json").read_text())
+    run = mlflow_client(root).get_run(spec["mlflow_run_id"])
+    assert run.data.tags["ganflow.stage"] == "train"
+    assert float(run.data.params["lr_g"]) == best["lr_g"] and float(run.data.params["lr_d"]) == best["lr_d"]
+
+
+def test_disabled_tune_passes_the_configured_rates_through(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("tune:\n  enabled: false\ntrain:\n  lr_g: 3.0e-4\n  lr_d: 1.0e-4\n")
+    out = stage("tune", params).stdout
+    assert "tune.enabled is false" in out
+    best = json.loads((tmp_path / "tune" / "best.json").read_text())
+    assert (best["lr_g"], best["lr_d"], best["tuned"]) == (3e-4, 1e-4, False)
+
+
+def reregister(cfg, fd_domain: float, weight_noise: float):
+    """Stand-in for another training: new weights (a new version) and its evaluation."""
+    path = cfg.paths.generator / "generator.safetensors"
+    weights = load_file(str(path))
+    key = sorted(weights)[0]
+    weights[key] = weights[key] + weight_noise
+    save_file(weights, str(path))
+    metrics = json.loads((cfg.paths.metrics / "eval.json").read_text())
+    metrics["fd_domain"] = fd_domain
+    (cfg.paths.metrics / "eval.json").write_text(json.dumps(metrics))
+    return register(cfg)
+
+
+def test_registry_promotion_rule_and_idempotence(swept, tmp_path):
+    root, params, outputs = swept
+    first = json.loads((root / "registry" / "model_version.json").read_text())
+    assert first["version"] == 1 and first["promoted"] and first["aliases"] == ["challenger", "champion"]
+    assert "promoted to champion" in outputs["register"]
+
+    # work on a copy so the module's other tests see the original outputs
+    copy = tmp_path / "p"
+    shutil.copytree(root, copy, ignore=shutil.ignore_patterns("ray_results"))
+    cfg = load_config(copy / "params.yaml")
+    client = mlflow_client(copy)
+
+    again = register(cfg)  # the same generator: no second version
+    assert again["version"] == 1 and not again["created"]
+    assert len(client.search_model_versions("name='ganflow-generator'")) == 1
+
+    worse = reregister(cfg, fd_domain=first["fd_domain"] * 2, weight_noise=0.01)
+    assert worse["version"] == 2 and not worse["promoted"] and worse["aliases"] == ["challenger"]
+    assert str(client.get_model_version_by_alias("ganflow-generator", "champion").version) == "1"
+
+    better = reregister(cfg, fd_domain=first["fd_domain"] / 2, weight_noise=0.02)
+    assert better["version"] == 3 and better["promoted"]
+    assert better["aliases"] == ["challenger", "champion"]
+    version = client.get_model_version("ganflow-generator", "3")
+    assert {"fd_domain", "data_hash", "params_hash", "git_commit", "generator_sha256"} <= set(version.tags)
+    assert "fd_domain" in version.description
+
+    proc = run(["ganflow", "sample", "--model", "models:/ganflow-generator@champion", "-n", "3",
+                "--out", "champ.npz", "--params", str(copy / "params.yaml")], cwd=copy)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert np.load(copy / "champ.npz")["images"].shape == (3, 16, 16, 1)
