@@ -117,3 +117,26 @@ def test_missing_or_mismatched_encoder_is_refused(fitted, tmp_path):
     nowhere = resolve_paths(from_dict({}), tmp_path)
     with pytest.raises(EvaluationError, match="run `dvc repro encoder`"):
         load_reference(nowhere)
+
+
+def test_unlabelled_data_gets_an_autoencoder_and_no_class_metrics(tmp_path):
+    rng = np.random.default_rng(0)
+    blobs = np.zeros((120, 16, 16), np.uint8)
+    for i, (r, c) in enumerate(rng.integers(2, 14, (120, 2))):
+        blobs[i, r - 2 : r + 2, c - 2 : c + 2] = 255  # a bright square somewhere
+    np.savez(tmp_path / "blobs.npz", images=blobs)  # no labels
+    cfg = resolve_paths(from_dict({
+        "data": {"source": "npz", "path": "blobs.npz", "image_size": 16},
+        "eval": {"num_samples": 50, "encoder_epochs": 3, "kid_subsets": 5, "kid_subset_size": 40},
+    }), tmp_path)
+    prepare(cfg)
+    metrics = fit_encoder(cfg)
+    assert metrics["kind"] == "autoencoder" and math.isfinite(metrics["heldout_reconstruction_mse"])
+    assert "floor_classes_covered" not in metrics and metrics["floor_fd_domain"] > 0
+    cfg.paths.generator.mkdir(parents=True)
+    (cfg.paths.generator / "generator.json").write_text(json.dumps({"latent_dim": 4}))
+    split = split_indices(120, 50, cfg.eval.seed)
+    real, _ = evaluate_generator(cfg, serving(images_of(cfg, split.half_b)))
+    noise, _ = evaluate_generator(cfg, serving(torch.rand(50, 1, 16, 16) * 2 - 1))
+    assert "classes_covered" not in real
+    assert noise["fd_domain"] > 5 * real["fd_domain"]
