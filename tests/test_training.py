@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 from ganflow.config import load_config
 from ganflow.data import prepare
 from ganflow.evaluation import fit_encoder
+from ganflow.tuning import run_sweep, write_best
 from tests.conftest import BIN, REPO, run
 
 pytestmark = pytest.mark.slow
@@ -42,6 +43,8 @@ def make_project(root: Path, **sections) -> Path:
     cfg = load_config(params)
     prepare(cfg)
     fit_encoder(cfg)
+    # what the tune stage writes when it passes train.lr_* through (the tune tests overwrite it)
+    write_best(cfg, run_sweep(cfg.model_copy(update={"tune": cfg.tune.model_copy(update={"enabled": False})})))
     return params
 
 
