@@ -48,11 +48,11 @@ def full_grid(cfg, trials: int) -> tuple[float, int, float, int]:
     for lr_g, lr_d in grid:
         one = cfg.model_copy(deep=True)
         one._root = cfg.root
-        eps = 1e-12  # a one-point "search" range around each grid point
-        one.tune.lr_g_min, one.tune.lr_g_max = lr_g, lr_g * (1 + eps)
-        one.tune.lr_d_min, one.tune.lr_d_max = lr_d, lr_d * (1 + eps)
-        one.tune.num_samples = 1
-        one.tune.grace_period = one.tune.epochs  # no early stopping
+        eps = 1e-12  # a one-point "search" range around each grid point; no early stopping
+        one.tune = cfg.tune.model_copy(update={
+            "lr_g_min": lr_g, "lr_g_max": lr_g * (1 + eps), "lr_d_min": lr_d, "lr_d_max": lr_d * (1 + eps),
+            "num_samples": 1, "grace_period": cfg.tune.epochs,
+        })
         result = run_sweep(one)
         best_fd = min(best_fd, result.fd_domain)
         epochs += result.trial_epochs
