@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from ganflow.atomic import atomic_dir, write_bytes
 from ganflow.config import Config, DataConfig
-from ganflow.errors import DataError
+from ganflow.errors import DataError, first_line
 
 FORMAT = "ganflow-prepared/1"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -111,8 +111,7 @@ def decode_image(data: bytes, channels: int, max_pixels: int) -> np.ndarray:
             image.load()  # decodes all pixel data: a truncated file fails here
             image = ImageOps.exif_transpose(image)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise ValueError(f"corrupt image ({reason})") from None
+            raise ValueError(f"corrupt image ({first_line(exc)})") from None
     return to_channels(image, channels)
 
 

@@ -27,7 +27,7 @@ import torch
 from ganflow.atomic import write_file
 from ganflow.config import Config
 from ganflow.data import read_manifest
-from ganflow.errors import GanflowError
+from ganflow.errors import GanflowError, first_line
 from ganflow.evaluation import load_reference
 from ganflow.sampling import export_generator
 from ganflow.tracking import connect, git_commit, params_hash, start_run, tracking_uri
@@ -89,8 +89,7 @@ def init_ray(cfg: Config) -> None:
         else:
             ray.init(num_cpus=os.cpu_count(), logging_level="WARNING")
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TrainingError(f"cluster.address: cannot connect to Ray at {address or 'local'}: {first}") from None
+        raise TrainingError(f"cluster.address: cannot connect to Ray at {address or 'local'}: {first_line(exc)}") from None
 
 
 def scaling_config(cfg: Config):
@@ -220,8 +219,7 @@ def fit(cfg: Config, config: dict[str, Any], name: str, callbacks: list | None =
         raise TrainingError(f"training failed on rank {rank}: {type(error).__name__}: {message}") from None
     except ray.train.TrainingFailedError as exc:
         cause = getattr(exc, "controller_failure", exc)
-        first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-        raise TrainingError(f"training failed: {first}") from None
+        raise TrainingError(f"training failed: {first_line(cause)}") from None
 
 
 @dataclass

@@ -15,3 +15,9 @@ class ConfigError(GanflowError):
 
 class DataError(GanflowError):
     """A data source that cannot be prepared or loaded."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none), for one-line errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -25,7 +25,7 @@ from torch import nn
 from ganflow.atomic import atomic_dir, write_bytes
 from ganflow.config import Config
 from ganflow.data import PreparedDataset
-from ganflow.errors import GanflowError
+from ganflow.errors import GanflowError, first_line
 
 WEIGHTS = "encoder.safetensors"
 SPEC = "encoder.json"
@@ -162,9 +162,9 @@ def fit_encoder(cfg: Config) -> dict[str, Any]:
     }
     with atomic_dir(cfg.paths.encoder) as tmp:
         save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, str(tmp / WEIGHTS))
-        mu, sigma = feature_stats(feats_a)
         save_file(
-            {"features": torch.from_numpy(feats_a), "mu": torch.from_numpy(mu), "sigma": torch.from_numpy(sigma)},
+            {"features": torch.from_numpy(feats_a), "mu": torch.from_numpy(reference.mu),
+             "sigma": torch.from_numpy(reference.sigma)},
             str(tmp / REFERENCE),
         )
         write_bytes(tmp / SPEC, (json.dumps(spec, indent=2, sort_keys=True) + "\n").encode())
@@ -355,8 +355,7 @@ def inception_fid(weights: Path, real: torch.Tensor, fake: torch.Tensor) -> floa
     try:
         model = torch.jit.load(str(weights), map_location="cpu").eval()
     except (RuntimeError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise EvaluationError(f"eval.inception_weights: {weights} is not a TorchScript model ({first})") from None
+        raise EvaluationError(f"eval.inception_weights: {weights} is not a TorchScript model ({first_line(exc)})") from None
     fr, ff = inception_features(model, real), inception_features(model, fake)
     return frechet_distance(*feature_stats(fr), *feature_stats(ff))
 
@@ -364,7 +363,7 @@ def inception_fid(weights: Path, real: torch.Tensor, fake: torch.Tensor) -> floa
 # ------------------------------------------------------------------------------------- the evaluate stage
 
 
-def evaluate_generator(cfg: Config, sample_fn) -> tuple[dict[str, Any], np.ndarray]:
+def evaluate_generator(cfg: Config, sample_fn, reference: Reference | None = None) -> tuple[dict[str, Any], np.ndarray]:
     """Every metric of ``sample_fn(z) -> images (N, C, S, S) in [-1, 1]`` against the real
     reference, next to its floor. Returns (metrics, the samples as uint8 (N, S, S, C)).
 
@@ -373,7 +372,7 @@ def evaluate_generator(cfg: Config, sample_fn) -> tuple[dict[str, Any], np.ndarr
     """
     from ganflow.sampling import to_uint8
 
-    reference = load_reference(cfg)
+    reference = reference if reference is not None else load_reference(cfg)
     n = reference.sample_size
     latent = _latent_dim(cfg)
     z = torch.randn(n, latent, generator=torch.Generator().manual_seed(cfg.eval.seed + 1))

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ganflow.atomic import atomic_dir, write_bytes
-from ganflow.errors import GanflowError
+from ganflow.errors import GanflowError, first_line
 from ganflow.models import Generator
 
 WEIGHTS = "generator.safetensors"
@@ -85,8 +85,7 @@ def load_sampler(model: str) -> tuple[Callable[[np.ndarray], np.ndarray], int]:
     try:
         pyfunc = mlflow.pyfunc.load_model(model)
     except (MlflowException, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise GanflowError(f"--model {model}: cannot load ({first})") from None
+        raise GanflowError(f"--model {model}: cannot load ({first_line(exc)})") from None
     latent_dim = pyfunc.metadata.get_input_schema().inputs[0].shape[-1]
     return (lambda z: np.asarray(pyfunc.predict(z))), int(latent_dim)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ganflow.config import Config
-from ganflow.errors import GanflowError
+from ganflow.errors import GanflowError, first_line
 
 STEP_METRICS = ("loss_d", "loss_g", "d_real", "d_fake", "imgs_per_sec")
 SAMPLES_KEY = "samples"  # every epoch's sample grid goes under this one image key
@@ -203,7 +203,6 @@ def log_evaluation(cfg: Config, run_id: str | None, metrics: dict[str, Any], gri
         client.log_batch(run_id, metrics=[Metric(k, v, stamp, 0) for k, v in sorted(numbers.items())])
         client.log_artifact(run_id, str(grid), artifact_path="eval")
     except Exception as exc:  # noqa: BLE001 - any store failure is reported the same way
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"warning: evaluation not logged to MLflow run {run_id}: {first}", file=sys.stderr)
+        print(f"warning: evaluation not logged to MLflow run {run_id}: {first_line(exc)}", file=sys.stderr)
         return False
     return True

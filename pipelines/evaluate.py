@@ -29,7 +29,8 @@ def stage(cfg: Config) -> None:
         with torch.no_grad():
             return generator(z)
 
-    metrics, images = evaluate_generator(cfg, sample)
+    reference = load_reference(cfg)  # loaded once: scores the samples and names the classes
+    metrics, images = evaluate_generator(cfg, sample, reference)
     write_file(cfg.paths.metrics / "eval.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
 
     from PIL import Image
@@ -37,7 +38,6 @@ def stage(cfg: Config) -> None:
     grid = io.BytesIO()
     Image.fromarray(make_grid(images[:64])).save(grid, format="PNG")
     write_file(cfg.paths.plots / "samples.png", grid.getvalue())
-    reference = load_reference(cfg)
     table = io.StringIO()
     writer = csv.writer(table, lineterminator="\n")
     writer.writerow(["class", "real", "generated"])
