@@ -13,6 +13,12 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ganflow.errors import GanflowError
+
+if TYPE_CHECKING:
+    from ganflow.config import Config
 
 
 def _umask() -> int:
@@ -77,3 +83,36 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_writable_dir(path: Path, key: str) -> None:
+    """Refuse, with one line naming ``key``, a local directory that cannot be created or
+    written: a file in the way, a read-only mount, no permission. Nothing is left behind.
+
+    The directory itself need not exist yet: its nearest existing ancestor is what gets tried
+    (with a real temporary file, since permission bits say nothing about read-only mounts).
+    """
+    path = Path(path)
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        what = "is" if probe == path else f"is under {probe}, which is"
+        raise GanflowError(f"{key}: {path} {what} a file, not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=probe, prefix=".ganflow-write-check-"):
+            pass
+    except OSError as exc:
+        where = "" if probe == path else f" ({probe} cannot be written)"
+        raise GanflowError(f"{key}: {path} is not writable{where}: {exc.strerror or exc}") from None
+
+
+def check_storage_writable(cfg: Config) -> None:
+    """Fail before Ray starts when Ray Train could not write its checkpoints:
+    cluster.storage_path, else paths.ray_results. A URI (s3://, gs://, ...) is left to Ray."""
+    if cfg.cluster.storage_path is None:
+        check_writable_dir(cfg.paths.ray_results, "paths.ray_results")
+    elif "://" not in cfg.cluster.storage_path:
+        check_writable_dir(Path(cfg.cluster.storage_path), "cluster.storage_path")

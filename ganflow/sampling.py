@@ -8,15 +8,20 @@ nothing is unpickled.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
-from collections.abc import Callable
+import os
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
 from ganflow.atomic import atomic_dir, write_bytes
 from ganflow.errors import GanflowError, first_line
@@ -24,6 +29,7 @@ from ganflow.models import Generator
 
 WEIGHTS = "generator.safetensors"
 SPEC = "generator.json"
+WEIGHTS_SHA256 = "weights_sha256"  # the key in SPEC holding the sha256 of WEIGHTS
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -50,10 +56,20 @@ def generator_spec(g: Generator) -> dict[str, int]:
 
 
 def export_generator(weights: dict[str, torch.Tensor], spec: dict[str, Any], out: Path) -> None:
-    """Write the generator directory atomically (temporary sibling, then rename)."""
+    """Write the generator directory atomically (temporary sibling, then rename). The spec
+    records the sha256 of the weights file, checked on every load."""
     with atomic_dir(out) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / WEIGHTS))
+        spec = {**spec, WEIGHTS_SHA256: file_sha256(tmp / WEIGHTS)}
         write_bytes(tmp / SPEC, (json.dumps(spec, indent=2, sort_keys=True) + "\n").encode())
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def load_generator_dir(path: Path) -> Generator:
@@ -62,6 +78,13 @@ def load_generator_dir(path: Path) -> Generator:
     if not (path / SPEC).is_file() or not (path / WEIGHTS).is_file():
         raise GanflowError(f"{path}: not an exported generator (needs {SPEC} and {WEIGHTS})")
     spec = json.loads((path / SPEC).read_text())
+    # a generator exported before the hash was recorded loads unchecked
+    expected = spec.get(WEIGHTS_SHA256)
+    if expected is not None and file_sha256(path / WEIGHTS) != expected:
+        raise GanflowError(
+            f"{path / WEIGHTS}: refused: its sha256 does not match {WEIGHTS_SHA256} in {SPEC} "
+            "(changed or damaged since export); export it again with `dvc repro train`"
+        )
     g = Generator(spec["latent_dim"], spec["channels"], spec["image_size"], spec["g_width"])
     g.load_state_dict(load_file(str(path / WEIGHTS)))
     return g.eval()
@@ -79,20 +102,54 @@ def load_sampler(model: str) -> tuple[Callable[[np.ndarray], np.ndarray], int]:
 
         return run_local, g.latent_dim
 
+    import mlflow
     import mlflow.pyfunc
     from mlflow.exceptions import MlflowException
 
+    from ganflow.tracking import check_reachable
+
+    uri = mlflow.get_registry_uri() if model.startswith("models:") else mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        # MLflow would create an empty store here, with log lines, before saying the model is missing
+        raise GanflowError(f"--model {model}: cannot load (no MLflow store at {uri})")
     try:
-        pyfunc = mlflow.pyfunc.load_model(model)
+        check_reachable(uri)  # a dead server fails now, not after MLflow's minutes of retries
+    except GanflowError as exc:
+        raise GanflowError(f"--model {model}: cannot load ({exc})") from None
+    try:
+        with _no_pickle():
+            pyfunc = mlflow.pyfunc.load_model(model)
     except (MlflowException, OSError) as exc:
         raise GanflowError(f"--model {model}: cannot load ({first_line(exc)})") from None
     latent_dim = pyfunc.metadata.get_input_schema().inputs[0].shape[-1]
     return (lambda z: np.asarray(pyfunc.predict(z))), int(latent_dim)
 
 
+@contextlib.contextmanager
+def _no_pickle() -> Iterator[None]:
+    """MLflow loads a PyTorch model by unpickling unless MLFLOW_ALLOW_PICKLE_DESERIALIZATION
+    is false (its default is true): with it false, only a pickle-free ``pt2`` archive (what
+    ganflow logs) loads, and a pickled or tampered model is refused before it can run code."""
+    key = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
+    before = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
+
+
 def sample(model: str, n: int, seed: int, batch: int = 256) -> np.ndarray:
     """n images from ``model`` as uint8 (n, H, W, C), reproducible for a seed."""
     run, latent_dim = load_sampler(model)
     z = np.random.default_rng(seed).standard_normal((n, latent_dim)).astype(np.float32)
-    chunks = [to_uint8(torch.from_numpy(run(z[i : i + batch]))) for i in range(0, n, batch)]
+    # a progress bar when it takes more than one batch, on a terminal only (disable=None)
+    with tqdm(total=n, desc="sample", unit="img", disable=None if n > batch else True, file=sys.stderr) as bar:
+        chunks = []
+        for i in range(0, n, batch):
+            chunks.append(to_uint8(torch.from_numpy(run(z[i : i + batch]))))
+            bar.update(len(chunks[-1]))
     return np.concatenate(chunks)

@@ -1,0 +1,87 @@
+"""Same inputs and seed, same bytes: the stages that run without Ray.
+
+Two checkouts in different directories run prepare and the encoder stage, one as subprocesses
+(the stages' entry points), the other in this process at the same time; every output file must
+match byte for byte. Ray-side reproducibility (generator weights with 1 and 2 workers) belongs
+in this file too, under test_train_*.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ganflow.config import load_config
+from ganflow.data import prepare
+from ganflow.evaluation import fit_encoder
+from tests.conftest import REPO
+
+TINY = {
+    "data": {"source": "digits", "image_size": 16},
+    "eval": {"num_samples": 200, "encoder_epochs": 1, "feature_dim": 16, "kid_subsets": 5, "kid_subset_size": 100},
+}
+
+
+def tree_bytes(path: Path) -> dict[str, bytes]:
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def encoder_stage():
+    """pipelines/encoder.py's stage function (the pipelines are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location("encoder_stage", REPO / "pipelines" / "encoder.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.stage
+
+
+@pytest.fixture(scope="module")
+def two_checkouts(tmp_path_factory) -> tuple[Path, Path]:
+    a, b = (tmp_path_factory.mktemp(name) / "project" for name in ("checkout_a", "elsewhere_b"))
+    for root in (a, b):
+        root.mkdir()
+        (root / "params.yaml").write_text(yaml.safe_dump(TINY))
+    # checkout a: the real entry points, in a child process, while b runs here
+    command = (f"{sys.executable} {REPO / 'pipelines' / 'prepare.py'} --params params.yaml && "
+               f"{sys.executable} {REPO / 'pipelines' / 'encoder.py'} --params params.yaml")
+    child = subprocess.Popen(command, shell=True, cwd=a, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cfg = load_config(b / "params.yaml")
+    prepare(cfg)
+    encoder_stage()(cfg)
+    out, err = child.communicate(timeout=300)
+    assert child.returncode == 0, err
+    return a, b
+
+
+def test_prepare_bit_identical_across_checkouts(two_checkouts):
+    a, b = two_checkouts
+    first, second = (tree_bytes(root / "data" / "prepared") for root in (a, b))
+    assert set(first) == {"images.npy", "labels.npy", "manifest.json"}
+    assert first == second
+
+
+def test_encoder_stage_same_weights_features_and_metrics_for_the_same_seed(two_checkouts):
+    a, b = two_checkouts
+    first, second = (tree_bytes(root / "models" / "encoder") for root in (a, b))
+    assert {"encoder.safetensors", "reference.safetensors"} <= set(first)
+    assert first == second  # weights, reference features and statistics, spec (floors included)
+    metrics = [(root / "metrics" / "encoder.json").read_bytes() for root in (a, b)]
+    assert metrics[0] == metrics[1]
+    assert json.loads(metrics[0])["kind"] == "classifier"
+
+
+def test_encoder_differs_for_another_seed(two_checkouts, tmp_path):
+    """The comparison above can fail: eval.seed really changes the encoder."""
+    a, _ = two_checkouts
+    values = {**TINY, "eval": {**TINY["eval"], "seed": 1},
+              "paths": {"prepared": str(a / "data" / "prepared"), "encoder": "encoder"}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(values))
+    fit_encoder(load_config(tmp_path / "params.yaml"))
+    weights = "encoder.safetensors"
+    assert (tmp_path / "encoder" / weights).read_bytes() != (a / "models" / "encoder" / weights).read_bytes()
+
