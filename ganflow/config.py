@@ -132,13 +132,31 @@ class TuneConfig(Section):
 
 
 class ClusterConfig(Section):
-    # None: join RAY_ADDRESS if set, else start a local Ray in-process
+    # The Ray cluster's job server (dashboard), e.g. http://127.0.0.1:8265: the tune and train
+    # stages are then submitted there as Ray jobs. None: run in-process, joining RAY_ADDRESS
+    # if set, else a local Ray started by the stage.
     address: str | None = None
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0.0)
     # None: paths.ray_results (local). A shared path or s3://, gs:// URI on real clusters.
     storage_path: str | None = None
+
+    @field_validator("address")
+    @classmethod
+    def _job_server(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(f"must be the Ray job server's URL, e.g. http://127.0.0.1:8265 (got {value!r})")
+        return value
+
+    @model_validator(mode="after")
+    def _shared_storage(self) -> ClusterConfig:
+        if self.address and not self.storage_path:
+            raise _FieldError(
+                "storage_path", "must be set when cluster.address is: shared storage every node sees "
+                "(a shared path, or an s3:// / gs:// URI) for checkpoints and stage files"
+            )
+        return self
 
 
 class TrackingConfig(Section):
@@ -180,10 +198,16 @@ class Config(Section):
 
     # the directory relative paths were resolved against (the params file's directory)
     _root: Path = PrivateAttr(default_factory=Path.cwd)
+    # the params file it was loaded from (None when built from a dict)
+    _source: Path | None = PrivateAttr(default=None)
 
     @property
     def root(self) -> Path:
         return self._root
+
+    @property
+    def source(self) -> Path:
+        return self._source or self._root / DEFAULT_PARAMS
 
     def relative(self, path: Path) -> str:
         """``path`` relative to the project root when inside it (for outputs that must not
@@ -315,4 +339,6 @@ def load_config(path: str | Path = DEFAULT_PARAMS) -> Config:
         where = f"line {mark.line + 1}: " if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{name}: {where}invalid YAML: {problem}") from None
-    return resolve_paths(from_dict(raw, name), path.parent)
+    cfg = resolve_paths(from_dict(raw, name), path.parent)
+    cfg._source = path.resolve()
+    return cfg

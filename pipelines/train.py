@@ -2,8 +2,10 @@
 
     python pipelines/train.py [--params params.yaml]
 
-Learning rates come from paths.tune_best (the tune stage's output). Writes paths.generator (generator.safetensors + generator.json), metrics/train.json and
-plots/train.csv, and logs the run (params, metrics, sample grids, model) to MLflow.
+Learning rates come from paths.tune_best (the tune stage's output). Writes paths.generator
+(generator.safetensors + generator.json), metrics/train.json and plots/train.csv, and logs the run
+(params, metrics, sample grids, model) to MLflow. With cluster.address set, the stage runs as a
+Ray job on that cluster and its outputs are brought back here (ganflow/jobs.py).
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ import sys
 from ganflow.cli import stage_main
 from ganflow.config import Config
 from ganflow.distributed import run_training
+from ganflow.jobs import run_stage
 from ganflow.tuning import read_best
 
 
-def stage(cfg: Config) -> None:
+def train(cfg: Config) -> None:
     lr_g, lr_d = read_best(cfg)  # tune/best.json: the sweep's winner, or train.lr_* passed through
     summary = run_training(cfg, lr_g, lr_d)
     best = f"fd_domain {summary.best_fd:.3f}" if summary.best_fd is not None else "not evaluated"
@@ -24,6 +27,10 @@ def stage(cfg: Config) -> None:
         f"trained {summary.epochs} epochs; exported the EMA generator of epoch {summary.best_epoch} "
         f"({best}) -> {cfg.paths.generator}; MLflow run {summary.run_id}"
     )
+
+
+def stage(cfg: Config) -> None:
+    run_stage(cfg, "train", train)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,8 @@
 writes paths.tune_best (tune/best.json), which the train stage reads. Never edits params.yaml.
 
     python pipelines/tune.py [--params params.yaml]
+
+With cluster.address set, the stage runs as a Ray job on that cluster (ganflow/jobs.py).
 """
 
 from __future__ import annotations
@@ -10,10 +12,11 @@ import sys
 
 from ganflow.cli import stage_main
 from ganflow.config import Config
+from ganflow.jobs import run_stage
 from ganflow.tuning import run_sweep, write_best
 
 
-def stage(cfg: Config) -> None:
+def tune(cfg: Config) -> None:
     best = run_sweep(cfg)
     write_best(cfg, best)
     if not best.tuned:
@@ -24,6 +27,13 @@ def stage(cfg: Config) -> None:
         f"lr_g={best.lr_g:.3g} lr_d={best.lr_d:.3g}, fd_domain {best.fd_domain:.3f} at epoch {best.epoch}; "
         f"MLflow sweep run {best.sweep_run_id} -> {cfg.paths.tune_best}"
     )
+
+
+def stage(cfg: Config) -> None:
+    if not cfg.tune.enabled:
+        tune(cfg)  # passing train.lr_* through needs no cluster
+    else:
+        run_stage(cfg, "tune", tune)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,361 @@
+"""The heavy stages (tune, train) as Ray jobs on a cluster.
+
+A Ray job runs in an unpacked copy of the project on the cluster's head: the copy has the code
+and params.yaml, but not the DVC-tracked data (`.gitignore` keeps it out of the upload) and its
+outputs vanish with it. So stage files travel through an *exchange* folder on the shared storage
+(``cluster.storage_path``, a shared path or an ``s3://``/``gs://`` URI):
+
+    submitter (dvc repro / ganflow submit)       Ray job (python pipelines/<stage>.py)
+    push the stage's inputs ───────────────────► fetch the inputs it lacks
+                                                 run the stage as on one machine
+    pull the outputs into the workspace ◄─────── push the outputs, then a manifest last
+
+With ``cluster.address`` set, ``python pipelines/train.py`` (what ``dvc repro`` runs) does the
+submitter's side itself: push, submit, stream the job's log, fail when the job fails, pull.
+A job submitted by hand (``ray job submit --working-dir . -- python pipelines/train.py``) does
+the job's side; ``ganflow push train`` before and ``ganflow pull train`` after move the files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+import urllib.parse
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from ganflow.atomic import atomic_dir, write_file
+from ganflow.config import Config
+from ganflow.errors import GanflowError, first_line
+
+EXCHANGE_ENV = "GANFLOW_EXCHANGE"  # set by the submitter in the job's runtime env
+SUBMISSION_ENV = "GANFLOW_SUBMISSION_ID"
+JOB_ENV_MARKER = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # Ray's job supervisor sets it for every job driver
+HEAVY_STAGES = ("tune", "train")
+
+
+class JobError(GanflowError):
+    """A stage could not be submitted, or its Ray job failed."""
+
+
+def stage_files(cfg: Config, stage: str) -> tuple[list[Path], list[Path]]:
+    """(inputs, outputs) of a heavy stage, as in dvc.yaml."""
+    if stage == "tune":
+        return [cfg.paths.prepared, cfg.paths.encoder], [cfg.paths.tune_best]
+    if stage == "train":
+        return (
+            [cfg.paths.prepared, cfg.paths.encoder, cfg.paths.tune_best],
+            [cfg.paths.generator, cfg.paths.metrics / "train.json", cfg.paths.plots / "train.csv"],
+        )
+    raise JobError(f"stage {stage!r} does not run as a Ray job (only {', '.join(HEAVY_STAGES)})")
+
+
+def in_ray_job() -> bool:
+    return JOB_ENV_MARKER in os.environ
+
+
+def exchange_uri(cfg: Config) -> str:
+    """GANFLOW_EXCHANGE, else <cluster.storage_path>/exchange/<tracking.experiment>."""
+    if os.environ.get(EXCHANGE_ENV):
+        return os.environ[EXCHANGE_ENV].rstrip("/")
+    if not cfg.cluster.storage_path:
+        raise JobError(
+            "cluster.storage_path: a Ray job needs shared storage for checkpoints and stage files "
+            "(a path every node sees, or an s3:// / gs:// URI); it is not set"
+        )
+    return f"{cfg.cluster.storage_path.rstrip('/')}/exchange/{cfg.tracking.experiment}"
+
+
+def _fs(uri: str):
+    """(pyarrow filesystem, base path) for a local path or a URI such as s3://bucket/prefix."""
+    import pyarrow.fs
+
+    if "://" in uri:
+        return pyarrow.fs.FileSystem.from_uri(uri)
+    return pyarrow.fs.LocalFileSystem(), str(Path(uri).resolve())
+
+
+def _key(cfg: Config, path: Path) -> str:
+    rel = cfg.relative(path)
+    if rel.startswith("/"):
+        raise JobError(
+            f"{path}: stage files outside the project cannot travel with a Ray job; "
+            "keep paths: entries inside the project"
+        )
+    return rel
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _local_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.rglob("*") if p.is_file())
+
+
+def _upload(cfg: Config, uri: str, path: Path) -> dict[str, str]:
+    """Copy a file or folder of the project to the exchange; returns {key: sha256}."""
+    fs, base = _fs(uri)
+    key = _key(cfg, path)
+    if not path.exists():
+        raise JobError(f"{key}: missing; run the stages before it first (dvc repro)")
+    if path.is_dir():  # files the local folder no longer has must not linger in the exchange
+        fs.delete_dir_contents(f"{base}/{key}", missing_dir_ok=True)
+    hashes = {}
+    for file in _local_files(path):
+        rel = file.relative_to(cfg.root).as_posix()
+        target = f"{base}/{rel}"
+        fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+        with open(file, "rb") as src, fs.open_output_stream(target) as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        hashes[rel] = _sha256(file)
+    return hashes
+
+
+def _download(cfg: Config, uri: str, path: Path, expected: dict[str, str] | None = None) -> None:
+    """Exchange -> project, atomically: a folder is replaced whole, a file in one rename."""
+    import pyarrow.fs
+
+    fs, base = _fs(uri)
+    key = _key(cfg, path)
+    info = fs.get_file_info(f"{base}/{key}")
+    if info.type == pyarrow.fs.FileType.NotFound:
+        raise JobError(f"{key}: not in the exchange {uri}")
+
+    def fetch(remote: str) -> bytes:
+        with fs.open_input_stream(remote) as stream:
+            data = stream.read()
+        rel = remote[len(base) + 1:]
+        if expected is not None and hashlib.sha256(data).hexdigest() != expected.get(rel):
+            raise JobError(f"{rel}: the copy in {uri} does not match the job's manifest (incomplete upload?)")
+        return data
+
+    if info.type == pyarrow.fs.FileType.File:
+        write_file(path, fetch(f"{base}/{key}"))
+        return
+    selector = pyarrow.fs.FileSelector(f"{base}/{key}", recursive=True)
+    with atomic_dir(path) as tmp:
+        for entry in fs.get_file_info(selector):
+            if entry.type != pyarrow.fs.FileType.File:
+                continue
+            target = tmp / entry.path[len(base) + len(key) + 2:]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(fetch(entry.path))
+
+
+def _manifest_path(uri: str, stage: str) -> tuple[object, str]:
+    fs, base = _fs(uri)
+    return fs, f"{base}/.ganflow/{stage}.outputs.json"
+
+
+def push_inputs(cfg: Config, stage: str, uri: str | None = None) -> str:
+    """Submitter side: the stage's inputs -> the exchange. Returns the exchange URI."""
+    uri = uri or exchange_uri(cfg)
+    for path in stage_files(cfg, stage)[0]:
+        _upload(cfg, uri, path)
+    return uri
+
+
+def fetch_inputs(cfg: Config, stage: str, uri: str) -> None:
+    """Job side: the inputs this copy of the project lacks <- the exchange."""
+    for path in stage_files(cfg, stage)[0]:
+        if not path.exists():
+            _download(cfg, uri, path)
+
+
+def push_outputs(cfg: Config, stage: str, uri: str, submission_id: str) -> None:
+    """Job side: outputs -> the exchange, then the manifest (written last: it marks them complete)."""
+    hashes: dict[str, str] = {}
+    for path in stage_files(cfg, stage)[1]:
+        hashes.update(_upload(cfg, uri, path))
+    fs, manifest = _manifest_path(uri, stage)
+    fs.create_dir(manifest.rsplit("/", 1)[0], recursive=True)
+    payload = {"stage": stage, "submission_id": submission_id, "files": hashes, "time": time.time()}
+    with fs.open_output_stream(manifest) as out:
+        out.write(json.dumps(payload, indent=2, sort_keys=True).encode())
+
+
+def clear_outputs(cfg: Config, stage: str, uri: str) -> None:
+    """Submitter side, before a submission: no stale manifest can be taken for this job's."""
+    fs, manifest = _manifest_path(uri, stage)
+    try:
+        fs.delete_file(manifest)
+    except (FileNotFoundError, OSError):
+        pass
+
+
+def pull_outputs(cfg: Config, stage: str, uri: str | None = None, submission_id: str | None = None) -> dict:
+    """Submitter side: the outputs of the last job of ``stage`` -> the workspace (checked
+    against the manifest the job wrote). Returns the manifest."""
+    uri = uri or exchange_uri(cfg)
+    fs, manifest = _manifest_path(uri, stage)
+    try:
+        with fs.open_input_stream(manifest) as stream:
+            record = json.loads(stream.read())
+    except (FileNotFoundError, OSError):
+        raise JobError(f"{stage}: no finished job's outputs in {uri} (the job failed, or never ran)") from None
+    if submission_id and record.get("submission_id") != submission_id:
+        raise JobError(
+            f"{stage}: the outputs in {uri} are from job {record.get('submission_id')}, not {submission_id}"
+        )
+    for path in stage_files(cfg, stage)[1]:
+        _download(cfg, uri, path, expected=record["files"])
+    return record
+
+
+# --------------------------------------------------------------------------------- job side
+
+
+def run_stage(cfg: Config, stage: str, body: Callable[[Config], None]) -> None:
+    """What pipelines/tune.py and pipelines/train.py run: the stage here, as a Ray job, or
+    the stage *inside* a Ray job (fetching inputs first, pushing outputs after)."""
+    if in_ray_job():
+        _check_job_tracking(cfg)
+        uri = exchange_uri(cfg)
+        fetch_inputs(cfg, stage, uri)
+        body(cfg)
+        push_outputs(cfg, stage, uri, os.environ.get(SUBMISSION_ENV) or _own_submission_id())
+        print(f"{stage}: outputs -> {uri}", flush=True)
+    elif cfg.cluster.address:
+        submit_stage(cfg, stage)
+    else:
+        body(cfg)
+
+
+def _own_submission_id() -> str:
+    """The submission id of the Ray job this process is the driver of (set by `ray job submit`)."""
+    try:
+        metadata = json.loads(os.environ[JOB_ENV_MARKER]).get("metadata") or {}
+    except (KeyError, ValueError):
+        metadata = {}
+    return metadata.get("job_submission_id", "unknown")
+
+
+def _check_job_tracking(cfg: Config) -> None:
+    from ganflow.tracking import tracking_uri
+
+    uri = tracking_uri(cfg)
+    if uri.startswith("sqlite:") and uri.endswith(str(cfg.paths.mlflow_db)):
+        raise JobError(
+            "tracking.uri: a Ray job needs a tracking server (set tracking.uri, or MLFLOW_TRACKING_URI "
+            "in the job's runtime env); the default SQLite file would vanish with the job's working dir"
+        )
+
+
+# ---------------------------------------------------------------------------- submitter side
+
+
+def _is_loopback(url: str) -> bool:
+    host = urllib.parse.urlparse(url).hostname or ""
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def job_client(address: str):
+    """A JobSubmissionClient for ``address``; Ray's token auth (on by default) needs the token
+    in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token, and RAY_AUTH_MODE=token."""
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    import logging
+
+    from ray.job_submission import JobSubmissionClient
+
+    logging.getLogger("ray").setLevel(logging.WARNING)  # per-file packaging notes on every submit
+
+    try:
+        return JobSubmissionClient(address)
+    except Exception as exc:  # ConnectionError, AuthenticationError, RuntimeError, ...
+        raise JobError(f"cluster.address: cannot reach the Ray job server at {address}: {first_line(exc)}") from None
+
+
+def job_runtime_env(cfg: Config, uri: str, submission_id: str) -> dict:
+    from ganflow.distributed import RAY_ENV_DEFAULTS
+    from ganflow.tracking import tracking_uri
+
+    env = {**RAY_ENV_DEFAULTS, EXCHANGE_ENV: uri, SUBMISSION_ENV: submission_id}
+    if not cfg.tracking.uri:
+        # the job reads tracking.uri from its params.yaml when set; else it logs where this
+        # process would (MLFLOW_TRACKING_URI, or, on a cluster on this machine, the project's store)
+        env["MLFLOW_TRACKING_URI"] = tracking_uri(cfg)
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
+                 "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_TRACKING_USERNAME",
+                 "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+        if name in os.environ:  # credentials travel from the submitter's environment, never the repo
+            env[name] = os.environ[name]
+    return {"working_dir": str(cfg.root), "env_vars": env}
+
+
+def submit_stage(cfg: Config, stage: str) -> str:
+    """Push inputs, submit ``python pipelines/<stage>.py``, stream its log, pull its outputs.
+    Returns the submission id; a failed or stopped job raises JobError (Ctrl-C stops the job)."""
+    from ganflow.tracking import check_reachable, tracking_uri
+
+    address = cfg.cluster.address
+    uri = tracking_uri(cfg)
+    if not uri.startswith(("http://", "https://")) and not _is_loopback(address):
+        raise JobError(
+            f"tracking.uri: {uri} is a file on this machine; a job on {address} needs an MLflow "
+            "server both can reach (tracking.uri: http://...)"
+        )
+    check_reachable(uri)
+    client = job_client(address)
+    exchange = push_inputs(cfg, stage)
+    clear_outputs(cfg, stage, exchange)
+    submission_id = f"ganflow-{stage}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    params_rel = cfg.relative(cfg.source)
+    entrypoint = f"python pipelines/{stage}.py --params {params_rel}"
+    try:
+        client.submit_job(
+            entrypoint=entrypoint,
+            submission_id=submission_id,
+            runtime_env=job_runtime_env(cfg, exchange, submission_id),
+            metadata={"ganflow_stage": stage},
+        )
+    except Exception as exc:
+        raise JobError(f"cluster.address: submitting {stage} to {address} failed: {first_line(exc)}") from None
+    print(f"{stage}: submitted Ray job {submission_id} to {address} ({entrypoint})", flush=True)
+    log: list[str] = []
+    try:
+        status = _follow(client, submission_id, log)
+    except KeyboardInterrupt:
+        client.stop_job(submission_id)
+        raise JobError(f"{stage}: interrupted; stopped Ray job {submission_id}") from None
+    if status != "SUCCEEDED":
+        # the stage's own one-line error, when the job got that far
+        errors = [line.removeprefix("error: ") for line in log if line.startswith("error: ")]
+        reason = errors[-1] if errors else first_line(client.get_job_info(submission_id).message or "")
+        raise JobError(f"{stage}: Ray job {submission_id} {status}: {reason or 'see the log above'}")
+    pull_outputs(cfg, stage, exchange, submission_id)
+    print(f"{stage}: Ray job {submission_id} SUCCEEDED; outputs pulled into the workspace", flush=True)
+    return submission_id
+
+
+def _follow(client, submission_id: str, log: list[str]) -> str:
+    """Stream the job's log to stdout (and into ``log``) until it ends; returns its final status."""
+    from ray.job_submission import JobStatus
+
+    async def tail() -> None:
+        async for lines in client.tail_job_logs(submission_id):
+            sys.stdout.write(lines)
+            sys.stdout.flush()
+            log.extend(lines.splitlines())
+
+    try:
+        asyncio.run(tail())
+    except Exception as exc:  # the log stream broke; the job may still run: poll its status
+        print(f"(log stream ended: {first_line(exc)}; polling the job's status)", file=sys.stderr)
+    while True:
+        status = client.get_job_status(submission_id)
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            return str(status.value)
+        time.sleep(1.0)

@@ -1,0 +1,263 @@
+"""A cluster on one machine to try the cluster path: a Ray head and an MLflow server, both
+listening on 127.0.0.1, as background processes (`make cluster-up` / `make cluster-down`).
+
+State lives in <project>/.cluster/: cluster.json (pids, addresses), the servers' logs, the MLflow
+server's SQLite store and artifacts (kept by `down`: runs are not lost), and `storage/`, the
+shared storage the stages' Ray jobs checkpoint to and exchange files through.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ganflow.errors import GanflowError, first_line
+
+STATE_DIR = ".cluster"
+
+
+class ClusterError(GanflowError):
+    """The local cluster could not be started or stopped."""
+
+
+@dataclass
+class LocalCluster:
+    root: str
+    ray_pid: int
+    mlflow_pid: int
+    address: str  # Ray job server (dashboard)
+    gcs_port: int
+    tracking_uri: str
+    storage_path: str
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.root) / STATE_DIR
+
+    def params(self) -> dict[str, dict[str, str]]:
+        """The params.yaml entries that point the stages at this cluster."""
+        return {
+            "cluster": {"address": self.address, "storage_path": self.storage_path},
+            "tracking": {"uri": self.tracking_uri},
+        }
+
+
+def _bin(name: str) -> str:
+    """The tool next to this Python (the venv's), else from PATH."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else (shutil.which(name) or name)
+
+
+def _wait(check, what: str, timeout: float, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace").strip().splitlines()[-1:] if log.exists() else []
+            raise ClusterError(f"{what} exited with status {proc.returncode}: {' '.join(tail) or 'no output'} (log: {log})")
+        try:
+            if check():
+                return
+        except Exception:
+            pass
+        time.sleep(0.5)
+    raise ClusterError(f"{what} did not come up within {timeout:.0f} s (log: {log})")
+
+
+def _spawn(command: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    with open(log, "ab") as out:
+        # a session of its own: `down` stops the whole process group, and a Ctrl-C in the
+        # terminal that started it does not reach it
+        return subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True, env={**os.environ, **(env or {})},
+        )
+
+
+def _stop(pid: int, timeout: float = 30.0) -> None:
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.3)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def read_state(root: Path) -> LocalCluster | None:
+    path = Path(root) / STATE_DIR / "cluster.json"
+    if not path.exists():
+        return None
+    return LocalCluster(**json.loads(path.read_text()))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.killpg(pid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def up(root: Path, ray_port: int = 6379, dashboard_port: int = 8265, mlflow_port: int = 5001,
+       num_cpus: int | None = None, timeout: float = 120.0) -> LocalCluster:
+    """Start the head and the MLflow server; returns what is running (idempotent)."""
+    root = Path(root).resolve()
+    state = read_state(root)
+    if state is not None and _alive(state.ray_pid) and _alive(state.mlflow_pid):
+        return state
+    if state is not None:
+        down(root)
+    state_dir = root / STATE_DIR
+    state_dir.mkdir(exist_ok=True)
+    storage = state_dir / "storage"
+    storage.mkdir(exist_ok=True)
+    tracking = f"http://127.0.0.1:{mlflow_port}"
+    address = f"http://127.0.0.1:{dashboard_port}"
+
+    # the MLflow server: SQLite store, artifacts proxied by the server (jobs upload through it)
+    db = f"sqlite:///{state_dir / 'mlflow.db'}"
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(db).search_experiments()  # creates the schema before the server's workers race to
+    mlflow_log = state_dir / "mlflow.log"
+    mlflow_proc = _spawn(
+        [_bin("mlflow"), "server", "--backend-store-uri", db, "--artifacts-destination",
+         str(state_dir / "mlartifacts"), "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1"],
+        mlflow_log,
+    )
+    # the Ray head: dashboard and job server on loopback; token auth (Ray's default) stays on
+    ray_log = state_dir / "ray.log"
+    command = [_bin("ray"), "start", "--head", "--block", "--port", str(ray_port),
+               "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
+               "--disable-usage-stats"]
+    if num_cpus is not None:
+        command += ["--num-cpus", str(num_cpus)]
+    ray_proc = _spawn(command, ray_log, env={"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")})
+    try:
+        _wait(lambda: urllib.request.urlopen(f"{tracking}/health", timeout=2).status == 200,
+              f"mlflow server on {tracking}", timeout, mlflow_proc, mlflow_log)
+        _wait(lambda: _job_server_ready(address), f"Ray head (job server {address})", timeout, ray_proc, ray_log)
+    except BaseException:
+        _stop(ray_proc.pid)
+        _stop(mlflow_proc.pid)
+        raise
+    state = LocalCluster(str(root), ray_proc.pid, mlflow_proc.pid, address, ray_port, tracking, str(storage))
+    (state_dir / "cluster.json").write_text(json.dumps(asdict(state), indent=2) + "\n")
+    return state
+
+
+def _job_server_ready(address: str) -> bool:
+    from ganflow.jobs import job_client
+
+    job_client(address).list_jobs()
+    return True
+
+
+def down(root: Path) -> LocalCluster | None:
+    """Stop what `up` started (the stores stay); returns what was stopped, or None."""
+    root = Path(root).resolve()
+    state = read_state(root)
+    if state is None:
+        return None
+    _stop(state.ray_pid)
+    _stop(state.mlflow_pid)
+    (root / STATE_DIR / "cluster.json").unlink(missing_ok=True)
+    return state
+
+
+def describe(state: LocalCluster) -> str:
+    import yaml
+
+    lines = [
+        f"Ray head: job server and dashboard {state.address}, GCS port {state.gcs_port} (pid {state.ray_pid})",
+        f"MLflow server: {state.tracking_uri} (pid {state.mlflow_pid}); UI at the same address",
+        f"shared storage: {state.storage_path}",
+        "To run the tune and train stages as Ray jobs on it, set in params.yaml:",
+        "",
+        *("  " + line for line in yaml.safe_dump(state.params(), sort_keys=False).splitlines()),
+        "",
+        "Job clients need the cluster's token: RAY_AUTH_MODE=token, and the token in ~/.ray/auth_token",
+        "(written by the head) or RAY_AUTH_TOKEN.",
+    ]
+    return "\n".join(lines)
+
+
+def cmd_cluster(args) -> int:
+    root = Path(args.root).resolve()
+    if args.action == "up":
+        try:
+            state = up(root, args.ray_port, args.dashboard_port, args.mlflow_port, args.num_cpus)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise ClusterError(f"cannot start the local cluster: {first_line(exc)}") from None
+        print(describe(state))
+    elif args.action == "down":
+        state = down(root)
+        print("stopped the local Ray head and MLflow server (stores kept in .cluster/)" if state
+              else "no local cluster is running here")
+    else:
+        state = read_state(root)
+        if state is None or not (_alive(state.ray_pid) and _alive(state.mlflow_pid)):
+            print("no local cluster is running here (make cluster-up starts one)")
+            return 1
+        print(describe(state))
+    return 0
+
+
+def add_commands(sub) -> None:
+    """`ganflow cluster`, `ganflow submit`, `ganflow push`, `ganflow pull`."""
+    from ganflow.config import DEFAULT_PARAMS
+
+    p = sub.add_parser("cluster", help="start/stop a Ray head + MLflow server on this machine (127.0.0.1)")
+    p.add_argument("action", choices=("up", "down", "status"))
+    p.add_argument("--root", default=".", help="project directory (state goes to ROOT/.cluster)")
+    p.add_argument("--ray-port", type=int, default=6379, help="GCS port (default: 6379)")
+    p.add_argument("--dashboard-port", type=int, default=8265, help="dashboard/job server port (default: 8265)")
+    p.add_argument("--mlflow-port", type=int, default=5001, help="MLflow server port (default: 5001)")
+    p.add_argument("--num-cpus", type=int, help="CPUs the head offers (default: all)")
+    p.set_defaults(fn=cmd_cluster)
+
+    for name, text in (
+        ("submit", "run a heavy stage as a Ray job on cluster.address and bring its outputs back"),
+        ("push", "copy a stage's inputs to the shared storage, before `ray job submit`"),
+        ("pull", "copy the outputs of a stage's last Ray job from the shared storage into the project"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("stage", choices=("tune", "train"))
+        p.add_argument("--params", default=DEFAULT_PARAMS, help="params file (default: params.yaml)")
+        p.set_defaults(fn=_exchange_command(name))
+
+
+def _exchange_command(name: str):
+    def run(args) -> int:
+        from ganflow.config import load_config
+        from ganflow import jobs
+
+        cfg = load_config(args.params)
+        if name == "submit":
+            if not cfg.cluster.address:
+                raise jobs.JobError("cluster.address: not set; `ganflow submit` needs the Ray job server's URL")
+            jobs.submit_stage(cfg, args.stage)
+        elif name == "push":
+            print(f"{args.stage} inputs -> {jobs.push_inputs(cfg, args.stage)}")
+        else:
+            record = jobs.pull_outputs(cfg, args.stage)
+            print(f"{args.stage} outputs of job {record['submission_id']} <- {jobs.exchange_uri(cfg)}")
+        return 0
+
+    return run

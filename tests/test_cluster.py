@@ -1,0 +1,171 @@
+"""The cluster path for real: a Ray head (`ray start --head`) and an `mlflow server`, both on
+127.0.0.1, started by `ganflow cluster up` (what `make cluster-up` runs); the train stage
+submitted with `ray job submit`, and by `dvc repro` itself when cluster.address is set."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from ganflow import localcluster
+from tests.conftest import BIN, REPO, edit_params, run, tracked_files
+
+pytestmark = pytest.mark.slow
+
+TINY = {
+    "data": {"image_size": 16},
+    "model": {"latent_dim": 16, "g_width": 16, "d_width": 16},
+    "train": {"epochs": 2, "batch_size": 64, "max_failures": 0},
+    "eval": {"num_samples": 200, "encoder_epochs": 2, "kid_subsets": 5, "kid_subset_size": 100},
+    "tune": {"enabled": False},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def copy_project(dest: Path) -> Path:
+    for rel in tracked_files():
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, dest / rel)
+    (dest / "data" / "raw").mkdir(parents=True, exist_ok=True)
+    run(["git", "init", "-q"], dest, check=True)
+    run(["git", "add", "-A"], dest, check=True)
+    run(["git", "-c", "user.email=t@example.com", "-c", "user.name=t", "commit", "-qm", "copy"], dest, check=True)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """One local head + MLflow server for the module, as `ganflow cluster up` starts them."""
+    root = tmp_path_factory.mktemp("cluster")
+    proc = run([str(BIN / "ganflow"), "cluster", "up", "--root", str(root), "--ray-port", str(free_port()),
+                "--dashboard-port", str(free_port()), "--mlflow-port", str(free_port()), "--num-cpus", "2"],
+               root, timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    state = localcluster.read_state(root)
+    try:
+        yield state
+    finally:
+        down = run([str(BIN / "ganflow"), "cluster", "down", "--root", str(root)], root, timeout=120)
+        assert down.returncode == 0, down.stderr
+        assert not localcluster._alive(state.ray_pid) and not localcluster._alive(state.mlflow_pid)
+
+
+def cluster_project(tmp_path: Path, state, **extra) -> Path:
+    root = copy_project(tmp_path / "project")
+    sections = {k: dict(v) for k, v in TINY.items()}
+    for key, values in {**state.params(), **extra}.items():
+        sections.setdefault(key, {}).update(values)
+    edit_params(root / "params.yaml", **sections)
+    return root
+
+
+def job_env() -> dict[str, str]:
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
+
+
+def train_runs(state) -> list:
+    client = MlflowClient(state.tracking_uri)
+    experiment = client.get_experiment_by_name("ganflow")
+    if experiment is None:
+        return []
+    return client.search_runs([experiment.experiment_id], "tags.`ganflow.stage` = 'train'")
+
+
+def test_local_cluster_listens_on_loopback_with_token_auth(cluster):
+    import urllib.error
+    import urllib.request
+
+    for url in (cluster.address, cluster.tracking_uri):
+        assert url.startswith("http://127.0.0.1:")
+    listening = subprocess.run(["ss", "-ltnH"], capture_output=True, text=True).stdout if shutil.which("ss") else ""
+    for url in (cluster.address, cluster.tracking_uri):
+        port = url.rsplit(":", 1)[1]
+        binds = [line.split()[3] for line in listening.splitlines() if line.split()[3].endswith(f":{port}")]
+        assert not listening or binds and all(b.startswith("127.0.0.1:") for b in binds), (port, binds)
+    # token auth is on: the job API refuses a request without the token
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"{cluster.address}/api/jobs/", timeout=10)
+    assert refused.value.code in (401, 403)
+    # ...and answers one that carries it (what ganflow's job client sends)
+    status = subprocess.run([str(BIN / "ray"), "job", "list", "--address", cluster.address],
+                            env=job_env(), capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0, status.stderr[-2000:]
+
+
+def test_train_stage_submitted_with_ray_job_submit(cluster, tmp_path):
+    root = cluster_project(tmp_path, cluster)
+    for stage in ("prepare", "encoder", "tune"):  # the light stages run here; tune passes train.lr_* through
+        run([str(BIN / "python"), f"pipelines/{stage}.py", "--params", "params.yaml"], root, check=True)
+    before = {r.info.run_id for r in train_runs(cluster)}
+
+    run([str(BIN / "ganflow"), "push", "train"], root, check=True)
+    submission = f"test-train-{os.getpid()}"
+    proc = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", cluster.address, "--submission-id", submission,
+         "--working-dir", ".", "--", "python", "pipelines/train.py", "--params", "params.yaml"],
+        cwd=root, env=job_env(), capture_output=True, text=True, timeout=400,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    status = subprocess.run([str(BIN / "ray"), "job", "status", "--address", cluster.address, submission],
+                            env=job_env(), capture_output=True, text=True, timeout=60)
+    assert f"Job '{submission}' succeeded" in status.stdout, status.stdout + status.stderr
+    assert not (root / "models" / "generator").exists()  # the job ran in its own copy
+
+    pulled = run([str(BIN / "ganflow"), "pull", "train"], root, check=True)
+    assert submission in pulled.stdout
+    spec = json.loads((root / "models" / "generator" / "generator.json").read_text())
+    assert (root / "models" / "generator" / "generator.safetensors").stat().st_size > 0
+    assert json.loads((root / "metrics" / "train.json").read_text())["epochs"] == 2
+    assert (root / "plots" / "train.csv").read_text().count("\n") == 3
+
+    # the run is on the MLflow server: params, per-epoch metrics, the model
+    new = [r for r in train_runs(cluster) if r.info.run_id not in before]
+    assert len(new) == 1
+    run_ = new[0]
+    assert run_.info.status == "FINISHED" and run_.info.run_id == spec["mlflow_run_id"]
+    assert float(run_.data.params["lr_g"]) == pytest.approx(2e-4)
+    client = MlflowClient(cluster.tracking_uri)
+    assert [m.step for m in client.get_metric_history(run_.info.run_id, "fd_domain")] == [1, 2]
+    assert {a.path for a in client.list_artifacts(run_.info.run_id)} >= {"generator_files"}
+    models = client.search_logged_models(
+        experiment_ids=[run_.info.experiment_id], filter_string=f"source_run_id = '{run_.info.run_id}'"
+    )
+    assert [m.name for m in models] == ["generator"]
+
+
+def test_dvc_repro_submits_train_as_a_ray_job(cluster, tmp_path):
+    root = cluster_project(tmp_path, cluster, train={**TINY["train"], "batch_size": 4096})
+    # a job that fails: the stage fails with the job's own one-line reason, nothing is pulled
+    failed = run([str(BIN / "dvc"), "repro", "train"], root, timeout=600)
+    assert failed.returncode != 0
+    output = failed.stdout + failed.stderr
+    assert "submitted Ray job ganflow-train-" in output
+    error = [line for line in failed.stderr.splitlines() if line.startswith("error: train: Ray job")]
+    assert error and "FAILED" in error[0] and "train.batch_size" in error[0], output[-3000:]
+    assert not (root / "models" / "generator").exists()
+
+    edit_params(root / "params.yaml", train={"batch_size": 64})
+    before = {r.info.run_id for r in train_runs(cluster)}
+    done = run([str(BIN / "dvc"), "repro", "train"], root, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert "SUCCEEDED; outputs pulled into the workspace" in done.stdout
+    assert "epoch 2/2" in done.stdout  # the job's log was streamed
+    assert (root / "models" / "generator" / "generator.safetensors").exists()
+    status = run([str(BIN / "dvc"), "status", "train"], root, check=True)
+    assert "changed" not in status.stdout, status.stdout  # DVC tracks the pulled outputs as usual
+    new = [r for r in train_runs(cluster) if r.info.run_id not in before]
+    assert len(new) == 1 and new[0].info.status == "FINISHED"
+    spec = json.loads((root / "models" / "generator" / "generator.json").read_text())
+    assert spec["mlflow_run_id"] == new[0].info.run_id

@@ -1,0 +1,119 @@
+"""`dvc repro` interrupted during training, for real: Ctrl-C (SIGINT to the process group, as a
+terminal sends it) and SIGTERM to the dvc process alone (as `kill` or a job scheduler sends it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import BIN, edit_params, run
+
+pytestmark = pytest.mark.slow
+
+
+def start_repro(root: Path) -> subprocess.Popen:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.Popen(
+        [str(BIN / "dvc"), "repro", "train"], cwd=root, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, start_new_session=True,  # its own process group, like a shell job
+    )
+
+
+def checkpoints(root: Path) -> list[Path]:
+    return sorted(root.glob("ray_results/train-*/checkpoint_*/meta.json"))
+
+
+def wait_for_new_checkpoint(root: Path, proc: subprocess.Popen, seen: int, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while len(checkpoints(root)) <= seen:
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, "no new checkpoint appeared"
+        time.sleep(0.2)
+    time.sleep(1.0)  # let Ray's controller register it
+
+
+def stage_process(proc: subprocess.Popen) -> psutil.Process:
+    """The train stage's Python process under dvc."""
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        if "pipelines/train.py" in " ".join(child.cmdline()):
+            return child
+    raise AssertionError("the train stage is not running under dvc")
+
+
+def the_run(root: Path):
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("ganflow").experiment_id],
+                              "tags.`ganflow.stage` = 'train'")
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    return client, runs[0]
+
+
+def assert_clean_workspace(root: Path, lock: str) -> None:
+    """Nothing half-written: no generator, no temporary siblings, dvc.lock as before."""
+    assert not (root / "models" / "generator").exists()
+    leftovers = [p for p in root.rglob("*") if ".tmp-" in p.name or ".old-" in p.name]
+    assert not [p for p in leftovers if ".venv" not in p.parts], leftovers
+    assert (root / "dvc.lock").read_text() == lock
+
+
+def test_interrupted_dvc_repro_leaves_a_clean_state_and_resumes(project):
+    root = project
+    edit_params(
+        root / "params.yaml",
+        data={"image_size": 32},
+        model={"latent_dim": 32, "g_width": 32, "d_width": 32},
+        train={"epochs": 8, "batch_size": 64, "max_failures": 0},
+        eval={"num_samples": 200, "encoder_epochs": 2, "kid_subsets": 5, "kid_subset_size": 100},
+        tune={"enabled": False},
+    )
+    run([str(BIN / "dvc"), "repro", "tune"], root, timeout=300, check=True)  # prepare, encoder, tune
+    lock = (root / "dvc.lock").read_text()
+
+    # 1. SIGTERM to dvc alone: dvc dies at once; the stage, its parent gone, stops like on Ctrl-C
+    proc = start_repro(root)
+    wait_for_new_checkpoint(root, proc, 0)
+    stage = stage_process(proc)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    stage.wait(timeout=120)
+    client, r = the_run(root)
+    assert r.info.status == "KILLED" and r.data.tags["ganflow.failure"] == "interrupted"
+    assert_clean_workspace(root, lock)
+    first_stop = json.loads(checkpoints(root)[-1].read_text())["epoch"]
+    assert 1 <= first_stop < 8
+
+    # 2. Ctrl-C (SIGINT to the whole process group) during the resumed run
+    proc = start_repro(root)
+    wait_for_new_checkpoint(root, proc, len(checkpoints(root)))
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "resuming" in out, out[-2000:]
+    assert "error: training interrupted; MLflow run" in err, err[-2000:]
+    client, r = the_run(root)
+    assert r.info.status == "KILLED"
+    assert_clean_workspace(root, lock)
+    second_stop = json.loads(checkpoints(root)[-1].read_text())["epoch"]
+    assert first_stop < second_stop < 8
+
+    # 3. the next dvc repro resumes from the checkpoint, in the same MLflow run, and finishes
+    done = run([str(BIN / "dvc"), "repro", "train"], root, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming" in done.stdout
+    client, r = the_run(root)
+    assert r.info.status == "FINISHED"
+    epochs = sorted(m.step for m in client.get_metric_history(r.info.run_id, "epoch"))
+    assert epochs == list(range(1, 9))  # every epoch logged once across three processes
+    meta = json.loads(checkpoints(root)[-1].read_text())
+    assert meta["epoch"] == 8 and meta["starts"] == 3
+    assert (root / "models" / "generator" / "generator.safetensors").exists()
+    assert (root / "dvc.lock").read_text() != lock  # DVC recorded the finished stage
