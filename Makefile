@@ -15,7 +15,7 @@ RUN_STAMP := $(VENV)/.ganflow-run
 DEV_STAMP := $(VENV)/.ganflow-dev
 export PATH := $(BIN):$(PATH)
 
-.PHONY: run test ui
+.PHONY: run test ui cluster-up cluster-down
 .DEFAULT_GOAL := run
 
 $(VENV)/bin/python:
@@ -26,8 +26,13 @@ $(RUN_STAMP): pyproject.toml | $(VENV)/bin/python
 	$(BIN)/pip install -e .
 	touch $@
 
+# tests/test_ui.py drives Debian's chromium through Playwright (never `playwright install`,
+# which downloads a browser): install it when missing, with sudo unless root.
 $(DEV_STAMP): pyproject.toml $(RUN_STAMP)
 	$(BIN)/pip install -e '.[dev]'
+	test -x /usr/bin/chromium || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update && \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium; }
 	touch $@
 
 run: $(RUN_STAMP)
@@ -39,3 +44,11 @@ test: $(DEV_STAMP)
 
 ui: $(RUN_STAMP)
 	$(BIN)/ganflow ui
+
+# A Ray head and an MLflow server on this machine, both on 127.0.0.1, to try the cluster path
+# (see infra/README.md): prints the params.yaml lines that send tune/train there as Ray jobs.
+cluster-up: $(RUN_STAMP)
+	$(BIN)/ganflow cluster up
+
+cluster-down: $(RUN_STAMP)
+	$(BIN)/ganflow cluster down

@@ -26,8 +26,28 @@ def run_main(fn: Callable[[], int | None]) -> int:
         return 130
 
 
+def stop_with_parent() -> None:
+    """Linux: have the kernel send this process SIGTERM when its parent dies. `dvc repro` runs
+    each stage as a child and dies on SIGTERM without passing it on; the stage would go on
+    unseen, its MLflow run RUNNING. With this, the stage stops as on Ctrl-C (training marks
+    its run KILLED; the next `dvc repro` resumes from the checkpoint)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent was gone before the call
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def stage_main(doc: str, stage: Callable[[Config], None], argv: Sequence[str] | None = None) -> int:
     """The whole ``main()`` of a pipelines/ entry point: ``--params``, load, run, one-line errors."""
+    stop_with_parent()
     parser = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
     parser.add_argument("--params", default=DEFAULT_PARAMS, help="params file (default: params.yaml)")
     args = parser.parse_args(argv)
@@ -102,23 +122,58 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
+def cmd_runs(args: argparse.Namespace) -> int:
+    """The latest runs of the project's MLflow experiment as a table."""
+    from ganflow.runs import format_table, latest_runs
+    from ganflow.tracking import tracking_uri
+
+    if args.limit <= 0:
+        raise GanflowError(f"--limit: must be > 0, got {args.limit}")
+    uri, experiment = args.tracking_uri, args.experiment
+    if uri is None or experiment is None:
+        cfg = load_config(args.params)
+        uri, experiment = uri or tracking_uri(cfg), experiment or cfg.tracking.experiment
+    rows = latest_runs(uri, experiment, limit=args.limit, trials=args.trials)
+    if not rows:
+        print(f"no runs yet in experiment {experiment!r} ({uri})")
+        return 0
+    print(format_table(rows))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ganflow",
-        description="Reproducible, distributed, tracked GAN training. "
-        "The pipeline runs with `dvc repro`; these commands are for people.",
+        description="Reproducible, distributed, tracked GAN training. The pipeline itself runs with "
+        "`dvc repro` (or `make run`); these commands are for people: check a params file, find the "
+        "outputs, draw samples, list and compare the tracked runs, run stages on a Ray cluster.",
+        epilog="`ganflow COMMAND --help` describes each command. Errors are one line on stderr with a "
+        "non-zero exit status (2 for an invalid params file).",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
 
-    p = sub.add_parser("check-config", help="validate a params file and print the resolved config")
+    p = sub.add_parser(
+        "check-config", help="validate a params file and print the resolved config",
+        description="Validate a params file without running anything: print every key as it resolves "
+        "(defaults filled in, paths absolute), or one error line naming the file and key (exit 2).",
+    )
     p.add_argument("params", nargs="?", default=DEFAULT_PARAMS, help="params file (default: params.yaml)")
     p.set_defaults(fn=cmd_check_config)
 
-    p = sub.add_parser("outputs", help="list where the pipeline's artifacts are and which exist")
+    p = sub.add_parser(
+        "outputs", help="list where the pipeline's artifacts are and which exist",
+        description="List every path of the params file's `paths:` section and whether the pipeline "
+        "has produced it yet.",
+    )
     p.add_argument("params", nargs="?", default=DEFAULT_PARAMS, help="params file (default: params.yaml)")
     p.set_defaults(fn=cmd_outputs)
 
-    p = sub.add_parser("sample", help="draw images from a trained generator")
+    p = sub.add_parser(
+        "sample", help="draw images from a trained generator",
+        description="Draw N images from a generator: the exported one (models/generator), a training "
+        "run's (runs:/RUN_ID/generator) or a registered one (models:/NAME@ALIAS). The same seed gives "
+        "the same images.",
+    )
     p.add_argument(
         "--model", default="models/generator",
         help="a generator directory, runs:/RUN_ID/generator or models:/NAME@ALIAS (default: models/generator)",
@@ -131,11 +186,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", help="MLflow tracking URI for runs:/ and models:/ (default: the project's)")
     p.set_defaults(fn=cmd_sample)
 
-    p = sub.add_parser("ui", help="start the MLflow UI on the project's tracking store")
+    p = sub.add_parser(
+        "runs", help="list the latest tracked runs: trainings and sweeps",
+        description="The latest runs of the project's MLflow experiment, newest first: name, stage, "
+        "status, learning rates, best fd_domain (lower is better), epochs, start time, run id. A sweep "
+        "is one row with its best trial's rates; --trials lists its trials under it. "
+        "`ganflow ui` shows the same runs in the MLflow UI, where they can be compared.",
+    )
+    p.add_argument("-n", "--limit", type=int, default=20, help="how many trainings and sweeps (default: 20)")
+    p.add_argument("--trials", action="store_true", help="list each sweep's trials, indented under it")
+    p.add_argument("--params", default=DEFAULT_PARAMS, help="params file naming the store and experiment")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the project's, from --params)")
+    p.add_argument("--experiment", help="experiment name (default: tracking.experiment from --params)")
+    p.set_defaults(fn=cmd_runs)
+
+    p = sub.add_parser(
+        "ui", help="start the MLflow UI on the project's tracking store",
+        description="Start the MLflow UI (mlflow ui) over the project's tracking store and print its "
+        "URL; Ctrl-C stops it. In the UI, choose 'Model training' in the sidebar (MLflow 3 opens on "
+        "GenAI traces), open the experiment, tick runs and press Compare.",
+    )
     p.add_argument("--params", default=DEFAULT_PARAMS, help="params file (default: params.yaml)")
-    p.add_argument("--host", default="127.0.0.1", help="listen address (default: loopback only)")
-    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--host", default="127.0.0.1", help="listen address (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=5000, help="port (default: 5000)")
     p.set_defaults(fn=cmd_ui)
+
+    from ganflow.localcluster import add_commands
+
+    add_commands(sub)  # cluster, submit, push, pull
     return parser
 
 

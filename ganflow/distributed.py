@@ -24,14 +24,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from ganflow.atomic import write_file
+from ganflow.atomic import check_storage_writable, write_file
 from ganflow.config import Config
 from ganflow.data import read_manifest
 from ganflow.errors import GanflowError, first_line
 from ganflow.evaluation import load_reference
 from ganflow.sampling import export_generator
-from ganflow.tracking import connect, git_commit, params_hash, start_run, tracking_uri
-from ganflow.train_loop import CHECKPOINT_META, CHECKPOINT_STATE, read_checkpoint_meta, train_loop_per_worker
+from ganflow.tracking import connect, provenance, start_training_run, tracking_uri
+from ganflow.train_loop import (
+    CHECKPOINT_META,
+    CHECKPOINT_STATE,
+    SHIPPED_INPUTS,
+    load_state_file,
+    read_checkpoint_meta,
+    train_loop_per_worker,
+)
 
 # Ray Train settings ganflow changes from Ray's defaults (an environment variable wins).
 RAY_ENV_DEFAULTS = {
@@ -75,19 +82,23 @@ def _sigterm_as_interrupt():
 
 
 def init_ray(cfg: Config) -> None:
-    """Join cluster.address / RAY_ADDRESS, or start a local Ray sized to this machine."""
+    """Join RAY_ADDRESS (set inside a Ray job, or by hand on a cluster node), or start a local
+    Ray sized to this machine. (cluster.address is the job server the stages are submitted to:
+    see ganflow.jobs.)"""
     import ray
 
     for key, value in RAY_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     if ray.is_initialized():
         return
-    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    address = os.environ.get("RAY_ADDRESS")
     try:
         if address:
             ray.init(address=address, logging_level="WARNING")
         else:
-            ray.init(num_cpus=os.cpu_count(), logging_level="WARNING")
+            # "local": a new Ray of this process's own, never one found on the machine (a
+            # `ray start` head, or the stale address file of one that is gone)
+            ray.init(address="local", num_cpus=os.cpu_count(), logging_level="WARNING")
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise TrainingError(f"cluster.address: cannot connect to Ray at {address or 'local'}: {first_line(exc)}") from None
 
@@ -178,6 +189,22 @@ def delete_run(storage: str, name: str) -> None:
         fs.delete_dir(f"{base}/{name}")
 
 
+def ship_inputs(cfg: Config) -> dict[str, Any]:
+    """The prepared data and the encoder, put into Ray's object store once, for workers on
+    nodes that do not see this process's files (see train_loop.materialize_inputs)."""
+    import ray
+
+    files: dict[str, bytes] = {}
+    for name in SHIPPED_INPUTS:
+        folder = getattr(cfg.paths, name)
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            files[f"{name}/{path.relative_to(folder).as_posix()}"] = path.read_bytes()
+    digest = hashlib.sha256()
+    for key in sorted(files):
+        digest.update(key.encode() + b"\0" + hashlib.sha256(files[key]).digest())
+    return {"node_id": ray.get_runtime_context().get_node_id(), "key": digest.hexdigest()[:16], "files": ray.put(files)}
+
+
 def check_trainable(cfg: Config) -> int:
     """Refuse a training that cannot run, before any worker starts. Returns the dataset size."""
     count = read_manifest(cfg.paths.prepared)["count"]
@@ -238,6 +265,7 @@ class TrainSummary:
 def run_training(cfg: Config, lr_g: float, lr_d: float) -> TrainSummary:
     """Train, export the EMA generator to paths.generator, log everything to one MLflow run."""
     check_trainable(cfg)
+    check_storage_writable(cfg)
     client, experiment_id = connect(cfg)  # fails here, before Ray starts, if MLflow is unreachable
     init_ray(cfg)
     check_resources(cfg)
@@ -256,17 +284,8 @@ def run_training(cfg: Config, lr_g: float, lr_d: float) -> TrainSummary:
             client.update_run(run_id, status="RUNNING")
             print(f"resuming {name} from epoch {resumed_from} (MLflow run {run_id})", flush=True)
     if run_id is None:
-        tags = {
-            "ganflow.stage": "train",
-            "ganflow.ray_run": name,
-            "git_commit": git_commit(cfg.root),
-            "data_hash": _prepared_hash(cfg),
-            "params_hash": params_hash(cfg),
-        }
-        run_id = start_run(client, experiment_id, cfg, f"train lr_g={lr_g:.2g} lr_d={lr_d:.2g}", tags)
-        # the learning rates this run used (train.lr_* in the params may be overridden by tune)
-        client.log_param(run_id, "lr_g", repr(lr_g))
-        client.log_param(run_id, "lr_d", repr(lr_d))
+        tags = {"ganflow.stage": "train", "ganflow.ray_run": name, **provenance(cfg, "train")}
+        run_id = start_training_run(client, experiment_id, cfg, lr_g, lr_d, tags)
 
     config = {
         "cfg": cfg.to_dict(),
@@ -275,6 +294,7 @@ def run_training(cfg: Config, lr_g: float, lr_d: float) -> TrainSummary:
         "lr_d": lr_d,
         "run_id": run_id,
         "tracking_uri": tracking_uri(cfg),
+        "inputs": ship_inputs(cfg),
     }
     try:
         with _sigterm_as_interrupt():
@@ -293,6 +313,8 @@ def run_training(cfg: Config, lr_g: float, lr_d: float) -> TrainSummary:
         raise
 
     outcome = result.return_value or {}
+    if outcome.get("workers"):  # rank, node and input source of each worker (the last attempt's)
+        client.set_tag(run_id, "ganflow.workers", json.dumps(outcome["workers"], sort_keys=True))
     if outcome.get("diverged"):
         reason = outcome["diverged"]
         client.set_tag(run_id, "ganflow.failure", reason)
@@ -311,7 +333,7 @@ def run_training(cfg: Config, lr_g: float, lr_d: float) -> TrainSummary:
 def export(cfg: Config, checkpoint: Path, run_id: str, lr_g: float, lr_d: float, resumed_from: int) -> TrainSummary:
     """Checkpoint -> paths.generator (EMA generator), metrics/train.json, plots/train.csv."""
     meta = read_checkpoint_meta(checkpoint)
-    tensors = torch.load(checkpoint / CHECKPOINT_STATE, map_location="cpu", weights_only=True)
+    tensors = load_state_file(checkpoint / CHECKPOINT_STATE)
     spec = {
         "latent_dim": cfg.model.latent_dim,
         "channels": cfg.data.channels,

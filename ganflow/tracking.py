@@ -7,11 +7,13 @@ stderr and training goes on.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -122,53 +124,214 @@ def start_run(client: Any, experiment_id: str, cfg: Config, run_name: str, tags:
     return run.info.run_id
 
 
+# ------------------------------------------------------------------ names, descriptions, tags
+# What a person sees in the MLflow UI's run list and compare view: a name that says what the
+# run is, a description (the run page's "Description", tag mlflow.note.content) and tags saying
+# where it came from. Training runs and sweep trials log the same metric names (fd_domain, kid,
+# loss_d, ...) and the same image key (samples), so any of them can be compared with any other.
+NOTE_TAG = "mlflow.note.content"
+
+
+def lr_text(lr: float) -> str:
+    """A learning rate as run names and tables show it: 0.00032 -> "3.2e-4"."""
+    mantissa, exponent = f"{lr:.1e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def data_hash(cfg: Config) -> str:
+    """The sha256 of the prepared images (from their manifest): which data a run used."""
+    from ganflow.data import read_manifest
+
+    return read_manifest(cfg.paths.prepared)["files"]["images.npy"]
+
+
+def provenance(cfg: Config, dvc_stage: str) -> dict[str, str]:
+    """The tags saying where a run came from: the code, the DVC stage, the data, the params."""
+    return {
+        "git_commit": git_commit(cfg.root),
+        "dvc_stage": dvc_stage,
+        "data_hash": data_hash(cfg),
+        "params_hash": params_hash(cfg),
+    }
+
+
+def _data_text(cfg: Config) -> str:
+    from ganflow.data import read_manifest
+
+    data = cfg.data
+    source = {
+        "digits": "scikit-learn's bundled digits",
+        "folder": f"the image folder `{cfg.relative(data.path)}`",
+        "npz": f"`{cfg.relative(data.path)}`",
+    }[data.source]
+    manifest = read_manifest(cfg.paths.prepared)
+    return (
+        f"Data: {source}, {manifest['count']} images of {data.image_size}x{data.image_size}x{data.channels} "
+        f"(`{cfg.relative(cfg.paths.prepared)}`, images sha256 {manifest['files']['images.npy'][:12]})."
+    )
+
+
+def _workers_text(cfg: Config) -> str:
+    device = "GPU" if cfg.cluster.use_gpu else "CPU"
+    return f"{cfg.cluster.num_workers} Ray Train worker(s) on {device}, global batch {cfg.train.batch_size}"
+
+
+def start_training_run(
+    client: Any, experiment_id: str, cfg: Config, lr_g: float, lr_d: float, tags: dict[str, str],
+    trial: int | None = None,
+) -> str:
+    """Create the run of one training (``trial`` None) or of one sweep trial (``trial`` k, with
+    tags naming its sweep): name, description, ``tags``, the config and the learning rates it
+    used as params. Returns the run id."""
+    lrs = f"lr_g={lr_text(lr_g)} lr_d={lr_text(lr_d)}"
+    epochs = cfg.train.epochs
+    if trial is None:
+        name = f"train {lrs}"
+        what = f"GAN training with {lrs}: {epochs} epochs"
+    else:
+        name = f"trial {trial} {lrs}"
+        what = (f"Trial {trial} of {cfg.tune.num_samples} of a learning-rate sweep (parent run "
+                f"{tags.get('sweep_id', '?')}), {lrs}: up to {epochs} epochs (ASHA may stop it early)")
+    note = (f"{what}, {_workers_text(cfg)}, {cfg.train.loss} loss; fd_domain scored every "
+            f"{cfg.eval.every} epoch(s), a sample grid (`samples`) every epoch.\n\n{_data_text(cfg)}")
+    run_id = start_run(client, experiment_id, cfg, name, {**tags, NOTE_TAG: note})
+    # the learning rates this run used (train.lr_* in the params may be overridden by tune)
+    client.log_param(run_id, "lr_g", repr(lr_g))
+    client.log_param(run_id, "lr_d", repr(lr_d))
+    return run_id
+
+
+def start_sweep_run(client: Any, experiment_id: str, cfg: Config, tags: dict[str, str]) -> str:
+    """Create a sweep's parent run (its trials are nested under it); its ``sweep_id`` tag is its
+    own id, as its trials' is. Returns the run id."""
+    t = cfg.tune
+    note = (
+        f"Learning-rate sweep: {t.num_samples} trials ({t.search} search, ASHA grace period {t.grace_period}, "
+        f"reduction factor {t.reduction_factor}) of up to {t.epochs} epochs each, lr_g log-uniform in "
+        f"[{lr_text(t.lr_g_min)}, {lr_text(t.lr_g_max)}], lr_d in [{lr_text(t.lr_d_min)}, {lr_text(t.lr_d_max)}]; "
+        f"objective: the in-training fd_domain (lower is better). One nested run per trial; "
+        f"each trial: {_workers_text(cfg)}.\n\n{_data_text(cfg)}"
+    )
+    run_id = start_run(client, experiment_id, cfg, f"tune {t.num_samples} trials", {**tags, NOTE_TAG: note})
+    client.set_tag(run_id, "sweep_id", run_id)
+    return run_id
+
+
+INCOMPLETE_TAG = "ganflow.incomplete_metrics"  # metric points a run lacks (the tracking store was away)
+MISSING_GRIDS_TAG = "ganflow.missing_sample_grids"  # epochs whose sample grid was not logged
+
+
 class RunLogger:
     """Rank 0's handle on the training run: per-step metrics and per-epoch sample grids.
 
     After a restart the loop replays epochs from the last checkpoint; points already in
     the run (same key, step at or below the last logged one) are not logged again, so the
     run's history holds every step and epoch once.
+
+    A tracking server that goes away does not stop training. Points that could not be sent
+    stay queued (at most ``max_pending``; beyond that the oldest are dropped and counted) and
+    go out at a later flush once the server answers again. Each request gets a short timeout
+    and no retries of MLflow's own (those back off for minutes); after a failure the store is
+    left alone for a backoff that doubles from 2 s to 60 s, so one epoch waits for at most one
+    failed request. ``close`` makes the last attempts; points that never arrived are counted
+    in the run's ``ganflow.incomplete_metrics`` tag (when the store takes it) and one warning.
+    Sample grids are not queued; the epochs that lost theirs are counted the same way.
     """
 
-    def __init__(self, uri: str, run_id: str):
+    MAX_PENDING = 100_000  # queued metric points (about 25 MB): 20,000 steps of STEP_METRICS
+    BACKOFF_S = (2.0, 60.0)  # first and longest wait before the store is tried again
+
+    def __init__(self, uri: str, run_id: str, max_pending: int = MAX_PENDING):
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(uri)
         self.run_id = run_id
-        self._last: dict[str, int] = {}
+        self.max_pending = max_pending
+        self._last: dict[str, int] = {}  # per key: the last step queued here or found in the run
+        self._unchecked: set[str] = set()  # keys whose history in the run could not be read yet
         self._pending: list = []
+        self.dropped = 0  # points dropped from a full queue
+        self.grids_lost = 0  # sample grids not logged
+        self._backoff = 0.0
+        self._retry_at = 0.0  # time.monotonic() before which the store is not tried
         self._warned = False
+
+    def _call(self, fn, *args, force: bool = False, **kwargs) -> tuple[bool, Any]:
+        """(ok, result) of one tracking call; never raises. While backing off after a failure
+        the store is not tried (ok is False) unless ``force``."""
+        if not force and time.monotonic() < self._retry_at:
+            return False, None
+        try:
+            with _quick_requests():
+                result = fn(*args, **kwargs)
+        except Exception as exc:  # tracking must never stop training
+            low, high = self.BACKOFF_S
+            self._backoff = min(high, max(low, 2 * self._backoff))
+            self._retry_at = time.monotonic() + self._backoff
+            if not self._warned:
+                print(
+                    f"warning: MLflow logging failed, training continues and the metrics are kept "
+                    f"to be sent later: {first_line(exc)[:300]}",
+                    file=sys.stderr,
+                )
+                self._warned = True
+            return False, None
+        self._backoff = 0.0
+        return True, result
 
     def _last_step(self, key: str) -> int:
         if key not in self._last:
-            history = self._call(self.client.get_metric_history, self.run_id, key) or []
-            self._last[key] = max((m.step for m in history), default=-1)
+            self._last[key] = -1
+            self._unchecked.add(key)
+            self._check_history(key)
         return self._last[key]
 
-    def _call(self, fn, *args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except Exception as exc:  # tracking must never stop training
-            if not self._warned:
-                print(f"warning: MLflow logging failed, training continues: {exc}", file=sys.stderr)
-                self._warned = True
-            return None
+    def _check_history(self, key: str, force: bool = False) -> bool:
+        """Read the last step of ``key`` already in the run; drop queued points at or below it
+        (an epoch replayed after a restart while the store was unreachable)."""
+        ok, history = self._call(self.client.get_metric_history, self.run_id, key, force=force)
+        if not ok:
+            return False
+        logged = max((m.step for m in history), default=-1)
+        if logged >= 0:
+            self._pending = [m for m in self._pending if m.key != key or m.step > logged]
+        self._last[key] = max(self._last[key], logged)
+        self._unchecked.discard(key)
+        return True
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Queue metric points; they reach MLflow at the next ``flush`` (once per epoch),
         so per-step logging costs the training loop almost nothing."""
         from mlflow.entities import Metric
 
-        stamp = _now_ms()
+        stamp = _now_ms()  # kept on a retry: a batch sent twice is stored once
         for key, value in metrics.items():
             if step > self._last_step(key):
                 self._pending.append(Metric(key, float(value), stamp, step))
                 self._last[key] = step
+        excess = len(self._pending) - self.max_pending
+        if excess > 0:
+            del self._pending[:excess]
+            self.dropped += excess
 
-    def flush(self) -> None:
-        pending, self._pending = self._pending, []
-        for i in range(0, len(pending), 1000):  # MLflow takes at most 1000 metrics per batch
-            self._call(self.client.log_batch, self.run_id, metrics=pending[i : i + 1000])
+    @property
+    def pending(self) -> int:
+        """Metric points queued, not yet in the run."""
+        return len(self._pending)
+
+    def flush(self, force: bool = False) -> bool:
+        """Send the queued points. True when none are left; after a failure the rest stay
+        queued for the next flush. ``force``: try even while backing off."""
+        for key in sorted(self._unchecked):
+            if not self._check_history(key, force=force):
+                return False
+        while self._pending:
+            batch = self._pending[:1000]  # MLflow takes at most 1000 metrics per batch
+            ok, _ = self._call(self.client.log_batch, self.run_id, metrics=batch, force=force)
+            if not ok:
+                return False
+            del self._pending[: len(batch)]
+        return True
 
     def log_grid(self, images, step: int) -> None:
         """images: (N, C, H, W) tensor in [-1, 1] -> one grid image under SAMPLES_KEY."""
@@ -177,7 +340,52 @@ class RunLogger:
         if step <= self._last_step("epoch"):
             return
         self.flush()
-        self._call(self.client.log_image, self.run_id, make_grid(to_uint8(images)), key=SAMPLES_KEY, step=step)
+        grid = make_grid(to_uint8(images))
+        ok, _ = self._call(self.client.log_image, self.run_id, grid, key=SAMPLES_KEY, step=step)
+        if not ok:
+            self.grids_lost += 1  # images are not queued: one grid per epoch is not worth the memory
+
+    def close(self, attempts: int = 3, wait_s: float = 1.0) -> int:
+        """The last flush, tried ``attempts`` times ``wait_s`` apart even while backing off.
+        Returns how many metric points never reached the run; never raises."""
+        for attempt in range(attempts):
+            if self.flush(force=True):
+                break
+            if attempt + 1 < attempts:
+                time.sleep(wait_s)
+        from mlflow.entities import RunTag
+
+        lost = len(self._pending) + self.dropped
+        tags = {INCOMPLETE_TAG: lost, MISSING_GRIDS_TAG: self.grids_lost}
+        tags = {k: str(v) for k, v in tags.items() if v}
+        if tags:
+            tagged, _ = self._call(
+                self.client.log_batch, self.run_id, tags=[RunTag(k, v) for k, v in tags.items()], force=True
+            )
+            what = " and ".join(
+                f"{n} {noun}" for n, noun in ((lost, "metric point(s)"), (self.grids_lost, "sample grid(s)")) if n
+            )
+            marked = f"; tagged {', '.join(f'{k}={v}' for k, v in tags.items())}" if tagged else ""
+            print(f"warning: MLflow run {self.run_id}: {what} could not be delivered{marked}", file=sys.stderr)
+        return lost
+
+
+@contextlib.contextmanager
+def _quick_requests(timeout_s: int = 5):
+    """MLflow's HTTP settings for RunLogger's calls: a short timeout and no retries (MLflow's
+    default is 7 retries backing off over minutes, and a 120 s timeout). They are read from
+    the environment at each request."""
+    values = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s)}
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _now_ms() -> int:

@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from ganflow.atomic import write_file
+from ganflow.atomic import check_storage_writable, write_file
 from ganflow.config import Config
 from ganflow.distributed import (
     TrainingError,
@@ -27,10 +27,18 @@ from ganflow.distributed import (
     fit,
     init_ray,
     scaling_config,
+    ship_inputs,
     storage_path,
 )
 from ganflow.errors import GanflowError
-from ganflow.tracking import connect, git_commit, params_hash, start_run, tracking_uri
+from ganflow.tracking import (
+    connect,
+    params_hash,
+    provenance,
+    start_sweep_run,
+    start_training_run,
+    tracking_uri,
+)
 
 # a trial's own driver function needs (almost) nothing: the workers hold the CPUs/GPUs. A
 # non-empty bundle is required; a tiny CPU share would keep two 1-CPU trials off a 2-CPU box.
@@ -99,8 +107,16 @@ def sweep_name(cfg: Config) -> str:
     return "tune-" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
+def trial_number(trial_id: str) -> int | None:
+    """1, 2, ... from the trial ids of random search ("a1b2c_00000" is the first trial); None for
+    other searchers, whose ids are random (the run is then named without a number)."""
+    prefix, _, counter = trial_id.rpartition("_")
+    return int(counter) + 1 if prefix and len(counter) == 5 and counter.isdigit() else None
+
+
 def _trial(config: dict[str, Any], *, base: dict[str, Any], root: str, parent_run_id: str,
-           experiment_id: str, uri: str, sweep: str) -> None:
+           experiment_id: str, uri: str, sweep: str, provenance_tags: dict[str, str],
+           inputs: dict[str, Any] | None = None) -> None:
     """One trial, run by Tune: a child MLflow run and one TorchTrainer fit."""
     import ray.tune
     from mlflow.tracking import MlflowClient
@@ -117,11 +133,13 @@ def _trial(config: dict[str, Any], *, base: dict[str, Any], root: str, parent_ru
         "ganflow.stage": "tune-trial",
         "ganflow.trial_id": context.get_trial_id(),
         "sweep_id": parent_run_id,
+        **provenance_tags,  # computed in the driver: a trial may run where the git checkout is not
     }
-    run_id = start_run(client, experiment_id, cfg, f"trial lr_g={lr_g:.2g} lr_d={lr_d:.2g}", tags)
-    client.log_param(run_id, "lr_g", repr(lr_g))
-    client.log_param(run_id, "lr_d", repr(lr_d))
-    train_config = {"cfg": base, "root": root, "lr_g": lr_g, "lr_d": lr_d, "run_id": run_id, "tracking_uri": uri}
+    run_id = start_training_run(
+        client, experiment_id, cfg, lr_g, lr_d, tags, trial=trial_number(context.get_trial_id())
+    )
+    train_config = {"cfg": base, "root": root, "lr_g": lr_g, "lr_d": lr_d, "run_id": run_id, "tracking_uri": uri,
+                    "inputs": inputs}
     try:
         result = fit(cfg, train_config, f"{sweep}/{context.get_trial_name()}", callbacks=[TuneReportCallback()])
     except TrainingError as exc:
@@ -144,6 +162,7 @@ def run_sweep(cfg: Config) -> Best:
 
     trial_cfg = trial_config(cfg)
     check_trainable(trial_cfg)
+    check_storage_writable(cfg)
     client, experiment_id = connect(cfg)  # the experiment exists before any trial logs
     init_ray(cfg)
     check_resources(cfg)
@@ -154,14 +173,11 @@ def run_sweep(cfg: Config) -> Best:
     name = sweep_name(cfg)
     storage = storage_path(cfg)
     delete_run(storage, name)  # a sweep always starts fresh; DVC decides when it reruns
-    parent = start_run(
-        client, experiment_id, cfg, f"tune {cfg.tune.num_samples} trials ({cfg.tune.search})",
-        {"ganflow.stage": "tune", "git_commit": git_commit(cfg.root), "params_hash": params_hash(cfg)},
-    )
-    client.set_tag(parent, "sweep_id", parent)
+    parent = start_sweep_run(client, experiment_id, cfg, {"ganflow.stage": "tune", **provenance(cfg, "tune")})
     trainable = tune.with_parameters(
         _trial, base=trial_cfg.to_dict(), root=str(cfg.root), parent_run_id=parent,
         experiment_id=experiment_id, uri=tracking_uri(cfg), sweep=name,
+        provenance_tags=provenance(trial_cfg, "tune"), inputs=ship_inputs(cfg),
     )
     space = {
         "lr_g": tune.loguniform(cfg.tune.lr_g_min, cfg.tune.lr_g_max),
