@@ -177,6 +177,13 @@ def down(root: Path) -> LocalCluster | None:
         return None
     _stop(state.ray_pid)
     _stop(state.mlflow_pid)
+    # the head's address file, which `ray.init()` and `ray status` would otherwise try to join
+    current = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "ray_current_cluster"
+    try:
+        if current.read_text().strip().endswith(f":{state.gcs_port}"):
+            current.unlink()
+    except OSError:
+        pass
     (root / STATE_DIR / "cluster.json").unlink(missing_ok=True)
     return state
 

@@ -13,6 +13,7 @@ import copy
 import json
 import logging
 import math
+import pickle
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from ganflow.config import Config
+from ganflow.errors import GanflowError, first_line
 from ganflow.evaluation import Reference, encode, load_reference
 from ganflow.losses import LOSSES
 from ganflow.models import build_discriminator, build_generator
@@ -213,10 +215,29 @@ def read_checkpoint_meta(directory: Path) -> dict[str, Any]:
     return json.loads((Path(directory) / CHECKPOINT_META).read_text())
 
 
+class CheckpointError(GanflowError):
+    """A checkpoint file that cannot be loaded safely."""
+
+
+def load_state_file(path: Path, map_location: torch.device | str = "cpu") -> dict[str, Any]:
+    """The tensors of a checkpoint's state.pt. weights_only: tensors and plain containers only;
+    a file holding anything else (a pickled object whose loading would run code) is refused."""
+    path = Path(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:  # what weights_only raises for a disallowed object
+        # torch's first line only advises weights_only=False; the reason is a later line
+        lines = [line.strip() for line in str(exc).splitlines()[1:]]
+        skip = ("Please file", "Check the documentation")
+        reason = next((line for line in lines if line and not line.startswith(skip)), "disallowed content")
+        raise CheckpointError(f"{path}: refused: not a plain tensor checkpoint ({reason[:200]})") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as exc:  # truncated, corrupt, missing
+        raise CheckpointError(f"{path}: unreadable checkpoint ({first_line(exc)[:200]})") from None
+
+
 def load_checkpoint(state: GanState, cfg: Config, directory: Path, lr_g: float, lr_d: float) -> dict:
     """Restore ``state`` (unwrapped modules) from a checkpoint directory; returns its meta."""
-    # weights_only: tensors and plain containers only, never arbitrary pickled objects
-    tensors = torch.load(Path(directory) / CHECKPOINT_STATE, map_location=state.device, weights_only=True)
+    tensors = load_state_file(Path(directory) / CHECKPOINT_STATE, state.device)
     unwrap(state.g).load_state_dict(tensors["g"])
     unwrap(state.d).load_state_dict(tensors["d"])
     state.ema_g.load_state_dict(tensors["ema_g"])
@@ -242,6 +263,36 @@ def load_checkpoint(state: GanState, cfg: Config, directory: Path, lr_g: float, 
 # ------------------------------------------------------------------------------------- the loop
 
 
+SHIPPED_INPUTS = ("prepared", "encoder")  # paths.* folders every worker reads
+
+
+def materialize_inputs(cfg: Config, inputs: dict[str, Any] | None) -> Config:
+    """On the driver's node, the project's files are read in place. On any other node (which may
+    not see them), the copies the driver put into the object store are unpacked once per node
+    into a local cache, and the config points there."""
+    import ray
+
+    from ganflow.atomic import atomic_dir
+
+    if not inputs or ray.get_runtime_context().get_node_id() == inputs["node_id"]:
+        return cfg
+    cache = Path(tempfile.gettempdir()) / "ganflow-inputs" / inputs["key"]
+    if not cache.is_dir():
+        try:
+            with atomic_dir(cache) as tmp:
+                for rel, payload in ray.get(inputs["files"]).items():
+                    target = tmp / rel
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes(payload)
+        except OSError:  # another worker of this node unpacked it first
+            if not cache.is_dir():
+                raise
+    paths = cfg.paths.model_copy(update={name: cache / name for name in SHIPPED_INPUTS})
+    moved = cfg.model_copy(update={"paths": paths})
+    moved._root = cfg.root
+    return moved
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Entry point of each Ray Train worker. ``config`` is built by ganflow.distributed."""
     import ray.train
@@ -253,10 +304,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     from ganflow.tracking import RunLogger
 
     _quiet_ray_report_log()
-    cfg = config_from_dict(config["cfg"], config["root"])
+    base_cfg = config_from_dict(config["cfg"], config["root"])
+    cfg = materialize_inputs(base_cfg, config.get("inputs"))
     lr_g, lr_d = config["lr_g"], config["lr_d"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+    placement = {"rank": rank, "node": ray.get_runtime_context().get_node_id(),
+                 "inputs": "local" if cfg is base_cfg else "shipped"}
     device = ray.train.torch.get_device()
     torch.set_num_threads(max(1, int(cfg.cluster.cpus_per_worker)))
 
@@ -269,6 +323,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             print(f"resuming from the checkpoint of epoch {state.epoch} (start {state.starts})", flush=True)
     # one DDP per network, never one around both; D's BatchNorm buffers stay per rank
     # (broadcasting them mid-step breaks CUDA DDP with in-place errors)
+    workers = _gather_objects(placement, world)  # where each rank runs: recorded in every checkpoint
     state.g = ray.train.torch.prepare_model(state.g)
     state.d = ray.train.torch.prepare_model(state.d, parallel_strategy_kwargs={"broadcast_buffers": False})
 
@@ -328,7 +383,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         if not finite:
             reason = f"non-finite loss in epoch {epoch + 1} (loss_d={row['loss_d']:.4g}, loss_g={row['loss_g']:.4g})"
             if logger is not None:
-                logger.flush()  # the finite steps before it, for diagnosis
+                logger.close()  # the finite steps before it, for diagnosis
             ray.train.report({"epoch": epoch + 1, "diverged": reason}, checkpoint=None)
             return {"diverged": reason, "epoch": epoch + 1}  # rank 0's value reaches the driver
 
@@ -361,11 +416,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             ckpt = None
             if rank == 0 and (last or state.epoch % cfg.train.checkpoint_every == 0):
                 meta = {"run_id": config["run_id"], "lr_g": lr_g, "lr_d": lr_d, "world_size": world,
-                        "per_rank_batch": per_rank_batch, "device": str(device), "amp": str(state.dtype)}
+                        "per_rank_batch": per_rank_batch, "device": str(device), "amp": str(state.dtype),
+                        "workers": workers}
                 save_checkpoint(state, cfg, Path(tmp), meta)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report({**row, "diverged": ""}, checkpoint=ckpt)
-    return {"diverged": "", "epoch": state.epoch}
+    if logger is not None:
+        logger.close()  # last retries of anything the store refused; counted on the run if lost
+    return {"diverged": "", "epoch": state.epoch, "workers": workers}
+
+
+def _gather_objects(value: Any, world: int) -> list[Any]:
+    if world == 1:
+        return [value]
+    gathered: list[Any] = [None] * world
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
 
 
 def evaluate_ema(state: GanState, cfg: Config, reference: Reference) -> dict[str, float]:

@@ -65,6 +65,12 @@ def isolated_environment(monkeypatch):
     yield
     for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
         os.environ.pop(var, None)
+    # mlflow.set_tracking_uri / set_registry_uri also set module globals in this process
+    import mlflow.tracking._model_registry.utils as registry_utils
+    import mlflow.tracking._tracking_service.utils as tracking_utils
+
+    tracking_utils._tracking_uri = None
+    registry_utils._registry_uri = None
 
 
 def pytest_collection_modifyitems(config, items):
