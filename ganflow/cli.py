@@ -114,12 +114,33 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.params)
     uri = tracking_uri(cfg)
-    command = ["mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
+    from ganflow.localcluster import tool
+
+    command = [tool("mlflow"), "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
     if uri.startswith("sqlite:"):
         command += ["--default-artifact-root", artifact_root(cfg)]
-    print(f"MLflow UI on http://{args.host}:{args.port} (store: {uri}); Ctrl-C stops it", flush=True)
+    base = f"http://{args.host}:{args.port}"
+    page = _experiment_page(uri, cfg.tracking.experiment)
+    print(f"MLflow UI on {base} (store: {uri}); Ctrl-C stops it", flush=True)
+    if page:
+        print(f"the {cfg.tracking.experiment} runs: {base}/{page}", flush=True)
     os.execvp(command[0], command)
     return 0  # not reached
+
+
+def _experiment_page(uri: str, name: str) -> str | None:
+    """The UI route of the experiment's training runs (MLflow 3 opens on GenAI traces otherwise)."""
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        return None  # nothing tracked yet; never create the store here
+    try:
+        from mlflow.tracking import MlflowClient
+
+        experiment = MlflowClient(uri).get_experiment_by_name(name)
+    except Exception:
+        return None
+    if experiment is None:
+        return None
+    return f"#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"
 
 
 def cmd_runs(args: argparse.Namespace) -> int:

@@ -98,9 +98,11 @@ def decode_image(data: bytes, channels: int, max_pixels: int) -> np.ndarray:
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             image = Image.open(io.BytesIO(data))
-        except Image.DecompressionBombError:
-            raise ValueError(f"more than {max_pixels} pixels") from None
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning):
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            # Pillow refuses from the header alone, before our own limit can name the size
+            limit = min(max_pixels, Image.MAX_IMAGE_PIXELS or max_pixels)
+            raise ValueError(f"more than {limit} pixels (data.max_image_pixels, or Pillow's own limit)") from None
+        except (OSError, SyntaxError, ValueError):
             raise ValueError("not a readable image") from None
         w, h = image.size
         if w * h > max_pixels:

@@ -50,7 +50,7 @@ class LocalCluster:
         }
 
 
-def _bin(name: str) -> str:
+def tool(name: str) -> str:
     """The tool next to this Python (the venv's), else from PATH."""
     local = Path(sys.executable).parent / name
     return str(local) if local.exists() else (shutil.which(name) or name)
@@ -137,13 +137,13 @@ def up(root: Path, ray_port: int = 6379, dashboard_port: int = 8265, mlflow_port
     MlflowClient(db).search_experiments()  # creates the schema before the server's workers race to
     mlflow_log = state_dir / "mlflow.log"
     mlflow_proc = _spawn(
-        [_bin("mlflow"), "server", "--backend-store-uri", db, "--artifacts-destination",
+        [tool("mlflow"), "server", "--backend-store-uri", db, "--artifacts-destination",
          str(state_dir / "mlartifacts"), "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1"],
         mlflow_log,
     )
     # the Ray head: dashboard and job server on loopback; token auth (Ray's default) stays on
     ray_log = state_dir / "ray.log"
-    command = [_bin("ray"), "start", "--head", "--block", "--port", str(ray_port),
+    command = [tool("ray"), "start", "--head", "--block", "--port", str(ray_port),
                "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
                "--disable-usage-stats"]
     if num_cpus is not None:

@@ -345,7 +345,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     logger = RunLogger(config["tracking_uri"], config["run_id"]) if rank == 0 else None
     samples_z = fixed_noise(cfg).to(device)
 
+    epoch_seconds: list[float] = []  # this process's epochs (evaluation included), for the ETA
     while state.epoch < cfg.train.epochs:
+        epoch_started = time.perf_counter()
         epoch = state.epoch
         sampler.set_epoch(epoch)
         seeder.start_epoch(epoch, dataset)
@@ -406,9 +408,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             logger.log_metrics({"epoch": float(state.epoch)}, step=state.epoch)  # last: marks the epoch done
             logger.flush()
             fd = f"  fd_domain {row['fd_domain']:.3f}" if "fd_domain" in row else ""
+            epoch_seconds.append(time.perf_counter() - epoch_started)
+            eta = (cfg.train.epochs - state.epoch) * sum(epoch_seconds[-3:]) / len(epoch_seconds[-3:])
             print(
                 f"epoch {state.epoch}/{cfg.train.epochs}  loss_d {row['loss_d']:.3f}  loss_g {row['loss_g']:.3f}  "
-                f"D(x) {row['d_real']:.2f}  D(G(z)) {row['d_fake']:.2f}{fd}  {row['imgs_per_sec']:.0f} img/s",
+                f"D(x) {row['d_real']:.2f}  D(G(z)) {row['d_fake']:.2f}{fd}  {row['imgs_per_sec']:.0f} img/s  "
+                f"ETA {_clock(eta)}",
                 flush=True,
             )
 
@@ -424,6 +429,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     if logger is not None:
         logger.close()  # last retries of anything the store refused; counted on the run if lost
     return {"diverged": "", "epoch": state.epoch, "workers": workers}
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
 
 
 def _gather_objects(value: Any, world: int) -> list[Any]:
