@@ -7,6 +7,7 @@ into place (a rename within one filesystem is atomic).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
@@ -116,3 +117,12 @@ def check_storage_writable(cfg: Config) -> None:
         check_writable_dir(cfg.paths.ray_results, "paths.ray_results")
     elif "://" not in cfg.cluster.storage_path:
         check_writable_dir(Path(cfg.cluster.storage_path), "cluster.storage_path")
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -31,7 +31,7 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from ganflow.atomic import atomic_dir, write_bytes
+from ganflow.atomic import atomic_dir, file_sha256, write_bytes
 from ganflow.config import Config, DataConfig
 from ganflow.errors import DataError, first_line
 
@@ -367,7 +367,7 @@ def write_prepared(out: Path, images: np.ndarray, labels: np.ndarray, manifest: 
     with atomic_dir(out) as tmp:
         _save_npy(tmp / IMAGES, images)
         _save_npy(tmp / LABELS, labels)
-        manifest = {**manifest, "files": {n: _file_sha256(tmp / n) for n in (IMAGES, LABELS)}}
+        manifest = {**manifest, "files": {n: file_sha256(tmp / n) for n in (IMAGES, LABELS)}}
         write_bytes(tmp / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
 
 
@@ -381,14 +381,6 @@ def _sha256(*chunks: bytes) -> str:
     digest = hashlib.sha256()
     for chunk in chunks:
         digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
     return digest.hexdigest()
 
 

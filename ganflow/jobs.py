@@ -30,7 +30,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from ganflow.atomic import atomic_dir, write_file
+from ganflow.atomic import atomic_dir, file_sha256, write_file
 from ganflow.config import Config
 from ganflow.errors import GanflowError, first_line
 
@@ -91,14 +91,6 @@ def _key(cfg: Config, path: Path) -> str:
     return rel
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _local_files(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
@@ -120,7 +112,7 @@ def _upload(cfg: Config, uri: str, path: Path) -> dict[str, str]:
         fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
         with open(file, "rb") as src, fs.open_output_stream(target) as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
-        hashes[rel] = _sha256(file)
+        hashes[rel] = file_sha256(file)
     return hashes
 
 

@@ -9,7 +9,6 @@ nothing is unpickled.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -23,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from ganflow.atomic import atomic_dir, write_bytes
+from ganflow.atomic import atomic_dir, file_sha256, write_bytes
 from ganflow.errors import GanflowError, first_line
 from ganflow.models import Generator
 
@@ -62,14 +61,6 @@ def export_generator(weights: dict[str, torch.Tensor], spec: dict[str, Any], out
         save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / WEIGHTS))
         spec = {**spec, WEIGHTS_SHA256: file_sha256(tmp / WEIGHTS)}
         write_bytes(tmp / SPEC, (json.dumps(spec, indent=2, sort_keys=True) + "\n").encode())
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_generator_dir(path: Path) -> Generator:
