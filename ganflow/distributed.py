@@ -92,6 +92,10 @@ def init_ray(cfg: Config) -> None:
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
+    import logging
+
+    # a local Ray turns token auth on and says so at every start; ganflow's own docs say it once
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     try:
         if address:
             ray.init(address=address, logging_level="WARNING")

@@ -169,6 +169,9 @@ def run_sweep(cfg: Config) -> Best:
     concurrent = max_concurrent(cfg)
     search = search_algorithm(cfg, concurrent)
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # divergence reports have no fd
+    # Tune's console output: its newer reporter ignores verbose=0 (a config box, a TensorBoard
+    # hint); the classic one honours it. The sweep's outcome is printed by the stage instead.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
     name = sweep_name(cfg)
     storage = storage_path(cfg)
