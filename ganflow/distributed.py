@@ -156,7 +156,7 @@ def _prepared_hash(cfg: Config) -> str:
     return read_manifest(cfg.paths.prepared)["files"]["images.npy"]
 
 
-def _storage(storage: str):
+def storage_fs(storage: str):
     """(pyarrow filesystem, base path) for a local path or a URI such as s3://bucket/prefix."""
     import pyarrow.fs
 
@@ -169,7 +169,7 @@ def latest_checkpoint_meta(storage: str, name: str) -> tuple[str, dict[str, Any]
     """(path, meta) of the newest complete checkpoint of run ``name`` in ``storage``, or None."""
     import pyarrow.fs
 
-    fs, base = _storage(storage)
+    fs, base = storage_fs(storage)
     selector = pyarrow.fs.FileSelector(f"{base}/{name}", allow_not_found=True)
     found = sorted(
         info.path for info in fs.get_file_info(selector)
@@ -188,7 +188,7 @@ def delete_run(storage: str, name: str) -> None:
     """Remove run ``name`` from storage, if it is there."""
     import pyarrow.fs
 
-    fs, base = _storage(storage)
+    fs, base = storage_fs(storage)
     if fs.get_file_info(f"{base}/{name}").type != pyarrow.fs.FileType.NotFound:
         fs.delete_dir(f"{base}/{name}")
 

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from ganflow.atomic import atomic_dir, file_sha256, write_file
 from ganflow.config import Config
+from ganflow.distributed import RAY_ENV_DEFAULTS, storage_fs
 from ganflow.errors import GanflowError, first_line
 
 EXCHANGE_ENV = "GANFLOW_EXCHANGE"  # set by the submitter in the job's runtime env
@@ -72,15 +73,6 @@ def exchange_uri(cfg: Config) -> str:
     return f"{cfg.cluster.storage_path.rstrip('/')}/exchange/{cfg.tracking.experiment}"
 
 
-def _fs(uri: str):
-    """(pyarrow filesystem, base path) for a local path or a URI such as s3://bucket/prefix."""
-    import pyarrow.fs
-
-    if "://" in uri:
-        return pyarrow.fs.FileSystem.from_uri(uri)
-    return pyarrow.fs.LocalFileSystem(), str(Path(uri).resolve())
-
-
 def _key(cfg: Config, path: Path) -> str:
     rel = cfg.relative(path)
     if rel.startswith("/"):
@@ -99,7 +91,7 @@ def _local_files(path: Path) -> list[Path]:
 
 def _upload(cfg: Config, uri: str, path: Path) -> dict[str, str]:
     """Copy a file or folder of the project to the exchange; returns {key: sha256}."""
-    fs, base = _fs(uri)
+    fs, base = storage_fs(uri)
     key = _key(cfg, path)
     if not path.exists():
         raise JobError(f"{key}: missing; run the stages before it first (dvc repro)")
@@ -120,7 +112,7 @@ def _download(cfg: Config, uri: str, path: Path, expected: dict[str, str] | None
     """Exchange -> project, atomically: a folder is replaced whole, a file in one rename."""
     import pyarrow.fs
 
-    fs, base = _fs(uri)
+    fs, base = storage_fs(uri)
     key = _key(cfg, path)
     info = fs.get_file_info(f"{base}/{key}")
     if info.type == pyarrow.fs.FileType.NotFound:
@@ -148,7 +140,7 @@ def _download(cfg: Config, uri: str, path: Path, expected: dict[str, str] | None
 
 
 def _manifest_path(uri: str, stage: str) -> tuple[object, str]:
-    fs, base = _fs(uri)
+    fs, base = storage_fs(uri)
     return fs, f"{base}/.ganflow/{stage}.outputs.json"
 
 
@@ -271,7 +263,6 @@ def job_client(address: str):
 
 
 def job_runtime_env(cfg: Config, uri: str, submission_id: str) -> dict:
-    from ganflow.distributed import RAY_ENV_DEFAULTS
     from ganflow.tracking import tracking_uri
 
     env = {**RAY_ENV_DEFAULTS, EXCHANGE_ENV: uri, SUBMISSION_ENV: submission_id}

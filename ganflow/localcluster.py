@@ -71,14 +71,32 @@ def _wait(check, what: str, timeout: float, proc: subprocess.Popen, log: Path) -
     raise ClusterError(f"{what} did not come up within {timeout:.0f} s (log: {log})")
 
 
-def _spawn(command: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+def _spawn(command: list[str], log: Path, env: dict[str, str] | None = None,
+           cwd: Path | None = None) -> subprocess.Popen:
     with open(log, "ab") as out:
         # a session of its own: `down` stops the whole process group, and a Ctrl-C in the
         # terminal that started it does not reach it
         return subprocess.Popen(
             command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, env={**os.environ, **(env or {})},
+            start_new_session=True, env={**os.environ, **(env or {})}, cwd=cwd,
         )
+
+
+def start_mlflow_server(backend_uri: str, port: int, log: Path, artifact_args: list[str],
+                        timeout: float = 120.0, env: dict[str, str] | None = None,
+                        cwd: Path | None = None) -> subprocess.Popen:
+    """`mlflow server` on 127.0.0.1:``port`` in a process group of its own; returns once /health
+    answers. ``artifact_args``: e.g. ["--artifacts-destination", path] or ["--default-artifact-root", uri]."""
+    url = f"http://127.0.0.1:{port}"
+    proc = _spawn([tool("mlflow"), "server", "--backend-store-uri", backend_uri, *artifact_args,
+                   "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], log, env, cwd)
+    try:
+        _wait(lambda: urllib.request.urlopen(f"{url}/health", timeout=2).status == 200,
+              f"mlflow server on {url}", timeout, proc, log)
+    except BaseException:
+        _stop(proc.pid)
+        raise
+    return proc
 
 
 def _stop(pid: int, timeout: float = 30.0) -> None:
@@ -135,13 +153,9 @@ def up(root: Path, ray_port: int = 6379, dashboard_port: int = 8265, mlflow_port
     from mlflow.tracking import MlflowClient
 
     MlflowClient(db).search_experiments()  # creates the schema before the server's workers race to
-    mlflow_log = state_dir / "mlflow.log"
-    mlflow_proc = _spawn(
-        [tool("mlflow"), "server", "--backend-store-uri", db, "--artifacts-destination",
-         str(state_dir / "mlartifacts"), "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1"],
-        mlflow_log,
-    )
-    # the Ray head: dashboard and job server on loopback; token auth (Ray's default) stays on
+
+    # the Ray head: dashboard and job server on loopback; token auth (Ray's default) stays on.
+    # It starts while the MLflow server does.
     ray_log = state_dir / "ray.log"
     command = [tool("ray"), "start", "--head", "--block", "--port", str(ray_port),
                "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
@@ -150,12 +164,15 @@ def up(root: Path, ray_port: int = 6379, dashboard_port: int = 8265, mlflow_port
         command += ["--num-cpus", str(num_cpus)]
     ray_proc = _spawn(command, ray_log, env={"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")})
     try:
-        _wait(lambda: urllib.request.urlopen(f"{tracking}/health", timeout=2).status == 200,
-              f"mlflow server on {tracking}", timeout, mlflow_proc, mlflow_log)
-        _wait(lambda: _job_server_ready(address), f"Ray head (job server {address})", timeout, ray_proc, ray_log)
+        mlflow_proc = start_mlflow_server(db, mlflow_port, state_dir / "mlflow.log",
+                                          ["--artifacts-destination", str(state_dir / "mlartifacts")], timeout)
+        try:
+            _wait(lambda: _job_server_ready(address), f"Ray head (job server {address})", timeout, ray_proc, ray_log)
+        except BaseException:
+            _stop(mlflow_proc.pid)
+            raise
     except BaseException:
         _stop(ray_proc.pid)
-        _stop(mlflow_proc.pid)
         raise
     state = LocalCluster(str(root), ray_proc.pid, mlflow_proc.pid, address, ray_port, tracking, str(storage))
     (state_dir / "cluster.json").write_text(json.dumps(asdict(state), indent=2) + "\n")

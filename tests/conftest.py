@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -33,10 +34,8 @@ def tracked_files() -> list[str]:
     return [line for line in out.splitlines() if line and (REPO / line).is_file()]
 
 
-@pytest.fixture
-def project(tmp_path: Path) -> Path:
-    """A fresh copy of the project as a git + DVC repo, with its own outputs and stores."""
-    dest = tmp_path / "project"
+def copy_project(dest: Path) -> Path:
+    """A fresh copy of the project at ``dest`` as a git + DVC repo, with its own outputs and stores."""
     for rel in tracked_files():
         target = dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -46,6 +45,18 @@ def project(tmp_path: Path) -> Path:
     run(["git", "add", "-A"], dest, check=True)
     run(["git", "-c", "user.email=t@example.com", "-c", "user.name=t", "commit", "-qm", "copy"], dest, check=True)
     return dest
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    return copy_project(tmp_path / "project")
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def edit_params(params_file: Path, **sections: dict) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from ganflow import localcluster
-from tests.conftest import BIN, REPO, edit_params, run, tracked_files
+from tests.conftest import BIN, copy_project, edit_params, free_port, run
 
 pytestmark = pytest.mark.slow
 
@@ -26,23 +25,6 @@ TINY = {
     "eval": {"num_samples": 200, "encoder_epochs": 2, "kid_subsets": 5, "kid_subset_size": 100},
     "tune": {"enabled": False},
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def copy_project(dest: Path) -> Path:
-    for rel in tracked_files():
-        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / rel, dest / rel)
-    (dest / "data" / "raw").mkdir(parents=True, exist_ok=True)
-    run(["git", "init", "-q"], dest, check=True)
-    run(["git", "add", "-A"], dest, check=True)
-    run(["git", "-c", "user.email=t@example.com", "-c", "user.name=t", "commit", "-qm", "copy"], dest, check=True)
-    return dest
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -19,41 +17,21 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from ganflow.tracking import INCOMPLETE_TAG, MISSING_GRIDS_TAG, RunLogger, TrackingError, check_reachable
-from tests.conftest import BIN
+from ganflow.localcluster import start_mlflow_server
+from tests.conftest import free_port
 
 STEPS_PER_EPOCH = 4
 KEYS = ("loss_d", "loss_g")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(root: Path, port: int) -> subprocess.Popen:
     """`mlflow server` on a SQLite store in ``root``, in its own process group (uvicorn runs
     as a child); the background job runner is off, it only slows the start."""
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    log = open(root / f"server-{time.time_ns()}.log", "wb")  # noqa: SIM115 - the server writes it
-    proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--default-artifact-root", (root / "artifacts").as_uri(), "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
+    return start_mlflow_server(
+        f"sqlite:///{root / 'mlflow.db'}", port, root / f"server-{time.time_ns()}.log",
+        ["--default-artifact-root", (root / "artifacts").as_uri()], timeout=90,
+        env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, cwd=root,
     )
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stop_server(proc)
-            raise AssertionError(f"mlflow server did not start: {log.name}")
-        time.sleep(0.2)
 
 
 def stop_server(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:

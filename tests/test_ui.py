@@ -18,10 +18,7 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +29,8 @@ import yaml
 from ganflow.config import load_config
 from ganflow.data import PreparedDataset, prepare
 from ganflow.tracking import RunLogger, connect, provenance, start_sweep_run, start_training_run, tracking_uri
-from tests.conftest import BIN, REPO
+from ganflow.localcluster import start_mlflow_server
+from tests.conftest import REPO, free_port
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's chromium; `make test` installs it
 CHROMIUM_ARGS = [
@@ -140,12 +138,6 @@ def _fill_store(cfg, params: Path) -> dict:
             "sweep": parent, "trials": trials}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """`mlflow server` (the venv's) over the store build_store writes: (base URL, store, tmp dir)."""
@@ -153,29 +145,15 @@ def server(tmp_path_factory):
     store = build_store(root / "project")
     cfg = store["cfg"]
     port = free_port()
-    log = (root / "mlflow-server.log").open("w")
-    proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--backend-store-uri", tracking_uri(cfg),
-         "--default-artifact-root", cfg.paths.mlflow_artifacts.as_uri(),
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        # no background job runner (scorers, trace archival): nothing here uses it, and it
-        # takes seconds to start and to stop
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+    # no background job runner (scorers, trace archival): nothing here uses it, and it takes
+    # seconds to start and to stop
+    proc = start_mlflow_server(
+        tracking_uri(cfg), port, root / "mlflow-server.log",
+        ["--default-artifact-root", cfg.paths.mlflow_artifacts.as_uri()], timeout=60,
+        env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, cwd=root,
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 60
-        while True:
-            assert proc.poll() is None, (root / "mlflow-server.log").read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.time() < deadline, "mlflow server did not answer /health in 60 s"
-            time.sleep(0.3)
         yield url, store, root
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # the server and the workers it started
@@ -184,7 +162,6 @@ def server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        log.close()
 
 
 @pytest.fixture(scope="module")
