@@ -66,17 +66,27 @@ class Interrupted(GanflowError):
 
 @contextlib.contextmanager
 def _sigterm_as_interrupt():
-    """Treat SIGTERM (e.g. a killed `dvc repro`) like Ctrl-C while training runs."""
+    """Treat SIGTERM (e.g. a killed `dvc repro`) like Ctrl-C while training runs, once: a later
+    SIGTERM (dvc's death can be reported twice) is ignored. Yields ``quiet()``, which the
+    clean-up calls first so that no signal cuts it short."""
+    state = {"quiet": False}
+
+    def quiet() -> None:
+        state["quiet"] = True
+
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield quiet
         return
 
     def interrupt(signum, frame):
+        if state["quiet"]:
+            return
+        state["quiet"] = True
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
-        yield
+        yield quiet
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -300,21 +310,23 @@ def run_training(cfg: Config, lr_g: float, lr_d: float) -> TrainSummary:
         "tracking_uri": tracking_uri(cfg),
         "inputs": ship_inputs(cfg),
     }
-    try:
-        with _sigterm_as_interrupt():
+    with _sigterm_as_interrupt() as quiet:
+        try:
             result = fit(cfg, config, name)
-    except (KeyboardInterrupt, SystemExit):
-        # Ctrl-C (Ray's handler aborts the run and exits) or SIGTERM: the run is not left RUNNING
-        client.set_tag(run_id, "ganflow.failure", "interrupted")
-        client.set_terminated(run_id, status="KILLED")
-        raise Interrupted(
-            f"training interrupted; MLflow run {run_id} marked KILLED; the same command resumes "
-            f"from the last checkpoint in {storage}/{name}"
-        ) from None
-    except GanflowError as exc:
-        client.set_tag(run_id, "ganflow.failure", str(exc))
-        client.set_terminated(run_id, status="FAILED")
-        raise
+        except (KeyboardInterrupt, SystemExit):
+            # Ctrl-C (Ray's handler aborts the run and exits) or SIGTERM: the run is not left RUNNING
+            quiet()
+            client.set_tag(run_id, "ganflow.failure", "interrupted")
+            client.set_terminated(run_id, status="KILLED")
+            raise Interrupted(
+                f"training interrupted; MLflow run {run_id} marked KILLED; the same command resumes "
+                f"from the last checkpoint in {storage}/{name}"
+            ) from None
+        except GanflowError as exc:
+            quiet()
+            client.set_tag(run_id, "ganflow.failure", str(exc))
+            client.set_terminated(run_id, status="FAILED")
+            raise
 
     outcome = result.return_value or {}
     if outcome.get("workers"):  # rank, node and input source of each worker (the last attempt's)

@@ -20,7 +20,9 @@ pytestmark = pytest.mark.slow
 
 
 def start_repro(root: Path) -> subprocess.Popen:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    # dvc runs the stage as `$SHELL -c`: /bin/sh (CI has no SHELL) stays between dvc and the
+    # stage, the harder case (tests/test_stop_with_dvc.py covers both)
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "SHELL": "/bin/sh"}
     return subprocess.Popen(
         [str(BIN / "dvc"), "repro", "train"], cwd=root, env=env, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True, start_new_session=True,  # its own process group, like a shell job
