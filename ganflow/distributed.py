@@ -65,8 +65,8 @@ class Interrupted(GanflowError):
 
 
 @contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """Treat SIGTERM (e.g. a killed `dvc repro`) like Ctrl-C while training runs, once: a later
+def sigterm_as_interrupt():
+    """Treat SIGTERM (e.g. a killed `dvc repro`) like Ctrl-C while training or a sweep runs, once: a later
     SIGTERM (dvc's death can be reported twice) is ignored. Yields ``quiet()``, which the
     clean-up calls first so that no signal cuts it short."""
     state = {"quiet": False}
@@ -310,7 +310,7 @@ def run_training(cfg: Config, lr_g: float, lr_d: float) -> TrainSummary:
         "tracking_uri": tracking_uri(cfg),
         "inputs": ship_inputs(cfg),
     }
-    with _sigterm_as_interrupt() as quiet:
+    with sigterm_as_interrupt() as quiet:
         try:
             result = fit(cfg, config, name)
         except (KeyboardInterrupt, SystemExit):

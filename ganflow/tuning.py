@@ -20,6 +20,7 @@ from typing import Any
 from ganflow.atomic import check_storage_writable, write_file
 from ganflow.config import Config
 from ganflow.distributed import (
+    Interrupted,
     TrainingError,
     delete_run,
     check_resources,
@@ -28,6 +29,7 @@ from ganflow.distributed import (
     init_ray,
     scaling_config,
     ship_inputs,
+    sigterm_as_interrupt,
     storage_path,
 )
 from ganflow.errors import GanflowError
@@ -172,6 +174,10 @@ def run_sweep(cfg: Config) -> Best:
     # Tune's console output: its newer reporter ignores verbose=0 (a config box, a TensorBoard
     # hint); the classic one honours it. The sweep's outcome is printed by the stage instead.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Tune's own Ctrl-C handler ends the sweep early and returns normally: the stage would then
+    # write tune/best.json from a partial sweep and DVC would record it. Without it, Ctrl-C
+    # raises KeyboardInterrupt here and the stage fails.
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
 
     name = sweep_name(cfg)
     storage = storage_path(cfg)
@@ -199,16 +205,35 @@ def run_sweep(cfg: Config) -> Best:
         ),
         run_config=ray.tune.RunConfig(name=name, storage_path=storage, verbose=0),
     )
-    try:
-        results = tuner.fit()
-    except (KeyboardInterrupt, SystemExit):
-        client.set_terminated(parent, status="KILLED")
-        raise
+    with sigterm_as_interrupt() as quiet:
+        try:
+            results = tuner.fit()
+        except (KeyboardInterrupt, SystemExit):
+            quiet()
+            _mark_interrupted(client, parent)
+            raise Interrupted(f"tune interrupted; MLflow sweep run {parent} marked KILLED; nothing written, "
+                              "the same command runs the sweep again") from None
+    ended = results.num_terminated + results.num_errors
+    if len(results) < cfg.tune.num_samples or ended < len(results):  # stopped from outside (e.g. SIGUSR1)
+        _mark_interrupted(client, parent)
+        raise Interrupted(f"tune: the sweep ended early ({ended} of {cfg.tune.num_samples} trials ended); "
+                          f"MLflow sweep run {parent} marked KILLED; nothing written")
     best = summarise(cfg, client, parent, results)
     client.set_terminated(parent, status="FINISHED" if best.fd_domain is not None else "FAILED")
     if best.fd_domain is None:
         raise TuneError(f"tune: no trial of {best.trials} produced an fd_domain (see MLflow run {parent})")
     return best
+
+
+def _mark_interrupted(client: Any, parent: str) -> None:
+    """The sweep run and its trial runs still RUNNING: KILLED, tag ganflow.failure = interrupted."""
+    children = client.search_runs(
+        [client.get_run(parent).info.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent}' and attributes.status = 'RUNNING'",
+    )
+    for run_id in [r.info.run_id for r in children] + [parent]:
+        client.set_tag(run_id, "ganflow.failure", "interrupted")
+        client.set_terminated(run_id, status="KILLED")
 
 
 def summarise(cfg: Config, client: Any, parent: str, results: Any) -> Best:

@@ -19,12 +19,12 @@ from tests.conftest import BIN, edit_params, run
 pytestmark = pytest.mark.slow
 
 
-def start_repro(root: Path) -> subprocess.Popen:
+def start_repro(root: Path, stage: str = "train") -> subprocess.Popen:
     # dvc runs the stage as `$SHELL -c`: /bin/sh (CI has no SHELL) stays between dvc and the
     # stage, the harder case (tests/test_stop_with_dvc.py covers both)
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "SHELL": "/bin/sh"}
     return subprocess.Popen(
-        [str(BIN / "dvc"), "repro", "train"], cwd=root, env=env, stdout=subprocess.PIPE,
+        [str(BIN / "dvc"), "repro", stage], cwd=root, env=env, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True, start_new_session=True,  # its own process group, like a shell job
     )
 
@@ -119,3 +119,39 @@ def test_interrupted_dvc_repro_leaves_a_clean_state_and_resumes(project):
     assert meta["epoch"] == 8 and meta["starts"] == 3
     assert (root / "models" / "generator" / "generator.safetensors").exists()
     assert (root / "dvc.lock").read_text() != lock  # DVC recorded the finished stage
+
+
+def test_ctrl_c_during_the_sweep_fails_the_stage_and_writes_nothing(project):
+    """Ray Tune's own Ctrl-C handler ends a sweep early and returns normally: the stage would
+    then pick the best of a partial sweep, write tune/best.json, and DVC would record it."""
+    root = project
+    edit_params(
+        root / "params.yaml",
+        data={"image_size": 32},
+        model={"latent_dim": 32, "g_width": 32, "d_width": 32},
+        train={"batch_size": 64},
+        eval={"encoder_epochs": 2},
+        tune={"enabled": True, "num_samples": 4, "epochs": 6, "grace_period": 6},
+    )
+    run([str(BIN / "dvc"), "repro", "encoder"], root, timeout=300, check=True)
+    lock = (root / "dvc.lock").read_text()
+
+    proc = start_repro(root, "tune")
+    deadline = time.time() + 240
+    while not [p for p in root.glob("ray_results/tune-*/*/result.json") if p.stat().st_size]:
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, "no trial reported"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "error: tune interrupted; MLflow sweep run" in err, err[-2000:]
+    assert not (root / "tune").exists() or not list((root / "tune").iterdir())
+    assert (root / "dvc.lock").read_text() == lock
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("ganflow").experiment_id
+    sweeps = client.search_runs([experiment], "tags.`ganflow.stage` = 'tune'")
+    assert len(sweeps) == 1
+    assert sweeps[0].info.status == "KILLED" and sweeps[0].data.tags["ganflow.failure"] == "interrupted"
+    trials = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{sweeps[0].info.run_id}'")
+    assert trials and all(t.info.status != "RUNNING" for t in trials), [t.info.status for t in trials]
