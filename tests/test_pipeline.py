@@ -19,6 +19,16 @@ def test_prepare_stage_lists_exactly_the_keys_that_shape_its_output():
     assert stage["outs"] == ["${paths.prepared}"]
 
 
+def test_tune_stage_depends_on_every_train_param_but_epochs():
+    """A train.* field added to the config must reach the sweep's DVC params (or be left out on purpose)."""
+    from ganflow.config import TrainConfig
+
+    params = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["tune"]["params"]
+    listed = {p.split(".", 1)[1] for p in params if isinstance(p, str) and p.startswith("train.")}
+    assert "train" not in params
+    assert listed == set(TrainConfig.model_fields) - {"epochs"}
+
+
 def test_dvc_repro_prepare(project):
     first = run(["dvc", "repro", "prepare"], project, check=True)
     assert "prepared 1797 images (32x32x1, 10 classes)" in first.stdout
@@ -101,3 +111,8 @@ def test_dvc_repro_whole_pipeline(project):
     assert "Running stage 'train'" not in third.stdout and "Running stage 'encoder'" not in third.stdout
     diff = run(["dvc", "metrics", "diff", "--json"], project, check=True).stdout
     assert "fid_inception" in json.loads(diff)["metrics/eval.json"]
+
+    # training longer reruns train, not the sweep (trials run tune.epochs)
+    edit_params(project / "params.yaml", train={"epochs": 3})
+    stale = json.loads(run(["dvc", "status", "--json"], project, check=True).stdout)
+    assert "train" in stale and "tune" not in stale, stale
