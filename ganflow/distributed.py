@@ -112,9 +112,19 @@ def init_ray(cfg: Config) -> None:
         else:
             # "local": a new Ray of this process's own, never one found on the machine (a
             # `ray start` head, or the stale address file of one that is gone)
-            ray.init(address="local", num_cpus=os.cpu_count(), logging_level="WARNING")
+            ray.init(address="local", num_cpus=os.cpu_count(), logging_level="WARNING",
+                     runtime_env={"worker_process_setup_hook": "ganflow.distributed.quiet_ray_workers"})
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise TrainingError(f"cluster.address: cannot connect to Ray at {address or 'local'}: {first_line(exc)}") from None
+
+
+def quiet_ray_workers() -> None:
+    """Run in each worker process of a local Ray: Tune ends every trial at its last report by
+    killing the trial's Train controller, and Ray's placement-group cleaner then warns, once per
+    trial, that the controller "is dead". The sweep's own summary says how each trial ended."""
+    import logging
+
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 def scaling_config(cfg: Config):
