@@ -99,7 +99,14 @@ def start_mlflow_server(backend_uri: str, port: int, log: Path, artifact_args: l
     return proc
 
 
+# `ray start --block` and its gcs_server/raylet take ~35 s to go on SIGTERM once a job has run
+# (measured); `ray stop` itself allows 16 s before SIGKILL. The head keeps nothing on disk that
+# a SIGKILL could corrupt (the MLflow server, which does, is stopped on its own).
+RAY_GRACE_S = 8.0
+
+
 def _stop(pid: int, timeout: float = 30.0) -> None:
+    """SIGTERM to the process group ``pid`` leads; SIGKILL what is left after ``timeout``."""
     try:
         os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:
@@ -172,7 +179,7 @@ def up(root: Path, ray_port: int = 6379, dashboard_port: int = 8265, mlflow_port
             _stop(mlflow_proc.pid)
             raise
     except BaseException:
-        _stop(ray_proc.pid)
+        _stop(ray_proc.pid, RAY_GRACE_S)
         raise
     state = LocalCluster(str(root), ray_proc.pid, mlflow_proc.pid, address, ray_port, tracking, str(storage))
     (state_dir / "cluster.json").write_text(json.dumps(asdict(state), indent=2) + "\n")
@@ -192,7 +199,7 @@ def down(root: Path) -> LocalCluster | None:
     state = read_state(root)
     if state is None:
         return None
-    _stop(state.ray_pid)
+    _stop(state.ray_pid, RAY_GRACE_S)
     _stop(state.mlflow_pid)
     # the head's address file, which `ray.init()` and `ray status` would otherwise try to join
     current = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "ray_current_cluster"
