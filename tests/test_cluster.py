@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -140,6 +142,28 @@ def test_dvc_repro_submits_train_as_a_ray_job(cluster, tmp_path):
 
     edit_params(root / "params.yaml", train={"batch_size": 64})
     before = {r.info.run_id for r in train_runs(cluster)}
+    # dvc killed by SIGTERM once the job is submitted: the stage stops the job, not orphans it
+    proc = subprocess.Popen([str(BIN / "dvc"), "repro", "train"], cwd=root, env={**job_env(), "SHELL": "/bin/sh"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    submitted = None
+    for line in proc.stdout:
+        if "submitted Ray job " in line:
+            submitted = line.split("submitted Ray job ", 1)[1].split()[0]
+            break
+    assert submitted, "no job submitted"
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.communicate(timeout=120)[0]
+    deadline = time.time() + 90
+    while True:
+        status = subprocess.run([str(BIN / "ray"), "job", "status", submitted, "--address", cluster.address],
+                                env=job_env(), capture_output=True, text=True, timeout=60).stdout
+        if "stopped" in status.lower() or time.time() > deadline:
+            break
+        time.sleep(1)
+    assert "was stopped" in status, (status, rest[-2000:])  # `ray job status` of a STOPPED job
+    assert f"error: train: interrupted; stopped Ray job {submitted}" in rest, rest[-2000:]
+    assert not (root / "models" / "generator").exists()
+
     done = run([str(BIN / "dvc"), "repro", "train"], root, timeout=600)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     assert "SUCCEEDED; outputs pulled into the workspace" in done.stdout
