@@ -169,7 +169,13 @@ def up(root: Path, ray_port: int = 6379, dashboard_port: int = 8265, mlflow_port
                "--disable-usage-stats"]
     if num_cpus is not None:
         command += ["--num-cpus", str(num_cpus)]
-    ray_proc = _spawn(command, ray_log, env={"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")})
+    auth_mode = os.environ.get("RAY_AUTH_MODE", "token")
+    if auth_mode == "token":
+        # `ray start` refuses to start without a token (unlike ray.init, it never makes one): on a
+        # machine where no local Ray ever ran, ~/.ray/auth_token does not exist yet
+        subprocess.run([tool("ray"), "get-auth-token", "--generate"], env={**os.environ, "RAY_AUTH_MODE": "token"},
+                       capture_output=True, check=True, timeout=timeout)
+    ray_proc = _spawn(command, ray_log, env={"RAY_AUTH_MODE": auth_mode})
     try:
         mlflow_proc = start_mlflow_server(db, mlflow_port, state_dir / "mlflow.log",
                                           ["--artifacts-destination", str(state_dir / "mlartifacts")], timeout)
