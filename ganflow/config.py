@@ -69,6 +69,9 @@ class DataConfig(Section):
     max_bad_fraction: float = Field(0.1, ge=0.0, le=1.0)
     # images larger than this many pixels are skipped (decompression-bomb guard)
     max_image_pixels: int = Field(50_000_000, gt=0)
+    # share of each class (of all images when unlabelled) held out from training: the images
+    # every quality number is measured against. The split is made once, by the prepare stage
+    holdout_fraction: float = Field(0.15, gt=0.0, le=0.5)
     # training-time augmentation; whatever is applied to the real images is learnt by G
     hflip: float = Field(0.0, ge=0.0, le=1.0)
     # DataLoader worker processes per training worker (0 = load in the training process)

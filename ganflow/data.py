@@ -6,7 +6,9 @@ Sources (``data.source``), each turned into uint8 (H, W, C) images with C = ``da
   npz     a .npz file with ``images`` (uint8, NHWC or NHW) and optional ``labels``/``class_names``
 
 The prepared dataset is a directory with ``images.npy`` (uint8, N x S x S x C), ``labels.npy``
-(int64, N; -1 when unlabelled) and ``manifest.json``. It is written to a temporary sibling and
+(int64, N; -1 when unlabelled), ``split.npy`` (uint8, N: 0 = train, 1 = held out) and
+``manifest.json``. The split is made once, here: the GAN and the encoder train on the train part
+only, and everything that judges a generator uses the held-out part. It is written to a temporary sibling and
 renamed into place, so an interrupted prepare never leaves half a dataset, and the same input
 and params give byte-identical files.
 """
@@ -35,13 +37,18 @@ from ganflow.atomic import atomic_dir, file_sha256, write_bytes
 from ganflow.config import Config, DataConfig
 from ganflow.errors import DataError, first_line
 
-FORMAT = "ganflow-prepared/1"
+FORMAT = "ganflow-prepared/2"  # /2: the held-out split
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MANIFEST = "manifest.json"
 # the data.* keys that decide the prepared bytes; dvc.yaml's prepare stage lists exactly these
-PREPARE_KEYS = ("source", "path", "image_size", "channels", "resize", "max_bad_fraction", "max_image_pixels")
+PREPARE_KEYS = ("source", "path", "image_size", "channels", "resize", "max_bad_fraction", "max_image_pixels",
+                "holdout_fraction")
 IMAGES = "images.npy"
 LABELS = "labels.npy"
+SPLIT = "split.npy"
+TRAIN, HELDOUT = 0, 1  # the values in SPLIT
+PARTS = {"all": None, "train": TRAIN, "heldout": HELDOUT}
+SPLIT_SEED = 20200  # fixed: the split is part of the data, not of a run
 
 
 @dataclass
@@ -332,6 +339,7 @@ def prepare(cfg: Config) -> PrepareSummary:
     for i, image in enumerate(raw.images):
         out[i] = resize(image=image)["image"].reshape(out.shape[1:])
     labels = raw.labels if raw.labels is not None else np.full(len(out), -1, dtype=np.int64)
+    split = holdout_split(labels, data.holdout_fraction)
 
     params = {key: getattr(data, key) for key in PREPARE_KEYS}
     params["path"] = cfg.relative(data.path) if data.source != "digits" else None
@@ -350,8 +358,16 @@ def prepare(cfg: Config) -> PrepareSummary:
         "skipped_count": len(raw.skipped),
         "skipped": raw.skipped,
         "params": params,
+        "split": {
+            "holdout_fraction": data.holdout_fraction,
+            "train": int((split == TRAIN).sum()),
+            "heldout": int((split == HELDOUT).sum()),
+            "heldout_class_counts": {
+                name: int(((labels == i) & (split == HELDOUT)).sum()) for i, name in enumerate(raw.class_names)
+            },
+        },
     }
-    write_prepared(cfg.paths.prepared, out, labels, manifest)
+    write_prepared(cfg.paths.prepared, out, labels, manifest, split)
     return PrepareSummary(
         path=cfg.paths.prepared,
         count=len(out),
@@ -362,12 +378,29 @@ def prepare(cfg: Config) -> PrepareSummary:
     )
 
 
-def write_prepared(out: Path, images: np.ndarray, labels: np.ndarray, manifest: dict[str, Any]) -> None:
+def holdout_split(labels: np.ndarray, fraction: float) -> np.ndarray:
+    """uint8 (N,): HELDOUT for round(fraction * n) images of each class (of all images when
+    unlabelled, labels -1), TRAIN for the rest; a class of two or more images keeps at least one
+    on each side. Deterministic: the same labels and fraction give the same split."""
+    rng = np.random.default_rng(SPLIT_SEED)
+    split = np.full(len(labels), TRAIN, dtype=np.uint8)
+    for value in np.unique(labels):  # sorted: the same order every run
+        members = np.flatnonzero(labels == value)
+        count = int(round(fraction * len(members)))
+        if len(members) >= 2:
+            count = min(max(count, 1), len(members) - 1)
+        split[rng.permutation(members)[:count]] = HELDOUT
+    return split
+
+
+def write_prepared(out: Path, images: np.ndarray, labels: np.ndarray, manifest: dict[str, Any],
+                   split: np.ndarray) -> None:
     """Write the dataset into a temporary sibling of ``out``, then swap it into place."""
     with atomic_dir(out) as tmp:
         _save_npy(tmp / IMAGES, images)
         _save_npy(tmp / LABELS, labels)
-        manifest = {**manifest, "files": {n: file_sha256(tmp / n) for n in (IMAGES, LABELS)}}
+        _save_npy(tmp / SPLIT, split)
+        manifest = {**manifest, "files": {n: file_sha256(tmp / n) for n in (IMAGES, LABELS, SPLIT)}}
         write_bytes(tmp / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
 
 
@@ -409,22 +442,34 @@ def transform_seed(seed: int, rank: int, worker_id: int, epoch: int) -> int:
 class PreparedDataset(torch.utils.data.Dataset):
     """The prepared images as float tensors (C, H, W) in [-1, 1], with int labels (-1 = none).
 
+    ``part`` picks the images: "train" (what the GAN and the encoder learn from), "heldout"
+    (what judges a generator) or "all".
+
     albumentations 2.0.8 gives every copy of a Compose the same random stream: in each
     DataLoader worker and each Ray rank. ``reseed`` (called by ``TransformSeeder`` in each
     worker, or directly with loader_workers=0) gives each its own stream.
     """
 
-    def __init__(self, path: Path, transform: A.Compose | None = None):
+    def __init__(self, path: Path, transform: A.Compose | None = None, part: str = "all"):
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         self.images = np.load(self.path / IMAGES, mmap_mode="r", allow_pickle=False)  # (N, H, W, C)
-        self.labels = np.load(self.path / LABELS, allow_pickle=False)  # (N,)
-        if len(self.images) != len(self.labels) or len(self.images) != self.manifest["count"]:
-            raise DataError(f"{self.path}: images, labels and manifest disagree on the count")
+        labels = np.load(self.path / LABELS, allow_pickle=False)  # (N,)
+        split = np.load(self.path / SPLIT, allow_pickle=False)  # (N,)
+        if not len(self.images) == len(labels) == len(split) == self.manifest["count"]:
+            raise DataError(f"{self.path}: images, labels, split and manifest disagree on the count")
+        self.indices = np.arange(len(split)) if PARTS[part] is None else np.flatnonzero(split == PARTS[part])
+        self.labels = labels[self.indices]  # (len(self),)
         self.transform = transform
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.indices)
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every image of the part at once: ((N, C, H, W) float in [-1, 1], labels (N,) int64),
+        without the training transform."""
+        x = torch.from_numpy(np.ascontiguousarray(self.images[self.indices])).permute(0, 3, 1, 2)
+        return x.float().div_(127.5).sub_(1.0), torch.as_tensor(self.labels, dtype=torch.long)
 
     @property
     def num_classes(self) -> int:
@@ -435,7 +480,7 @@ class PreparedDataset(torch.utils.data.Dataset):
             self.transform.set_random_seed(seed)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = np.array(self.images[index])  # (H, W, C) uint8, a copy out of the memory map
+        image = np.array(self.images[self.indices[index]])  # (H, W, C) uint8, a copy out of the memory map
         if self.transform is not None:
             image = self.transform(image=image)["image"].reshape(image.shape)
         x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)  # (C, H, W)

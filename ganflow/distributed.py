@@ -29,6 +29,7 @@ from ganflow.config import Config
 from ganflow.data import read_manifest
 from ganflow.errors import GanflowError, first_line
 from ganflow.evaluation import load_reference
+from ganflow.models import build_generator, recompute_batchnorm
 from ganflow.sampling import export_generator
 from ganflow.tracking import connect, provenance, start_training_run, tracking_uri
 from ganflow.train_loop import (
@@ -231,13 +232,14 @@ def ship_inputs(cfg: Config) -> dict[str, Any]:
 
 def check_trainable(cfg: Config) -> int:
     """Refuse a training that cannot run, before any worker starts. Returns the dataset size."""
-    count = read_manifest(cfg.paths.prepared)["count"]
+    manifest = read_manifest(cfg.paths.prepared)
+    count = manifest["split"]["train"]  # the GAN trains on the train split only
     load_reference(cfg)  # the encoder the in-training evaluation needs, for this data shape
     per_rank = cfg.train.batch_size // cfg.cluster.num_workers
     if count // cfg.cluster.num_workers < per_rank:
         raise TrainingError(
             f"train.batch_size: {cfg.train.batch_size} is larger than the prepared dataset allows "
-            f"({count} images over {cfg.cluster.num_workers} worker(s))"
+            f"({count} training images over {cfg.cluster.num_workers} worker(s))"
         )
     return count
 
@@ -374,7 +376,10 @@ def export(cfg: Config, checkpoint: Path, run_id: str, lr_g: float, lr_d: float,
     # the best EMA generator by in-training fd_domain; the last one if no evaluation ran
     best = "best_ema_g" in tensors
     spec.update(best_epoch=meta["best_epoch"] if best else meta["epoch"], fd_domain=meta["best_fd"])
-    export_generator(tensors["best_ema_g" if best else "ema_g"], spec, cfg.paths.generator)
+    g = build_generator(cfg)
+    g.load_state_dict(tensors["best_ema_g" if best else "ema_g"])
+    recompute_batchnorm(g, seed=cfg.train.seed)  # statistics of the exported weights, not of the live G
+    export_generator(g.state_dict(), spec, cfg.paths.generator)
     history = meta["history"]
     final = {k: v for k, v in history[-1].items() if k != "epoch"}
     deterministic = {k: v for k, v in final.items() if k != "imgs_per_sec"}

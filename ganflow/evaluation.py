@@ -1,13 +1,17 @@
 """Sample quality without internet: a domain encoder trained on the real data, and GAN metrics
-in its feature space, each reported next to its real-vs-real floor.
+(ganflow.metrics) in its feature space, each reported next to its real-vs-real floor.
 
 The encoder is a small CNN: a classifier when the data has labels (its penultimate layer gives
 the features, its softmax the class predictions), otherwise an autoencoder (its bottleneck
-gives the features). The real data is split once, by seed, into
-  - a held-out part (20%) that scores the encoder (accuracy or reconstruction error);
-  - reference half A: the features every generated set is compared with;
-  - half B, disjoint from A, of the same size: B against A is the floor of every metric.
-A metric near its floor means "as close to the real data as real data is to itself".
+gives the features). It uses the split the prepare stage made once:
+  - the train part (what the GAN learns from) fits the encoder;
+  - the held-out part, never trained on by the encoder or the GAN, scores the encoder and is the
+    reference every generated set is compared with;
+  - the floor of every metric is a sample of real train images of the reference's size against
+    the held-out reference: "as close to unseen real images as real images are".
+A generator that returns its training images scores at the floor, not below it; the data-copying
+test (copying_ct) is what catches it, by comparing nearest-training-image distances of the
+generated and the held-out images.
 """
 
 from __future__ import annotations
@@ -26,10 +30,25 @@ from ganflow.atomic import atomic_dir, write_bytes
 from ganflow.config import Config
 from ganflow.data import PreparedDataset
 from ganflow.errors import GanflowError, first_line
+from ganflow.metrics import (
+    class_metrics,
+    data_copying,
+    feature_stats,
+    frechet_distance,
+    kid,
+    kmeans_cells,
+    per_class_fd,
+    precision_recall,
+)
 
 WEIGHTS = "encoder.safetensors"
 SPEC = "encoder.json"
-REFERENCE = "reference.safetensors"  # half A's features and their mean/covariance
+REFERENCE = "reference.safetensors"  # held-out and train features, the copying test's cells
+MIN_HELDOUT = 20  # held-out images below which no metric is worth computing
+TRAIN_FEATURES_MAX = 10_000  # train images (a seeded sample) the copying test measures distances to
+FLOOR_DRAWS = 5  # train samples the floor is averaged over (one draw of ~300 images is noisy)
+CELL_SIZE = 25  # held-out images per cell of the copying test (at most MAX_CELLS cells)
+MAX_CELLS = 20
 
 
 class EvaluationError(GanflowError):
@@ -80,96 +99,114 @@ class Encoder(nn.Module):
         return features * self.feature_scale, self.head(features)
 
 
-@dataclass
-class Split:
-    held_out: np.ndarray  # indices
-    train: np.ndarray  # encoder training indices (everything not held out)
-    half_a: np.ndarray  # reference
-    half_b: np.ndarray  # floor, disjoint from half_a
-
-
-def split_indices(n: int, sample_size: int, seed: int) -> Split:
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(n)
-    n_held = max(1, n // 5)
-    held, train = np.sort(order[:n_held]), np.sort(order[n_held:])
-    size = min(sample_size, n // 2)
-    halves = rng.permutation(n)
-    return Split(held, train, np.sort(halves[:size]), np.sort(halves[size : 2 * size]))
+def heldout_minimum(cfg: Config) -> int:
+    """The fewest held-out images the metrics accept: MIN_HELDOUT, and more than
+    eval.feature_dim (a covariance of D features needs more than D samples to be full rank)."""
+    return max(MIN_HELDOUT, cfg.eval.feature_dim + 1)
 
 
 def fit_encoder(cfg: Config) -> dict[str, Any]:
-    """The encoder stage: train the encoder, compute the reference and the floors, write
-    paths.encoder (atomically). Returns the encoder's metrics."""
-    dataset = PreparedDataset(cfg.paths.prepared)
-    manifest = dataset.manifest
+    """The encoder stage: train the encoder on the train split, compute the held-out reference
+    and the floors, write paths.encoder (atomically). Returns the encoder's metrics."""
+    train = PreparedDataset(cfg.paths.prepared, part="train")
+    held = PreparedDataset(cfg.paths.prepared, part="heldout")
+    manifest = train.manifest
     labelled = bool(manifest["labelled"]) and len(manifest["class_names"]) >= 2
-    if len(dataset) < 8:
-        raise EvaluationError(f"{cfg.paths.prepared}: {len(dataset)} images are too few to fit an encoder (need 8)")
-    images = torch.stack([dataset[i][0] for i in range(len(dataset))])  # (N, C, S, S) in [-1, 1]
-    labels = torch.as_tensor(dataset.labels, dtype=torch.long)
-    split = split_indices(len(dataset), cfg.eval.num_samples, cfg.eval.seed)
+    if len(train) < 8:
+        raise EvaluationError(f"{cfg.paths.prepared}: {len(train)} training images are too few to fit an encoder "
+                              "(need 8)")
+    minimum = heldout_minimum(cfg)
+    if len(held) < minimum:
+        raise EvaluationError(
+            f"{cfg.paths.prepared}: the held-out split has {len(held)} images, fewer than the {minimum} the "
+            f"metrics need (at least {MIN_HELDOUT} and more than eval.feature_dim={cfg.eval.feature_dim}): "
+            "raise data.holdout_fraction, lower eval.feature_dim, or add images"
+        )
+    x_train, y_train = train.tensors()  # (N, C, S, S) in [-1, 1], (N,)
+    x_held, y_held = held.tensors()
 
     torch.manual_seed(cfg.eval.seed)
     num_classes = len(manifest["class_names"]) if labelled else 0
     encoder = Encoder(cfg.data.channels, cfg.data.image_size, cfg.eval.feature_dim, num_classes)
     optimizer = torch.optim.Adam(encoder.parameters(), lr=1e-3)
     generator = torch.Generator().manual_seed(cfg.eval.seed)
-    train_idx = torch.as_tensor(split.train)
     for _ in range(cfg.eval.encoder_epochs):
         encoder.train()
-        for batch in train_idx[torch.randperm(len(train_idx), generator=generator)].split(128):
-            x = images[batch]
+        for batch in torch.randperm(len(x_train), generator=generator).split(128):
+            x = x_train[batch]
             _, out = encoder(x)
             # classifier: cross-entropy on the labels; autoencoder: reconstruct the input
-            loss = nn.functional.cross_entropy(out, labels[batch]) if labelled else nn.functional.mse_loss(out, x)
+            loss = nn.functional.cross_entropy(out, y_train[batch]) if labelled else nn.functional.mse_loss(out, x)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
     encoder.eval()
     with torch.no_grad():
-        train_features = torch.cat([encoder.body(x) for x in images[train_idx].split(500)])
+        train_features = torch.cat([encoder.body(x) for x in x_train.split(500)])
         encoder.feature_scale.fill_(1.0 / float(train_features.var(dim=0).mean().sqrt().clamp_min(1e-8)))
-
-    held = torch.as_tensor(split.held_out)
-    with torch.no_grad():
-        _, out = encoder(images[held])
+        _, out = encoder(x_held)
     if labelled:
-        quality = {"heldout_accuracy": float((out.argmax(1) == labels[held]).float().mean())}
+        quality = {"heldout_accuracy": float((out.argmax(1) == y_held).float().mean())}
     else:
-        quality = {"heldout_reconstruction_mse": float(nn.functional.mse_loss(out, images[held]))}
+        quality = {"heldout_reconstruction_mse": float(nn.functional.mse_loss(out, x_held))}
 
-    feats_a, probs_a = encode(encoder, images[torch.as_tensor(split.half_a)])
-    feats_b, probs_b = encode(encoder, images[torch.as_tensor(split.half_b)])
-    class_freq = (
-        np.bincount(dataset.labels[dataset.labels >= 0], minlength=num_classes) / max(1, (dataset.labels >= 0).sum())
-        if labelled else np.zeros(0)
-    )
-    reference = Reference(encoder, feats_a, *feature_stats(feats_a), class_freq, list(manifest["class_names"]), {}, cfg)
-    floors = reference.metrics(feats_b, probs_b)
+    # the reference: held-out images (all of them up to eval.num_samples); the floor: as many
+    # train images, averaged over FLOOR_DRAWS draws; the copying test: up to TRAIN_FEATURES_MAX
+    # train images
+    rng = np.random.default_rng(cfg.eval.seed)
+    size = min(cfg.eval.num_samples, len(held), len(train))
+    ref_index = np.sort(rng.permutation(len(held))[:size])
+    copy_index = np.sort(rng.permutation(len(train))[:TRAIN_FEATURES_MAX])
+    feats_ref, _ = encode(encoder, x_held[ref_index])
+    feats_all, probs_all = encode(encoder, x_train)
+    feats_train = feats_all[copy_index]
+    cells = kmeans_cells(feats_train, min(MAX_CELLS, max(1, size // CELL_SIZE)), cfg.eval.seed)
+    all_labels = np.concatenate([train.labels, held.labels])
+    class_freq = np.bincount(all_labels, minlength=num_classes) / len(all_labels) if labelled else np.zeros(0)
+    class_names = list(manifest["class_names"]) if labelled else []
+    reference = Reference(encoder, feats_ref, y_held.numpy()[ref_index], *feature_stats(feats_ref), feats_train,
+                          cells, class_freq, class_names, {}, {}, cfg)
+    draws = []
+    for _ in range(FLOOR_DRAWS):
+        index = np.sort(rng.permutation(len(train))[:size])
+        draws.append(reference.metrics(feats_all[index], None if probs_all is None else probs_all[index],
+                                       copying=False))
+    floors = {k: float(np.mean([d[k] for d in draws])) for k in draws[0] if k != "class_fd"}
+    class_floors = {name: _mean_or_none([d["class_fd"][name] for d in draws]) for name in class_names}
     spec = {
         "kind": "classifier" if labelled else "autoencoder",
         "channels": cfg.data.channels,
         "image_size": cfg.data.image_size,
         "feature_dim": cfg.eval.feature_dim,
         "num_classes": num_classes,
-        "class_names": list(manifest["class_names"]) if labelled else [],
+        "class_names": class_names,
         "class_freq": class_freq.tolist(),
-        "sample_size": int(len(split.half_a)),
+        "sample_size": int(size),
+        "train_count": len(train),
+        "heldout_count": len(held),
         "floors": floors,
+        "class_floors": class_floors,
         "quality": quality,
         "data_hash": manifest["files"]["images.npy"],
+        "split_hash": manifest["files"]["split.npy"],
     }
     with atomic_dir(cfg.paths.encoder) as tmp:
         save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, str(tmp / WEIGHTS))
         save_file(
-            {"features": torch.from_numpy(feats_a), "mu": torch.from_numpy(reference.mu),
-             "sigma": torch.from_numpy(reference.sigma)},
+            {"features": torch.from_numpy(feats_ref), "labels": torch.from_numpy(reference.labels),
+             "index": torch.from_numpy(ref_index), "mu": torch.from_numpy(reference.mu),
+             "sigma": torch.from_numpy(reference.sigma), "train_features": torch.from_numpy(feats_train),
+             "cells": torch.from_numpy(cells)},
             str(tmp / REFERENCE),
         )
         write_bytes(tmp / SPEC, (json.dumps(spec, indent=2, sort_keys=True) + "\n").encode())
-    return {"kind": spec["kind"], "sample_size": spec["sample_size"], **quality,
-            **{f"floor_{k}": v for k, v in floors.items()}}
+    return {"kind": spec["kind"], "sample_size": spec["sample_size"], "train_count": len(train),
+            "heldout_count": len(held), **quality, **{f"floor_{k}": v for k, v in floors.items()}}
+
+
+def _mean_or_none(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return float(np.mean(known)) if known else None
 
 
 def encode(encoder: Encoder, images: torch.Tensor, batch: int = 500) -> tuple[np.ndarray, np.ndarray | None]:
@@ -185,100 +222,24 @@ def encode(encoder: Encoder, images: torch.Tensor, batch: int = 500) -> tuple[np
     return np.concatenate(feats), (np.concatenate(probs) if encoder.labelled else None)
 
 
-# ------------------------------------------------------------------------------------- metrics
-
-
-def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean (D,) and covariance (D, D) of features (N, D)."""
-    return features.mean(axis=0), np.cov(features, rowvar=False)
-
-
-def _sqrtm_psd(matrix: np.ndarray) -> np.ndarray:
-    values, vectors = np.linalg.eigh((matrix + matrix.T) / 2)
-    return (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
-
-
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^1/2), the Fréchet distance of two Gaussians.
-
-    tr((S1 S2)^1/2) is computed as tr((S1^1/2 S2 S1^1/2)^1/2), whose argument is symmetric
-    positive semi-definite, so no complex parts or failed square roots on near-singular S.
-    """
-    root1 = _sqrtm_psd(sigma1)
-    middle = root1 @ sigma2 @ root1
-    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum()
-    diff = mu1 - mu2
-    return float(max(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt, 0.0))
-
-
-def kid(real: np.ndarray, fake: np.ndarray, subsets: int = 50, subset_size: int = 500,
-        seed: int = 0) -> tuple[float, float]:
-    """Kernel Inception Distance: the unbiased MMD^2 with kernel (x.y / D + 1)^3, averaged over
-    random subsets. Returns (mean, standard deviation over subsets)."""
-    rng = np.random.default_rng(seed)
-    m = min(subset_size, len(real), len(fake))
-    d = real.shape[1]
-    values = []
-    for _ in range(subsets):
-        x = real[rng.choice(len(real), m, replace=False)]
-        y = fake[rng.choice(len(fake), m, replace=False)]
-        kxx, kyy, kxy = ((x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3)
-        # unbiased: the diagonals k(x_i, x_i) are left out of the within-set terms
-        within = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1))
-        values.append(within - 2 * kxy.mean())
-    return float(np.mean(values)), float(np.std(values))
-
-
-def _knn_radii(features: np.ndarray, k: int) -> np.ndarray:
-    """Distance of each point to its k-th nearest other point in the same set."""
-    dist = _pairwise(features, features)
-    return np.sort(dist, axis=1)[:, k]  # column 0 is the point itself
-
-
-def _pairwise(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    sq = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T
-    return np.sqrt(np.clip(sq, 0, None))
-
-
-def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[float, float]:
-    """Improved precision and recall (Kynkäänniemi et al. 2019): each set's manifold is the
-    union of balls reaching every sample's k-th nearest neighbour. Precision = share of fake
-    samples inside the real manifold; recall = share of real samples inside the fake one."""
-    real_radii, fake_radii = _knn_radii(real, k), _knn_radii(fake, k)
-    dist = _pairwise(fake, real)  # (n_fake, n_real)
-    precision = float((dist <= real_radii[None, :]).any(axis=1).mean())
-    recall = float((dist.T <= fake_radii[None, :]).any(axis=1).mean())
-    return precision, recall
-
-
-def class_metrics(probs: np.ndarray, real_freq: np.ndarray) -> dict[str, float]:
-    """From the classifier's probabilities on generated samples: classes covered (predicted at
-    least once), KL(generated class frequencies || real ones), the largest relative deviation
-    of a class's frequency, and the Inception-Score analogue exp(E_x KL(p(y|x) || p(y)))."""
-    k = len(real_freq)
-    counts = np.bincount(probs.argmax(1), minlength=k)
-    freq = counts / counts.sum()
-    present = freq > 0
-    kl = float((freq[present] * np.log(freq[present] / np.clip(real_freq[present], 1e-12, None))).sum())
-    marginal = probs.mean(0)
-    eps = 1e-12
-    score = float(np.exp((probs * (np.log(probs + eps) - np.log(marginal + eps))).sum(1).mean()))
-    deviation = float(np.max(np.abs(freq - real_freq) / np.clip(real_freq, 1e-12, None)))
-    return {"classes_covered": int(present.sum()), "class_kl": kl, "class_max_rel_dev": deviation,
-            "is_domain": score}
+# ------------------------------------------------------------------------------------- the reference
 
 
 @dataclass
 class Reference:
-    """What generated samples are measured against: the encoder and real half A."""
+    """What generated samples are measured against: the encoder and the held-out real images."""
 
     encoder: Encoder
-    features: np.ndarray  # (n, D) half A
+    features: np.ndarray  # (n, D) the held-out reference
+    labels: np.ndarray  # (n,) their classes (-1 when unlabelled)
     mu: np.ndarray
     sigma: np.ndarray
+    train_features: np.ndarray  # (m, D) train images: what "copied" means
+    cells: np.ndarray  # (k, D) the copying test's partition of the feature space
     class_freq: np.ndarray  # (K,) real class frequencies; empty when unlabelled
     class_names: list[str]
     floors: dict[str, float]
+    class_floors: dict[str, float | None]
     cfg: Config
 
     @property
@@ -292,12 +253,16 @@ class Reference:
                                 self.cfg.eval.seed)
         return {"fd_domain": frechet_distance(self.mu, self.sigma, mu, sigma), "kid": kid_mean, "kid_std": kid_std}
 
-    def metrics(self, features: np.ndarray, probs: np.ndarray | None) -> dict[str, float]:
-        """Every metric of a generated (or held-out real) set against half A."""
-        out = self.quick(features)
+    def metrics(self, features: np.ndarray, probs: np.ndarray | None, copying: bool = True) -> dict[str, Any]:
+        """Every metric of a generated (or real) set against the held-out reference. ``copying``:
+        the data-copying test (meaningless for a set of train images, which the floor is)."""
+        out: dict[str, Any] = self.quick(features)
         out["precision"], out["recall"] = precision_recall(self.features, features, self.cfg.eval.pr_k)
         if probs is not None and len(self.class_freq):
             out.update(class_metrics(probs, self.class_freq))
+            out["class_fd"] = per_class_fd(self.features, self.labels, features, probs.argmax(1), self.class_names)
+        if copying:
+            out.update(data_copying(self.train_features, self.features, features, self.cells))
         return out
 
 
@@ -306,6 +271,8 @@ def load_reference(cfg: Config) -> Reference:
     if not (path / SPEC).is_file():
         raise EvaluationError(f"{path}: no encoder here (missing {SPEC}); run `dvc repro encoder`")
     spec = json.loads((path / SPEC).read_text())
+    if "split_hash" not in spec:
+        raise EvaluationError(f"{path}: an encoder from before the held-out split; run `dvc repro encoder`")
     if (spec["channels"], spec["image_size"]) != (cfg.data.channels, cfg.data.image_size):
         raise EvaluationError(
             f"{path}: encoder is for {spec['image_size']}px x{spec['channels']} images, the data is "
@@ -314,21 +281,35 @@ def load_reference(cfg: Config) -> Reference:
     encoder = Encoder(spec["channels"], spec["image_size"], spec["feature_dim"], spec["num_classes"])
     encoder.load_state_dict(load_file(str(path / WEIGHTS)))  # safetensors: nothing unpickled
     encoder.eval()
-    ref = load_file(str(path / REFERENCE))
+    ref = {k: v.numpy() for k, v in load_file(str(path / REFERENCE)).items()}
     return Reference(
-        encoder, ref["features"].numpy(), ref["mu"].numpy(), ref["sigma"].numpy(),
-        np.asarray(spec["class_freq"]), spec["class_names"], spec["floors"], cfg,
+        encoder, ref["features"], ref["labels"], ref["mu"], ref["sigma"], ref["train_features"], ref["cells"],
+        np.asarray(spec["class_freq"]), spec["class_names"], spec["floors"], spec["class_floors"], cfg,
     )
 
 
-def with_floors(metrics: dict[str, float], floors: dict[str, float]) -> dict[str, Any]:
-    """Metrics next to their floors, plus fd_domain / floor."""
+def reference_images(cfg: Config) -> torch.Tensor:
+    """The held-out reference images themselves (N, C, S, S) in [-1, 1], in the reference's order."""
+    index = load_file(str(cfg.paths.encoder / REFERENCE))["index"].numpy()
+    images, _ = PreparedDataset(cfg.paths.prepared, part="heldout").tensors()
+    return images[torch.as_tensor(index)]
+
+
+def with_floors(metrics: dict[str, Any], floors: dict[str, float],
+                class_floors: dict[str, float | None] | None = None) -> dict[str, Any]:
+    """Metrics next to their floors, plus fd_domain / floor (overall and per class)."""
     out: dict[str, Any] = dict(metrics)
     out.update({f"floor_{k}": v for k, v in floors.items() if k in metrics})
     if floors.get("fd_domain"):
         out["fd_domain_over_floor"] = metrics["fd_domain"] / floors["fd_domain"]
+    if "class_fd" in metrics and class_floors:
+        ratios = {name: (fd / class_floors[name] if fd is not None and class_floors.get(name) else None)
+                  for name, fd in metrics["class_fd"].items()}
+        out["class_fd_over_floor"] = ratios
+        # the weakest class; null when a class is never drawn (classes_covered says which are)
+        known = [r for r in ratios.values() if r is not None]
+        out["class_fd_over_floor_max"] = max(known) if known and len(known) == len(ratios) else None
     return out
-
 
 
 # ------------------------------------------------------------------------------------- Inception FID
@@ -364,7 +345,7 @@ def inception_fid(weights: Path, real: torch.Tensor, fake: torch.Tensor) -> floa
 
 
 def evaluate_generator(cfg: Config, sample_fn, reference: Reference | None = None) -> tuple[dict[str, Any], np.ndarray]:
-    """Every metric of ``sample_fn(z) -> images (N, C, S, S) in [-1, 1]`` against the real
+    """Every metric of ``sample_fn(z) -> images (N, C, S, S) in [-1, 1]`` against the held-out
     reference, next to its floor. Returns (metrics, the samples as uint8 (N, S, S, C)).
 
     The latent vectors are drawn with eval.seed + 1, not the eval.seed that picked the best
@@ -378,16 +359,13 @@ def evaluate_generator(cfg: Config, sample_fn, reference: Reference | None = Non
     z = torch.randn(n, latent, generator=torch.Generator().manual_seed(cfg.eval.seed + 1))
     images = torch.cat([torch.as_tensor(sample_fn(chunk)) for chunk in z.split(500)]).float()
     features, probs = encode(reference.encoder, images)
-    metrics = with_floors(reference.metrics(features, probs), reference.floors)
+    metrics = with_floors(reference.metrics(features, probs), reference.floors, reference.class_floors)
     metrics["sample_size"] = n
     if probs is not None:
         counts = np.bincount(probs.argmax(1), minlength=len(reference.class_names))
         metrics["class_freq"] = {name: float(c / n) for name, c in zip(reference.class_names, counts)}
     if cfg.eval.inception_weights is not None:
-        dataset = PreparedDataset(cfg.paths.prepared)
-        half_a = split_indices(len(dataset), cfg.eval.num_samples, cfg.eval.seed).half_a
-        real = torch.stack([dataset[int(i)][0] for i in half_a])
-        metrics["fid_inception"] = inception_fid(cfg.eval.inception_weights, real, images)
+        metrics["fid_inception"] = inception_fid(cfg.eval.inception_weights, reference_images(cfg), images)
     return metrics, to_uint8(images)
 
 

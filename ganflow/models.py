@@ -90,6 +90,31 @@ def dcgan_init(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+@torch.no_grad()
+def recompute_batchnorm(g: Generator, seed: int = 0, batches: int = 16, batch_size: int = 64) -> None:
+    """Give G's BatchNorm layers running statistics computed for G's own weights.
+
+    The EMA generator is an average of weights; statistics copied from the live G belong to
+    other weights, and running it in eval mode with them mismatches every normalisation. This
+    resets them and averages the batch statistics (momentum None = a cumulative mean) of
+    ``batches`` x ``batch_size`` samples from fixed noise, so the same weights always get the
+    same statistics. Leaves G in eval mode.
+    """
+    norms = [m for m in g.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    device = next(g.parameters()).device
+    noise = torch.Generator().manual_seed(seed)
+    g.train()
+    for _ in range(batches):
+        g(torch.randn(batch_size, g.latent_dim, generator=noise).to(device))
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    g.eval()
+
+
 def build_generator(cfg: Config) -> Generator:
     g = Generator(cfg.model.latent_dim, cfg.data.channels, cfg.data.image_size, cfg.model.g_width)
     dcgan_init(g)

@@ -2,7 +2,9 @@
 module that writes to the registry.
 
 Rule: every newly registered version becomes `challenger`; `champion` moves to it only when
-its fd_domain is lower than the current champion's (or there is no champion). The same
+its held-out fd_domain is lower than the current champion's (or there is no champion) and the
+data-copying test did not flag it (copying_flagged: a generator that returns training images
+scores near the floor and must never win on it). The same
 generator (same weights file) registered again reuses its version.
 """
 
@@ -98,7 +100,13 @@ def register(cfg: Config) -> dict[str, Any]:
     champion = _champion(client, name)
     champion_fd = float(champion.tags[METRIC]) if champion is not None and METRIC in champion.tags else None
     fd = float(metrics[METRIC])
-    promoted = champion is None or (str(champion.version) != number and champion_fd is not None and fd < champion_fd)
+    if "copying_flagged" not in metrics:
+        raise RegistryError(f"{eval_path}: no data-copying result (written before it existed); "
+                            "run `dvc repro evaluate`")
+    copying = bool(metrics["copying_flagged"])
+    promoted = not copying and (
+        champion is None or (str(champion.version) != number and champion_fd is not None and fd < champion_fd)
+    )
     if promoted:
         client.set_registered_model_alias(name, CHAMPION, number)
     aliases = sorted(client.get_model_version(name, number).aliases)
@@ -109,6 +117,7 @@ def register(cfg: Config) -> dict[str, Any]:
         METRIC: fd,
         "champion_fd_domain_before": champion_fd,
         "promoted": promoted,
+        "copying_flagged": copying,
         "created": created,
         "mlflow_run_id": run_id,
         "model_uri": f"models:/{name}/{number}",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -407,6 +408,10 @@ def log_evaluation(cfg: Config, run_id: str | None, metrics: dict[str, Any], gri
     from mlflow.entities import Metric
 
     numbers = {f"eval_{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    # per-class figures (class_fd_over_floor, class_freq) as eval_<key>_<class>: which class is weak
+    numbers.update({f"eval_{k}_{name}": float(v) for k, d in metrics.items() if isinstance(d, dict)
+                    for name, v in d.items() if isinstance(v, (int, float))})
+    numbers = {k: v for k, v in numbers.items() if math.isfinite(v)}
     stamp = _now_ms()
     try:
         check_reachable(tracking_uri(cfg))

@@ -28,12 +28,12 @@ from ganflow.config import Config
 from ganflow.errors import GanflowError, first_line
 from ganflow.evaluation import Reference, encode, load_reference
 from ganflow.losses import LOSSES
-from ganflow.models import build_discriminator, build_generator
+from ganflow.models import build_discriminator, build_generator, recompute_batchnorm
 
 CHECKPOINT_STATE = "state.pt"
 CHECKPOINT_META = "meta.json"
 DIAGNOSTICS = ("loss_d", "loss_g", "d_real", "d_fake")
-EVAL_METRICS = ("fd_domain", "kid", "kid_std")
+EVAL_METRICS = ("fd_domain", "kid", "kid_std", "fd_recent")
 
 
 class Diverged(Exception):
@@ -126,10 +126,10 @@ def ema_decay_at(decay: float, updates: int) -> float:
 
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """Average the weights only: the EMA G's BatchNorm statistics are recomputed for its own
+    weights (models.recompute_batchnorm) before it is evaluated, sampled or exported."""
     for e, p in zip(ema.parameters(), model.parameters()):
         e.lerp_(p.detach(), 1.0 - decay)
-    for e, b in zip(ema.buffers(), model.buffers()):
-        e.copy_(b)  # BatchNorm running statistics: follow G
 
 
 def gan_step(
@@ -327,7 +327,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     state.g = ray.train.torch.prepare_model(state.g)
     state.d = ray.train.torch.prepare_model(state.d, parallel_strategy_kwargs={"broadcast_buffers": False})
 
-    dataset = PreparedDataset(cfg.paths.prepared, build_train_transform(cfg.data))
+    # the train split only: the held-out images judge the generator and are never trained on
+    dataset = PreparedDataset(cfg.paths.prepared, build_train_transform(cfg.data), part="train")
     per_rank_batch = cfg.train.batch_size // world
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.train.seed, drop_last=True)
     seeder = TransformSeeder(cfg.train.seed, rank)
@@ -391,8 +392,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
         state.epoch = epoch + 1
         last = state.epoch == cfg.train.epochs
+        if rank == 0:  # the EMA G is evaluated and sampled with statistics of its own weights
+            recompute_batchnorm(state.ema_g, seed=cfg.train.seed)
         if reference is not None and (state.epoch % cfg.eval.every == 0 or last):
             row.update(evaluate_ema(state, cfg, reference))
+            # the sweep's objective: the mean of the last two evaluations, not one noisy value
+            previous = [r["fd_domain"] for r in state.history if "fd_domain" in r][-1:]
+            row["fd_recent"] = float(np.mean(previous + [row["fd_domain"]]))
             if row["fd_domain"] < state.best_fd:  # the exported generator is the best, not the last
                 state.best_fd, state.best_epoch = row["fd_domain"], state.epoch
                 state.best_ema_g = {k: v.detach().cpu().clone() for k, v in state.ema_g.state_dict().items()}

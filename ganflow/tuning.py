@@ -3,6 +3,11 @@
 Train V2 pattern: Tune runs a small driver function per trial, which starts a TorchTrainer
 (itself multi-worker DDP if cluster.num_workers > 1) whose rank 0 reports fd_domain every
 epoch; TuneReportCallback forwards those reports to Tune, and ASHA stops bad trials early.
+
+What a trial scores is ``fd_recent``, the mean fd_domain of its last two evaluations (one
+evaluation is noisy, and the minimum over epochs rewards a lucky epoch), and the pick is made
+among the trials that ran the most epochs: rates that hold, not rates that flashed once. Each
+trial trains with its own seed, derived from tune.seed, so no rate wins by one seed's luck.
 MLflow: one parent run per sweep, a nested child run per trial, created with the experiment
 that the driver made once.
 """
@@ -14,7 +19,10 @@ import io
 import json
 import math
 import os
+import zlib
 from dataclasses import dataclass
+
+import numpy as np
 from typing import Any
 
 from ganflow.atomic import check_storage_writable, write_file
@@ -55,8 +63,8 @@ class TuneError(GanflowError):
 class Best:
     lr_g: float
     lr_d: float
-    fd_domain: float | None
-    epoch: int | None
+    fd_domain: float | None  # the pick's score: fd_recent at its last epoch (mean of its last two fd_domain)
+    epoch: int | None  # the epoch that score was reached at (the trial's last)
     sweep_run_id: str | None
     trials: int
     trial_epochs: int
@@ -104,6 +112,13 @@ def search_algorithm(cfg: Config, concurrent: int):
     return ConcurrencyLimiter(OptunaSearch(seed=cfg.tune.seed), max_concurrent=concurrent)
 
 
+def trial_seed(tune_seed: int, trial: int | None, lr_g: float, lr_d: float) -> int:
+    """train.seed of one trial: derived from tune.seed and the trial's number (random search), or
+    its rates (searchers whose trial ids are random), so a rerun gives every trial the same seed."""
+    key = [tune_seed, trial] if trial is not None else [tune_seed, zlib.crc32(f"{lr_g!r} {lr_d!r}".encode())]
+    return int(np.random.SeedSequence(key).generate_state(1)[0]) % 2**31
+
+
 def sweep_name(cfg: Config) -> str:
     key = json.dumps({"tune": cfg.tune.model_dump(mode="json"), "params": params_hash(cfg)}, sort_keys=True)
     return "tune-" + hashlib.sha256(key.encode()).hexdigest()[:12]
@@ -129,6 +144,8 @@ def _trial(config: dict[str, Any], *, base: dict[str, Any], root: str, parent_ru
     cfg = config_from_dict(base, root)
     context = ray.tune.get_context()
     lr_g, lr_d = float(config["lr_g"]), float(config["lr_d"])
+    cfg.train.seed = trial_seed(cfg.tune.seed, trial_number(context.get_trial_id()), lr_g, lr_d)
+    base = cfg.to_dict()
     client = MlflowClient(uri)
     tags = {
         "mlflow.parentRunId": parent_run_id,  # nests the trial under the sweep in the UI
@@ -200,7 +217,7 @@ def run_sweep(cfg: Config) -> Best:
         tune.with_resources(trainable, TRIAL_DRIVER_RESOURCES),
         param_space=space,
         tune_config=tune.TuneConfig(
-            metric="fd_domain", mode="min", num_samples=cfg.tune.num_samples, scheduler=scheduler,
+            metric="fd_recent", mode="min", num_samples=cfg.tune.num_samples, scheduler=scheduler,
             search_alg=search,
         ),
         run_config=ray.tune.RunConfig(name=name, storage_path=storage, verbose=0),
@@ -237,19 +254,21 @@ def _mark_interrupted(client: Any, parent: str) -> None:
 
 
 def summarise(cfg: Config, client: Any, parent: str, results: Any) -> Best:
-    """The best (trial, epoch) by fd_domain; child-run statuses; the parent's record and plot."""
+    """The pick: among the trials that ran the most epochs, the lowest fd_recent at the last
+    epoch; child-run statuses; the parent's record and plot."""
     trials = []
     for result in results:
         frame = result.metrics_dataframe
         fds = list(frame["fd_domain"]) if frame is not None and "fd_domain" in frame else []
-        finite = [(fd, epoch) for epoch, fd in enumerate(fds, start=1) if math.isfinite(fd)]
-        fd, epoch = min(finite) if finite else (None, None)
-        trials.append({"lr_g": float(result.config["lr_g"]), "lr_d": float(result.config["lr_d"]), "fd": fd,
-                       "epoch": epoch, "epochs": 0 if frame is None else len(frame),
+        finite = all(math.isfinite(v) for v in fds[-2:])
+        trials.append({"lr_g": float(result.config["lr_g"]), "lr_d": float(result.config["lr_d"]),
+                       "fd": float(np.mean(fds[-2:])) if fds and finite else None, "fd_history": fds,
+                       "epoch": len(fds) if fds else None, "epochs": 0 if frame is None else len(frame),
                        "error": str(result.error).splitlines()[0] if result.error else None})
     stopped = _close_trial_runs(cfg, client, parent, results)
     scored = [t for t in trials if t["fd"] is not None]
-    best = min(scored, key=lambda t: t["fd"]) if scored else None
+    longest = max((t["epochs"] for t in scored), default=0)
+    best = min((t for t in scored if t["epochs"] == longest), key=lambda t: t["fd"]) if scored else None
     summary = Best(
         lr_g=best["lr_g"] if best else cfg.train.lr_g,
         lr_d=best["lr_d"] if best else cfg.train.lr_d,
@@ -300,7 +319,7 @@ def _close_trial_runs(cfg: Config, client: Any, parent: str, results: Any) -> in
 
 
 def _sweep_plot(trials: list[dict[str, Any]]):
-    """fd_domain over (lr_g, lr_d): one dot per trial, log axes, colour = best fd_domain."""
+    """fd_recent over (lr_g, lr_d): one dot per trial, log axes, colour = its last fd_recent."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -313,7 +332,7 @@ def _sweep_plot(trials: list[dict[str, Any]]):
     if scored:
         dots = ax.scatter([t["lr_g"] for t in scored], [t["lr_d"] for t in scored], c=[t["fd"] for t in scored],
                           cmap="viridis_r", s=60)
-        fig.colorbar(dots, label="best fd_domain")
+        fig.colorbar(dots, label="fd_recent (mean of the last two fd_domain)")
     unscored = [t for t in trials if t["fd"] is None]
     ax.scatter([t["lr_g"] for t in unscored], [t["lr_d"] for t in unscored], marker="x", c="red")
     ax.set(xscale="log", yscale="log", xlabel="lr_g", ylabel="lr_d", title="sweep: fd_domain per trial")

@@ -40,21 +40,26 @@ def stage(cfg: Config) -> None:
     write_file(cfg.paths.plots / "samples.png", grid.getvalue())
     table = io.StringIO()
     writer = csv.writer(table, lineterminator="\n")
-    writer.writerow(["class", "real", "generated"])
+    writer.writerow(["class", "real", "generated", "fd_over_floor"])
     for i, name in enumerate(reference.class_names):
-        writer.writerow([name, float(reference.class_freq[i]), metrics.get("class_freq", {}).get(name, 0.0)])
+        ratio = metrics["class_fd_over_floor"][name]
+        writer.writerow([name, float(reference.class_freq[i]), metrics["class_freq"][name],
+                         "" if ratio is None else ratio])
     write_file(cfg.paths.plots / "eval_classes.csv", table.getvalue())
 
     run_id = json.loads((cfg.paths.generator / "generator.json").read_text()).get("mlflow_run_id")
     logged = log_evaluation(cfg, run_id, metrics, cfg.paths.plots / "samples.png")
     classes = (
-        f", {metrics['classes_covered']}/{len(reference.class_names)} classes (KL {metrics['class_kl']:.3f})"
+        f", {metrics['classes_covered']}/{len(reference.class_names)} classes (TV {metrics['class_tv']:.3f}, "
+        f"KL {metrics['class_kl']:.3f}, reverse KL {metrics['class_kl_reverse']:.3f})"
         if "classes_covered" in metrics else ""
     )
+    copying = "FLAGGED: copies training images" if metrics["copying_flagged"] else "not flagged"
     print(
-        f"fd_domain {metrics['fd_domain']:.3f} = {metrics['fd_domain_over_floor']:.2f}x its real-vs-real floor "
-        f"({metrics['floor_fd_domain']:.3f}); KID {metrics['kid']:.4f}; precision {metrics['precision']:.2f}, "
-        f"recall {metrics['recall']:.2f}{classes} -> {cfg.paths.metrics / 'eval.json'}"
+        f"held-out fd_domain {metrics['fd_domain']:.3f} = {metrics['fd_domain_over_floor']:.2f}x its real-vs-real "
+        f"floor ({metrics['floor_fd_domain']:.3f}, {metrics['sample_size']} held-out images); KID {metrics['kid']:.4f}; "
+        f"precision {metrics['precision']:.2f}, recall {metrics['recall']:.2f}{classes}; data copying C_T "
+        f"{metrics['copying_ct']:.2f} ({copying}) -> {cfg.paths.metrics / 'eval.json'}"
         + (f"; logged to MLflow run {run_id}" if logged else "")
     )
 

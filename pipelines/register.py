@@ -16,7 +16,9 @@ from ganflow.registry import register
 
 def stage(cfg: Config) -> None:
     record = register(cfg)
-    if record["promoted"]:
+    if record["copying_flagged"]:
+        verdict = "challenger only: the data-copying test flagged it (copying_ct in metrics/eval.json)"
+    elif record["promoted"]:
         verdict = "promoted to champion"
     elif "champion" in record["aliases"]:
         verdict = "already the champion"

@@ -1,4 +1,5 @@
-"""DVC stage `tune`: Ray Tune search of (lr_g, lr_d) by in-training fd_domain, ASHA early stopping;
+"""DVC stage `tune`: Ray Tune search of (lr_g, lr_d) by in-training held-out fd_domain (the mean of
+a trial's last two evaluations), ASHA early stopping;
 writes paths.tune_best (tune/best.json), which the train stage reads. Never edits params.yaml.
 
     python pipelines/tune.py [--params params.yaml]
@@ -24,7 +25,8 @@ def tune(cfg: Config) -> None:
         return
     print(
         f"best of {best.trials} trials ({best.stopped_early} stopped early, {best.trial_epochs} trial-epochs): "
-        f"lr_g={best.lr_g:.3g} lr_d={best.lr_d:.3g}, fd_domain {best.fd_domain:.3f} at epoch {best.epoch}; "
+        f"lr_g={best.lr_g:.3g} lr_d={best.lr_d:.3g}, fd_recent {best.fd_domain:.3f} (mean held-out fd_domain of "
+        f"its last two epochs, to epoch {best.epoch}); "
         f"MLflow sweep run {best.sweep_run_id} -> {cfg.paths.tune_best}"
     )
 

@@ -140,7 +140,7 @@ def test_one_image_prepares_then_the_encoder_stage_refuses_it(tmp_path):
     summary = prepare(load_config(params))
     assert summary.count == 1 and summary.skipped == 0
     proc = stage(ENCODER, params)
-    one_error_line(proc, str(tmp_path / "data" / "prepared"), "1 images are too few to fit an encoder (need 8)",
+    one_error_line(proc, str(tmp_path / "data" / "prepared"), "1 training images are too few to fit an encoder (need 8)",
                    code=1)
     assert not (tmp_path / "models").exists()
 
@@ -186,7 +186,8 @@ def test_batch_larger_than_the_dataset_is_refused_before_ray(tmp_path):
     from ganflow.evaluation import fit_encoder
 
     rng = np.random.default_rng(0)
-    np.savez(tmp_path / "small.npz", images=rng.integers(0, 256, (40, 16, 16), dtype=np.uint8))
+    # 160 images, 24 held out (the metrics' minimum is 20): 136 to train on
+    np.savez(tmp_path / "small.npz", images=rng.integers(0, 256, (160, 16, 16), dtype=np.uint8))
     values = {"data": {"source": "npz", "path": "small.npz", "image_size": 16},
               "eval": {"num_samples": 10, "encoder_epochs": 1, "feature_dim": 8}}
 
@@ -196,14 +197,29 @@ def test_batch_larger_than_the_dataset_is_refused_before_ray(tmp_path):
 
     prepare(cfg_with(8))
     fit_encoder(cfg_with(8))
-    assert check_trainable(cfg_with(40)) == 40  # one batch per epoch is still a training
-    assert check_trainable(cfg_with(32, num_workers=2)) == 40  # 16 per rank, 20 images each
+    assert check_trainable(cfg_with(136)) == 136  # one batch per epoch is still a training
+    assert check_trainable(cfg_with(136, num_workers=2)) == 136  # 68 per rank, 68 images each
     with pytest.raises(TrainingError) as info:
-        check_trainable(cfg_with(64))
-    assert str(info.value) == ("train.batch_size: 64 is larger than the prepared dataset allows "
-                               "(40 images over 1 worker(s))")
-    with pytest.raises(TrainingError, match=r"train\.batch_size: 48 .* \(40 images over 2 worker\(s\)\)"):
-        check_trainable(cfg_with(48, num_workers=2))
+        check_trainable(cfg_with(144))
+    assert str(info.value) == ("train.batch_size: 144 is larger than the prepared dataset allows "
+                               "(136 training images over 1 worker(s))")
+    with pytest.raises(TrainingError, match=r"train\.batch_size: 140 .* \(136 training images over 2 worker\(s\)\)"):
+        check_trainable(cfg_with(140, num_workers=2))
+
+
+def test_too_small_a_held_out_split_is_refused_with_the_keys(tmp_path):
+    from ganflow.evaluation import EvaluationError, fit_encoder
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "small.npz", images=rng.integers(0, 256, (100, 16, 16), dtype=np.uint8))
+    cfg = resolve_paths(from_dict({"data": {"source": "npz", "path": "small.npz", "image_size": 16},
+                                   "eval": {"encoder_epochs": 1}}), tmp_path)
+    prepare(cfg)  # 15 of 100 held out; the default 64 features need 65
+    with pytest.raises(EvaluationError) as info:
+        fit_encoder(cfg)
+    assert "the held-out split has 15 images, fewer than the 65 the metrics need" in str(info.value)
+    assert "data.holdout_fraction" in str(info.value) and "eval.feature_dim" in str(info.value)
+    assert not cfg.paths.encoder.exists()
 
 
 def test_unwritable_storage_is_refused_with_the_key(tmp_path):

@@ -19,6 +19,7 @@ from ganflow.data import (
     prepare,
     read_manifest,
 )
+from ganflow.atomic import file_sha256
 from ganflow.errors import DataError
 from tests.conftest import REPO, run
 
@@ -76,6 +77,28 @@ def test_digits_source(tmp_path):
     assert manifest["count"] == 1797 and manifest["class_names"] == [str(i) for i in range(10)]
     assert sum(manifest["class_counts"].values()) == 1797
     assert manifest["params"]["image_size"] == 16 and manifest["params"]["path"] is None
+
+
+def test_held_out_split_is_stratified_deterministic_and_recorded(tmp_path):
+    summary = prepare(make_cfg(tmp_path, source="digits", image_size=16, holdout_fraction=0.2))
+    manifest = read_manifest(summary.path)
+    labels = np.load(summary.path / "labels.npy")
+    split = np.load(summary.path / "split.npy")
+    counts = np.bincount(labels, minlength=10)
+    held = np.bincount(labels[split == 1], minlength=10)
+    assert np.array_equal(held, np.rint(0.2 * counts).astype(int))  # 20 % of every class
+    assert manifest["split"]["heldout"] == held.sum() and manifest["split"]["train"] == 1797 - held.sum()
+    assert manifest["split"]["heldout_class_counts"] == {str(k): int(held[k]) for k in range(10)}
+    assert manifest["files"]["split.npy"] == file_sha256(summary.path / "split.npy")
+    # the training loader sees the train part only, the judge the held-out part only
+    train, heldout = PreparedDataset(summary.path, part="train"), PreparedDataset(summary.path, part="heldout")
+    assert len(train) + len(heldout) == 1797 and not set(train.indices) & set(heldout.indices)
+    assert np.array_equal(heldout.labels, labels[split == 1])
+    # deterministic: another folder, the same split; another fraction, another split
+    again = prepare(make_cfg(tmp_path / "again", source="digits", image_size=16, holdout_fraction=0.2))
+    assert np.array_equal(np.load(again.path / "split.npy"), split)
+    other = prepare(make_cfg(tmp_path / "other", source="digits", image_size=16, holdout_fraction=0.1))
+    assert np.load(other.path / "split.npy").sum() < split.sum()
 
 
 def test_digits_in_rgb(tmp_path):
@@ -192,7 +215,7 @@ def test_same_input_same_bytes(tmp_path, image_folder):
     cfg = make_cfg(tmp_path, source="folder", path=str(image_folder), max_bad_fraction=0.5)
     first = folder_bytes(prepare(cfg).path)
     second = folder_bytes(prepare(cfg).path)
-    assert first == second and set(first) == {"images.npy", "labels.npy", "manifest.json"}
+    assert first == second and set(first) == {"images.npy", "labels.npy", "split.npy", "manifest.json"}
     digits = make_cfg(tmp_path / "d", source="digits")
     assert folder_bytes(prepare(digits).path) == folder_bytes(prepare(digits).path)
 

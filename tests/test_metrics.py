@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import linalg
 
-from ganflow.evaluation import class_metrics, feature_stats, frechet_distance, kid, precision_recall
+from ganflow.metrics import class_metrics, feature_stats, frechet_distance, kid, precision_recall
 
 
 def random_spd(rng, d):

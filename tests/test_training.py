@@ -123,7 +123,8 @@ def test_two_workers_on_two_nodes_ddp_tracked_exported_and_sampled(tmp_path, two
     # DDP: the global batch of 64 is split 32 + 32, and the ranks hold identical weights
     meta = final_meta(root)
     assert (meta["world_size"], meta["per_rank_batch"]) == (2, 32)
-    assert meta["step"] == 2 * (1797 // 2 // 32)
+    train_images = json.loads((root / "data" / "prepared" / "manifest.json").read_text())["split"]["train"]
+    assert meta["step"] == 2 * (train_images // 2 // 32)  # the train split only
     assert [row["rank_param_spread"] for row in meta["history"]] == [0.0, 0.0]
 
     # the exported generator is the EMA generator of the epoch with the best in-training fd_domain
@@ -136,7 +137,18 @@ def test_two_workers_on_two_nodes_ddp_tracked_exported_and_sampled(tmp_path, two
     exported = load_file(str(root / "models" / "generator" / "generator.safetensors"))
     newest = sorted(p for p in (root / "ray_results").glob("train-*/checkpoint_*") if p.is_dir())[-1]
     state = torch.load(newest / "state.pt", weights_only=True)
-    assert all(torch.equal(exported[k], state["best_ema_g"][k]) for k in exported)
+    statistics = [k for k in exported if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert statistics and all(torch.equal(exported[k], state["best_ema_g"][k]) for k in exported if k not in statistics)
+    # its BatchNorm statistics are the exported weights' own (recomputed for them), not the live G's
+    from ganflow.models import recompute_batchnorm
+    from ganflow.sampling import load_generator_dir
+
+    g = load_generator_dir(root / "models" / "generator")
+    recompute_batchnorm(g, seed=0)  # train.seed
+    own = g.state_dict()
+    assert all(torch.allclose(exported[k].float(), own[k].float(), atol=1e-4) for k in statistics)
+    assert not all(torch.allclose(exported[k].float(), state["g"][k].float(), atol=1e-3) for k in statistics
+                   if "running" in k)
     train_json = json.loads((root / "metrics" / "train.json").read_text())
     assert train_json["epochs"] == 2 and train_json["best_fd_domain"] == min(fds)
     assert (root / "plots" / "train.csv").read_text().splitlines()[0] == "epoch,loss_d,loss_g,d_real,d_fake,fd_domain,kid"

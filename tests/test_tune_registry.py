@@ -68,9 +68,18 @@ def test_sweep_stops_trials_early_and_nests_them_in_mlflow(swept):
         assert {"lr_g", "lr_d"} <= set(child.data.params)
         fd_steps = [m.step for m in client.get_metric_history(child.info.run_id, "fd_domain")]
         assert fd_steps == list(range(1, len(fd_steps) + 1)) and fd_steps  # every epoch it ran, once
-    # the best trial's best epoch is the sweep's answer
-    best_child = min(children, key=lambda c: min(m.value for m in client.get_metric_history(c.info.run_id, "fd_domain")))
+    # the answer: among the trials that ran the most epochs, the lowest mean fd_domain of the last two
+    history = {c.info.run_id: [m.value for m in sorted(client.get_metric_history(c.info.run_id, "fd_domain"),
+                                                        key=lambda m: m.step)] for c in children}
+    longest = max(len(h) for h in history.values())
+    best_child = min((c for c in children if len(history[c.info.run_id]) == longest),
+                     key=lambda c: np.mean(history[c.info.run_id][-2:]))
     assert float(best_child.data.params["lr_g"]) == best["lr_g"]
+    assert best["fd_domain"] == pytest.approx(np.mean(history[best_child.info.run_id][-2:]))
+    assert best["epoch"] == longest
+    # every trial trained with its own seed, derived from tune.seed
+    seeds = {c.data.params["train.seed"] for c in children}
+    assert len(seeds) == 4
 
 
 def test_train_used_the_tuned_learning_rates(swept):
@@ -91,7 +100,7 @@ def test_disabled_tune_passes_the_configured_rates_through(tmp_path):
     assert (best["lr_g"], best["lr_d"], best["tuned"]) == (3e-4, 1e-4, False)
 
 
-def reregister(cfg, fd_domain: float, weight_noise: float):
+def reregister(cfg, fd_domain: float, weight_noise: float, copying: bool = False):
     """Stand-in for another training: new weights (a new version) and its evaluation."""
     path = cfg.paths.generator / "generator.safetensors"
     weights = load_file(str(path))
@@ -100,6 +109,7 @@ def reregister(cfg, fd_domain: float, weight_noise: float):
     save_file(weights, str(path))
     metrics = json.loads((cfg.paths.metrics / "eval.json").read_text())
     metrics["fd_domain"] = fd_domain
+    metrics["copying_flagged"] = float(copying)
     (cfg.paths.metrics / "eval.json").write_text(json.dumps(metrics))
     return register(cfg)
 
@@ -127,6 +137,11 @@ def test_registry_promotion_rule_and_idempotence(swept, tmp_path):
     better = reregister(cfg, fd_domain=first["fd_domain"] / 2, weight_noise=0.02)
     assert better["version"] == 3 and better["promoted"]
     assert better["aliases"] == ["challenger", "champion"]
+    assert first["copying_flagged"] is False  # the real trained generator is not flagged
+    # a generator the data-copying test flags never becomes champion, however low its fd_domain
+    copier = reregister(cfg, fd_domain=first["fd_domain"] / 10, weight_noise=0.03, copying=True)
+    assert copier["version"] == 4 and not copier["promoted"] and copier["copying_flagged"]
+    assert str(client.get_model_version_by_alias("ganflow-generator", "champion").version) == "3"
     version = client.get_model_version("ganflow-generator", "3")
     assert {"fd_domain", "data_hash", "params_hash", "git_commit", "generator_sha256"} <= set(version.tags)
     assert "fd_domain" in version.description

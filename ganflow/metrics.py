@@ -1,0 +1,213 @@
+"""The GAN metrics, as pure functions of encoder features (no models, no files).
+
+Every function takes features (N, D) float64 from the domain encoder (ganflow.evaluation) and
+returns plain floats. What each number means, and which way is better, is in METRICS below: the
+one table the README, `ganflow runs` and the registry rule follow.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+# name -> (meaning, better). The evaluate stage writes these keys into metrics/eval.json.
+METRICS: dict[str, tuple[str, str]] = {
+    "fd_domain": ("Fréchet distance between the held-out real features and the generated ones", "lower"),
+    "fd_domain_over_floor": ("fd_domain / its real-vs-real floor (a real train sample of the same size)",
+                             "lower; 1 = as close to the held-out images as real images are"),
+    "kid": ("kernel (MMD²) distance, unbiased; fine on small samples", "lower, ≈ 0"),
+    "precision": ("share of generated samples inside the held-out real manifold (k-NN balls)", "higher"),
+    "recall": ("share of held-out real samples inside the generated manifold; low = mode collapse", "higher"),
+    "classes_covered": ("classes the encoder's classifier sees in the generated samples", "all"),
+    "class_kl": ("KL(generated class frequencies ‖ real ones)", "lower, ≈ 0"),
+    "class_kl_reverse": ("KL(real class frequencies ‖ generated ones): large when a class is dropped",
+                         "lower, ≈ 0"),
+    "class_tv": ("total-variation distance of the class frequencies (share of samples in the wrong class)",
+                 "lower, ≈ 0"),
+    "class_max_rel_dev": ("largest relative deviation of a class's frequency", "lower"),
+    "class_fd_over_floor": ("per class: its Fréchet distance / its floor; names the weak classes", "lower"),
+    "is_domain": ("Inception-Score analogue with the domain classifier", "higher, up to the number of classes"),
+    "copying_ct": ("data-copying statistic C_T (Meehan et al. 2020): generated→train nearest-neighbour "
+                   "distances against held-out→train ones, a Z-score per cell", "≥ −3; ≪ 0 = copies training images"),
+    "copying_nn_ratio": ("median generated→train / median held-out→train nearest-neighbour distance",
+                         "≈ 1; near 0 = copies"),
+    "copying_flagged": ("1 when copying_ct < COPYING_THRESHOLD: never promoted to champion", "0"),
+}
+
+# C_T below this flags data copying: a generator whose samples sit as close to the training
+# images as held-out images do gives C_T ~ N(0, 1); -3 is three standard deviations of that null
+COPYING_THRESHOLD = -3.0
+MIN_CELL = 5  # cells with fewer held-out or generated samples than this are left out of C_T
+
+
+def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean (D,) and covariance (D, D) of features (N, D)."""
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def _sqrtm_psd(matrix: np.ndarray) -> np.ndarray:
+    values, vectors = np.linalg.eigh((matrix + matrix.T) / 2)
+    return (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^1/2), the Fréchet distance of two Gaussians.
+
+    tr((S1 S2)^1/2) is computed as tr((S1^1/2 S2 S1^1/2)^1/2), whose argument is symmetric
+    positive semi-definite, so no complex parts or failed square roots on near-singular S.
+    """
+    root1 = _sqrtm_psd(sigma1)
+    middle = root1 @ sigma2 @ root1
+    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum()
+    diff = mu1 - mu2
+    return float(max(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt, 0.0))
+
+
+def fd(a: np.ndarray, b: np.ndarray) -> float:
+    """Fréchet distance between two feature sets (N, D), (M, D)."""
+    return frechet_distance(*feature_stats(a), *feature_stats(b))
+
+
+def kid(real: np.ndarray, fake: np.ndarray, subsets: int = 50, subset_size: int = 500,
+        seed: int = 0) -> tuple[float, float]:
+    """Kernel Inception Distance: the unbiased MMD^2 with kernel (x.y / D + 1)^3, averaged over
+    random subsets. Returns (mean, standard deviation over subsets)."""
+    rng = np.random.default_rng(seed)
+    m = min(subset_size, len(real), len(fake))
+    d = real.shape[1]
+    values = []
+    for _ in range(subsets):
+        x = real[rng.choice(len(real), m, replace=False)]
+        y = fake[rng.choice(len(fake), m, replace=False)]
+        kxx, kyy, kxy = ((x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3)
+        # unbiased: the diagonals k(x_i, x_i) are left out of the within-set terms
+        within = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+        values.append(within - 2 * kxy.mean())
+    return float(np.mean(values)), float(np.std(values))
+
+
+def pairwise(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Euclidean distances (len(a), len(b))."""
+    sq = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T
+    return np.sqrt(np.clip(sq, 0, None))
+
+
+def nearest_distance(points: np.ndarray, to: np.ndarray, chunk: int = 1024) -> np.ndarray:
+    """Distance of each point (N, D) to its nearest neighbour in ``to`` (M, D); memory O(chunk x M)."""
+    return np.concatenate([pairwise(points[i : i + chunk], to).min(axis=1) for i in range(0, len(points), chunk)])
+
+
+def _knn_radii(features: np.ndarray, k: int) -> np.ndarray:
+    """Distance of each point to its k-th nearest other point in the same set."""
+    return np.sort(pairwise(features, features), axis=1)[:, k]  # column 0 is the point itself
+
+
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019): each set's manifold is the
+    union of balls reaching every sample's k-th nearest neighbour. Precision = share of fake
+    samples inside the real manifold; recall = share of real samples inside the fake one."""
+    real_radii, fake_radii = _knn_radii(real, k), _knn_radii(fake, k)
+    dist = pairwise(fake, real)  # (n_fake, n_real)
+    precision = float((dist <= real_radii[None, :]).any(axis=1).mean())
+    recall = float((dist.T <= fake_radii[None, :]).any(axis=1).mean())
+    return precision, recall
+
+
+def class_metrics(probs: np.ndarray, real_freq: np.ndarray) -> dict[str, float]:
+    """From the classifier's probabilities on generated samples (N, K) and the real class
+    frequencies (K,): classes covered (predicted at least once), KL in both directions, the
+    total-variation distance, the largest relative deviation of a class's frequency, and the
+    Inception-Score analogue exp(E_x KL(p(y|x) || p(y))).
+
+    KL(generated || real) barely moves when a class is missing (the missing class adds 0 to the
+    sum); KL(real || generated) is the one that sees it. It is computed on frequencies smoothed
+    by half a sample per class, so a dropped class costs a large but finite amount.
+    """
+    n, k = probs.shape
+    counts = np.bincount(probs.argmax(1), minlength=k)
+    freq = counts / counts.sum()
+    present = freq > 0
+    real = np.clip(real_freq, 1e-12, None)
+    kl = float((freq[present] * np.log(freq[present] / real[present])).sum())
+    smoothed = (counts + 0.5) / (n + 0.5 * k)
+    has_real = real_freq > 0
+    kl_reverse = float((real_freq[has_real] * np.log(real_freq[has_real] / smoothed[has_real])).sum())
+    marginal = probs.mean(0)
+    eps = 1e-12
+    score = float(np.exp((probs * (np.log(probs + eps) - np.log(marginal + eps))).sum(1).mean()))
+    return {
+        "classes_covered": int(present.sum()),
+        "class_kl": kl,
+        "class_kl_reverse": kl_reverse,
+        "class_tv": float(0.5 * np.abs(freq - real_freq).sum()),
+        "class_max_rel_dev": float(np.max(np.abs(freq - real_freq) / real)),
+        "is_domain": score,
+    }
+
+
+def per_class_fd(real: np.ndarray, real_labels: np.ndarray, fake: np.ndarray, fake_labels: np.ndarray,
+                 names: list[str]) -> dict[str, float | None]:
+    """Fréchet distance per class between real features of that class and the generated features
+    the classifier assigns to it. None where either side has fewer than 2 samples (a covariance
+    needs two)."""
+    out: dict[str, float | None] = {}
+    for i, name in enumerate(names):
+        a, b = real[real_labels == i], fake[fake_labels == i]
+        out[name] = fd(a, b) if len(a) >= 2 and len(b) >= 2 else None
+    return out
+
+
+def _mann_whitney_z(x: np.ndarray, y: np.ndarray) -> float:
+    """Z-score of the Mann-Whitney U statistic of sample x against sample y (normal
+    approximation): ~N(0, 1) when both come from one distribution, negative when x is smaller."""
+    from scipy.stats import rankdata
+
+    m, n = len(x), len(y)
+    ranks = rankdata(np.concatenate([x, y]))
+    u = ranks[:m].sum() - m * (m + 1) / 2  # pairs (x_i, y_j) with x_i > y_j, ties counted half
+    return float((u - m * n / 2) / math.sqrt(m * n * (m + n + 1) / 12))
+
+
+def data_copying(train: np.ndarray, heldout: np.ndarray, generated: np.ndarray,
+                 cells: np.ndarray) -> dict[str, float]:
+    """The data-copying test of Meehan, Chaudhuri & Dasgupta (AISTATS 2020) in feature space.
+
+    L(x) is the distance of x to its nearest training image. Held-out images were never trained
+    on, so L(held-out) is what "new" looks like. In each cell of a partition of the space
+    (``cells``: centres from k-means on the training features), the Mann-Whitney Z-score compares
+    L(generated) with L(held-out); C_T is their average weighted by the held-out share of each
+    cell. A generator that returns training images has L ~ 0 and C_T far below 0; one that draws
+    new images gives C_T near 0 (or above, when it is further from the data than real images are).
+    """
+    l_heldout = nearest_distance(heldout, train)
+    l_generated = nearest_distance(generated, train)
+    cell_h = nearest_distance_index(heldout, cells)
+    cell_g = nearest_distance_index(generated, cells)
+    z, weight = [], []
+    for c in range(len(cells)):
+        h, g = l_heldout[cell_h == c], l_generated[cell_g == c]
+        if len(h) >= MIN_CELL and len(g) >= MIN_CELL:
+            z.append(_mann_whitney_z(g, h))
+            weight.append(len(h))
+    ct = float(np.average(z, weights=weight)) if z else float("nan")
+    median_h = float(np.median(l_heldout))
+    return {
+        "copying_ct": ct,
+        "copying_nn_ratio": float(np.median(l_generated)) / median_h if median_h > 0 else float("nan"),
+        "copying_flagged": float(ct < COPYING_THRESHOLD),
+        "copying_cells_used": float(len(z)),
+    }
+
+
+def nearest_distance_index(points: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """Index of the nearest centre of each point."""
+    return pairwise(points, centres).argmin(axis=1)
+
+
+def kmeans_cells(features: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """k centres (k, D) partitioning the feature space (k-means, seeded: the same every run)."""
+    from sklearn.cluster import KMeans
+
+    k = max(1, min(k, len(features)))
+    return KMeans(n_clusters=k, n_init=4, random_state=seed).fit(features).cluster_centers_.astype(np.float64)
