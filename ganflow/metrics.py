@@ -1,8 +1,8 @@
 """The GAN metrics, as pure functions of encoder features (no models, no files).
 
 Every function takes features (N, D) float64 from the domain encoder (ganflow.evaluation) and
-returns plain floats. What each number means, and which way is better, is in METRICS below: the
-one table the README, `ganflow runs` and the registry rule follow.
+returns plain floats. What each number means, and which way is better, is in METRICS below (the
+README's metric table says the same for users).
 """
 
 from __future__ import annotations
