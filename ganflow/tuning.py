@@ -19,6 +19,7 @@ import io
 import json
 import math
 import os
+import time
 import zlib
 from dataclasses import dataclass
 
@@ -110,6 +111,54 @@ def search_algorithm(cfg: Config, concurrent: int):
     except ImportError:
         raise TuneError("tune.search: optuna needs the optuna package: pip install 'ganflow[optuna]'") from None
     return ConcurrencyLimiter(OptunaSearch(seed=cfg.tune.seed), max_concurrent=concurrent)
+
+
+def release_orphaned_placement_groups() -> int:
+    """Remove this job's placement groups whose creating actor is dead. Returns how many.
+
+    Tune ends a Train-V2 trial by killing its driver, and with it the trial's TrainController;
+    the worker group's placement group was created by that controller (not detached), so Ray
+    keeps it until the whole job ends. Ray Train's detached PlacementGroupCleaner is meant to
+    remove it, but on a loaded machine its State-API call timed out ("Timed out while waiting
+    for GCS"), the cleaner died, the trial's CPU stayed reserved, and every later trial waited
+    out the worker-group start timeout and failed (6 of 8 trials of a default sweep). The sweep's
+    driver holds a GCS connection already, so it sweeps them itself. Placement groups created by
+    a driver (Tune's own, per trial) have no creating actor and are never touched.
+    """
+    import ray
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    job = ray.get_runtime_context().get_job_id()
+    released = 0
+    for raw in state._connect_and_get_accessor().get_placement_group_table():
+        pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
+        if (pg.state == gcs_pb2.PlacementGroupTableData.REMOVED or pg.is_detached or not pg.creator_actor_dead
+                or ray.ActorID(pg.creator_actor_id).is_nil() or pg.creator_job_id.hex() != job):
+            continue
+        try:
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
+            released += 1
+        except Exception:  # noqa: BLE001 - removed meanwhile (by Ray's cleaner): nothing to do
+            pass
+    return released
+
+
+def _orphan_sweeper(every_s: float = 2.0):
+    """A Tune callback running release_orphaned_placement_groups at most every ``every_s``."""
+    from ray.tune import Callback
+
+    class OrphanSweeper(Callback):
+        def __init__(self):
+            self.next_at = 0.0
+
+        def on_step_begin(self, iteration, trials, **info):
+            if time.monotonic() >= self.next_at:
+                self.next_at = time.monotonic() + every_s
+                release_orphaned_placement_groups()
+
+    return OrphanSweeper()
 
 
 def trial_seed(tune_seed: int, trial: int | None, lr_g: float, lr_d: float) -> int:
@@ -220,7 +269,7 @@ def run_sweep(cfg: Config) -> Best:
             metric="fd_recent", mode="min", num_samples=cfg.tune.num_samples, scheduler=scheduler,
             search_alg=search,
         ),
-        run_config=ray.tune.RunConfig(name=name, storage_path=storage, verbose=0),
+        run_config=ray.tune.RunConfig(name=name, storage_path=storage, verbose=0, callbacks=[_orphan_sweeper()]),
     )
     with sigterm_as_interrupt() as quiet:
         try:
@@ -236,6 +285,12 @@ def run_sweep(cfg: Config) -> Best:
         raise Interrupted(f"tune: the sweep ended early ({ended} of {cfg.tune.num_samples} trials ended); "
                           f"MLflow sweep run {parent} marked KILLED; nothing written")
     best = summarise(cfg, client, parent, results)
+    if results.num_errors:  # a pick from the trials that happened to survive is not a sweep's answer
+        first = next(str(r.error).strip().splitlines()[-1] for r in results if r.error is not None)
+        client.set_tag(parent, "ganflow.failure", f"{results.num_errors} trials failed")
+        client.set_terminated(parent, status="FAILED")
+        raise TuneError(f"tune: {results.num_errors} of {len(results)} trials failed ({first[:300]}); nothing "
+                        f"written, see MLflow sweep run {parent}")
     client.set_terminated(parent, status="FINISHED" if best.fd_domain is not None else "FAILED")
     if best.fd_domain is None:
         raise TuneError(f"tune: no trial of {best.trials} produced an fd_domain (see MLflow run {parent})")

@@ -16,9 +16,11 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin: dvc, ganflow, python
 
 
-def run(cmd: list[str], cwd: Path, timeout: float = 300, check: bool = False) -> subprocess.CompletedProcess:
-    """Run a command with the venv's tools first on PATH; output captured as text."""
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+def run(cmd: list[str], cwd: Path, timeout: float = 300, check: bool = False,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run a command with the venv's tools first on PATH (in ``env``, default this process's
+    environment); output captured as text."""
+    env = {**(env or os.environ), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")

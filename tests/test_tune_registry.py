@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -150,3 +151,61 @@ def test_registry_promotion_rule_and_idempotence(swept, tmp_path):
                 "--out", "champ.npz", "--params", str(copy / "params.yaml")], cwd=copy)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert np.load(copy / "champ.npz")["images"].shape == (3, 16, 16, 1)
+
+
+def test_placement_groups_of_dead_trial_controllers_are_released():
+    """What a killed trial leaves behind when Ray Train's own cleaner fails (seen under load): a
+    placement group whose creating actor is dead, holding its CPU until the job ends. The sweep
+    releases exactly those; the driver's own and a live actor's stay."""
+    import ray
+    from ray.util.placement_group import placement_group, placement_group_table
+
+    from ganflow.tuning import release_orphaned_placement_groups
+
+    assert not ray.is_initialized()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    try:
+        @ray.remote(num_cpus=0)
+        class Controller:  # stands in for a trial's TrainController
+            def reserve(self) -> str:
+                pg = placement_group([{"CPU": 0.5}])
+                ray.get(pg.ready())
+                return pg.id.hex()
+
+        dying, living = Controller.remote(), Controller.remote()
+        orphan, kept = ray.get(dying.reserve.remote()), ray.get(living.reserve.remote())
+        own = placement_group([{"CPU": 0.5}])
+        ray.get(own.ready())
+        ray.kill(dying)
+
+        def state(pg_id: str) -> str:
+            return placement_group_table()[pg_id]["state"]
+
+        deadline = time.time() + 120
+        while state(orphan) != "REMOVED":
+            assert state(orphan) == "CREATED"  # Ray alone keeps it while the job lives
+            release_orphaned_placement_groups()
+            assert time.time() < deadline, "the dead controller's placement group was never released"
+            time.sleep(0.2)
+        assert state(kept) == "CREATED" and state(own.id.hex()) == "CREATED"
+        assert release_orphaned_placement_groups() == 0
+    finally:
+        ray.shutdown()
+
+
+def test_a_sweep_with_failed_trials_fails_and_writes_nothing(tmp_path):
+    """Trials that cannot start (here: a worker-group start timeout no process can meet) fail the
+    stage: the best of whatever trials survived is not the sweep's answer."""
+    import os
+
+    params = make_project(tmp_path / "p", tune={**TUNE, "num_samples": 2, "epochs": 1})
+    (tmp_path / "p" / "tune" / "best.json").unlink()
+    proc = run([sys.executable, str(REPO / "pipelines" / "tune.py"), "--params", str(params)], cwd=params.parent,
+               timeout=600, env={**os.environ, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "0.001"})
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "2 of 2 trials failed" in errors[0] and "nothing written" in errors[0], proc.stderr[-2000:]
+    assert not (tmp_path / "p" / "tune" / "best.json").exists()
+    client = mlflow_client(tmp_path / "p")
+    sweep = client.search_runs([client.get_experiment_by_name("ganflow").experiment_id], "tags.`ganflow.stage` = 'tune'")
+    assert [r.info.status for r in sweep] == ["FAILED"]
