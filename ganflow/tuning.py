@@ -22,9 +22,9 @@ import os
 import time
 import zlib
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-from typing import Any
 
 from ganflow.atomic import check_storage_writable, write_file
 from ganflow.config import Config
