@@ -68,7 +68,7 @@ def final_meta(root: Path) -> dict:
     return json.loads((newest / "meta.json").read_text())
 
 
-def wait_for_checkpoint(root: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
+def wait_for_checkpoint(root: Path, proc: subprocess.Popen, timeout: float = 900) -> None:
     deadline = time.time() + timeout
     while not list((root / "ray_results").glob("train-*/checkpoint_*/meta.json")):
         assert proc.poll() is None, proc.communicate()
@@ -108,7 +108,7 @@ def test_two_workers_on_two_nodes_ddp_tracked_exported_and_sampled(tmp_path, two
     root = tmp_path / "p"
     params = make_project(root, cluster={"num_workers": 2})
     proc = start_training(params, RAY_ADDRESS=cluster.address)
-    out, err = proc.communicate(timeout=400)
+    out, err = proc.communicate(timeout=1800)
     assert proc.returncode == 0, err[-3000:]
     assert "trained 2 epochs" in out
 
@@ -196,6 +196,7 @@ def test_two_workers_on_two_nodes_ddp_tracked_exported_and_sampled(tmp_path, two
     assert (root / "s0.png").stat().st_size > 0
 
 
+@pytest.mark.timeout(3600)  # a loaded 2-core machine ran 6 epochs in more than 400 s
 def test_killed_worker_is_restarted_from_the_checkpoint(tmp_path):
     root = tmp_path / "p"
     params = make_project(root, data={"image_size": 32}, model={"latent_dim": 32, "g_width": 32, "d_width": 32},
@@ -208,7 +209,7 @@ def test_killed_worker_is_restarted_from_the_checkpoint(tmp_path):
         workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
     assert len(workers) == 1
     workers[0].kill()
-    out, err = proc.communicate(timeout=400)
+    out, err = proc.communicate(timeout=1800)
     assert proc.returncode == 0, err[-3000:]
     meta = final_meta(root)
     assert meta["epoch"] == 6 and meta["starts"] == 2
@@ -217,6 +218,7 @@ def test_killed_worker_is_restarted_from_the_checkpoint(tmp_path):
     assert steps(client, r.info.run_id, "epoch") == list(range(1, 7))
 
 
+@pytest.mark.timeout(3600)  # a loaded 2-core machine ran 6 epochs in more than 400 s
 def test_lost_node_the_run_resumes_when_capacity_is_back(tmp_path, two_nodes):
     cluster, node = two_nodes
     root = tmp_path / "p"
@@ -230,7 +232,7 @@ def test_lost_node_the_run_resumes_when_capacity_is_back(tmp_path, two_nodes):
     time.sleep(5.0)
     assert proc.poll() is None  # the run waits for capacity instead of failing
     replacement = cluster.add_node(num_cpus=1)
-    out, err = proc.communicate(timeout=400)
+    out, err = proc.communicate(timeout=1800)
     assert proc.returncode == 0, err[-3000:]
 
     meta = final_meta(root)
