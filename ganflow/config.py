@@ -109,6 +109,19 @@ class TrainConfig(Section):
     max_failures: int = Field(2, ge=0)  # worker-group restarts Ray may make
     # mixed precision on GPU: auto = bf16 where supported, else fp16 with a grad scaler
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
+    # differentiable augmentation of every image D sees, real and generated (ganflow/augment.py)
+    augment: Literal["none", "diffaugment"] = "none"
+    augment_policy: str = "auto"  # auto, or a comma-separated list of translation, cutout, color
+    augment_translation: float = Field(0.125, ge=0.0, le=0.5)  # largest shift, fraction of the side
+    augment_cutout: float = Field(0.5, ge=0.0, le=1.0)  # side of the cut square, fraction of the side
+
+    @field_validator("augment_policy")
+    @classmethod
+    def _known_policy(cls, v: str) -> str:
+        from ganflow.augment import policy_of
+
+        policy_of(v, channels=1)  # raises ValueError with the known names
+        return v
 
 
 class TuneConfig(Section):

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ganflow.augment import Augment, augmenter, policy_of
 from ganflow.config import Config
 from ganflow.errors import GanflowError, first_line
 from ganflow.evaluation import Reference, encode, load_reference
@@ -81,6 +82,7 @@ class GanState:
     scaler_d: torch.amp.GradScaler
     device: torch.device
     dtype: torch.dtype | None  # autocast dtype, None = full precision
+    augment: Augment | None = None  # applied to every D input, real and generated (train.augment)
     epoch: int = 0  # the next epoch to run
     step: int = 0  # batches done (D steps)
     g_steps: int = 0
@@ -109,6 +111,8 @@ def build_state(cfg: Config, device: torch.device, lr_g: float, lr_d: float) -> 
         scaler_d=torch.amp.GradScaler(device.type, enabled=fp16),
         device=device,
         dtype=dtype,
+        augment=(augmenter(policy_of(cfg.train.augment_policy, cfg.data.channels), cfg.train.augment_translation,
+                           cfg.train.augment_cutout) if cfg.train.augment == "diffaugment" else None),
     )
 
 
@@ -142,12 +146,14 @@ def gan_step(
     d_loss_fn, g_loss_fn = LOSSES[cfg.train.loss]
     b = real.shape[0]
     z = torch.randn(b, cfg.model.latent_dim, generator=z_gen, device=z_gen.device).to(state.device)
+    # D sees every image through the same random augmentation, real and generated, in both steps
+    seen = (lambda x: state.augment(x, z_gen)) if state.augment is not None else (lambda x: x)
 
     # D step: minimise d_loss(D(x), D(G(z))) on fake.detach(), so no gradient reaches G
     with _autocast(state):
         fake = state.g(z)
-        real_logits = state.d(real)
-        fake_logits = state.d(fake.detach())
+        real_logits = state.d(seen(real))
+        fake_logits = state.d(seen(fake.detach()))
         loss_d = d_loss_fn(real_logits.float(), fake_logits.float())
     state.opt_d.zero_grad(set_to_none=True)
     state.scaler_d.scale(loss_d).backward()
@@ -168,7 +174,7 @@ def gan_step(
     no_sync = state.d.no_sync() if hasattr(state.d, "no_sync") else contextlib.nullcontext()
     with no_sync:
         with _autocast(state):
-            loss_g = g_loss_fn(state.d(fake).float())
+            loss_g = g_loss_fn(state.d(seen(fake)).float())
         state.opt_g.zero_grad(set_to_none=True)
         state.scaler_g.scale(loss_g).backward()
     state.scaler_g.step(state.opt_g)
