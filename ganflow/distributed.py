@@ -9,14 +9,11 @@ trains again (same params and seed, same result on CPU).
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
 import io
 import json
 import os
-import signal
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +26,7 @@ from ganflow.config import Config
 from ganflow.data import read_manifest
 from ganflow.errors import GanflowError, first_line
 from ganflow.evaluation import load_reference
+from ganflow.interrupts import Interrupted, stop_on_signals
 from ganflow.models import build_generator, recompute_batchnorm
 from ganflow.sampling import export_generator
 from ganflow.tracking import connect, provenance, start_training_run, tracking_uri
@@ -57,39 +55,6 @@ RAY_ENV_DEFAULTS = {
 
 class TrainingError(GanflowError):
     """Training could not run or did not finish."""
-
-
-class Interrupted(GanflowError):
-    """Stopped by Ctrl-C or SIGTERM (exit status 130, as a shell reports SIGINT)."""
-
-    exit_code = 130
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt():
-    """Treat SIGTERM (e.g. a killed `dvc repro`) like Ctrl-C while training or a sweep runs, once: a later
-    SIGTERM (dvc's death can be reported twice) is ignored. Yields ``quiet()``, which the
-    clean-up calls first so that no signal cuts it short."""
-    state = {"quiet": False}
-
-    def quiet() -> None:
-        state["quiet"] = True
-
-    if threading.current_thread() is not threading.main_thread():
-        yield quiet
-        return
-
-    def interrupt(signum, frame):
-        if state["quiet"]:
-            return
-        state["quiet"] = True
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield quiet
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def init_ray(cfg: Config) -> None:
@@ -322,14 +287,17 @@ def run_training(cfg: Config, lr_g: float, lr_d: float) -> TrainSummary:
         "tracking_uri": tracking_uri(cfg),
         "inputs": ship_inputs(cfg),
     }
-    with sigterm_as_interrupt() as quiet:
+    def mark_killed() -> None:
+        client.set_tag(run_id, "ganflow.failure", "interrupted")
+        client.set_terminated(run_id, status="KILLED")
+
+    with stop_on_signals(f"training (MLflow run {run_id})", on_deadline=mark_killed) as quiet:
         try:
             result = fit(cfg, config, name)
         except (KeyboardInterrupt, SystemExit):
             # Ctrl-C (Ray's handler aborts the run and exits) or SIGTERM: the run is not left RUNNING
             quiet()
-            client.set_tag(run_id, "ganflow.failure", "interrupted")
-            client.set_terminated(run_id, status="KILLED")
+            mark_killed()
             raise Interrupted(
                 f"training interrupted; MLflow run {run_id} marked KILLED; the same command resumes "
                 f"from the last checkpoint in {storage}/{name}"

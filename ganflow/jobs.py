@@ -32,7 +32,8 @@ from pathlib import Path
 
 from ganflow.atomic import atomic_dir, file_sha256, write_file
 from ganflow.config import Config
-from ganflow.distributed import RAY_ENV_DEFAULTS, sigterm_as_interrupt, storage_fs
+from ganflow.distributed import RAY_ENV_DEFAULTS, storage_fs
+from ganflow.interrupts import Interrupted, stop_on_signals
 from ganflow.errors import GanflowError, first_line
 
 EXCHANGE_ENV = "GANFLOW_EXCHANGE"  # set by the submitter in the job's runtime env
@@ -309,13 +310,14 @@ def submit_stage(cfg: Config, stage: str) -> str:
     print(f"{stage}: submitted Ray job {submission_id} to {address} ({entrypoint})", flush=True)
     log: list[str] = []
     # Ctrl-C, or SIGTERM (a killed `dvc repro`), stops the job: it would go on, orphaned, on the cluster
-    with sigterm_as_interrupt() as quiet:
+    with stop_on_signals(f"{stage} (Ray job {submission_id})",
+                         on_deadline=lambda: client.stop_job(submission_id)) as quiet:
         try:
             status = _follow(client, submission_id, log)
         except KeyboardInterrupt:
             quiet()
             client.stop_job(submission_id)
-            raise JobError(f"{stage}: interrupted; stopped Ray job {submission_id}") from None
+            raise Interrupted(f"{stage}: interrupted; stopped Ray job {submission_id}") from None
     if status != "SUCCEEDED":
         # the stage's own one-line error, when the job got that far
         errors = [line.removeprefix("error: ") for line in log if line.startswith("error: ")]

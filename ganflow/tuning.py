@@ -29,7 +29,6 @@ import numpy as np
 from ganflow.atomic import check_storage_writable, write_file
 from ganflow.config import Config
 from ganflow.distributed import (
-    Interrupted,
     TrainingError,
     delete_run,
     check_resources,
@@ -38,10 +37,10 @@ from ganflow.distributed import (
     init_ray,
     scaling_config,
     ship_inputs,
-    sigterm_as_interrupt,
     storage_path,
 )
 from ganflow.errors import GanflowError
+from ganflow.interrupts import Interrupted, stop_on_signals
 from ganflow.tracking import (
     connect,
     params_hash,
@@ -271,7 +270,8 @@ def run_sweep(cfg: Config) -> Best:
         ),
         run_config=ray.tune.RunConfig(name=name, storage_path=storage, verbose=0, callbacks=[_orphan_sweeper()]),
     )
-    with sigterm_as_interrupt() as quiet:
+    with stop_on_signals(f"tune (MLflow sweep run {parent})",
+                         on_deadline=lambda: _mark_interrupted(client, parent)) as quiet:
         try:
             results = tuner.fit()
         except (KeyboardInterrupt, SystemExit):
