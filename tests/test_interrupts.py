@@ -128,14 +128,14 @@ def test_interrupted_dvc_repro_leaves_a_clean_state_and_resumes(project):
     assert (root / "dvc.lock").read_text() != lock  # DVC recorded the finished stage
 
 
-def ray_worker_pids() -> set[int]:
-    """Ray's worker processes on this machine (trial drivers, Train controllers and workers, ...)."""
-    pids = set()
-    for proc in psutil.process_iter(["name", "cmdline"]):
+def ray_workers_under(pid: int) -> list[psutil.Process]:
+    """Ray's worker processes (trial drivers, Train controllers and workers, ...) started under ``pid``."""
+    found = []
+    for proc in psutil.Process(pid).children(recursive=True):
         with contextlib.suppress(psutil.Error):
-            if (proc.info["cmdline"] or [""])[0].startswith("ray::"):
-                pids.add(proc.pid)
-    return pids
+            if (proc.cmdline() or [""])[0].startswith("ray::"):
+                found.append(proc)
+    return found
 
 
 @contextlib.contextmanager
@@ -168,13 +168,14 @@ def test_ctrl_c_during_the_sweep_fails_the_stage_and_writes_nothing(project):
     run([str(BIN / "dvc"), "repro", "encoder"], root, timeout=300, check=True)
     lock = (root / "dvc.lock").read_text()
 
-    before = ray_worker_pids()
     proc = start_repro(root, "tune")
     deadline = time.time() + 1200
     while not [p for p in root.glob("ray_results/tune-*/*/result.json") if p.stat().st_size]:
         assert proc.poll() is None, proc.communicate()
         assert time.time() < deadline, "no trial reported its first epoch"
         time.sleep(0.2)
+    workers = ray_workers_under(proc.pid)
+    assert any("RayTrainWorker" in " ".join(w.cmdline()) for w in workers), [w.cmdline() for w in workers]
     with cpu_hog():
         os.killpg(proc.pid, signal.SIGINT)
         out, err = proc.communicate(timeout=300)  # the stage's own deadline is 20 s after the signal
@@ -184,8 +185,8 @@ def test_ctrl_c_during_the_sweep_fails_the_stage_and_writes_nothing(project):
     # reports the shell's own death by SIGINT (-2) once the stage has ended
     assert re.search(r"exited with (130|-2)$", err, re.MULTILINE), err[-2000:]
     deadline = time.time() + 120
-    while ray_worker_pids() - before:  # the trials' processes end with the stage's local Ray
-        assert time.time() < deadline, f"Ray processes left running: {sorted(ray_worker_pids() - before)}"
+    while alive := [w for w in workers if w.is_running()]:  # the trials end with the stage's local Ray
+        assert time.time() < deadline, f"Ray processes left running: {[w.cmdline()[0] for w in alive]}"
         time.sleep(0.5)
     assert not (root / "tune").exists() or not list((root / "tune").iterdir())
     assert (root / "dvc.lock").read_text() == lock
