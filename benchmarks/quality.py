@@ -1,13 +1,17 @@
-"""Sample quality of the pipeline's generator against a plain DCGAN, in the domain encoder's space.
+"""Sample quality of the training recipes, side by side, on held-out images, in one run.
 
-    make run && .venv/bin/python benchmarks/quality.py [--params params.yaml]
+    .venv/bin/python benchmarks/quality.py [--params params.yaml] [--epochs N] [--recipes a,b] [--smoke]
 
-Evaluates ``models/generator`` (what `make run` produced: the EMA generator of the best epoch)
-exactly as the evaluate stage does, then trains a plain DCGAN for the same number of epochs with
-the usual fixed learning rates (2e-4 for both) and scores its last-epoch generator (no EMA, no
-best-epoch selection) the same way. Prints both next to the real-vs-real floor, and checks the
-goal for the default pipeline: fd_domain <= 3x its floor, all classes present, each within
-+-50% of its real frequency.
+Each row is one recipe of ganflow.recipes (a block of params on top of --params) trained by the
+real train stage's driver (ganflow.distributed.run_training: EMA generator, best epoch by held-out
+fd_domain, BatchNorm statistics recomputed) for the same number of epochs with the same fixed
+learning rates (train.lr_g / train.lr_d of --params: no sweep, so the rows differ by the recipe
+only), one after another on this machine. The exported generator is scored as the evaluate stage
+scores it: held-out fd_domain and its ratio to the real-vs-real floor, KID, precision, recall,
+class TV and reverse KL, the data-copying statistic. Rows train equal epochs, not equal time: the
+wall column says what each row cost. Needs the project's prepared data and encoder
+(`dvc repro encoder`); --smoke: a scratch folder of its own (16 px digits, a 1-epoch encoder),
+one recipe, 1 epoch, narrow networks (checks the script runs, not the figures).
 """
 
 from __future__ import annotations
@@ -16,77 +20,98 @@ import argparse
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
 from ganflow.config import load_config
-from ganflow.distributed import latest_checkpoint_meta, run_name, run_training, storage_path
-from ganflow.evaluation import evaluate_generator, load_reference
-from ganflow.models import build_generator
+from ganflow.data import prepare
+from ganflow.distributed import run_training
+from ganflow.evaluation import evaluate_generator, fit_encoder, load_reference
+from ganflow.recipes import RECIPES, apply_recipe
 from ganflow.sampling import load_generator_dir
 
-ROWS = ["fd_domain", "fd_domain_over_floor", "kid", "precision", "recall", "classes_covered", "class_kl",
-        "class_max_rel_dev", "is_domain"]
+COLUMNS = [  # (metric, header, format)
+    ("fd_domain", "fd_domain", "{:9.3f}"),
+    ("fd_domain_over_floor", "/ floor", "{:7.2f}"),
+    ("kid", "KID", "{:7.3f}"),
+    ("precision", "prec", "{:5.2f}"),
+    ("recall", "recall", "{:6.2f}"),
+    ("classes_covered", "classes", "{:7.0f}"),
+    ("class_tv", "class TV", "{:8.3f}"),
+    ("class_kl_reverse", "rev KL", "{:6.3f}"),
+    ("copying_ct", "copying", "{:7.2f}"),
+]
 
 
-def score(cfg, generator: torch.nn.Module) -> dict:
-    generator.eval()
+def scratch(cfg, workdir: Path):
+    out = cfg.model_copy(deep=True)
+    out._root = cfg.root
+    for name in ("ray_results", "mlflow_db", "mlflow_artifacts", "tune_best", "generator", "metrics", "plots"):
+        setattr(out.paths, name, workdir / name)
+    out.tracking.uri = None
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    return out
+
+
+def score(cfg) -> dict:
+    g = load_generator_dir(cfg.paths.generator)
 
     def sample(z):
         with torch.no_grad():
-            return generator(z)
+            return g(z)
 
     return evaluate_generator(cfg, sample)[0]
-
-
-def plain_dcgan(cfg, workdir: Path) -> torch.nn.Module:
-    """Train with lr 2e-4 for both networks; return the last epoch's raw generator."""
-    plain = cfg.model_copy(deep=True)
-    for name in ("generator", "metrics", "plots", "ray_results", "mlflow_db", "mlflow_artifacts"):
-        setattr(plain.paths, name, workdir / name)
-    plain.tracking.uri = None
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    run_training(plain, 2e-4, 2e-4)
-    path, _ = latest_checkpoint_meta(storage_path(plain), run_name(plain, 2e-4, 2e-4))
-    state = torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=True)
-    g = build_generator(plain)
-    g.load_state_dict(state["g"])
-    return g
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--epochs", type=int, help="epochs per row (default: train.epochs)")
+    parser.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated names (default: all)")
+    parser.add_argument("--smoke", action="store_true", help="tiny: checks the script runs")
     args = parser.parse_args()
     cfg = load_config(args.params)
-    if not (cfg.paths.generator / "generator.json").is_file():
-        print(f"error: {cfg.paths.generator}: no generator; run `make run` first", file=sys.stderr)
-        return 1
-    ours = score(cfg, load_generator_dir(cfg.paths.generator))
+    names = [n.strip() for n in args.recipes.split(",") if n.strip()]
+    unknown = [n for n in names if n not in RECIPES]
+    if unknown:
+        print(f"error: unknown recipe {', '.join(unknown)}; known: {', '.join(RECIPES)}", file=sys.stderr)
+        return 2
     with tempfile.TemporaryDirectory() as tmp:
-        baseline = score(cfg, plain_dcgan(cfg, Path(tmp)))
-    floors = load_reference(cfg).floors
+        if args.smoke:
+            names = names[:1]
+            cfg.train.epochs = 1
+            cfg.model.g_width = cfg.model.d_width = 8
+            cfg.data.image_size, cfg.data.source = 16, "digits"
+            cfg.eval.encoder_epochs, cfg.eval.num_samples, cfg.eval.kid_subset_size = 1, 200, 100
+            cfg.paths.prepared, cfg.paths.encoder = Path(tmp) / "prepared", Path(tmp) / "encoder"
+            prepare(cfg)
+            fit_encoder(cfg)
+        elif not (cfg.paths.encoder / "encoder.json").is_file():
+            print(f"error: {cfg.paths.encoder}: no encoder; run `dvc repro encoder` first", file=sys.stderr)
+            return 1
+        if args.epochs:
+            cfg.train.epochs = args.epochs
+        rows = []
+        for i, name in enumerate(names):
+            row_cfg = scratch(apply_recipe(cfg, name), Path(tmp) / f"row{i}")
+            started = time.perf_counter()
+            run_training(row_cfg, row_cfg.train.lr_g, row_cfg.train.lr_d)
+            wall = time.perf_counter() - started
+            rows.append((name, score(row_cfg), wall))
+        floor = load_reference(cfg).floors.get("fd_domain")
 
-    print(f"\n{cfg.train.epochs} epochs, {cfg.data.image_size}px, evaluated on {ours['sample_size']} samples")
-    print(f"{'metric':22s} {'ganflow':>10s} {'plain DCGAN':>12s} {'real floor':>11s}")
-    for key in ROWS:
-        if key in ours:
-            floor = floors.get(key)
-            floor_text = f"{floor:11.4g}" if floor is not None else f"{'':11s}"
-            print(f"{key:22s} {ours[key]:10.4g} {baseline[key]:12.4g} {floor_text}")
-    if "class_freq" in ours:
-        ref = load_reference(cfg)
-        print("class frequencies (real / ganflow / plain):")
-        for i, name in enumerate(ref.class_names):
-            print(f"  {name:>6s}  {ref.class_freq[i]:.3f} / {ours['class_freq'][name]:.3f} / "
-                  f"{baseline['class_freq'][name]:.3f}")
-    goal_fd = ours["fd_domain_over_floor"] <= 3.0
-    goal_classes = "class_max_rel_dev" not in ours or (
-        ours["classes_covered"] == len(ours["class_freq"]) and ours["class_max_rel_dev"] <= 0.5
-    )
-    print(f"goal fd_domain <= 3x floor: {'met' if goal_fd else 'NOT met'}; "
-          f"all classes within +-50%: {'met' if goal_classes else 'NOT met'}")
+    print(f"\n{cfg.train.epochs} epochs per row, {cfg.data.image_size}px, lr_g {cfg.train.lr_g:g}, "
+          f"lr_d {cfg.train.lr_d:g}, batch {cfg.train.batch_size}; held-out fd_domain floor {floor:.3f}; "
+          f"scored on {rows[0][1]['sample_size']} samples")
+    header = f"{'recipe':24s} " + " ".join(f"{h:>{len(f.format(0))}s}" for _, h, f in COLUMNS) + f" {'wall s':>7s}"
+    print(header)
+    for name, m, wall in rows:
+        cells = " ".join(f.format(m[k]) if m.get(k) is not None else f"{'-':>{len(f.format(0))}s}"
+                         for k, _, f in COLUMNS)
+        flag = "  COPYING" if m.get("copying_flagged") else ""
+        print(f"{name:24s} {cells} {wall:7.0f}{flag}")
     return 0
 
 

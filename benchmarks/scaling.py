@@ -1,7 +1,7 @@
 """Scaling: training throughput with 1, 2 (and, on a GPU machine, more) Ray Train workers, on one
 node and over two simulated nodes (ray.cluster_utils.Cluster), as ratios to 1 worker.
 
-    .venv/bin/python benchmarks/scaling.py [--epochs 3] [--image-size 32] [--width 64] [--batch-size 64]
+    .venv/bin/python benchmarks/scaling.py [--epochs 3] [--image-size 32] [--width 64] [--batch-size 64] [--smoke]
 
 Every configuration is the real train stage's driver (ganflow.distributed.run_training: DDP,
 MLflow logging, EMA, checkpoints), each in a fresh process, on the same prepared digits, one
@@ -9,7 +9,8 @@ after another on this machine. Images/s is the median over the epochs after the 
 loop's own measurement, whole global batches). The fixed start-up of fit() is not in it.
 
 On CPU, 1 worker = 1 CPU: more workers only help while there are free cores. With CUDA, the
-GPU rows use 1..N GPUs of this machine (use_gpu, one GPU per worker).
+GPU rows use 1..N GPUs of this machine (use_gpu, one GPU per worker). --smoke: 1 epoch of 16 px,
+narrow networks, only the 1-worker-1-node and 2-workers-2-nodes rows (checks the script runs).
 """
 
 from __future__ import annotations
@@ -74,8 +75,11 @@ def main() -> int:
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=64, help="global batch (per worker with --weak)")
     parser.add_argument("--weak", action="store_true", help="weak scaling: the batch grows with the workers")
+    parser.add_argument("--smoke", action="store_true", help="tiny: checks the script runs")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.smoke:
+        args.epochs, args.image_size, args.width = 1, 16, 8
     if args.measure:
         measure(Path(args.measure))
         return 0
@@ -94,8 +98,10 @@ def main() -> int:
         prepare(load_config(base))
         fit_encoder(load_config(base))  # the train stage checks for it; evaluation is off (eval.every)
 
-        configs = [("1 worker, 1 node", 1, False, None), ("2 workers, 1 node", 2, False, None)]
-        for n in range(1, gpus + 1):
+        configs = [("1 worker, 1 node", 1, False, None)]
+        if not args.smoke:
+            configs.append(("2 workers, 1 node", 2, False, None))
+        for n in range(1, (min(gpus, 1) if args.smoke else gpus) + 1):
             configs.append((f"{n} GPU worker(s), 1 node", n, True, None))
         for name, workers, gpu, _ in configs:
             rows.append((name, run_one(write_params(root, args, name.replace(" ", "_"), workers, gpu), None)))
@@ -106,7 +112,9 @@ def main() -> int:
         cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
         try:
-            rows.append(("1 worker, 2 nodes", run_one(write_params(root, args, "n2w1", 1, False), cluster.address)))
+            if not args.smoke:
+                rows.append(("1 worker, 2 nodes",
+                             run_one(write_params(root, args, "n2w1", 1, False), cluster.address)))
             rows.append(("2 workers, 2 nodes", run_one(write_params(root, args, "n2w2", 2, False), cluster.address)))
         finally:
             cluster.shutdown()

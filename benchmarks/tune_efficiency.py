@@ -8,8 +8,9 @@ project's prepared data and encoder, in a scratch store. From the same trials it
   new: the lowest mean of the last two fd_domain among the trials that ran every epoch.
 Then it trains each pick for train.epochs, as the train stage does, and scores the exported
 generator on the held-out images as the evaluate stage does. Prints both rows; when the two rules
-pick the same trial it says so and trains once. Needs `dvc repro encoder` first. --smoke: 2 trials
-of 2 epochs, narrow networks, trainings of 2 epochs (checks the script runs, not the figures).
+pick the same trial it says so and trains once. Needs `dvc repro encoder` first. --smoke: in a
+scratch folder of its own (digits prepared at 16 px, a 1-epoch encoder), 2 trials of 2 epochs,
+narrow networks, trainings of 2 epochs (checks the script runs, not the figures).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ import torch
 
 from ganflow.config import load_config
 from ganflow.distributed import run_training
-from ganflow.evaluation import evaluate_generator
+from ganflow.data import prepare
+from ganflow.evaluation import evaluate_generator, fit_encoder
 from ganflow.sampling import load_generator_dir
 from ganflow.tuning import run_sweep
 
@@ -72,11 +74,16 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny: checks the script runs")
     args = parser.parse_args()
     cfg = load_config(args.params)
-    if args.smoke:
-        cfg.tune.num_samples, cfg.tune.epochs, cfg.tune.grace_period = 2, 2, 1
-        cfg.train.epochs = 2
-        cfg.model.g_width = cfg.model.d_width = 16
     with tempfile.TemporaryDirectory() as tmp:
+        if args.smoke:
+            cfg.tune.num_samples, cfg.tune.epochs, cfg.tune.grace_period = 2, 2, 1
+            cfg.train.epochs = 2
+            cfg.model.g_width = cfg.model.d_width = 8
+            cfg.data.image_size, cfg.data.source = 16, "digits"
+            cfg.eval.encoder_epochs, cfg.eval.num_samples, cfg.eval.kid_subset_size = 1, 200, 100
+            cfg.paths.prepared, cfg.paths.encoder = Path(tmp) / "prepared", Path(tmp) / "encoder"
+            prepare(cfg)
+            fit_encoder(cfg)
         sweep_cfg = scratch(cfg, Path(tmp) / "sweep")
         started = time.perf_counter()
         best = run_sweep(sweep_cfg)

@@ -125,23 +125,46 @@ def release_orphaned_placement_groups() -> int:
     a driver (Tune's own, per trial) have no creating actor and are never touched.
     """
     import ray
-    from ray._private.state import state
-    from ray.core.generated import gcs_pb2
     from ray.util.placement_group import PlacementGroup, remove_placement_group
 
-    job = ray.get_runtime_context().get_job_id()
     released = 0
-    for raw in state._connect_and_get_accessor().get_placement_group_table():
-        pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
-        if (pg.state == gcs_pb2.PlacementGroupTableData.REMOVED or pg.is_detached or not pg.creator_actor_dead
-                or ray.ActorID(pg.creator_actor_id).is_nil() or pg.creator_job_id.hex() != job):
+    for pg_id, creator_dead in _actor_placement_groups():
+        if not creator_dead:
             continue
         try:
-            remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg_id)))
             released += 1
         except Exception:  # noqa: BLE001 - removed meanwhile (by Ray's cleaner): nothing to do
             pass
     return released
+
+
+def _actor_placement_groups() -> list[tuple[bytes, bool]]:
+    """(id, creating actor dead?) of this job's live, non-detached placement groups made by an actor."""
+    import ray
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+
+    job = ray.get_runtime_context().get_job_id()
+    found = []
+    for raw in state._connect_and_get_accessor().get_placement_group_table():
+        pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
+        if (pg.state == gcs_pb2.PlacementGroupTableData.REMOVED or pg.is_detached
+                or ray.ActorID(pg.creator_actor_id).is_nil() or pg.creator_job_id.hex() != job):
+            continue
+        found.append((pg.placement_group_id, bool(pg.creator_actor_dead)))
+    return found
+
+
+def release_placement_groups_after_sweep(timeout_s: float = 60.0) -> None:
+    """After Tuner.fit: wait for the last trials' controllers to die and release their groups, so
+    that whatever this process runs next on the same Ray (a training) gets their CPUs."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        release_orphaned_placement_groups()
+        if not _actor_placement_groups() or time.monotonic() > deadline:
+            return
+        time.sleep(0.5)
 
 
 def _orphan_sweeper(every_s: float = 2.0):
@@ -279,6 +302,7 @@ def run_sweep(cfg: Config) -> Best:
             _mark_interrupted(client, parent)
             raise Interrupted(f"tune interrupted; MLflow sweep run {parent} marked KILLED; nothing written, "
                               "the same command runs the sweep again") from None
+    release_placement_groups_after_sweep()
     ended = results.num_terminated + results.num_errors
     if len(results) < cfg.tune.num_samples or ended < len(results):  # stopped from outside (e.g. SIGUSR1)
         _mark_interrupted(client, parent)

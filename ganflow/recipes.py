@@ -1,0 +1,34 @@
+"""Named training recipes: blocks of params on top of a params file, compared by benchmarks/quality.py.
+
+A recipe names what changes from the plain DCGAN (Radford et al. 2015: BatchNorm in D, the BCE
+loss of the original GAN paper, no augmentation); everything else comes from the params file. To
+train one, copy its block into params.yaml (the README lists them with their measured figures).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ganflow.config import Config, config_from_dict
+
+RECIPES: dict[str, dict[str, Any]] = {
+    # the baseline: BatchNorm in D, non-saturating BCE
+    "dcgan-bce": {"model.spectral_norm": False, "train.loss": "bce", "train.augment": "none"},
+    # spectral norm on D (no BatchNorm there), hinge loss (Miyato et al. 2018)
+    "sn-hinge": {"model.spectral_norm": True, "train.loss": "hinge", "train.augment": "none"},
+    # + differentiable augmentation of every D input (Zhao et al. 2020), for small data sets
+    "sn-hinge-diffaugment": {"model.spectral_norm": True, "train.loss": "hinge", "train.augment": "diffaugment"},
+    # DiffAugment alone on the baseline
+    "dcgan-bce-diffaugment": {"model.spectral_norm": False, "train.loss": "bce", "train.augment": "diffaugment"},
+}
+
+
+def apply_recipe(cfg: Config, name: str) -> Config:
+    """A validated copy of ``cfg`` with the recipe's params set."""
+    values = cfg.to_dict()
+    for dotted, value in RECIPES[name].items():
+        section, key = dotted.split(".")
+        values[section][key] = value
+    out = config_from_dict(values, cfg.root)
+    out._source = cfg._source
+    return out

@@ -1,0 +1,45 @@
+"""Every benchmark keeps running: each script in benchmarks/ in its tiny mode (--smoke), end to end
+(real Ray, real training, its own scratch data), and its table printed with figures in it."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import BIN, REPO, run
+
+pytestmark = pytest.mark.slow
+
+NUMBER = r"[0-9]+(?:\.[0-9]+)?"
+# script -> lines its table must hold (each with a figure), as regular expressions
+EXPECTED = {
+    "train_throughput.py": [
+        rf"bare PyTorch loop, 1 process, 1 thread\s+{NUMBER} img/s",
+        rf"ganflow loop, 1 Ray worker \(1 CPU\)\s+{NUMBER} img/s",
+        rf"ratio ganflow / bare\s+{NUMBER}",
+        rf"bare PyTorch loop, 1 process, \d+ threads\s+{NUMBER} img/s",
+    ],
+    "scaling.py": [rf"1 worker, 1 node\s+{NUMBER}\s+1\.00", rf"2 workers, 2 nodes\s+{NUMBER}\s+{NUMBER}"],
+    "tune_efficiency.py": [rf"old: min over epochs\s+{NUMBER}", rf"new: mean of last two\s+{NUMBER}"],
+    "quality.py": [rf"dcgan-bce\s+{NUMBER}\s+{NUMBER}\s+-?{NUMBER}\s+{NUMBER}\s+{NUMBER}"],
+    "cpu_share.py": [rf"other\s+{NUMBER}\s+{NUMBER}%", rf"training workers\s+{NUMBER}\s+{NUMBER}%"],
+}
+
+
+def test_every_benchmark_script_is_covered():
+    assert sorted(p.name for p in (REPO / "benchmarks").glob("*.py")) == sorted(EXPECTED)
+
+
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("script", sorted(EXPECTED))
+def test_benchmark_runs_in_smoke_mode(script: str, tmp_path: Path):
+    env = {**os.environ, "TMPDIR": str(tmp_path)}  # scratch data and Ray's temp files in the test's folder
+    env.pop("RAY_ADDRESS", None)
+    proc = run([str(BIN / "python"), str(REPO / "benchmarks" / script), "--smoke"], tmp_path, timeout=1500,
+               env=env)
+    assert proc.returncode == 0, f"{script} --smoke exited {proc.returncode}:\n{proc.stderr[-3000:]}"
+    for pattern in EXPECTED[script]:
+        assert re.search(pattern, proc.stdout), f"{script}: no line matching {pattern!r} in:\n{proc.stdout}"
