@@ -17,20 +17,16 @@ one recipe, 1 epoch, narrow networks (checks the script runs, not the figures).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
+from _scratch import scratch, score_exported, smoke_data
 from ganflow.config import load_config
-from ganflow.data import prepare
 from ganflow.distributed import run_training
-from ganflow.evaluation import evaluate_generator, fit_encoder, load_reference
+from ganflow.evaluation import load_reference
 from ganflow.recipes import RECIPES, apply_recipe
-from ganflow.sampling import load_generator_dir
 
 COLUMNS = [  # (metric, header, format)
     ("fd_domain", "fd_domain", "{:9.3f}"),
@@ -43,26 +39,6 @@ COLUMNS = [  # (metric, header, format)
     ("class_kl_reverse", "rev KL", "{:6.3f}"),
     ("copying_ct", "copying", "{:7.2f}"),
 ]
-
-
-def scratch(cfg, workdir: Path):
-    out = cfg.model_copy(deep=True)
-    out._root = cfg.root
-    for name in ("ray_results", "mlflow_db", "mlflow_artifacts", "tune_best", "generator", "metrics", "plots"):
-        setattr(out.paths, name, workdir / name)
-    out.tracking.uri = None
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    return out
-
-
-def score(cfg) -> dict:
-    g = load_generator_dir(cfg.paths.generator)
-
-    def sample(z):
-        with torch.no_grad():
-            return g(z)
-
-    return evaluate_generator(cfg, sample)[0]
 
 
 def main() -> int:
@@ -82,12 +58,7 @@ def main() -> int:
         if args.smoke:
             names = names[:1]
             cfg.train.epochs = 1
-            cfg.model.g_width = cfg.model.d_width = 8
-            cfg.data.image_size, cfg.data.source = 16, "digits"
-            cfg.eval.encoder_epochs, cfg.eval.num_samples, cfg.eval.kid_subset_size = 1, 200, 100
-            cfg.paths.prepared, cfg.paths.encoder = Path(tmp) / "prepared", Path(tmp) / "encoder"
-            prepare(cfg)
-            fit_encoder(cfg)
+            smoke_data(cfg, Path(tmp))
         elif not (cfg.paths.encoder / "encoder.json").is_file():
             print(f"error: {cfg.paths.encoder}: no encoder; run `dvc repro encoder` first", file=sys.stderr)
             return 1
@@ -99,7 +70,7 @@ def main() -> int:
             started = time.perf_counter()
             run_training(row_cfg, row_cfg.train.lr_g, row_cfg.train.lr_d)
             wall = time.perf_counter() - started
-            rows.append((name, score(row_cfg), wall))
+            rows.append((name, score_exported(row_cfg), wall))
         floor = load_reference(cfg).floors.get("fd_domain")
 
     print(f"\n{cfg.train.epochs} epochs per row, {cfg.data.image_size}px, lr_g {cfg.train.lr_g:g}, "

@@ -17,30 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
+from _scratch import scratch, score_exported, smoke_data
 from ganflow.config import load_config
 from ganflow.distributed import run_training
-from ganflow.data import prepare
-from ganflow.evaluation import evaluate_generator, fit_encoder
-from ganflow.sampling import load_generator_dir
 from ganflow.tuning import run_sweep
-
-
-def scratch(cfg, workdir: Path):
-    out = cfg.model_copy(deep=True)
-    out._root = cfg.root
-    for name in ("ray_results", "mlflow_db", "mlflow_artifacts", "tune_best", "generator", "metrics", "plots"):
-        setattr(out.paths, name, workdir / name)
-    out.tracking.uri = None
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    return out
 
 
 def picks(cfg, sweep_run_id: str) -> dict[str, dict]:
@@ -59,13 +44,7 @@ def picks(cfg, sweep_run_id: str) -> dict[str, dict]:
 
 def train_and_score(cfg, lr_g: float, lr_d: float) -> dict:
     run_training(cfg, lr_g, lr_d)
-    g = load_generator_dir(cfg.paths.generator)
-
-    def sample(z):
-        with torch.no_grad():
-            return g(z)
-
-    return evaluate_generator(cfg, sample)[0]
+    return score_exported(cfg)
 
 
 def main() -> int:
@@ -78,12 +57,7 @@ def main() -> int:
         if args.smoke:
             cfg.tune.num_samples, cfg.tune.epochs, cfg.tune.grace_period = 2, 2, 1
             cfg.train.epochs = 2
-            cfg.model.g_width = cfg.model.d_width = 8
-            cfg.data.image_size, cfg.data.source = 16, "digits"
-            cfg.eval.encoder_epochs, cfg.eval.num_samples, cfg.eval.kid_subset_size = 1, 200, 100
-            cfg.paths.prepared, cfg.paths.encoder = Path(tmp) / "prepared", Path(tmp) / "encoder"
-            prepare(cfg)
-            fit_encoder(cfg)
+            smoke_data(cfg, Path(tmp))
         sweep_cfg = scratch(cfg, Path(tmp) / "sweep")
         started = time.perf_counter()
         best = run_sweep(sweep_cfg)
