@@ -99,7 +99,6 @@ def test_cutout_does_not_leak_into_samples(tmp_path):
     """A strong cutout (half the side) on every D input: G's samples hold no more grey squares than
     the real digits. The control trains the same way with the cut-outs on the real images only,
     and G learns to draw them: the detector sees a leak when there is one."""
-    torch.set_num_threads(1)
     cfg = tiny(tmp_path, augment="diffaugment", augment_policy="cutout", augment_cutout=0.5)
     prepare(cfg)
     dataset = PreparedDataset(cfg.paths.prepared, part="train")

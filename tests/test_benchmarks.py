@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,7 @@ def test_every_benchmark_script_is_covered():
 @pytest.mark.parametrize("script", sorted(EXPECTED))
 def test_benchmark_runs_in_smoke_mode(script: str, tmp_path: Path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # each script starts its own Ray
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")  # the scripts' default --params, as in the repo
     proc = run([str(BIN / "python"), str(REPO / "benchmarks" / script), "--smoke"], tmp_path, timeout=1500,
                env=env)
     assert proc.returncode == 0, f"{script} --smoke exited {proc.returncode}:\n{proc.stderr[-3000:]}"
