@@ -171,7 +171,12 @@ def test_dvc_repro_submits_train_as_a_ray_job(cluster, tmp_path):
     assert (root / "models" / "generator" / "generator.safetensors").exists()
     status = run([str(BIN / "dvc"), "status", "train"], root, check=True)
     assert "changed" not in status.stdout, status.stdout  # DVC tracks the pulled outputs as usual
+    # the run that finished made the generator; the stopped job's own run, if it got to start one
+    # before the stop (and before a first checkpoint it could be resumed from), is KILLED
     new = [r for r in train_runs(cluster) if r.info.run_id not in before]
-    assert len(new) == 1 and new[0].info.status == "FINISHED"
+    finished = [r for r in new if r.info.status == "FINISHED"]
+    assert len(finished) == 1, [(r.info.status, r.data.tags.get("ganflow.failure")) for r in new]
+    assert all(r.info.status == "KILLED" and r.data.tags.get("ganflow.failure") == "interrupted"
+               for r in new if r not in finished), [(r.info.status, r.data.tags.get("ganflow.failure")) for r in new]
     spec = json.loads((root / "models" / "generator" / "generator.json").read_text())
-    assert spec["mlflow_run_id"] == new[0].info.run_id
+    assert spec["mlflow_run_id"] == finished[0].info.run_id

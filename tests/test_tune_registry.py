@@ -4,6 +4,7 @@ stage using its result, and the registry's promotion rule."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 import time
@@ -205,7 +206,10 @@ def test_a_sweep_with_failed_trials_fails_and_writes_nothing(tmp_path):
                timeout=600, env={**os.environ, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "0.001"})
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "2 of 2 trials failed" in errors[0] and "nothing written" in errors[0], proc.stderr[-2000:]
+    # with a 1 ms start timeout every trial should fail; one whose worker happened to be ready in
+    # time may not, and one failed trial is already enough to fail the sweep
+    assert len(errors) == 1 and re.search(r"tune: [12] of 2 trials failed", errors[0]), proc.stderr[-2000:]
+    assert "nothing written" in errors[0], proc.stderr[-2000:]
     assert not (tmp_path / "p" / "tune" / "best.json").exists()
     client = mlflow_client(tmp_path / "p")
     sweep = client.search_runs([client.get_experiment_by_name("ganflow").experiment_id], "tags.`ganflow.stage` = 'tune'")
