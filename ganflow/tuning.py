@@ -124,11 +124,16 @@ def release_orphaned_placement_groups() -> int:
     driver holds a GCS connection already, so it sweeps them itself. Placement groups created by
     a driver (Tune's own, per trial) have no creating actor and are never touched.
     """
+    return _release_dead(_actor_placement_groups())
+
+
+def _release_dead(groups: list[tuple[bytes, bool]]) -> int:
+    """Remove the groups of ``groups`` whose creating actor is dead; how many were removed."""
     import ray
     from ray.util.placement_group import PlacementGroup, remove_placement_group
 
     released = 0
-    for pg_id, creator_dead in _actor_placement_groups():
+    for pg_id, creator_dead in groups:
         if not creator_dead:
             continue
         try:
@@ -161,9 +166,10 @@ def release_placement_groups_after_sweep(timeout_s: float = 60.0) -> None:
     that whatever this process runs next on the same Ray (a training) gets their CPUs."""
     deadline = time.monotonic() + timeout_s
     while True:
-        release_orphaned_placement_groups()
-        if not _actor_placement_groups() or time.monotonic() > deadline:
-            return
+        groups = _actor_placement_groups()  # one read of the table per round
+        _release_dead(groups)
+        if all(dead for _, dead in groups) or time.monotonic() > deadline:
+            return  # each group released now, or its controller still alive past the deadline
         time.sleep(0.5)
 
 
