@@ -135,7 +135,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         uri = tracking_uri(load_config(args.params))
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)
-    images = sample(args.model, args.n, args.seed)  # (N, H, W, C) uint8
+    images = sample(args.model, args.n, args.seed, class_name=args.class_name)  # (N, H, W, C) uint8
     import io
 
     buf = io.BytesIO()
@@ -243,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-n", type=int, default=64, help="number of images (default: 64)")
     p.add_argument("--seed", type=int, default=0, help="latent noise seed (default: 0)")
+    p.add_argument("--class", dest="class_name", metavar="CLASS",
+                   help="a class-conditional generator: draw only this class (name or index); by default "
+                        "its classes at their training frequencies")
     p.add_argument("--out", required=True, help="output .npz; 'images' is uint8 (N, H, W, C)")
     p.add_argument("--grid", help="also write a PNG grid of the images")
     p.add_argument("--params", default=DEFAULT_PARAMS, help="params file naming the tracking store")

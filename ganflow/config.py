@@ -92,6 +92,9 @@ class ModelConfig(Section):
     g_width: int = Field(64, gt=0)  # channels of G's last hidden layer; doubles per upsampling
     d_width: int = Field(64, gt=0)  # channels of D's first layer; doubles per downsampling
     spectral_norm: bool = False  # on D; BatchNorm is dropped from D when it is on
+    # class-conditional G (conditional BatchNorm) and projection D: true needs labelled data,
+    # auto = conditional when the prepared data has labels
+    conditional: Literal["auto"] | bool = False
 
 
 class TrainConfig(Section):

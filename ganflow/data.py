@@ -421,6 +421,23 @@ def _sha256(*chunks: bytes) -> str:
 # loading the prepared dataset
 
 
+def class_prior(cfg: Config) -> tuple[list[str], list[float]] | None:
+    """(class names, their frequencies in the train split) for a conditional G, None for an
+    unconditional one (model.conditional false, or auto on unlabelled data)."""
+    manifest = read_manifest(cfg.paths.prepared)
+    if cfg.model.conditional is False:
+        return None
+    if not manifest["labelled"]:
+        if cfg.model.conditional is True:
+            raise DataError(f"model.conditional: true needs labelled data, and {cfg.paths.prepared} has no labels "
+                            "(set it to auto or false)")
+        return None
+    names = manifest["class_names"]
+    held = manifest["split"]["heldout_class_counts"]
+    counts = [manifest["class_counts"][n] - held[n] for n in names]
+    return names, [c / sum(counts) for c in counts]
+
+
 def read_manifest(path: Path) -> dict[str, Any]:
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():

@@ -23,7 +23,7 @@ import torch
 
 from ganflow.atomic import check_storage_writable, write_file
 from ganflow.config import Config
-from ganflow.data import read_manifest
+from ganflow.data import class_prior, read_manifest
 from ganflow.errors import GanflowError, first_line
 from ganflow.evaluation import load_reference
 from ganflow.interrupts import Interrupted, stop_on_signals
@@ -199,6 +199,7 @@ def check_trainable(cfg: Config) -> int:
     """Refuse a training that cannot run, before any worker starts. Returns the dataset size."""
     manifest = read_manifest(cfg.paths.prepared)
     count = manifest["split"]["train"]  # the GAN trains on the train split only
+    class_prior(cfg)  # model.conditional: true on unlabelled data is refused here
     load_reference(cfg)  # the encoder the in-training evaluation needs, for this data shape
     per_rank = cfg.train.batch_size // cfg.cluster.num_workers
     if count // cfg.cluster.num_workers < per_rank:
@@ -335,6 +336,10 @@ def export(cfg: Config, checkpoint: Path, run_id: str, lr_g: float, lr_d: float,
         "channels": cfg.data.channels,
         "image_size": cfg.data.image_size,
         "g_width": cfg.model.g_width,
+        # a conditional G's input is z followed by a one-hot class: its classes and their frequencies
+        "num_classes": len(meta.get("class_prior") or []),
+        "class_names": meta.get("class_names"),
+        "class_prior": meta.get("class_prior"),
         "epoch": meta["epoch"],
         "mlflow_run_id": run_id,
         "lr_g": lr_g,
@@ -344,9 +349,9 @@ def export(cfg: Config, checkpoint: Path, run_id: str, lr_g: float, lr_d: float,
     # the best EMA generator by in-training fd_domain; the last one if no evaluation ran
     best = "best_ema_g" in tensors
     spec.update(best_epoch=meta["best_epoch"] if best else meta["epoch"], fd_domain=meta["best_fd"])
-    g = build_generator(cfg)
+    g = build_generator(cfg, spec["num_classes"])
     g.load_state_dict(tensors["best_ema_g" if best else "ema_g"])
-    recompute_batchnorm(g, seed=cfg.train.seed)  # statistics of the exported weights, not of the live G
+    recompute_batchnorm(g, seed=cfg.train.seed, prior=spec["class_prior"])  # statistics of the exported weights, not of the live G
     export_generator(g.state_dict(), spec, cfg.paths.generator)
     history = meta["history"]
     final = {k: v for k, v in history[-1].items() if k != "epoch"}
@@ -366,24 +371,35 @@ def export(cfg: Config, checkpoint: Path, run_id: str, lr_g: float, lr_d: float,
 
 
 def log_model(cfg: Config, run_id: str) -> None:
-    """The EMA generator as an MLflow model: z (N, latent) float32 -> images (N, C, H, W) in [-1, 1]."""
+    """The EMA generator as an MLflow model: one float32 input (N, latent_dim [+ num_classes]),
+    z followed for a conditional G by a one-hot class, -> images (N, C, H, W) in [-1, 1]. The
+    model's metadata says how the input splits (latent_dim, num_classes) and names the classes."""
     import mlflow
     import mlflow.pytorch
-    from mlflow.models import infer_signature
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
 
-    from ganflow.sampling import load_generator_dir
+    from ganflow.models import draw_codes
+    from ganflow.sampling import generator_meta, load_generator_dir
 
     g = load_generator_dir(cfg.paths.generator)
+    meta = generator_meta(cfg.paths.generator)
     # a batch of 2 in the example keeps the exported batch dimension dynamic
-    z = np.random.default_rng(0).standard_normal((2, cfg.model.latent_dim)).astype(np.float32)
+    code = draw_codes(2, g.latent_dim, meta["class_prior"], torch.Generator().manual_seed(0)).numpy()
     with torch.no_grad():
-        out = g(torch.from_numpy(z)).numpy()
+        out = g(torch.from_numpy(code)).numpy()
+    # unnamed: MLflow's PyTorch flavour hands a named input to the model as a dict, which it refuses
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, g.code_dim))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *out.shape[1:]))]),
+    )
     with mlflow.start_run(run_id=run_id, log_system_metrics=False):
         mlflow.pytorch.log_model(
             g,
             name="generator",
-            signature=infer_signature(z, out),
-            input_example=z,
+            signature=signature,
+            input_example=code,
+            metadata=meta,
             pip_requirements=[f"torch>={torch.__version__.split('+')[0]}", "numpy"],
         )
         mlflow.log_artifacts(str(cfg.paths.generator), artifact_path="generator_files")

@@ -345,18 +345,21 @@ def inception_fid(weights: Path, real: torch.Tensor, fake: torch.Tensor) -> floa
 
 
 def evaluate_generator(cfg: Config, sample_fn, reference: Reference | None = None) -> tuple[dict[str, Any], np.ndarray]:
-    """Every metric of ``sample_fn(z) -> images (N, C, S, S) in [-1, 1]`` against the held-out
-    reference, next to its floor. Returns (metrics, the samples as uint8 (N, S, S, C)).
+    """Every metric of ``sample_fn(code) -> images (N, C, S, S) in [-1, 1]`` (the generator at
+    paths.generator) against the held-out reference, next to its floor. Returns (metrics, the
+    samples as uint8 (N, S, S, C)). A conditional G is asked for its classes at their training
+    frequencies; whether it draws what it is asked is what the class metrics then measure.
 
     The latent vectors are drawn with eval.seed + 1, not the eval.seed that picked the best
     epoch during training, so the selection does not flatter the final figure.
     """
-    from ganflow.sampling import to_uint8
+    from ganflow.models import draw_codes
+    from ganflow.sampling import generator_meta, to_uint8
 
     reference = reference if reference is not None else load_reference(cfg)
     n = reference.sample_size
-    latent = _latent_dim(cfg)
-    z = torch.randn(n, latent, generator=torch.Generator().manual_seed(cfg.eval.seed + 1))
+    meta = generator_meta(cfg.paths.generator)
+    z = draw_codes(n, meta["latent_dim"], meta["class_prior"], torch.Generator().manual_seed(cfg.eval.seed + 1))
     images = torch.cat([torch.as_tensor(sample_fn(chunk)) for chunk in z.split(500)]).float()
     features, probs = encode(reference.encoder, images)
     metrics = with_floors(reference.metrics(features, probs), reference.floors, reference.class_floors)
@@ -368,7 +371,3 @@ def evaluate_generator(cfg: Config, sample_fn, reference: Reference | None = Non
         metrics["fid_inception"] = inception_fid(cfg.eval.inception_weights, reference_images(cfg), images)
     return metrics, to_uint8(images)
 
-
-def _latent_dim(cfg: Config) -> int:
-    spec = json.loads((cfg.paths.generator / "generator.json").read_text())
-    return int(spec["latent_dim"])

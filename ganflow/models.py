@@ -1,12 +1,20 @@
 """DCGAN-style generator and discriminator (Radford et al. 2015) for 16..128 pixel images.
 
-G maps a latent vector to an image in [-1, 1]; D maps an image to one logit per sample.
-Both double/halve their resolution per layer between 4x4 and data.image_size.
+G maps a code to an image in [-1, 1]; D maps an image to one logit per sample. Both double/halve
+their resolution per layer between 4x4 and data.image_size.
+
+Class-conditional (``num_classes`` > 0, model.conditional): G's code is the latent vector followed
+by a one-hot class vector (N, latent_dim + num_classes), one tensor, so every consumer of G (the
+exported safetensors, the MLflow model, DDP, evaluation) keeps one input; G's BatchNorm layers take
+their scale and shift from the class (conditional BatchNorm, de Vries et al. 2017), and D adds the
+projection of its pooled features on a class embedding to its logit (Miyato & Koyama 2018).
+Unconditional networks keep exactly the layers and state-dict keys they always had.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -20,26 +28,52 @@ def _upsamplings(image_size: int) -> int:
     return int(math.log2(image_size)) - 2
 
 
+class ConditionalBatchNorm2d(nn.Module):
+    """BatchNorm without its own affine parameters; the scale and shift come from the class:
+    gamma = 1 + c @ W_gain, beta = c @ W_bias for a one-hot (or any weighting) c (B, K). Both
+    start at zero, so a fresh layer is a plain BatchNorm."""
+
+    def __init__(self, features: int, num_classes: int):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(features, affine=False)
+        self.gain = nn.Linear(num_classes, features, bias=False)
+        self.bias = nn.Linear(num_classes, features, bias=False)
+        nn.init.zeros_(self.gain.weight)
+        nn.init.zeros_(self.bias.weight)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        # x: (B, F, H, W), c: (B, K) -> (B, F, H, W)
+        gamma = 1.0 + self.gain(c)
+        beta = self.bias(c)
+        return self.norm(x) * gamma[:, :, None, None] + beta[:, :, None, None]
+
+
 class Generator(nn.Module):
-    def __init__(self, latent_dim: int, channels: int, image_size: int, width: int):
+    def __init__(self, latent_dim: int, channels: int, image_size: int, width: int, num_classes: int = 0):
         super().__init__()
         self.latent_dim = latent_dim
+        self.num_classes = num_classes
+        self.code_dim = latent_dim + num_classes  # the width of G's input
         self.channels = channels
         self.image_size = image_size
         self.width = width
+
+        def norm(features: int) -> nn.Module:
+            return ConditionalBatchNorm2d(features, num_classes) if num_classes else nn.BatchNorm2d(features)
+
         n = _upsamplings(image_size)
         ch = width * 2 ** (n - 1)
         layers: list[nn.Module] = [
             # (B, latent, 1, 1) -> (B, ch, 4, 4)
             nn.ConvTranspose2d(latent_dim, ch, 4, 1, 0, bias=False),
-            nn.BatchNorm2d(ch),
+            norm(ch),
             nn.ReLU(inplace=True),
         ]
         for _ in range(n - 1):
             # (B, ch, s, s) -> (B, ch/2, 2s, 2s)
             layers += [
                 nn.ConvTranspose2d(ch, ch // 2, 4, 2, 1, bias=False),
-                nn.BatchNorm2d(ch // 2),
+                norm(ch // 2),
                 nn.ReLU(inplace=True),
             ]
             ch //= 2
@@ -47,14 +81,22 @@ class Generator(nn.Module):
         layers += [nn.ConvTranspose2d(ch, channels, 4, 2, 1, bias=False), nn.Tanh()]
         self.net = nn.Sequential(*layers)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        # z: (B, latent) -> (B, C, S, S)
-        return self.net(z.reshape(z.shape[0], self.latent_dim, 1, 1))
+    def forward(self, code: torch.Tensor) -> torch.Tensor:
+        # code: (B, latent [+ classes]) -> (B, C, S, S)
+        if not self.num_classes:
+            return self.net(code.reshape(code.shape[0], self.latent_dim, 1, 1))
+        z, c = code[:, : self.latent_dim], code[:, self.latent_dim :]
+        x = z.reshape(z.shape[0], self.latent_dim, 1, 1)
+        for layer in self.net:
+            x = layer(x, c) if isinstance(layer, ConditionalBatchNorm2d) else layer(x)
+        return x
 
 
 class Discriminator(nn.Module):
-    def __init__(self, channels: int, image_size: int, width: int, spectral_norm: bool = False):
+    def __init__(self, channels: int, image_size: int, width: int, spectral_norm: bool = False,
+                 num_classes: int = 0):
         super().__init__()
+        self.num_classes = num_classes
         # spectral norm bounds D's Lipschitz constant; BatchNorm would undo that, so it goes
         wrap = _sn if spectral_norm else (lambda m: m)
         n = _upsamplings(image_size)
@@ -71,34 +113,83 @@ class Discriminator(nn.Module):
         # (B, ch, 4, 4) -> (B, 1, 1, 1)
         layers.append(wrap(nn.Conv2d(ch, 1, 4, 1, 0)))
         self.net = nn.Sequential(*layers)
+        if num_classes:  # projection: <embed(y), sum-pooled features>, added to the logit
+            self.embed = wrap(nn.Linear(num_classes, ch, bias=False))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: (B, C, S, S) in [-1, 1] -> logits (B,)
-        return self.net(x).flatten()
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        # x: (B, C, S, S) in [-1, 1], c: (B, K) one-hot classes (conditional D only) -> logits (B,)
+        if not self.num_classes:
+            return self.net(x).flatten()
+        h = self.net[:-1](x)  # (B, ch, 4, 4)
+        return self.net[-1](h).flatten() + (self.embed(c) * h.sum((2, 3))).sum(1)
 
 
 def dcgan_init(module: nn.Module) -> None:
-    """Weights N(0, 0.02), BatchNorm scale N(1, 0.02), biases 0, as in the DCGAN paper."""
+    """Weights N(0, 0.02), BatchNorm scale N(1, 0.02), biases 0, as in the DCGAN paper; a
+    conditional BatchNorm's class scale and shift start at 0 (scale 1, shift 0 for every class)."""
     for m in module.modules():
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
             weight = m.parametrizations.weight.original if hasattr(m, "parametrizations") else m.weight
             nn.init.normal_(weight, 0.0, 0.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
+        elif isinstance(m, nn.BatchNorm2d) and m.affine:
             nn.init.normal_(m.weight, 1.0, 0.02)
             nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):  # D's class embedding
+            weight = m.parametrizations.weight.original if hasattr(m, "parametrizations") else m.weight
+            nn.init.normal_(weight, 0.0, 0.02)
+    for m in module.modules():  # conditional BatchNorm starts as a plain BatchNorm
+        if isinstance(m, ConditionalBatchNorm2d):
+            nn.init.zeros_(m.gain.weight)
+            nn.init.zeros_(m.bias.weight)
+
+
+def one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(B,) int classes -> (B, K) float one-hot."""
+    return nn.functional.one_hot(labels.long(), num_classes).float()
+
+
+def allocate(prior: Sequence[float], n: int) -> torch.Tensor:
+    """n class indices, sorted, with each class's count the largest-remainder rounding of
+    n * prior: samples at the real class frequencies without the noise of drawing them."""
+    p = torch.as_tensor(list(prior), dtype=torch.float64)
+    p = p / p.sum()
+    exact = p * n
+    counts = exact.floor().long()
+    short = n - int(counts.sum())
+    if short:
+        counts[torch.argsort(exact - counts, descending=True, stable=True)[:short]] += 1
+    return torch.repeat_interleave(torch.arange(len(p)), counts)
+
+
+def draw_codes(n: int, latent_dim: int, prior: Sequence[float] | None, generator: torch.Generator) -> torch.Tensor:
+    """n inputs for G: latent vectors N(0, I) from ``generator``, followed for a conditional G
+    (``prior`` = its classes' frequencies) by one-hot classes allocated at those frequencies."""
+    z = torch.randn(n, latent_dim, generator=generator)
+    if not prior:
+        return z
+    return torch.cat([z, one_hot(allocate(prior, n), len(prior))], dim=1)
+
+
+def class_grid_codes(latent_dim: int, num_classes: int, per_class: int, generator: torch.Generator) -> torch.Tensor:
+    """Inputs for a grid with one row per class, ``per_class`` samples each (row k = class k)."""
+    z = torch.randn(num_classes * per_class, latent_dim, generator=generator)
+    classes = torch.arange(num_classes).repeat_interleave(per_class)
+    return torch.cat([z, one_hot(classes, num_classes)], dim=1)
 
 
 @torch.no_grad()
-def recompute_batchnorm(g: Generator, seed: int = 0, batches: int = 16, batch_size: int = 64) -> None:
+def recompute_batchnorm(g: Generator, seed: int = 0, batches: int = 16, batch_size: int = 64,
+                        prior: Sequence[float] | None = None) -> None:
     """Give G's BatchNorm layers running statistics computed for G's own weights.
 
     The EMA generator is an average of weights; statistics copied from the live G belong to
     other weights, and running it in eval mode with them mismatches every normalisation. This
     resets them and averages the batch statistics (momentum None = a cumulative mean) of
     ``batches`` x ``batch_size`` samples from fixed noise, so the same weights always get the
-    same statistics. Leaves G in eval mode.
+    same statistics. A conditional G draws its classes at ``prior`` (uniform when None). Leaves
+    G in eval mode.
     """
     norms = [m for m in g.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     momenta = [m.momentum for m in norms]
@@ -108,20 +199,21 @@ def recompute_batchnorm(g: Generator, seed: int = 0, batches: int = 16, batch_si
     device = next(g.parameters()).device
     noise = torch.Generator().manual_seed(seed)
     g.train()
+    prior = prior or ([1.0] * g.num_classes if g.num_classes else None)
     for _ in range(batches):
-        g(torch.randn(batch_size, g.latent_dim, generator=noise).to(device))
+        g(draw_codes(batch_size, g.latent_dim, prior, noise).to(device))
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
     g.eval()
 
 
-def build_generator(cfg: Config) -> Generator:
-    g = Generator(cfg.model.latent_dim, cfg.data.channels, cfg.data.image_size, cfg.model.g_width)
+def build_generator(cfg: Config, num_classes: int = 0) -> Generator:
+    g = Generator(cfg.model.latent_dim, cfg.data.channels, cfg.data.image_size, cfg.model.g_width, num_classes)
     dcgan_init(g)
     return g
 
 
-def build_discriminator(cfg: Config) -> Discriminator:
-    d = Discriminator(cfg.data.channels, cfg.data.image_size, cfg.model.d_width, cfg.model.spectral_norm)
+def build_discriminator(cfg: Config, num_classes: int = 0) -> Discriminator:
+    d = Discriminator(cfg.data.channels, cfg.data.image_size, cfg.model.d_width, cfg.model.spectral_norm, num_classes)
     dcgan_init(d)
     return d

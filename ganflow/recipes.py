@@ -13,13 +13,22 @@ from ganflow.config import Config, config_from_dict
 
 RECIPES: dict[str, dict[str, Any]] = {
     # the baseline: BatchNorm in D, non-saturating BCE
-    "dcgan-bce": {"model.spectral_norm": False, "train.loss": "bce", "train.augment": "none"},
+    "dcgan-bce": {"model.spectral_norm": False, "model.conditional": False, "train.loss": "bce",
+                  "train.augment": "none"},
     # spectral norm on D (no BatchNorm there), hinge loss (Miyato et al. 2018)
-    "sn-hinge": {"model.spectral_norm": True, "train.loss": "hinge", "train.augment": "none"},
+    "sn-hinge": {"model.spectral_norm": True, "model.conditional": False, "train.loss": "hinge",
+                 "train.augment": "none"},
     # + differentiable augmentation of every D input (Zhao et al. 2020), for small data sets
-    "sn-hinge-diffaugment": {"model.spectral_norm": True, "train.loss": "hinge", "train.augment": "diffaugment"},
+    "sn-hinge-diffaugment": {"model.spectral_norm": True, "model.conditional": False, "train.loss": "hinge",
+                             "train.augment": "diffaugment"},
     # DiffAugment alone on the baseline
-    "dcgan-bce-diffaugment": {"model.spectral_norm": False, "train.loss": "bce", "train.augment": "diffaugment"},
+    "dcgan-bce-diffaugment": {"model.spectral_norm": False, "model.conditional": False, "train.loss": "bce",
+                              "train.augment": "diffaugment"},
+    # class-conditional G (conditional BatchNorm) and projection D when the data has labels
+    "dcgan-bce-conditional": {"model.spectral_norm": False, "model.conditional": "auto", "train.loss": "bce",
+                              "train.augment": "none"},
+    "sn-hinge-conditional": {"model.spectral_norm": True, "model.conditional": "auto", "train.loss": "hinge",
+                             "train.augment": "none"},
 }
 
 

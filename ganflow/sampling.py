@@ -14,6 +14,7 @@ import math
 import os
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from tqdm import tqdm
 
 from ganflow.atomic import atomic_dir, file_sha256, write_bytes
 from ganflow.errors import GanflowError, first_line
-from ganflow.models import Generator
+from ganflow.models import Generator, allocate, one_hot
 
 WEIGHTS = "generator.safetensors"
 SPEC = "generator.json"
@@ -51,7 +52,16 @@ def make_grid(images: np.ndarray, cols: int | None = None, pad: int = 2) -> np.n
 
 
 def generator_spec(g: Generator) -> dict[str, int]:
-    return {"latent_dim": g.latent_dim, "channels": g.channels, "image_size": g.image_size, "g_width": g.width}
+    return {"latent_dim": g.latent_dim, "channels": g.channels, "image_size": g.image_size, "g_width": g.width,
+            "num_classes": g.num_classes}
+
+
+def generator_meta(path: Path) -> dict[str, Any]:
+    """What a sampler needs besides the weights: latent_dim, num_classes (0: unconditional) and,
+    for a conditional G, its class names and their training frequencies."""
+    spec = json.loads((Path(path) / SPEC).read_text())
+    return {"latent_dim": int(spec["latent_dim"]), "num_classes": int(spec.get("num_classes") or 0),
+            "class_names": spec.get("class_names"), "class_prior": spec.get("class_prior")}
 
 
 def export_generator(weights: dict[str, torch.Tensor], spec: dict[str, Any], out: Path) -> None:
@@ -76,22 +86,59 @@ def load_generator_dir(path: Path) -> Generator:
             f"{path / WEIGHTS}: refused: its sha256 does not match {WEIGHTS_SHA256} in {SPEC} "
             "(changed or damaged since export); export it again with `dvc repro train`"
         )
-    g = Generator(spec["latent_dim"], spec["channels"], spec["image_size"], spec["g_width"])
+    g = Generator(spec["latent_dim"], spec["channels"], spec["image_size"], spec["g_width"],
+                  int(spec.get("num_classes") or 0))
     g.load_state_dict(load_file(str(path / WEIGHTS)))
     return g.eval()
 
 
-def load_sampler(model: str) -> tuple[Callable[[np.ndarray], np.ndarray], int]:
-    """(z (N, latent) float32 -> images (N, C, H, W) in [-1, 1], latent_dim) for a generator
-    directory, a ``runs:/RUN_ID/generator`` URI or a ``models:/NAME@ALIAS`` URI."""
+@dataclass
+class Sampler:
+    """A loaded generator: ``run(code)`` maps G inputs (N, latent_dim + num_classes) float32 to
+    images (N, C, H, W) in [-1, 1]; a conditional G's classes are named, with their frequencies."""
+
+    run: Callable[[np.ndarray], np.ndarray]
+    latent_dim: int
+    num_classes: int = 0
+    class_names: list[str] | None = None
+    class_prior: list[float] | None = None
+
+    def class_index(self, name: str) -> int:
+        """The index of class ``name`` (its name, or its index as a number)."""
+        if not self.num_classes:
+            raise GanflowError("--class: this generator is not class-conditional (trained with model.conditional "
+                               "false or on unlabelled data)")
+        names = self.class_names or [str(i) for i in range(self.num_classes)]
+        if name in names:
+            return names.index(name)
+        if name.isdigit() and int(name) < self.num_classes:
+            return int(name)
+        raise GanflowError(f"--class: {name!r} is not one of this generator's classes ({', '.join(names)})")
+
+    def codes(self, n: int, seed: int, class_index: int | None = None) -> np.ndarray:
+        """n inputs: z from ``seed``; for a conditional G, all of ``class_index``, or (None) the
+        classes at their training frequencies, sorted by class."""
+        z = torch.from_numpy(np.random.default_rng(seed).standard_normal((n, self.latent_dim)).astype(np.float32))
+        if not self.num_classes:
+            return z.numpy()
+        if class_index is None:
+            classes = allocate(self.class_prior or [1.0] * self.num_classes, n)
+        else:
+            classes = torch.full((n,), class_index)
+        return torch.cat([z, one_hot(classes, self.num_classes)], dim=1).numpy()
+
+
+def load_sampler(model: str) -> Sampler:
+    """The generator of a directory, a ``runs:/RUN_ID/generator`` URI or a ``models:/NAME@ALIAS`` URI."""
     if "://" not in model and ":/" not in model:
         g = load_generator_dir(Path(model))
+        meta = generator_meta(Path(model))
 
-        def run_local(z: np.ndarray) -> np.ndarray:
+        def run_local(code: np.ndarray) -> np.ndarray:
             with torch.no_grad():
-                return g(torch.from_numpy(z)).numpy()
+                return g(torch.from_numpy(code)).numpy()
 
-        return run_local, g.latent_dim
+        return Sampler(run_local, g.latent_dim, g.num_classes, meta["class_names"], meta["class_prior"])
 
     import mlflow
     import mlflow.pyfunc
@@ -112,8 +159,11 @@ def load_sampler(model: str) -> tuple[Callable[[np.ndarray], np.ndarray], int]:
             pyfunc = mlflow.pyfunc.load_model(model)
     except (MlflowException, OSError) as exc:
         raise GanflowError(f"--model {model}: cannot load ({first_line(exc)})") from None
-    latent_dim = pyfunc.metadata.get_input_schema().inputs[0].shape[-1]
-    return (lambda z: np.asarray(pyfunc.predict(z))), int(latent_dim)
+    width = int(pyfunc.metadata.get_input_schema().inputs[0].shape[-1])
+    meta = pyfunc.metadata.metadata or {}  # models logged before conditional G: no metadata, unconditional
+    latent_dim = int(meta.get("latent_dim", width))
+    return Sampler(lambda code: np.asarray(pyfunc.predict(code)), latent_dim, int(meta.get("num_classes") or 0),
+                   meta.get("class_names"), meta.get("class_prior"))
 
 
 @contextlib.contextmanager
@@ -133,14 +183,16 @@ def _no_pickle() -> Iterator[None]:
             os.environ[key] = before
 
 
-def sample(model: str, n: int, seed: int, batch: int = 256) -> np.ndarray:
-    """n images from ``model`` as uint8 (n, H, W, C), reproducible for a seed."""
-    run, latent_dim = load_sampler(model)
-    z = np.random.default_rng(seed).standard_normal((n, latent_dim)).astype(np.float32)
+def sample(model: str, n: int, seed: int, batch: int = 256, class_name: str | None = None) -> np.ndarray:
+    """n images from ``model`` as uint8 (n, H, W, C), reproducible for a seed. A conditional G
+    draws all of ``class_name``, or its classes at their training frequencies (sorted by class)."""
+    sampler = load_sampler(model)
+    index = sampler.class_index(class_name) if class_name is not None else None
+    code = sampler.codes(n, seed, index)
     # a progress bar when it takes more than one batch, on a terminal only (disable=None)
     with tqdm(total=n, desc="sample", unit="img", disable=None if n > batch else True, file=sys.stderr) as bar:
         chunks = []
         for i in range(0, n, batch):
-            chunks.append(to_uint8(torch.from_numpy(run(z[i : i + batch]))))
+            chunks.append(to_uint8(torch.from_numpy(sampler.run(code[i : i + batch]))))
             bar.update(len(chunks[-1]))
     return np.concatenate(chunks)

@@ -337,14 +337,15 @@ class RunLogger:
             del self._pending[: len(batch)]
         return True
 
-    def log_grid(self, images, step: int) -> None:
-        """images: (N, C, H, W) tensor in [-1, 1] -> one grid image under SAMPLES_KEY."""
+    def log_grid(self, images, step: int, cols: int | None = None) -> None:
+        """images: (N, C, H, W) tensor in [-1, 1] -> one grid image (``cols`` wide, default
+        square) under SAMPLES_KEY."""
         from ganflow.sampling import make_grid, to_uint8
 
         if step <= self._last_step("epoch"):
             return
         self.flush()
-        grid = make_grid(to_uint8(images))
+        grid = make_grid(to_uint8(images), cols)
         ok, _ = self._call(self.client.log_image, self.run_id, grid, key=SAMPLES_KEY, step=step)
         if not ok:
             self.grids_lost += 1  # images are not queued: one grid per epoch is not worth the memory

@@ -29,7 +29,14 @@ from ganflow.config import Config
 from ganflow.errors import GanflowError, first_line
 from ganflow.evaluation import Reference, encode, load_reference
 from ganflow.losses import LOSSES
-from ganflow.models import build_discriminator, build_generator, recompute_batchnorm
+from ganflow.models import (
+    build_discriminator,
+    build_generator,
+    class_grid_codes,
+    draw_codes,
+    one_hot,
+    recompute_batchnorm,
+)
 
 CHECKPOINT_STATE = "state.pt"
 CHECKPOINT_META = "meta.json"
@@ -52,9 +59,12 @@ def noise_seed(seed: int, rank: int, epoch: int) -> int:
     return int(np.random.SeedSequence([seed, rank, epoch, 1]).generate_state(1)[0])
 
 
-def fixed_noise(cfg: Config, n: int = 64) -> torch.Tensor:
-    """The same latent vectors every epoch, so sample grids show progress, not new draws."""
+def fixed_noise(cfg: Config, n: int = 64, num_classes: int = 0) -> torch.Tensor:
+    """The same G inputs every epoch, so sample grids show progress, not new draws; a
+    conditional G's grid has one row of 8 per class."""
     g = torch.Generator().manual_seed(cfg.train.seed)
+    if num_classes:
+        return class_grid_codes(cfg.model.latent_dim, num_classes, 8, g)
     return torch.randn(n, cfg.model.latent_dim, generator=g)
 
 
@@ -83,6 +93,7 @@ class GanState:
     device: torch.device
     dtype: torch.dtype | None  # autocast dtype, None = full precision
     augment: Augment | None = None  # applied to every D input, real and generated (train.augment)
+    prior: list[float] | None = None  # a conditional G's class frequencies (train split); None = unconditional
     epoch: int = 0  # the next epoch to run
     step: int = 0  # batches done (D steps)
     g_steps: int = 0
@@ -93,10 +104,13 @@ class GanState:
     history: list[dict[str, float]] = field(default_factory=list)  # one row per finished epoch
 
 
-def build_state(cfg: Config, device: torch.device, lr_g: float, lr_d: float) -> GanState:
+def build_state(cfg: Config, device: torch.device, lr_g: float, lr_d: float,
+                prior: list[float] | None = None) -> GanState:
+    """``prior``: the class frequencies of a conditional G (None: unconditional)."""
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts)
-    g = build_generator(cfg).to(device)
-    d = build_discriminator(cfg).to(device)
+    classes = len(prior) if prior else 0
+    g = build_generator(cfg, classes).to(device)
+    d = build_discriminator(cfg, classes).to(device)
     ema_g = copy.deepcopy(g).eval().requires_grad_(False)
     betas = (cfg.train.beta1, cfg.train.beta2)
     dtype = amp_dtype(cfg, device)
@@ -113,6 +127,7 @@ def build_state(cfg: Config, device: torch.device, lr_g: float, lr_d: float) -> 
         dtype=dtype,
         augment=(augmenter(policy_of(cfg.train.augment_policy, cfg.data.channels), cfg.train.augment_translation,
                            cfg.train.augment_cutout) if cfg.train.augment == "diffaugment" else None),
+        prior=list(prior) if prior else None,
     )
 
 
@@ -137,23 +152,31 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 
 def gan_step(
-    state: GanState, cfg: Config, real: torch.Tensor, z_gen: torch.Generator, update_g: bool
+    state: GanState, cfg: Config, real: torch.Tensor, z_gen: torch.Generator, update_g: bool,
+    labels: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """One D update, then (if update_g) one G update. real: (B, C, H, W) in [-1, 1].
+    """One D update, then (if update_g) one G update. real: (B, C, H, W) in [-1, 1]; labels:
+    (B,) their classes, used by a conditional G and D (the fakes are drawn for the same classes,
+    so they follow the data's class frequencies).
 
     Returns detached diagnostics: loss_d, loss_g, d_real, d_fake (mean D probabilities).
     """
     d_loss_fn, g_loss_fn = LOSSES[cfg.train.loss]
     b = real.shape[0]
     z = torch.randn(b, cfg.model.latent_dim, generator=z_gen, device=z_gen.device).to(state.device)
+    c = None
+    if state.prior:
+        c = one_hot(labels, len(state.prior)).to(state.device)  # (B, K)
+        z = torch.cat([z, c], dim=1)
     # D sees every image through the same random augmentation, real and generated, in both steps
     seen = (lambda x: state.augment(x, z_gen)) if state.augment is not None else (lambda x: x)
+    judge = (lambda x: state.d(x, c)) if c is not None else state.d
 
     # D step: minimise d_loss(D(x), D(G(z))) on fake.detach(), so no gradient reaches G
     with _autocast(state):
         fake = state.g(z)
-        real_logits = state.d(seen(real))
-        fake_logits = state.d(seen(fake.detach()))
+        real_logits = judge(seen(real))
+        fake_logits = judge(seen(fake.detach()))
         loss_d = d_loss_fn(real_logits.float(), fake_logits.float())
     state.opt_d.zero_grad(set_to_none=True)
     state.scaler_d.scale(loss_d).backward()
@@ -174,7 +197,7 @@ def gan_step(
     no_sync = state.d.no_sync() if hasattr(state.d, "no_sync") else contextlib.nullcontext()
     with no_sync:
         with _autocast(state):
-            loss_g = g_loss_fn(state.d(seen(fake)).float())
+            loss_g = g_loss_fn(judge(seen(fake)).float())
         state.opt_g.zero_grad(set_to_none=True)
         state.scaler_g.scale(loss_g).backward()
     state.scaler_g.step(state.opt_g)
@@ -306,7 +329,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     from torch.utils.data import DataLoader, DistributedSampler
 
     from ganflow.config import config_from_dict
-    from ganflow.data import PreparedDataset, TransformSeeder, build_train_transform
+    from ganflow.data import PreparedDataset, TransformSeeder, build_train_transform, class_prior
     from ganflow.tracking import RunLogger
 
     _quiet_ray_report_log()
@@ -320,7 +343,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     device = ray.train.torch.get_device()
     torch.set_num_threads(max(1, int(cfg.cluster.cpus_per_worker)))
 
-    state = build_state(cfg, device, lr_g, lr_d)
+    classes = class_prior(cfg)  # (names, train-split frequencies) for a conditional G, else None
+    state = build_state(cfg, device, lr_g, lr_d, classes[1] if classes else None)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
@@ -350,7 +374,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     reference = load_reference(cfg) if rank == 0 else None  # the encoder: rank 0 evaluates
     z_gen = torch.Generator(device="cpu")
     logger = RunLogger(config["tracking_uri"], config["run_id"]) if rank == 0 else None
-    samples_z = fixed_noise(cfg).to(device)
+    samples_z = fixed_noise(cfg, num_classes=len(state.prior or [])).to(device)
 
     epoch_seconds: list[float] = []  # this process's epochs (evaluation included), for the ETA
     while state.epoch < cfg.train.epochs:
@@ -366,10 +390,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         finite = True
         started = time.perf_counter()
         images = 0
-        for i, (real, _) in enumerate(loader):
+        for i, (real, labels) in enumerate(loader):
             t0 = time.perf_counter()
             real = real.to(device, non_blocking=True)
-            diag = gan_step(state, cfg, real, z_gen, update_g=(i + 1) % cfg.train.d_steps == 0)
+            diag = gan_step(state, cfg, real, z_gen, update_g=(i + 1) % cfg.train.d_steps == 0, labels=labels)
             values = {k: float(v) for k, v in diag.items()}  # syncs the device once per step
             state.step += 1
             images += real.shape[0] * world
@@ -399,7 +423,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         state.epoch = epoch + 1
         last = state.epoch == cfg.train.epochs
         if rank == 0:  # the EMA G is evaluated and sampled with statistics of its own weights
-            recompute_batchnorm(state.ema_g, seed=cfg.train.seed)
+            recompute_batchnorm(state.ema_g, seed=cfg.train.seed, prior=state.prior)
         if reference is not None and (state.epoch % cfg.eval.every == 0 or last):
             row.update(evaluate_ema(state, cfg, reference))
             # the sweep's objective: the mean of the last two evaluations, not one noisy value
@@ -412,7 +436,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         if logger is not None:
             with torch.no_grad():
                 grid = state.ema_g(samples_z)  # (64, C, H, W) in [-1, 1]; EMA G is never DDP-wrapped
-            logger.log_grid(grid, step=state.epoch)
+            logger.log_grid(grid, step=state.epoch, cols=8 if state.prior else None)  # a row per class
             # per-epoch means as epoch_*; the evaluation metrics under their own names (as in tune runs)
             evaluated = {k: row[k] for k in EVAL_METRICS if k in row}
             epoch_means = {f"epoch_{k}": v for k, v in row.items() if k not in evaluated and k != "epoch"}
@@ -434,7 +458,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             if rank == 0 and (last or state.epoch % cfg.train.checkpoint_every == 0):
                 meta = {"run_id": config["run_id"], "lr_g": lr_g, "lr_d": lr_d, "world_size": world,
                         "per_rank_batch": per_rank_batch, "device": str(device), "amp": str(state.dtype),
-                        "workers": workers}
+                        "workers": workers, "class_names": classes[0] if classes else None,
+                        "class_prior": state.prior}
                 save_checkpoint(state, cfg, Path(tmp), meta)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report({**row, "diverged": ""}, checkpoint=ckpt)
@@ -460,7 +485,7 @@ def evaluate_ema(state: GanState, cfg: Config, reference: Reference) -> dict[str
     """fd_domain and KID of the EMA generator on as many samples as the real reference holds,
     from latent vectors fixed by eval.seed (so epochs are compared on the same z)."""
     n = reference.sample_size
-    z = torch.randn(n, cfg.model.latent_dim, generator=torch.Generator().manual_seed(cfg.eval.seed))
+    z = draw_codes(n, cfg.model.latent_dim, state.prior, torch.Generator().manual_seed(cfg.eval.seed))
     with torch.no_grad():
         images = torch.cat([state.ema_g(chunk.to(state.device)).float().cpu() for chunk in z.split(500)])
     features, _ = encode(reference.encoder, images)

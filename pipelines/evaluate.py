@@ -18,7 +18,8 @@ from ganflow.atomic import write_file
 from ganflow.cli import stage_main
 from ganflow.config import Config
 from ganflow.evaluation import evaluate_generator, load_reference
-from ganflow.sampling import load_generator_dir, make_grid
+from ganflow.models import class_grid_codes
+from ganflow.sampling import load_generator_dir, make_grid, to_uint8
 from ganflow.tracking import log_evaluation
 
 
@@ -36,7 +37,13 @@ def stage(cfg: Config) -> None:
     from PIL import Image
 
     grid = io.BytesIO()
-    Image.fromarray(make_grid(images[:64])).save(grid, format="PNG")
+    if generator.num_classes:  # a row of 8 per class, row k = class k
+        codes = class_grid_codes(generator.latent_dim, generator.num_classes, 8,
+                                 torch.Generator().manual_seed(cfg.eval.seed + 1))
+        picture = make_grid(to_uint8(sample(codes)), cols=8)
+    else:
+        picture = make_grid(images[:64])
+    Image.fromarray(picture).save(grid, format="PNG")
     write_file(cfg.paths.plots / "samples.png", grid.getvalue())
     table = io.StringIO()
     writer = csv.writer(table, lineterminator="\n")

@@ -104,9 +104,13 @@ def worker_nodes(client: MlflowClient, run_id: str) -> list[dict]:
 
 
 def test_two_workers_on_two_nodes_ddp_tracked_exported_and_sampled(tmp_path, two_nodes):
+    """The conditional, augmented recipe (the one with the most per-rank state: class embeddings,
+    conditional BatchNorm, D's projection, random augmentation per rank) trained with DDP."""
     cluster, node = two_nodes
     root = tmp_path / "p"
-    params = make_project(root, cluster={"num_workers": 2})
+    params = make_project(root, cluster={"num_workers": 2},
+                          model={"latent_dim": 16, "g_width": 16, "d_width": 16, "conditional": "auto"},
+                          train={"epochs": 2, "batch_size": 64, "max_failures": 1, "augment": "diffaugment"})
     proc = start_training(params, RAY_ADDRESS=cluster.address)
     out, err = proc.communicate(timeout=1800)
     assert proc.returncode == 0, err[-3000:]
@@ -144,7 +148,9 @@ def test_two_workers_on_two_nodes_ddp_tracked_exported_and_sampled(tmp_path, two
     from ganflow.sampling import load_generator_dir
 
     g = load_generator_dir(root / "models" / "generator")
-    recompute_batchnorm(g, seed=0)  # train.seed
+    assert g.num_classes == spec["num_classes"] == 10 and spec["class_names"] == [str(i) for i in range(10)]
+    assert sum(spec["class_prior"]) == pytest.approx(1.0)
+    recompute_batchnorm(g, seed=0, prior=spec["class_prior"])  # train.seed
     own = g.state_dict()
     assert all(torch.allclose(exported[k].float(), own[k].float(), atol=1e-4) for k in statistics)
     assert not all(torch.allclose(exported[k].float(), state["g"][k].float(), atol=1e-3) for k in statistics
@@ -173,10 +179,14 @@ def test_two_workers_on_two_nodes_ddp_tracked_exported_and_sampled(tmp_path, two
 
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
     model = mlflow.pytorch.load_model(f"runs:/{run_id}/generator")
-    out = model(torch.randn(4, 16))
+    code = torch.cat([torch.randn(4, 16), torch.eye(10)[[0, 3, 5, 9]]], dim=1)  # z, then the one-hot class
+    out = model(code)
     assert tuple(out.shape) == (4, 1, 16, 16) and out.abs().max() <= 1
-    z = np.random.default_rng(0).standard_normal((3, 16)).astype(np.float32)
-    assert np.asarray(mlflow.pyfunc.load_model(f"runs:/{run_id}/generator").predict(z)).shape == (3, 1, 16, 16)
+    pyfunc = mlflow.pyfunc.load_model(f"runs:/{run_id}/generator")
+    schema = pyfunc.metadata.get_input_schema().inputs[0]
+    assert schema.shape == (-1, 26)  # 16 latent + 10 classes
+    assert pyfunc.metadata.metadata["num_classes"] == 10 and pyfunc.metadata.metadata["latent_dim"] == 16
+    assert np.asarray(pyfunc.predict(code.numpy())).shape == (4, 1, 16, 16)
 
     # ganflow sample: on the directory, the runs:/ URI and a registry alias: same seed, same images
     version = mlflow.register_model(f"runs:/{run_id}/generator", "test-generator").version
@@ -190,6 +200,16 @@ def test_two_workers_on_two_nodes_ddp_tracked_exported_and_sampled(tmp_path, two
     assert a.shape == (5, 16, 16, 1) and a.dtype == np.uint8
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # eager vs exported graph: rounding only
     assert np.array_equal(b, c)
+    # --class: the same z drawn for another class gives other images, from the directory and the registry alike
+    drawn = {}
+    for model_ref, label in ((refs[0], "7"), (refs[2], "7"), (refs[0], "1")):
+        out_file = f"c{len(drawn)}.npz"
+        proc = run(["ganflow", "sample", "--model", model_ref, "-n", "6", "--class", label, "--out", out_file,
+                    "--params", str(params)], cwd=root)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        drawn[(model_ref, label)] = np.load(root / out_file)["images"].astype(int)
+    assert np.abs(drawn[(refs[0], "7")] - drawn[(refs[2], "7")]).max() <= 1
+    assert (drawn[(refs[0], "7")] != drawn[(refs[0], "1")]).any()  # same eager G, same z: only the class differs
     missing = run(["ganflow", "sample", "--model", "models:/no-such-model@champion", "-n", "2",
                    "--out", "x.npz", "--params", str(params)], cwd=root)
     assert missing.returncode == 1 and "error: --model models:/no-such-model@champion: cannot load" in missing.stderr
