@@ -107,6 +107,10 @@ class TrainConfig(Section):
     loss: Literal["bce", "hinge"] = "bce"
     d_steps: int = Field(1, ge=1)  # D updates per G update
     ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
+    # lazy R1 gradient penalty on real images: gamma/2 * E||grad D(x)||^2 every r1_every D steps
+    # (scaled by r1_every, so the average strength does not depend on it); 0 = off
+    r1_gamma: float = Field(0.0, ge=0.0)
+    r1_every: int = Field(16, ge=1)
     seed: int = Field(0, ge=0)
     checkpoint_every: int = Field(1, ge=1)  # epochs
     max_failures: int = Field(2, ge=0)  # worker-group restarts Ray may make

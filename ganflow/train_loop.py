@@ -28,7 +28,7 @@ from ganflow.augment import Augment, augmenter, policy_of
 from ganflow.config import Config
 from ganflow.errors import GanflowError, first_line
 from ganflow.evaluation import Reference, encode, load_reference
-from ganflow.losses import LOSSES
+from ganflow.losses import LOSSES, r1_penalty
 from ganflow.models import (
     build_discriminator,
     build_generator,
@@ -172,14 +172,22 @@ def gan_step(
     seen = (lambda x: state.augment(x, z_gen)) if state.augment is not None else (lambda x: x)
     judge = (lambda x: state.d(x, c)) if c is not None else state.d
 
-    # D step: minimise d_loss(D(x), D(G(z))) on fake.detach(), so no gradient reaches G
+    # D step: minimise d_loss(D(x), D(G(z))) on fake.detach(), so no gradient reaches G; every
+    # train.r1_every steps plus the R1 penalty on the same real images (lazy regularisation)
+    r1 = cfg.train.r1_gamma > 0 and state.step % cfg.train.r1_every == 0
     with _autocast(state):
         fake = state.g(z)
-        real_logits = judge(seen(real))
+        real_seen = seen(real)
+        if r1:
+            real_seen = real_seen.detach().requires_grad_(True)
+        real_logits = judge(real_seen)
         fake_logits = judge(seen(fake.detach()))
-        loss_d = d_loss_fn(real_logits.float(), fake_logits.float())
+        loss_d = d_loss_fn(real_logits.float(), fake_logits.float())  # the diagnostic: without the penalty
+        total_d = loss_d
+        if r1:
+            total_d = loss_d + 0.5 * cfg.train.r1_gamma * cfg.train.r1_every * r1_penalty(real_logits, real_seen)
     state.opt_d.zero_grad(set_to_none=True)
-    state.scaler_d.scale(loss_d).backward()
+    state.scaler_d.scale(total_d).backward()
     state.scaler_d.step(state.opt_d)
     state.scaler_d.update()
 

@@ -132,3 +132,33 @@ def test_checkpoint_round_trip_restores_everything_and_the_config_lrs(tmp_path):
         b = gan_step(other, cfg, real, torch.Generator().manual_seed(2), update_g=True)
         assert torch.equal(a["loss_d"], b["loss_d"]) and torch.equal(a["loss_g"], b["loss_g"])
     assert all(torch.equal(x, y) for x, y in zip(state.ema_g.parameters(), other.ema_g.parameters()))
+
+
+def test_r1_penalty_is_the_squared_input_gradient():
+    from ganflow.losses import r1_penalty
+
+    w = torch.randn(1, 2, 3, 3, requires_grad=True)
+    x = torch.randn(4, 2, 3, 3, requires_grad=True)
+    logits = (x * w).flatten(1).sum(1) * 2.0  # D(x) = 2 <w, x>: grad 2w for every image
+    penalty = r1_penalty(logits, x)
+    assert torch.allclose(penalty, 4 * w.detach().pow(2).sum())
+    penalty.backward()  # the graph is kept: the penalty trains D's weights (d/dw 4|w|^2 = 8w)
+    assert torch.allclose(w.grad, 8 * w.detach())
+
+
+def test_lazy_r1_changes_the_d_step_only_every_r1_every_steps(tmp_path):
+    real = torch.rand(8, 1, 16, 16) * 2 - 1
+
+    def d_after_step(step: int, gamma: float):
+        cfg = tiny_cfg(tmp_path, r1_gamma=gamma, r1_every=4)
+        state = build_state(cfg, torch.device("cpu"), 1e-3, 1e-3)
+        state.step = step
+        diag = gan_step(state, cfg, real, torch.Generator().manual_seed(0), update_g=False)
+        return params_of(state.d), diag["loss_d"]
+
+    plain, plain_loss = d_after_step(0, 0.0)
+    penalised, penalised_loss = d_after_step(0, 10.0)
+    skipped, _ = d_after_step(1, 10.0)
+    assert any(not torch.equal(a, b) for a, b in zip(plain, penalised))  # step 0: R1 applied
+    assert all(torch.equal(a, b) for a, b in zip(plain, skipped))  # step 1: not an R1 step
+    assert torch.equal(plain_loss, penalised_loss)  # the logged loss_d is the loss, not the penalty
