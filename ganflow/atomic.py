@@ -54,8 +54,53 @@ def write_file(path: Path, payload: bytes | str) -> None:
         raise
 
 
+_RENAME_EXCHANGE = 2  # linux/fs.h: swap two paths in one step
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap paths ``a`` and ``b`` atomically (Linux renameat2 RENAME_EXCHANGE). False where the
+    system or the filesystem cannot (not Linux, an old kernel or libc, a filesystem without it)."""
+    import ctypes
+    import errno
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EXDEV):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (a crash after it cannot bring the old entry back)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def replace_dir(new: Path, target: Path) -> None:
-    """Put directory ``new`` at ``target``; an existing ``target`` is kept until ``new`` is in place."""
+    """Put directory ``new`` at ``target``. An existing ``target`` is swapped with ``new`` in one
+    step, so a reader always finds one of the two whole; where the filesystem cannot swap, the old
+    one is renamed aside first (a window without ``target``) and restored if the second rename
+    fails. The parent is fsynced."""
+    new, target = Path(new), Path(target)
+    if target.exists() and _exchange(new, target):
+        _fsync_dir(target.parent)
+        shutil.rmtree(new, ignore_errors=True)  # it holds the old version now
+        return
     old = None
     if target.exists():
         old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
@@ -66,6 +111,7 @@ def replace_dir(new: Path, target: Path) -> None:
         if old is not None:
             os.rename(old, target)
         raise
+    _fsync_dir(target.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -38,3 +38,54 @@ def test_atomic_dir_keeps_the_old_directory_on_error(tmp_path):
     with atomic_dir(target) as tmp:
         (tmp / "w.bin").write_bytes(b"v2")
     assert (target / "w.bin").read_bytes() == b"v2" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_replacing_a_directory_never_leaves_the_target_missing(tmp_path, monkeypatch):
+    """Every filesystem step of replace_dir is followed by a look at the target: it is always
+    there, with the old or the new content (the swap is one renameat2 RENAME_EXCHANGE call)."""
+    import os
+
+    import ganflow.atomic as atomic
+
+    target = tmp_path / "generator"
+    with atomic_dir(target) as tmp:
+        (tmp / "w.bin").write_bytes(b"v1")
+    seen = []
+
+    def watched(step):
+        def call(*args, **kwargs):
+            result = step(*args, **kwargs)
+            seen.append((target / "w.bin").read_bytes() if target.exists() else None)
+            return result
+        return call
+
+    monkeypatch.setattr(atomic, "_exchange", watched(atomic._exchange))
+    monkeypatch.setattr(os, "rename", watched(os.rename))
+    with atomic_dir(target) as tmp:
+        (tmp / "w.bin").write_bytes(b"v2")
+    assert seen and None not in seen, seen
+    assert (target / "w.bin").read_bytes() == b"v2" and sorted(p.name for p in tmp_path.iterdir()) == ["generator"]
+
+
+def test_without_the_swap_the_old_directory_comes_back_when_the_rename_fails(tmp_path, monkeypatch):
+    import os
+
+    import ganflow.atomic as atomic
+
+    target = tmp_path / "generator"
+    with atomic_dir(target) as tmp:
+        (tmp / "w.bin").write_bytes(b"v1")
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)  # a filesystem that cannot swap
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if str(dst) == str(target) and ".tmp-" in str(src):
+            raise KeyboardInterrupt  # Ctrl-C between moving the old one aside and the new one in
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_dir(target) as tmp:
+            (tmp / "w.bin").write_bytes(b"v2")
+    monkeypatch.setattr(os, "rename", real_rename)
+    assert (target / "w.bin").read_bytes() == b"v1" and sorted(p.name for p in tmp_path.iterdir()) == ["generator"]
