@@ -135,9 +135,18 @@ def _download(cfg: Config, uri: str, path: Path, expected: dict[str, str] | None
         for entry in fs.get_file_info(selector):
             if entry.type != pyarrow.fs.FileType.File:
                 continue
-            target = tmp / entry.path[len(base) + len(key) + 2:]
+            target = _inside(tmp, entry.path[len(base) + len(key) + 2:], uri)
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(fetch(entry.path))
+
+
+def _inside(folder: Path, rel: str, uri: str) -> Path:
+    """``folder / rel`` for a key read from the exchange; a key that would land outside
+    ``folder`` (absolute, or climbing with ``..``: possible in an object store) is refused."""
+    parts = rel.replace("\\", "/").split("/")
+    if not rel or rel.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise JobError(f"{uri}: refused the exchange key {rel!r}: not a plain path inside the folder it fills")
+    return folder.joinpath(*parts)
 
 
 def _manifest_path(uri: str, stage: str) -> tuple[object, str]:
@@ -263,6 +272,14 @@ def job_client(address: str):
         raise JobError(f"cluster.address: cannot reach the Ray job server at {address}: {first_line(exc)}") from None
 
 
+# Passed from the submitter's shell to its job: endpoints and region only. Credentials
+# (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, MLFLOW_TRACKING_USERNAME /
+# PASSWORD / TOKEN) never are: a job's runtime_env can be read by every holder of the cluster's
+# token (job info, dashboard), so the job uses the credentials its nodes have (Kubernetes
+# Secrets or IRSA in infra/, cluster.env on launcher nodes, the shell of `ganflow cluster up`).
+JOB_ENDPOINT_VARS = ("AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")
+
+
 def job_runtime_env(cfg: Config, uri: str, submission_id: str) -> dict:
     from ganflow.tracking import tracking_uri
 
@@ -271,10 +288,8 @@ def job_runtime_env(cfg: Config, uri: str, submission_id: str) -> dict:
         # the job reads tracking.uri from its params.yaml when set; else it logs where this
         # process would (MLFLOW_TRACKING_URI, or, on a cluster on this machine, the project's store)
         env["MLFLOW_TRACKING_URI"] = tracking_uri(cfg)
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
-                 "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_TRACKING_USERNAME",
-                 "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
-        if name in os.environ:  # credentials travel from the submitter's environment, never the repo
+    for name in JOB_ENDPOINT_VARS:
+        if name in os.environ:  # where the storage is, not who may use it
             env[name] = os.environ[name]
     return {"working_dir": str(cfg.root), "env_vars": env}
 

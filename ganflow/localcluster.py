@@ -37,6 +37,10 @@ class LocalCluster:
     gcs_port: int
     tracking_uri: str
     storage_path: str
+    # when each process started (/proc start time): a pid alone may belong to another process
+    # by the time `down` runs (after a reboot, or once the server died and the pid was reused)
+    ray_started: str | None = None
+    mlflow_started: str | None = None
 
     @property
     def state_dir(self) -> Path:
@@ -139,12 +143,29 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _started(pid: int) -> str | None:
+    """The start time of process ``pid`` in clock ticks since boot (Linux /proc), None when
+    there is no such process or no /proc: with the pid, it names one process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22, counted after the command name
+
+
+def _ours(pid: int, started: str | None) -> bool:
+    """Whether ``pid`` is still the process `up` started (its group alive, same start time)."""
+    if not _alive(pid):
+        return False
+    return started is None or _started(pid) == started  # a state file from before start times: trust the pid
+
+
 def up(root: Path, ray_port: int = 6379, dashboard_port: int = 8265, mlflow_port: int = 5001,
        num_cpus: int | None = None, timeout: float = 120.0) -> LocalCluster:
     """Start the head and the MLflow server; returns what is running (idempotent)."""
     root = Path(root).resolve()
     state = read_state(root)
-    if state is not None and _alive(state.ray_pid) and _alive(state.mlflow_pid):
+    if state is not None and _ours(state.ray_pid, state.ray_started) and _ours(state.mlflow_pid, state.mlflow_started):
         return state
     if state is not None:
         down(root)
@@ -187,7 +208,8 @@ def up(root: Path, ray_port: int = 6379, dashboard_port: int = 8265, mlflow_port
     except BaseException:
         _stop(ray_proc.pid, RAY_GRACE_S)
         raise
-    state = LocalCluster(str(root), ray_proc.pid, mlflow_proc.pid, address, ray_port, tracking, str(storage))
+    state = LocalCluster(str(root), ray_proc.pid, mlflow_proc.pid, address, ray_port, tracking, str(storage),
+                         _started(ray_proc.pid), _started(mlflow_proc.pid))
     (state_dir / "cluster.json").write_text(json.dumps(asdict(state), indent=2) + "\n")
     return state
 
@@ -205,8 +227,13 @@ def down(root: Path) -> LocalCluster | None:
     state = read_state(root)
     if state is None:
         return None
-    _stop(state.ray_pid, RAY_GRACE_S)
-    _stop(state.mlflow_pid)
+    for what, pid, started, grace in (("Ray head", state.ray_pid, state.ray_started, RAY_GRACE_S),
+                                      ("MLflow server", state.mlflow_pid, state.mlflow_started, 30.0)):
+        if _ours(pid, started):
+            _stop(pid, grace)
+        elif _alive(pid):  # the pid now names another process: never signal it
+            print(f"cluster down: pid {pid} is no longer the {what} this project started; left it alone",
+                  file=sys.stderr)
     # the head's address file, which `ray.init()` and `ray status` would otherwise try to join
     current = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "ray_current_cluster"
     try:
@@ -249,7 +276,8 @@ def cmd_cluster(args) -> int:
               else "no local cluster is running here")
     else:
         state = read_state(root)
-        if state is None or not (_alive(state.ray_pid) and _alive(state.mlflow_pid)):
+        if state is None or not (_ours(state.ray_pid, state.ray_started)
+                                 and _ours(state.mlflow_pid, state.mlflow_started)):
             print("no local cluster is running here (make cluster-up starts one)")
             return 1
         print(describe(state))

@@ -601,3 +601,75 @@ def test_secret_scanner_finds_planted_secrets(text):
 )
 def test_secret_scanner_accepts_references(text):
     assert secret_findings(text) == []
+
+
+def test_a_jobs_runtime_env_carries_no_credentials_of_the_submitter(tmp_path, monkeypatch):
+    """The runtime env of a submitted stage is readable by every holder of the cluster's token:
+    the submitter's keys, passwords and tokens stay in its shell; endpoints and region travel."""
+    from ganflow.config import from_dict, resolve_paths
+    from ganflow.jobs import job_runtime_env
+
+    secrets = {"AWS_ACCESS_KEY_ID": "AKIAEXAMPLEEXAMPLE00", "AWS_SECRET_ACCESS_KEY": "s3cr3t-value",
+               "AWS_SESSION_TOKEN": "session-token", "MLFLOW_TRACKING_USERNAME": "alice",
+               "MLFLOW_TRACKING_PASSWORD": "hunter2", "MLFLOW_TRACKING_TOKEN": "tok"}
+    for name, value in {**secrets, "AWS_ENDPOINT_URL": "http://minio:9000", "AWS_DEFAULT_REGION": "eu-west-1"}.items():
+        monkeypatch.setenv(name, value)
+    cfg = resolve_paths(from_dict({"tracking": {"uri": "http://mlflow.example:5000"}}), tmp_path)
+    env = job_runtime_env(cfg, "s3://bucket/exchange/x", "ganflow-train-1")["env_vars"]
+    assert not set(secrets) & set(env), env
+    assert not set(secrets.values()) & set(env.values())
+    assert env["AWS_ENDPOINT_URL"] == "http://minio:9000" and env["AWS_DEFAULT_REGION"] == "eu-west-1"
+    assert env["GANFLOW_EXCHANGE"] == "s3://bucket/exchange/x"
+
+
+@pytest.mark.parametrize("key", ["../../.bashrc", "a/../../x", "/etc/passwd", "a//b", "./a", ""])
+def test_exchange_keys_that_escape_the_target_are_refused(tmp_path, key):
+    from ganflow.jobs import JobError, _inside
+
+    with pytest.raises(JobError, match="refused the exchange key"):
+        _inside(tmp_path / "generator", key, "s3://bucket/exchange")
+
+
+def test_plain_exchange_keys_land_inside_the_target(tmp_path):
+    from ganflow.jobs import _inside
+
+    assert _inside(tmp_path / "g", "sub/w.bin", "u") == tmp_path / "g" / "sub" / "w.bin"
+
+
+def test_cluster_down_signals_only_the_processes_it_started(tmp_path):
+    """A pid in .cluster/cluster.json may name another process by the time `cluster down` runs
+    (a reboot, a reused pid): only a process with the recorded start time is stopped."""
+    import dataclasses
+    import subprocess
+    import sys
+
+    from ganflow import localcluster
+
+    import threading
+
+    def sleeper():
+        proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"], start_new_session=True)
+        threading.Thread(target=proc.wait, daemon=True).start()  # reaped at once when stopped
+        return proc
+
+    stranger, own_ray, own_mlflow = sleeper(), sleeper(), sleeper()
+    try:
+        state_dir = tmp_path / localcluster.STATE_DIR
+        state_dir.mkdir()
+        state = localcluster.LocalCluster(str(tmp_path), stranger.pid, own_mlflow.pid, "http://127.0.0.1:1", 1,
+                                          "http://127.0.0.1:2", str(state_dir),
+                                          ray_started="1",  # not the stranger's start time: another process
+                                          mlflow_started=localcluster._started(own_mlflow.pid))
+        (state_dir / "cluster.json").write_text(json.dumps(dataclasses.asdict(state)))
+        assert localcluster.down(tmp_path) is not None
+        assert not localcluster._alive(own_mlflow.pid)  # ours: stopped
+        assert localcluster._alive(stranger.pid)  # not ours any more: left alone
+        # recorded with its start time, the same pid is ours again
+        state = dataclasses.replace(state, ray_pid=own_ray.pid, ray_started=localcluster._started(own_ray.pid))
+        (state_dir / "cluster.json").write_text(json.dumps(dataclasses.asdict(state)))
+        localcluster.down(tmp_path)
+        assert not localcluster._alive(own_ray.pid) and localcluster._alive(stranger.pid)
+    finally:
+        for proc in (stranger, own_ray, own_mlflow):
+            proc.kill()
+            proc.wait()
