@@ -11,7 +11,9 @@ outputs vanish with it. So stage files travel through an *exchange* folder on th
     pull the outputs into the workspace ◄─────── push the outputs, then a manifest last
 
 With ``cluster.address`` set, ``python pipelines/train.py`` (what ``dvc repro`` runs) does the
-submitter's side itself: push, submit, stream the job's log, fail when the job fails, pull.
+submitter's side itself: push, submit, stream the job's log, fail when the job fails, pull; its
+exchange folder is one per submission (``exchange/<experiment>/<submission id>``), removed once
+the outputs are pulled.
 A job submitted by hand (``ray job submit --working-dir . -- python pipelines/train.py``) does
 the job's side; ``ganflow push train`` before and ``ganflow pull train`` after move the files.
 """
@@ -308,9 +310,26 @@ def submit_stage(cfg: Config, stage: str) -> str:
         )
     check_reachable(uri)
     client = job_client(address)
-    exchange = push_inputs(cfg, stage)
-    clear_outputs(cfg, stage, exchange)
     submission_id = f"ganflow-{stage}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    # a folder of its own per submission: two people (or two dvc repro) submitting at once
+    # cannot overwrite each other's inputs or take each other's outputs; removed once pulled
+    exchange = f"{exchange_uri(cfg)}/{submission_id}"
+    try:
+        return _submit(cfg, stage, client, address, exchange, submission_id)
+    finally:
+        _remove_exchange(exchange)
+
+
+def _remove_exchange(uri: str) -> None:
+    fs, base = storage_fs(uri)
+    try:
+        fs.delete_dir(base)
+    except (FileNotFoundError, OSError):
+        pass
+
+
+def _submit(cfg: Config, stage: str, client, address: str, exchange: str, submission_id: str) -> str:
+    push_inputs(cfg, stage, exchange)
     params_rel = cfg.relative(cfg.source)
     entrypoint = f"python pipelines/{stage}.py --params {params_rel}"
     try:

@@ -151,6 +151,8 @@ def test_dvc_repro_submits_train_as_a_ray_job(cluster, tmp_path):
             submitted = line.split("submitted Ray job ", 1)[1].split()[0]
             break
     assert submitted, "no job submitted"
+    exchange = Path(cluster.storage_path) / "exchange" / "ganflow"
+    assert (exchange / submitted / "data" / "prepared" / "manifest.json").is_file()  # its own folder
     proc.send_signal(signal.SIGTERM)
     rest = proc.communicate(timeout=120)[0]
     deadline = time.time() + 90
@@ -171,6 +173,8 @@ def test_dvc_repro_submits_train_as_a_ray_job(cluster, tmp_path):
     assert (root / "models" / "generator" / "generator.safetensors").exists()
     status = run([str(BIN / "dvc"), "status", "train"], root, check=True)
     assert "changed" not in status.stdout, status.stdout  # DVC tracks the pulled outputs as usual
+    # each submission exchanged its files through a folder of its own, removed once pulled
+    assert not [p.name for p in exchange.glob("ganflow-train-*")], list(exchange.iterdir())
     # the run that finished made the generator; the stopped job's own run, if it got to start one
     # before the stop (and before a first checkpoint it could be resumed from), is KILLED
     new = [r for r in train_runs(cluster) if r.info.run_id not in before]
