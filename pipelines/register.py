@@ -1,6 +1,7 @@
 """DVC stage `register`: register paths.generator in the MLflow model registry as
-registry.model_name; alias `challenger` on the new version, `champion` only if its fd_domain
-beats the current champion's. Writes paths.registry (registry/model_version.json).
+registry.model_name; alias `challenger` on the new version, `champion` on the best version
+measured with the same encoder and held-out set (see ganflow/registry.py). Writes
+paths.registry (registry/model_version.json).
 
     python pipelines/register.py [--params params.yaml]
 """
@@ -22,8 +23,11 @@ def stage(cfg: Config) -> None:
         verdict = "promoted to champion"
     elif "champion" in record["aliases"]:
         verdict = "already the champion"
+    elif record["champion_version"] is not None:
+        verdict = (f"challenger only (champion: version {record['champion_version']}, fd_domain "
+                   f"{record['champion_fd_domain']:.4g}, measured the same way)")
     else:
-        verdict = f"challenger only (the champion's fd_domain is {record['champion_fd_domain_before']:.4g})"
+        verdict = "challenger only (every version measured this way is flagged by the data-copying test)"
     again = "" if record["created"] else " (already registered: same weights)"
     print(
         f"{record['name']} version {record['version']}{again}: fd_domain {record['fd_domain']:.4g}, {verdict}; "
