@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ganflow.atomic import check_storage_writable, write_file
+from ganflow.atomic import check_storage_writable, file_sha256, write_file
 from ganflow.config import Config
 from ganflow.data import class_prior, read_manifest
 from ganflow.errors import GanflowError, first_line
@@ -126,8 +126,30 @@ def storage_path(cfg: Config) -> str:
     return cfg.cluster.storage_path or str(cfg.paths.ray_results)
 
 
-def run_name(cfg: Config, lr_g: float, lr_d: float) -> str:
-    """The Ray run's name: the same training params give the same name (that is how resume works)."""
+# the code a checkpoint's numbers depend on: a change to any of these starts a new run
+TRAINING_CODE = ("train_loop.py", "models.py", "losses.py", "augment.py", "data.py", "evaluation.py", "config.py")
+
+
+def code_and_encoder_hash(cfg: Config, package: Path | None = None) -> str:
+    """Hash of the training code (TRAINING_CODE in ``package``, default ganflow's own folder) and
+    of the encoder (its weights and held-out reference statistics: what best_fd is measured with)."""
+    from ganflow.evaluation import REFERENCE
+    from ganflow.evaluation import WEIGHTS as ENCODER_WEIGHTS
+
+    package = package or Path(__file__).parent
+    digest = hashlib.sha256()
+    for name in TRAINING_CODE:
+        digest.update(name.encode() + b"\0" + hashlib.sha256((package / name).read_bytes()).digest())
+    for name in (ENCODER_WEIGHTS, REFERENCE):
+        path = cfg.paths.encoder / name
+        digest.update(name.encode() + b"\0" + (file_sha256(path).encode() if path.is_file() else b"missing"))
+    return digest.hexdigest()[:8]
+
+
+def run_name(cfg: Config, lr_g: float, lr_d: float, package: Path | None = None) -> str:
+    """The Ray run's name, ``train-<params>-<code and encoder>``: the same training params, code
+    and encoder give the same name (that is how resume works). A checkpoint written by other code,
+    or whose best_fd another encoder measured, is never resumed (see stale_runs)."""
     values = cfg.to_dict()
     # epochs is left out: raising train.epochs continues a finished run instead of starting over
     key = {s: values[s] for s in ("model", "train")}
@@ -135,7 +157,24 @@ def run_name(cfg: Config, lr_g: float, lr_d: float) -> str:
     key["data"] = {k: values["data"][k] for k in ("hflip", "loader_workers")}
     key["data_hash"] = _prepared_hash(cfg)
     key.update(num_workers=cfg.cluster.num_workers, lr_g=lr_g, lr_d=lr_d)
-    return "train-" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    params = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return f"train-{params}-{code_and_encoder_hash(cfg, package)}"
+
+
+def stale_runs(storage: str, name: str) -> list[tuple[str, int]]:
+    """(name, epoch) of the unfinished runs with the same training params as ``name`` but other
+    code or another encoder: kept in storage, not resumed."""
+    import pyarrow.fs
+
+    fs, base = storage_fs(storage)
+    prefix = name.rsplit("-", 1)[0] + "-"
+    found = []
+    for info in fs.get_file_info(pyarrow.fs.FileSelector(base, allow_not_found=True)):
+        if info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith(prefix) and info.base_name != name:
+            latest = latest_checkpoint_meta(storage, info.base_name)
+            if latest is not None:
+                found.append((info.base_name, int(latest[1]["epoch"])))
+    return sorted(found)
 
 
 def _prepared_hash(cfg: Config) -> str:
@@ -275,6 +314,12 @@ def run_training(cfg: Config, lr_g: float, lr_d: float) -> TrainSummary:
             run_id, resumed_from = meta["run_id"], meta["epoch"]
             client.update_run(run_id, status="RUNNING")
             print(f"resuming {name} from epoch {resumed_from} (MLflow run {run_id})", flush=True)
+    else:
+        for stale, epoch in stale_runs(storage, name):
+            if epoch >= cfg.train.epochs:
+                continue  # finished: nothing to resume either way
+            print(f"not resuming {stale} (checkpoint of epoch {epoch}, kept in {storage}): the training code or "
+                  f"the encoder changed since; starting {name}", flush=True)
     if run_id is None:
         tags = {"ganflow.stage": "train", "ganflow.ray_run": name, **provenance(cfg, "train")}
         run_id = start_training_run(client, experiment_id, cfg, lr_g, lr_d, tags)

@@ -162,3 +162,46 @@ def test_lazy_r1_changes_the_d_step_only_every_r1_every_steps(tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(plain, penalised))  # step 0: R1 applied
     assert all(torch.equal(a, b) for a, b in zip(plain, skipped))  # step 1: not an R1 step
     assert torch.equal(plain_loss, penalised_loss)  # the logged loss_d is the loss, not the penalty
+
+
+def test_the_resume_key_follows_the_training_code_and_the_encoder(tmp_path):
+    """A checkpoint written by other training code, or whose best_fd another encoder measured,
+    is not resumed: the run name changes with either, while its params part stays."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    import ganflow
+    from ganflow.data import FORMAT
+    from ganflow.distributed import TRAINING_CODE, run_name, stale_runs
+
+    cfg = tiny_cfg(tmp_path)
+    cfg.paths.prepared.mkdir(parents=True)
+    (cfg.paths.prepared / "manifest.json").write_text(json.dumps(
+        {"format": FORMAT, "files": {"images.npy": "abc"}}))
+    cfg.paths.encoder.mkdir(parents=True)
+    for name in ("encoder.safetensors", "reference.safetensors"):
+        (cfg.paths.encoder / name).write_bytes(b"v1")
+    code = tmp_path / "code"
+    code.mkdir()
+    for name in TRAINING_CODE:
+        shutil.copy(Path(ganflow.__file__).parent / name, code / name)
+
+    first = run_name(cfg, 1e-3, 1e-3, code)
+    assert first == run_name(cfg, 1e-3, 1e-3, code)  # deterministic: that is how resume finds it
+    with open(code / "losses.py", "a") as fh:
+        fh.write("\n# a fix\n")
+    after_fix = run_name(cfg, 1e-3, 1e-3, code)
+    (cfg.paths.encoder / "reference.safetensors").write_bytes(b"v2")
+    new_encoder = run_name(cfg, 1e-3, 1e-3, code)
+    assert len({first, after_fix, new_encoder}) == 3
+    assert first.rsplit("-", 1)[0] == after_fix.rsplit("-", 1)[0] == new_encoder.rsplit("-", 1)[0]
+    assert run_name(cfg, 2e-3, 1e-3, code).rsplit("-", 1)[0] != first.rsplit("-", 1)[0]  # other params
+
+    # the old run's checkpoint is kept and named; another params' run is not
+    storage = tmp_path / "ray_results"
+    for name, epoch in ((first, 3), (run_name(cfg, 2e-3, 1e-3, code), 5)):
+        (storage / name / "checkpoint_000002").mkdir(parents=True)
+        (storage / name / "checkpoint_000002" / "meta.json").write_text(json.dumps({"epoch": epoch}))
+    assert stale_runs(str(storage), new_encoder) == [(first, 3)]
+    assert stale_runs(str(storage), first) == []
