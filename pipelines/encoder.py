@@ -10,7 +10,7 @@ import json
 import sys
 
 from ganflow.atomic import write_file
-from ganflow.cli import stage_main
+from ganflow.stage import stage_main
 from ganflow.config import Config
 from ganflow.evaluation import fit_encoder
 

@@ -15,7 +15,7 @@ import sys
 import torch
 
 from ganflow.atomic import write_file
-from ganflow.cli import stage_main
+from ganflow.stage import stage_main
 from ganflow.config import Config
 from ganflow.evaluation import evaluate_generator, load_reference
 from ganflow.models import class_grid_codes

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from ganflow.cli import stage_main
+from ganflow.stage import stage_main
 from ganflow.config import Config
 from ganflow.registry import register
 

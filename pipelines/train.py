@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from ganflow.cli import stage_main
+from ganflow.stage import stage_main
 from ganflow.config import Config
 from ganflow.distributed import run_training
 from ganflow.jobs import run_stage

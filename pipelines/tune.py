@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from ganflow.cli import stage_main
+from ganflow.stage import stage_main
 from ganflow.config import Config
 from ganflow.jobs import run_stage
 from ganflow.tuning import run_sweep, write_best

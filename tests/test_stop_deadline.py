@@ -19,7 +19,7 @@ import pytest
 PROGRAM = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from ganflow.cli import run_main
+    from ganflow.stage import run_main
     from ganflow.interrupts import Interrupted, stop_on_signals
 
     out = Path(sys.argv[1])

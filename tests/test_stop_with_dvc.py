@@ -25,7 +25,7 @@ STAGE = textwrap.dedent("""
         (out / "stopped").write_text("SIGTERM")
         sys.exit(0)
     signal.signal(signal.SIGTERM, stopped)
-    from ganflow.cli import stop_with_dvc
+    from ganflow.stage import stop_with_dvc
     stop_with_dvc()
     (out / "pid").write_text(str(os.getpid()))
     time.sleep(120)
