@@ -32,14 +32,6 @@ class RegistryError(GanflowError):
     """The generator cannot be registered."""
 
 
-def generator_sha256(cfg: Config) -> str:
-    digest = hashlib.sha256()
-    with open(cfg.paths.generator / WEIGHTS, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def evaluation_key(cfg: Config) -> str:
     """What an fd_domain value is comparable under: the encoder's weights, its held-out
     reference statistics (held-out images, num_samples, feature_dim...) and eval.seed (the
@@ -103,7 +95,7 @@ def register(cfg: Config) -> dict[str, Any]:
         raise RegistryError(f"{eval_path}: no data-copying result (written before it existed); "
                             "run `dvc repro evaluate`")
     name = cfg.registry.model_name
-    sha = generator_sha256(cfg)
+    sha = file_sha256(cfg.paths.generator / WEIGHTS)
     key = evaluation_key(cfg)
     client, _ = connect(cfg)
     try:

@@ -51,11 +51,6 @@ def make_grid(images: np.ndarray, cols: int | None = None, pad: int = 2) -> np.n
     return grid if c != 1 else grid[:, :, 0]
 
 
-def generator_spec(g: Generator) -> dict[str, int]:
-    return {"latent_dim": g.latent_dim, "channels": g.channels, "image_size": g.image_size, "g_width": g.width,
-            "num_classes": g.num_classes}
-
-
 def generator_meta(path: Path) -> dict[str, Any]:
     """What a sampler needs besides the weights: latent_dim, num_classes (0: unconditional) and,
     for a conditional G, its class names and their training frequencies."""

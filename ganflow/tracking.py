@@ -23,7 +23,6 @@ from typing import Any
 from ganflow.config import Config
 from ganflow.errors import GanflowError, first_line
 
-STEP_METRICS = ("loss_d", "loss_g", "d_real", "d_fake", "imgs_per_sec")
 SAMPLES_KEY = "samples"  # every epoch's sample grid goes under this one image key
 
 
@@ -242,7 +241,7 @@ class RunLogger:
     Sample grids are not queued; the epochs that lost theirs are counted the same way.
     """
 
-    MAX_PENDING = 100_000  # queued metric points (about 25 MB): 20,000 steps of STEP_METRICS
+    MAX_PENDING = 100_000  # queued metric points (about 25 MB): 20,000 steps of the five per-step diagnostics
     BACKOFF_S = (2.0, 60.0)  # first and longest wait before the store is tried again
 
     def __init__(self, uri: str, run_id: str, max_pending: int = MAX_PENDING):

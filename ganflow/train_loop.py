@@ -44,10 +44,6 @@ DIAGNOSTICS = ("loss_d", "loss_g", "d_real", "d_fake")
 EVAL_METRICS = ("fd_domain", "kid", "kid_std", "fd_recent")
 
 
-class Diverged(Exception):
-    """A non-finite loss: the run stops, keeping its last good checkpoint."""
-
-
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain module inside a DDP wrapper (sample, evaluate and export through this)."""
     return model.module if hasattr(model, "module") else model
