@@ -86,7 +86,9 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    """DCGAN-style generator and discriminator."""
+    """The generator and discriminator: DCGAN-style, or residual (SNGAN/BigGAN-style blocks)."""
+
+    arch: Literal["dcgan", "resnet"] = "dcgan"
 
     latent_dim: int = Field(64, gt=0)
     g_width: int = Field(64, gt=0)  # channels of G's last hidden layer; doubles per upsampling

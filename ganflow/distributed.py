@@ -381,6 +381,7 @@ def export(cfg: Config, checkpoint: Path, run_id: str, lr_g: float, lr_d: float,
         "channels": cfg.data.channels,
         "image_size": cfg.data.image_size,
         "g_width": cfg.model.g_width,
+        "arch": cfg.model.arch,
         # a conditional G's input is z followed by a one-hot class: its classes and their frequencies
         "num_classes": len(meta.get("class_prior") or []),
         "class_names": meta.get("class_names"),

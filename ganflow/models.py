@@ -124,6 +124,136 @@ class Discriminator(nn.Module):
         return self.net[-1](h).flatten() + (self.embed(c) * h.sum((2, 3))).sum(1)
 
 
+# --------------------------------------------------------------------------- residual (model.arch: resnet)
+
+
+class _GBlock(nn.Module):
+    """Up-sampling residual block of G: (BN-ReLU-up-conv3-BN-ReLU-conv3) + (up-conv1)."""
+
+    def __init__(self, cin: int, cout: int, num_classes: int):
+        super().__init__()
+
+        def norm(features: int) -> nn.Module:
+            return ConditionalBatchNorm2d(features, num_classes) if num_classes else nn.BatchNorm2d(features)
+
+        self.norm1, self.conv1 = norm(cin), nn.Conv2d(cin, cout, 3, 1, 1)
+        self.norm2, self.conv2 = norm(cout), nn.Conv2d(cout, cout, 3, 1, 1)
+        self.skip = nn.Conv2d(cin, cout, 1, 1, 0)
+
+    def _norm(self, layer: nn.Module, x: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+        return layer(x, c) if isinstance(layer, ConditionalBatchNorm2d) else layer(x)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+        # (B, cin, s, s) -> (B, cout, 2s, 2s)
+        h = nn.functional.interpolate(torch.relu(self._norm(self.norm1, x, c)), scale_factor=2.0, mode="nearest")
+        h = self.conv2(torch.relu(self._norm(self.norm2, self.conv1(h), c)))
+        return h + self.skip(nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class ResnetGenerator(nn.Module):
+    """SNGAN/BigGAN-style G: a linear map of z to 4x4, one up-sampling residual block per
+    doubling (channels halve from width * 2^(n-1) to width), then BN-ReLU-conv3-tanh. Same
+    input and output as the DCGAN G (conditional through its BatchNorm layers)."""
+
+    def __init__(self, latent_dim: int, channels: int, image_size: int, width: int, num_classes: int = 0):
+        super().__init__()
+        self.latent_dim = latent_dim
+        self.num_classes = num_classes
+        self.code_dim = latent_dim + num_classes
+        self.channels = channels
+        self.image_size = image_size
+        self.width = width
+        n = _upsamplings(image_size)
+        ch = width * 2 ** (n - 1)
+        self.top = ch
+        self.linear = nn.Linear(latent_dim, ch * 16)  # (B, latent) -> (B, ch, 4, 4)
+        blocks = []
+        for i in range(n):
+            cout = max(width, ch // 2) if i < n - 1 else width
+            blocks.append(_GBlock(ch, cout, num_classes))
+            ch = cout
+        self.blocks = nn.ModuleList(blocks)
+        self.out_norm = nn.BatchNorm2d(ch)
+        self.out_conv = nn.Conv2d(ch, channels, 3, 1, 1)
+
+    def forward(self, code: torch.Tensor) -> torch.Tensor:
+        # code: (B, latent [+ classes]) -> (B, C, S, S) in [-1, 1]
+        z = code[:, : self.latent_dim]
+        c = code[:, self.latent_dim :] if self.num_classes else None
+        x = self.linear(z).reshape(z.shape[0], self.top, 4, 4)
+        for block in self.blocks:
+            x = block(x, c)
+        return torch.tanh(self.out_conv(torch.relu(self.out_norm(x))))
+
+
+class _DBlock(nn.Module):
+    """Down-sampling residual block of D: (ReLU-conv3-ReLU-conv3-avgpool) + (conv1-avgpool); the
+    first block of D skips the leading ReLU (its input is the image)."""
+
+    def __init__(self, cin: int, cout: int, wrap, first: bool):
+        super().__init__()
+        self.first = first
+        self.conv1, self.conv2 = wrap(nn.Conv2d(cin, cout, 3, 1, 1)), wrap(nn.Conv2d(cout, cout, 3, 1, 1))
+        self.skip = wrap(nn.Conv2d(cin, cout, 1, 1, 0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (B, cin, s, s) -> (B, cout, s/2, s/2)
+        h = self.conv1(x if self.first else torch.relu(x))
+        h = nn.functional.avg_pool2d(self.conv2(torch.relu(h)), 2)
+        skip = nn.functional.avg_pool2d(x, 2) if self.first else x
+        skip = self.skip(skip)
+        return h + (skip if self.first else nn.functional.avg_pool2d(skip, 2))
+
+
+class ResnetDiscriminator(nn.Module):
+    """SNGAN-style D: down-sampling residual blocks to 4x4 (channels double from width), ReLU,
+    sum pooling, a linear logit; the class projection of a conditional D on the pooled features.
+    No BatchNorm; spectral norm on every layer when model.spectral_norm."""
+
+    def __init__(self, channels: int, image_size: int, width: int, spectral_norm: bool = False,
+                 num_classes: int = 0):
+        super().__init__()
+        self.num_classes = num_classes
+        wrap = _sn if spectral_norm else (lambda m: m)
+        n = _upsamplings(image_size)
+        blocks, ch = [], channels
+        for i in range(n):
+            cout = width * 2 ** i
+            blocks.append(_DBlock(ch, cout, wrap, first=i == 0))
+            ch = cout
+        self.blocks = nn.Sequential(*blocks)
+        self.linear = wrap(nn.Linear(ch, 1))
+        if num_classes:
+            self.embed = wrap(nn.Linear(num_classes, ch, bias=False))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        # x: (B, C, S, S) -> logits (B,)
+        h = torch.relu(self.blocks(x)).sum((2, 3))  # (B, ch)
+        out = self.linear(h).flatten()
+        if self.num_classes:
+            out = out + (self.embed(c) * h).sum(1)
+        return out
+
+
+def resnet_init(module: nn.Module) -> None:
+    """Xavier-uniform weights for convolutions and linear maps (SNGAN), zero biases; BatchNorm at
+    scale 1, shift 0; a conditional BatchNorm's class scale and shift at 0."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            weight = m.parametrizations.weight.original if hasattr(m, "parametrizations") else m.weight
+            nn.init.xavier_uniform_(weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    for m in module.modules():
+        if isinstance(m, ConditionalBatchNorm2d):
+            nn.init.zeros_(m.gain.weight)
+            nn.init.zeros_(m.bias.weight)
+
+
+GENERATORS = {"dcgan": Generator, "resnet": ResnetGenerator}
+DISCRIMINATORS = {"dcgan": Discriminator, "resnet": ResnetDiscriminator}
+
+
 def dcgan_init(module: nn.Module) -> None:
     """Weights N(0, 0.02), BatchNorm scale N(1, 0.02), biases 0, as in the DCGAN paper; a
     conditional BatchNorm's class scale and shift start at 0 (scale 1, shift 0 for every class)."""
@@ -207,13 +337,15 @@ def recompute_batchnorm(g: Generator, seed: int = 0, batches: int = 16, batch_si
     g.eval()
 
 
-def build_generator(cfg: Config, num_classes: int = 0) -> Generator:
-    g = Generator(cfg.model.latent_dim, cfg.data.channels, cfg.data.image_size, cfg.model.g_width, num_classes)
-    dcgan_init(g)
+def build_generator(cfg: Config, num_classes: int = 0) -> nn.Module:
+    g = GENERATORS[cfg.model.arch](cfg.model.latent_dim, cfg.data.channels, cfg.data.image_size, cfg.model.g_width,
+                                   num_classes)
+    (dcgan_init if cfg.model.arch == "dcgan" else resnet_init)(g)
     return g
 
 
-def build_discriminator(cfg: Config, num_classes: int = 0) -> Discriminator:
-    d = Discriminator(cfg.data.channels, cfg.data.image_size, cfg.model.d_width, cfg.model.spectral_norm, num_classes)
-    dcgan_init(d)
+def build_discriminator(cfg: Config, num_classes: int = 0) -> nn.Module:
+    d = DISCRIMINATORS[cfg.model.arch](cfg.data.channels, cfg.data.image_size, cfg.model.d_width,
+                                       cfg.model.spectral_norm, num_classes)
+    (dcgan_init if cfg.model.arch == "dcgan" else resnet_init)(d)
     return d

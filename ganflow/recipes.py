@@ -29,7 +29,12 @@ RECIPES: dict[str, dict[str, Any]] = {
                               "train.augment": "none"},
     "sn-hinge-conditional": {"model.spectral_norm": True, "model.conditional": "auto", "train.loss": "hinge",
                              "train.augment": "none"},
+    # residual G and D (SNGAN/BigGAN-style blocks), spectral norm and hinge, conditional on labels
+    "resnet-sn-hinge-conditional": {"model.arch": "resnet", "model.spectral_norm": True, "model.conditional": "auto",
+                                    "train.loss": "hinge", "train.augment": "none"},
 }
+for _recipe in RECIPES.values():  # every recipe names its architecture
+    _recipe.setdefault("model.arch", "dcgan")
 
 
 def apply_recipe(cfg: Config, name: str) -> Config:

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from ganflow.atomic import atomic_dir, file_sha256, write_bytes
 from ganflow.errors import GanflowError, first_line
-from ganflow.models import Generator, allocate, one_hot
+from ganflow.models import GENERATORS, Generator, allocate, one_hot
 
 WEIGHTS = "generator.safetensors"
 SPEC = "generator.json"
@@ -68,7 +68,7 @@ def export_generator(weights: dict[str, torch.Tensor], spec: dict[str, Any], out
         write_bytes(tmp / SPEC, (json.dumps(spec, indent=2, sort_keys=True) + "\n").encode())
 
 
-def load_generator_dir(path: Path) -> Generator:
+def load_generator_dir(path: Path) -> torch.nn.Module:
     """Build the EMA generator from an exported directory (safetensors: no unpickling)."""
     path = Path(path)
     if not (path / SPEC).is_file() or not (path / WEIGHTS).is_file():
@@ -81,8 +81,11 @@ def load_generator_dir(path: Path) -> Generator:
             f"{path / WEIGHTS}: refused: its sha256 does not match {WEIGHTS_SHA256} in {SPEC} "
             "(changed or damaged since export); export it again with `dvc repro train`"
         )
-    g = Generator(spec["latent_dim"], spec["channels"], spec["image_size"], spec["g_width"],
-                  int(spec.get("num_classes") or 0))
+    arch = spec.get("arch", "dcgan")  # exported before model.arch existed: DCGAN
+    if arch not in GENERATORS:
+        raise GanflowError(f"{path / SPEC}: unknown arch {arch!r} (known: {', '.join(GENERATORS)})")
+    g = GENERATORS[arch](spec["latent_dim"], spec["channels"], spec["image_size"], spec["g_width"],
+                         int(spec.get("num_classes") or 0))
     g.load_state_dict(load_file(str(path / WEIGHTS)))
     return g.eval()
 

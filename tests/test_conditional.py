@@ -129,3 +129,21 @@ def test_class_grid_has_a_row_per_class():
     assert codes[:, 4:].argmax(1).tolist() == [0, 0, 1, 1, 2, 2]
     z = draw_codes(6, 4, [1, 2], torch.Generator().manual_seed(0))
     assert z[:, 4:].argmax(1).tolist() == [0, 0, 1, 1, 1, 1]
+
+
+def test_an_exported_resnet_generator_loads_as_one(tmp_path):
+    from ganflow.models import ResnetGenerator
+
+    cfg = tiny_cfg(tmp_path, arch="resnet")
+    g = build_generator(cfg, 2).eval()
+    spec = {"latent_dim": 8, "channels": 1, "image_size": 16, "g_width": 8, "num_classes": 2, "arch": "resnet",
+            "class_names": ["a", "b"], "class_prior": [0.5, 0.5]}
+    export_generator(g.state_dict(), spec, tmp_path / "gen")
+    loaded = load_generator_dir(tmp_path / "gen")
+    assert isinstance(loaded, ResnetGenerator)
+    code = torch.from_numpy(load_sampler(str(tmp_path / "gen")).codes(4, seed=0))
+    with torch.no_grad():
+        assert torch.equal(loaded(code), g(code))
+    export_generator(g.state_dict(), {**spec, "arch": "vit"}, tmp_path / "bad")
+    with pytest.raises(GanflowError, match="unknown arch 'vit'"):
+        load_generator_dir(tmp_path / "bad")

@@ -6,6 +6,7 @@ import ast
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -103,19 +104,45 @@ def test_dvc_repro_fails_cleanly_on_bad_params(project):
     assert (project / "data" / "prepared" / "images.npy").read_bytes() == before
 
 
+def shapes_folder(root: Path, per_class: int = 150, size: int = 64) -> None:
+    """A labelled image folder of 64 px RGB PNGs, seeded: coloured discs and coloured bars on a
+    dark background, one subfolder per class."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:size, :size]
+    for name in ("bars", "discs"):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            image = np.zeros((size, size, 3), np.uint8) + rng.integers(0, 40, 3, dtype=np.uint8)
+            colour = rng.integers(90, 256, 3, dtype=np.uint8)
+            cy, cx = rng.integers(16, size - 16, 2)
+            if name == "discs":
+                mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= rng.integers(6, 14) ** 2
+            else:
+                mask = (abs(yy - cy) <= rng.integers(2, 6)) & (abs(xx - cx) <= rng.integers(10, 16))
+            image[mask] = colour
+            Image.fromarray(image).save(root / name / f"{i:03d}.png")
+
+
 @pytest.mark.timeout(3600)  # a loaded 2-core machine took more than 10 min for the first repro
 def test_dvc_repro_whole_pipeline(project):
-    """`dvc repro` on a tiny params file: every stage runs, writes its outputs, then nothing reruns."""
+    """`dvc repro` on a tiny params file: every stage runs, writes its outputs, then nothing
+    reruns. The data: a generated folder of 64 px RGB images in two classes, trained with the
+    residual, class-conditional, spectral-norm/hinge recipe (the digits run in `make run`)."""
+    shapes_folder(project / "data" / "raw")
     edit_params(
         project / "params.yaml",
-        data={"image_size": 16},
-        model={"latent_dim": 16, "g_width": 16, "d_width": 16},
-        train={"epochs": 2},
-        eval={"num_samples": 200, "encoder_epochs": 2, "kid_subsets": 5, "kid_subset_size": 100},
+        data={"source": "folder", "image_size": 64, "channels": 3},
+        model={"arch": "resnet", "conditional": "auto", "spectral_norm": True, "latent_dim": 16,
+               "g_width": 8, "d_width": 8},
+        train={"epochs": 2, "loss": "hinge", "batch_size": 32},
+        eval={"num_samples": 200, "encoder_epochs": 2, "feature_dim": 16, "kid_subsets": 5, "kid_subset_size": 40},
         tune={"num_samples": 2, "epochs": 1, "grace_period": 1, "max_concurrent_trials": 2},
     )
     first = run(["dvc", "repro"], project, timeout=1800)
     assert first.returncode == 0, first.stderr[-3000:]
+    assert "prepared 300 images (64x64x3, 2 classes)" in first.stdout
     stages = ("prepare", "encoder", "tune", "train", "evaluate", "register")
     order = [first.stdout.index(f"Running stage '{s}'") for s in stages]
     assert order == sorted(order)
@@ -135,6 +162,11 @@ def test_dvc_repro_whole_pipeline(project):
     assert (spec["lr_g"], spec["lr_d"]) == (best["lr_g"], best["lr_d"])  # train used the sweep's rates
     registered = json.loads((project / "registry" / "model_version.json").read_text())
     assert registered["version"] == 1 and "champion" in registered["aliases"]
+    assert (spec["arch"], spec["num_classes"], spec["class_names"]) == ("resnet", 2, ["bars", "discs"])
+    drawn = run(["ganflow", "sample", "--model", "models:/ganflow-generator@champion", "-n", "4", "--class", "discs",
+                 "--out", "discs.npz"], project)
+    assert drawn.returncode == 0, drawn.stderr[-2000:]
+    assert np.load(project / "discs.npz")["images"].shape == (4, 64, 64, 3)
     again = run(["dvc", "repro"], project, check=True)
     for name in stages:
         assert f"Stage '{name}' didn't change, skipping" in again.stdout

@@ -30,15 +30,38 @@ def changed(before, module):
     return any(not torch.equal(a, b) for a, b in zip(before, module.parameters()))
 
 
+@pytest.mark.parametrize("arch", ["dcgan", "resnet"])
 @pytest.mark.parametrize("size, channels", [(16, 1), (32, 3), (64, 1), (128, 3)])
-def test_model_shapes(tmp_path, size, channels):
+def test_model_shapes(tmp_path, size, channels, arch):
     cfg = resolve_paths(from_dict({"data": {"image_size": size, "channels": channels},
-                                   "model": {"latent_dim": 8, "g_width": 4, "d_width": 4}}), tmp_path)
+                                   "model": {"latent_dim": 8, "g_width": 4, "d_width": 4, "arch": arch}}), tmp_path)
     g, d = build_generator(cfg), build_discriminator(cfg)
     x = g(torch.randn(3, 8))
     assert x.shape == (3, channels, size, size)
     assert x.min() >= -1 and x.max() <= 1
     assert d(x).shape == (3,)
+    cg, cd = build_generator(cfg, 5), build_discriminator(cfg, 5)  # class-conditional
+    code = torch.cat([torch.randn(3, 8), torch.eye(5)[[0, 2, 4]]], dim=1)
+    assert cg(code).shape == (3, channels, size, size) and cd(cg(code), code[:, 8:]).shape == (3,)
+
+
+def test_resnet_discriminator_has_no_batchnorm_and_spectral_norm_on_every_layer(tmp_path):
+    cfg = resolve_paths(from_dict({"model": {"arch": "resnet", "spectral_norm": True, "d_width": 4}}), tmp_path)
+    d = build_discriminator(cfg, 10)
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in d.modules())
+    weighted = [m for m in d.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    assert weighted and all(hasattr(m, "parametrizations") for m in weighted)
+
+
+@pytest.mark.parametrize("loss", sorted(LOSSES))
+def test_a_resnet_step_updates_both_networks(tmp_path, loss):
+    cfg = tiny_cfg(tmp_path, loss=loss)
+    cfg.model.arch = "resnet"
+    state = build_state(cfg, torch.device("cpu"), 1e-3, 1e-3, [0.5, 0.5])
+    g0, d0 = params_of(state.g), params_of(state.d)
+    diag = gan_step(state, cfg, torch.rand(8, 1, 16, 16) * 2 - 1, torch.Generator().manual_seed(0), True,
+                    torch.tensor([0, 1] * 4))
+    assert changed(g0, state.g) and changed(d0, state.d) and all(torch.isfinite(v) for v in diag.values())
 
 
 def test_spectral_norm_discriminator_has_no_batchnorm(tmp_path):
