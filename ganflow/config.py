@@ -12,7 +12,7 @@ makes them absolute, because Ray workers and Ray jobs run in other working direc
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -163,7 +163,9 @@ class ClusterConfig(Section):
     address: str | None = None
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0.0)
+    # auto: a training's workers share the cluster's CPUs (all of this machine's for one worker),
+    # a sweep's trials take one each so that they run side by side; torch uses as many threads
+    cpus_per_worker: Literal["auto"] | Annotated[float, Field(gt=0.0)] = "auto"
     # None: paths.ray_results (local). A shared path or s3://, gs:// URI on real clusters.
     storage_path: str | None = None
 

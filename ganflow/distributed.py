@@ -93,6 +93,29 @@ def quiet_ray_workers() -> None:
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
+def cpus_for_workers(cfg: Config, node_cpus: list[float]) -> float:
+    """cluster.cpus_per_worker, with auto resolved for a training on nodes of ``node_cpus`` CPUs:
+    the CPUs of the cluster shared by the workers, at most one node's, at least 1."""
+    if cfg.cluster.cpus_per_worker != "auto":
+        return float(cfg.cluster.cpus_per_worker)
+    if not node_cpus:
+        return 1.0
+    return float(max(1, min(int(max(node_cpus)), int(sum(node_cpus)) // cfg.cluster.num_workers)))
+
+
+def with_resolved_cpus(cfg: Config) -> Config:
+    """A copy of ``cfg`` whose cluster.cpus_per_worker is a number (auto sized on the joined Ray)."""
+    import ray
+
+    if cfg.cluster.cpus_per_worker != "auto":
+        return cfg
+    nodes = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+    out = cfg.model_copy(deep=True)
+    out.cluster.cpus_per_worker = cpus_for_workers(cfg, nodes)
+    out._root, out._source = cfg._root, cfg._source
+    return out
+
+
 def scaling_config(cfg: Config):
     from ray.train import ScalingConfig
 
@@ -299,6 +322,7 @@ def run_training(cfg: Config, lr_g: float, lr_d: float) -> TrainSummary:
     check_storage_writable(cfg)
     client, experiment_id = connect(cfg)  # fails here, before Ray starts, if MLflow is unreachable
     init_ray(cfg)
+    cfg = with_resolved_cpus(cfg)
     check_resources(cfg)
 
     name = run_name(cfg, lr_g, lr_d)

@@ -80,6 +80,8 @@ def trial_config(cfg: Config) -> Config:
     trial = cfg.model_copy(deep=True)
     trial.train.epochs = cfg.tune.epochs
     trial.eval.every = 1
+    if trial.cluster.cpus_per_worker == "auto":  # one CPU per worker: trials run side by side
+        trial.cluster.cpus_per_worker = 1.0
     trial._root = cfg.root
     return trial
 
@@ -261,8 +263,8 @@ def run_sweep(cfg: Config) -> Best:
     check_storage_writable(cfg)
     client, experiment_id = connect(cfg)  # the experiment exists before any trial logs
     init_ray(cfg)
-    check_resources(cfg)
-    concurrent = max_concurrent(cfg)
+    check_resources(trial_cfg)
+    concurrent = max_concurrent(trial_cfg)
     search = search_algorithm(cfg, concurrent)
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")  # divergence reports have no fd
     # Tune's console output: its newer reporter ignores verbose=0 (a config box, a TensorBoard

@@ -99,3 +99,23 @@ def test_check_config_cli(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: {bad}: train.lr_g: must be > 0"]
     assert "Traceback" not in proc.stderr
+
+
+def test_cpus_per_worker_auto_shares_the_cpus_among_a_trainings_workers(tmp_path):
+    from ganflow.config import from_dict, resolve_paths
+    from ganflow.distributed import cpus_for_workers
+    from ganflow.tuning import trial_config
+
+    def cfg(**cluster):
+        return resolve_paths(from_dict({"cluster": cluster}), tmp_path)
+
+    assert cfg().cluster.cpus_per_worker == "auto"
+    assert cpus_for_workers(cfg(), [2.0]) == 2.0  # one worker: the whole machine
+    assert cpus_for_workers(cfg(num_workers=2), [2.0]) == 1.0
+    assert cpus_for_workers(cfg(num_workers=4), [4.0, 4.0]) == 2.0
+    assert cpus_for_workers(cfg(), [4.0, 8.0]) == 8.0  # at most one node's: a worker runs on one node
+    assert cpus_for_workers(cfg(num_workers=32), [2.0]) == 1.0  # too many workers: refused later, at 1 CPU each
+    assert cpus_for_workers(cfg(cpus_per_worker=0.5), [2.0]) == 0.5  # a number is kept
+    assert trial_config(cfg()).cluster.cpus_per_worker == 1.0  # trials run side by side
+    with pytest.raises(Exception, match="cpus_per_worker"):
+        cfg(cpus_per_worker="all")
