@@ -50,6 +50,11 @@ RAY_ENV_DEFAULTS = {
     # what can never fit; what remains is waiting for other trials to free theirs, or slow
     # process start-up on a loaded machine (60 s, Ray's default, was seen to run out)
     "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300",
+    # Ray starts its worker processes at nice 15, and the training workers are among them: next
+    # to two busy loops at the normal priority a RayTrainWorker got about 4 % of a core, and a
+    # 6-epoch test ran for over 10 minutes. The training is the job: normal priority (read by the
+    # raylet a stage starts; `ganflow cluster up` passes it to `ray start`)
+    "RAY_worker_niceness": "0",
 }
 
 

@@ -196,7 +196,7 @@ def up(root: Path, ray_port: int = 6379, dashboard_port: int = 8265, mlflow_port
         # machine where no local Ray ever ran, ~/.ray/auth_token does not exist yet
         subprocess.run([tool("ray"), "get-auth-token", "--generate"], env={**os.environ, "RAY_AUTH_MODE": "token"},
                        capture_output=True, check=True, timeout=timeout)
-    ray_proc = _spawn(command, ray_log, env={"RAY_AUTH_MODE": auth_mode})
+    ray_proc = _spawn(command, ray_log, env={"RAY_AUTH_MODE": auth_mode, "RAY_worker_niceness": "0"})
     try:
         mlflow_proc = start_mlflow_server(db, mlflow_port, state_dir / "mlflow.log",
                                           ["--artifacts-destination", str(state_dir / "mlartifacts")], timeout)

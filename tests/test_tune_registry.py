@@ -164,8 +164,11 @@ def test_placement_groups_of_dead_trial_controllers_are_released():
 
     from ganflow.tuning import release_orphaned_placement_groups
 
+    from ganflow.config import from_dict
+    from ganflow.distributed import init_ray
+
     assert not ray.is_initialized()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    init_ray(from_dict({}))  # the local Ray a stage starts
     try:
         @ray.remote(num_cpus=0)
         class Controller:  # stands in for a trial's TrainController
@@ -174,7 +177,14 @@ def test_placement_groups_of_dead_trial_controllers_are_released():
                 ray.get(pg.ready())
                 return pg.id.hex()
 
+            def niceness(self) -> int:
+                import os
+
+                return os.nice(0)
+
         dying, living = Controller.remote(), Controller.remote()
+        # Ray's default runs workers at nice 15: next to any busy process they starved (4 % of a core)
+        assert ray.get(living.niceness.remote()) == 0
         orphan, kept = ray.get(dying.reserve.remote()), ray.get(living.reserve.remote())
         own = placement_group([{"CPU": 0.5}])
         ray.get(own.ready())
