@@ -53,7 +53,7 @@ def two_checkouts(tmp_path_factory) -> tuple[Path, Path]:
     cfg = load_config(b / "params.yaml")
     prepare(cfg)
     encoder_stage()(cfg)
-    out, err = child.communicate(timeout=300)
+    out, err = child.communicate(timeout=1200)
     assert child.returncode == 0, err
     return a, b
 
@@ -108,6 +108,7 @@ print("RESULT " + json.dumps(out))
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # four trainings: a loaded 2-core machine ran past the default 600 s
 def test_train_same_seed_same_weights_with_1_and_with_2_workers(tmp_path):
     """CPU: two trainings with the same params and seed give bit-identical generator weights and
     identical per-epoch metrics, with 1 worker and with 2 (gloo, same two ranks). One driver
@@ -126,7 +127,7 @@ def test_train_same_seed_same_weights_with_1_and_with_2_workers(tmp_path):
         prepare(cfg)
         fit_encoder(cfg)
         params.append(str(root / "params.yaml"))
-    proc = run([str(BIN / "python"), "-c", TRAIN_TWICE, *params], tmp_path, timeout=600)
+    proc = run([str(BIN / "python"), "-c", TRAIN_TWICE, *params], tmp_path, timeout=3000)
     assert proc.returncode == 0, proc.stderr[-3000:]
     history = json.loads(proc.stdout.split("RESULT ", 1)[1])
 
