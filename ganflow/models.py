@@ -244,6 +244,12 @@ def resnet_init(module: nn.Module) -> None:
             nn.init.xavier_uniform_(weight)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+    _neutral_class_norms(module)
+
+
+def _neutral_class_norms(module: nn.Module) -> None:
+    """Every conditional BatchNorm back to scale 1, shift 0 for every class (after an init that
+    drew its class weights like any linear map)."""
     for m in module.modules():
         if isinstance(m, ConditionalBatchNorm2d):
             nn.init.zeros_(m.gain.weight)
@@ -269,10 +275,7 @@ def dcgan_init(module: nn.Module) -> None:
         elif isinstance(m, nn.Linear):  # D's class embedding
             weight = m.parametrizations.weight.original if hasattr(m, "parametrizations") else m.weight
             nn.init.normal_(weight, 0.0, 0.02)
-    for m in module.modules():  # conditional BatchNorm starts as a plain BatchNorm
-        if isinstance(m, ConditionalBatchNorm2d):
-            nn.init.zeros_(m.gain.weight)
-            nn.init.zeros_(m.bias.weight)
+    _neutral_class_norms(module)
 
 
 def one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
