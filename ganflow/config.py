@@ -99,6 +99,11 @@ class ModelConfig(Section):
     conditional: Literal["auto"] | bool = False
 
 
+# train.* keys that say how a training runs, not what it computes: neither DVC (dvc.yaml) nor the
+# resume key (storage.run_name) reruns or restarts a training for them
+TRAIN_RUN_ONLY_KEYS = ("checkpoint_every", "max_failures")
+
+
 class TrainConfig(Section):
     epochs: int = Field(20, gt=0)
     batch_size: int = Field(64, gt=0)  # global batch, split across cluster.num_workers

@@ -451,6 +451,12 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
+def prepared_hash(path: Path) -> str:
+    """The sha256 of the prepared images (from their manifest): the one data hash of ganflow,
+    in run tags, resume keys, the encoder's reference and registry versions."""
+    return read_manifest(path)["files"][IMAGES]
+
+
 def transform_seed(seed: int, rank: int, worker_id: int, epoch: int) -> int:
     """A distinct, reproducible augmentation seed per (seed, rank, DataLoader worker, epoch)."""
     return int(np.random.SeedSequence([seed, rank, worker_id, epoch]).generate_state(1)[0])

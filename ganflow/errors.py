@@ -17,6 +17,10 @@ class DataError(GanflowError):
     """A data source that cannot be prepared or loaded."""
 
 
+class TrainingError(GanflowError):
+    """Training could not run or did not finish."""
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (its type name when it has none), for one-line errors."""
     text = str(exc).strip()

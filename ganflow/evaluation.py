@@ -28,7 +28,7 @@ from torch import nn
 
 from ganflow.atomic import atomic_dir, write_bytes
 from ganflow.config import Config
-from ganflow.data import PreparedDataset
+from ganflow.data import PreparedDataset, prepared_hash
 from ganflow.errors import GanflowError, first_line
 from ganflow.metrics import (
     class_metrics,
@@ -187,7 +187,7 @@ def fit_encoder(cfg: Config) -> dict[str, Any]:
         "floors": floors,
         "class_floors": class_floors,
         "quality": quality,
-        "data_hash": manifest["files"]["images.npy"],
+        "data_hash": prepared_hash(cfg.paths.prepared),
         "split_hash": manifest["files"]["split.npy"],
     }
     with atomic_dir(cfg.paths.encoder) as tmp:

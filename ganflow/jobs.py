@@ -34,9 +34,10 @@ from pathlib import Path
 
 from ganflow.atomic import atomic_dir, file_sha256, write_file
 from ganflow.config import Config
-from ganflow.distributed import RAY_ENV_DEFAULTS, storage_fs
 from ganflow.errors import GanflowError, first_line
 from ganflow.interrupts import Interrupted, stop_on_signals
+from ganflow.raycluster import RAY_ENV_DEFAULTS
+from ganflow.storage import storage_fs
 
 EXCHANGE_ENV = "GANFLOW_EXCHANGE"  # set by the submitter in the job's runtime env
 SUBMISSION_ENV = "GANFLOW_SUBMISSION_ID"

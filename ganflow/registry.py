@@ -19,6 +19,7 @@ from typing import Any
 
 from ganflow.atomic import file_sha256, write_file
 from ganflow.config import Config
+from ganflow.data import prepared_hash
 from ganflow.errors import GanflowError
 from ganflow.sampling import SPEC, WEIGHTS
 from ganflow.tracking import connect, git_commit, params_hash
@@ -122,7 +123,7 @@ def register(cfg: Config) -> dict[str, Any]:
         tags = {
             "generator_sha256": sha,
             EVAL_KEY: key,
-            "data_hash": _data_hash(cfg),
+            "data_hash": prepared_hash(cfg.paths.prepared),  # as the run's tag
             "params_hash": params_hash(cfg),
             "git_commit": git_commit(cfg.root),
             "best_epoch": str(spec.get("best_epoch")),
@@ -170,12 +171,6 @@ def register(cfg: Config) -> dict[str, Any]:
     }
     write_file(cfg.paths.registry, json.dumps(record, indent=2, sort_keys=True) + "\n")
     return record
-
-
-def _data_hash(cfg: Config) -> str:
-    from ganflow.data import read_manifest
-
-    return read_manifest(cfg.paths.prepared)["source_hash"]
 
 
 def _logged_model_id(client: Any, run_id: str) -> str:

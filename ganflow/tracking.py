@@ -141,19 +141,14 @@ def lr_text(lr: float) -> str:
     return f"{mantissa}e{int(exponent)}"
 
 
-def data_hash(cfg: Config) -> str:
-    """The sha256 of the prepared images (from their manifest): which data a run used."""
-    from ganflow.data import read_manifest
-
-    return read_manifest(cfg.paths.prepared)["files"]["images.npy"]
-
-
 def provenance(cfg: Config, dvc_stage: str) -> dict[str, str]:
     """The tags saying where a run came from: the code, the DVC stage, the data, the params."""
+    from ganflow.data import prepared_hash
+
     return {
         "git_commit": git_commit(cfg.root),
         "dvc_stage": dvc_stage,
-        "data_hash": data_hash(cfg),
+        "data_hash": prepared_hash(cfg.paths.prepared),
         "params_hash": params_hash(cfg),
     }
 

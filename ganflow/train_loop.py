@@ -29,6 +29,7 @@ from ganflow.config import Config
 from ganflow.errors import GanflowError, first_line
 from ganflow.evaluation import Reference, encode, load_reference
 from ganflow.losses import LOSSES, r1_penalty
+from ganflow.storage import CHECKPOINT_META
 from ganflow.models import (
     build_discriminator,
     build_generator,
@@ -39,7 +40,6 @@ from ganflow.models import (
 )
 
 CHECKPOINT_STATE = "state.pt"
-CHECKPOINT_META = "meta.json"
 DIAGNOSTICS = ("loss_d", "loss_g", "d_real", "d_fake")
 EVAL_METRICS = ("fd_domain", "kid", "kid_std", "fd_recent")
 

@@ -28,19 +28,11 @@ import numpy as np
 
 from ganflow.atomic import check_storage_writable, write_file
 from ganflow.config import Config
-from ganflow.distributed import (
-    TrainingError,
-    delete_run,
-    check_resources,
-    check_trainable,
-    fit,
-    init_ray,
-    scaling_config,
-    ship_inputs,
-    storage_path,
-)
-from ganflow.errors import GanflowError
+from ganflow.distributed import check_trainable, fit, ship_inputs
+from ganflow.errors import GanflowError, TrainingError
 from ganflow.interrupts import Interrupted, stop_on_signals
+from ganflow.raycluster import check_resources, init_ray, scaling_config
+from ganflow.storage import delete_run, storage_path
 from ganflow.tracking import (
     connect,
     params_hash,

@@ -182,7 +182,8 @@ def test_every_oversized_header_is_reported_as_too_many_pixels():
 
 
 def test_batch_larger_than_the_dataset_is_refused_before_ray(tmp_path):
-    from ganflow.distributed import TrainingError, check_trainable
+    from ganflow.distributed import check_trainable
+    from ganflow.errors import TrainingError
     from ganflow.evaluation import fit_encoder
 
     rng = np.random.default_rng(0)

@@ -103,7 +103,7 @@ def test_check_config_cli(tmp_path):
 
 def test_cpus_per_worker_auto_shares_the_cpus_among_a_trainings_workers(tmp_path):
     from ganflow.config import from_dict, resolve_paths
-    from ganflow.distributed import cpus_for_workers
+    from ganflow.raycluster import cpus_for_workers
     from ganflow.tuning import trial_config
 
     def cfg(**cluster):

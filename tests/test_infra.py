@@ -636,6 +636,59 @@ def test_plain_exchange_keys_land_inside_the_target(tmp_path):
     assert _inside(tmp_path / "g", "sub/w.bin", "u") == tmp_path / "g" / "sub" / "w.bin"
 
 
+NO_TORCH = """
+import sys
+sys.modules["torch"] = None  # `import torch` raises ImportError from here on
+from ganflow.cli import main
+code = main(sys.argv[1:])
+assert "torch" not in [m for m in sys.modules if sys.modules[m] is not None], "torch was imported"
+sys.exit(code)
+"""
+
+
+def test_push_and_pull_run_without_torch(tmp_path):
+    """`ganflow push/pull` run on a submitter's laptop: they move files, and must not need (or
+    pay for) torch. A stage's inputs go up, a job's outputs (written here as the job side would)
+    come down byte for byte."""
+    import sys
+
+    from ganflow.config import load_config
+    from ganflow.jobs import push_outputs
+
+    root = tmp_path / "project"
+    root.mkdir()
+    (root / "params.yaml").write_text(f"cluster:\n  storage_path: {tmp_path / 'shared'}\n")
+    inputs = {"data/prepared/manifest.json": b"{}", "data/prepared/images.npy": b"\x93NUMPY" + bytes(range(256)),
+              "models/encoder/encoder.json": b"{}", "tune/best.json": b'{"lr_g": 0.001}'}
+    for rel, data in inputs.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+
+    def cli(*argv):
+        proc = subprocess.run([sys.executable, "-c", NO_TORCH, *argv], cwd=root, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc.stdout
+
+    assert "train inputs ->" in cli("push", "train")
+    exchange = tmp_path / "shared" / "exchange" / "ganflow"
+    for rel, data in inputs.items():
+        assert (exchange / rel).read_bytes() == data
+
+    job = tmp_path / "job"  # the job's copy of the project writes its outputs
+    outputs = {"models/generator/generator.json": b'{"epoch": 1}', "models/generator/weights.safetensors": b"w" * 999,
+               "metrics/train.json": b"{}", "plots/train.csv": b"epoch\n1\n"}
+    for rel, data in outputs.items():
+        (job / rel).parent.mkdir(parents=True, exist_ok=True)
+        (job / rel).write_bytes(data)
+    (job / "params.yaml").write_text((root / "params.yaml").read_text())
+    push_outputs(load_config(job / "params.yaml"), "train", str(exchange), "sub-1")
+
+    cli("pull", "train")
+    for rel, data in outputs.items():
+        assert (root / rel).read_bytes() == data
+
+
 def test_cluster_down_signals_only_the_processes_it_started(tmp_path):
     """A pid in .cluster/cluster.json may name another process by the time `cluster down` runs
     (a reboot, a reused pid): only a process with the recorded start time is stopped."""

@@ -22,14 +22,20 @@ def test_prepare_stage_lists_exactly_the_keys_that_shape_its_output():
     assert stage["outs"] == ["${paths.prepared}"]
 
 
-def test_tune_stage_depends_on_every_train_param_but_epochs():
-    """A train.* field added to the config must reach the sweep's DVC params (or be left out on purpose)."""
-    from ganflow.config import TrainConfig
+@pytest.mark.parametrize("stage", ["tune", "train"])
+def test_tune_and_train_depend_on_what_shapes_their_result_only(stage):
+    """A train.* field added to the config must reach the DVC params of the stages that train (or
+    be left out on purpose): all but the run-only keys (checkpointing, failure budget) and, for the
+    sweep, epochs (trials run tune.epochs); of cluster.*, what shapes the result, not where it runs."""
+    from ganflow.config import TRAIN_RUN_ONLY_KEYS, ClusterConfig, TrainConfig
 
-    params = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["tune"]["params"]
+    params = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]["params"]
     listed = {p.split(".", 1)[1] for p in params if isinstance(p, str) and p.startswith("train.")}
-    assert "train" not in params
-    assert listed == set(TrainConfig.model_fields) - {"epochs"}
+    assert "train" not in params and "cluster" not in params
+    expected = set(TrainConfig.model_fields) - set(TRAIN_RUN_ONLY_KEYS) - ({"epochs"} if stage == "tune" else set())
+    assert listed == expected
+    cluster = {p.split(".", 1)[1] for p in params if isinstance(p, str) and p.startswith("cluster.")}
+    assert cluster == set(ClusterConfig.model_fields) - {"address", "storage_path"}
 
 
 def import_closure(script: Path) -> set[str]:

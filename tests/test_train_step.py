@@ -196,7 +196,7 @@ def test_the_resume_key_follows_the_training_code_and_the_encoder(tmp_path):
 
     import ganflow
     from ganflow.data import FORMAT
-    from ganflow.distributed import TRAINING_CODE, run_name, stale_runs
+    from ganflow.storage import TRAINING_CODE, run_name, stale_runs
 
     cfg = tiny_cfg(tmp_path)
     cfg.paths.prepared.mkdir(parents=True)
@@ -220,6 +220,12 @@ def test_the_resume_key_follows_the_training_code_and_the_encoder(tmp_path):
     assert len({first, after_fix, new_encoder}) == 3
     assert first.rsplit("-", 1)[0] == after_fix.rsplit("-", 1)[0] == new_encoder.rsplit("-", 1)[0]
     assert run_name(cfg, 2e-3, 1e-3, code).rsplit("-", 1)[0] != first.rsplit("-", 1)[0]  # other params
+    other = cfg.model_copy(deep=True)
+    other.train.seed += 1
+    assert run_name(other, 1e-3, 1e-3, code) != new_encoder
+    other = cfg.model_copy(deep=True)  # how it runs, not what it computes: the same run, resumed
+    other.train.checkpoint_every, other.train.max_failures, other.train.epochs = 5, 0, cfg.train.epochs + 3
+    assert run_name(other, 1e-3, 1e-3, code) == new_encoder
 
     # the old run's checkpoint is kept and named; another params' run is not
     storage = tmp_path / "ray_results"

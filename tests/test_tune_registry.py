@@ -165,7 +165,7 @@ def test_placement_groups_of_dead_trial_controllers_are_released():
     from ganflow.tuning import release_orphaned_placement_groups
 
     from ganflow.config import from_dict
-    from ganflow.distributed import init_ray
+    from ganflow.raycluster import init_ray
 
     assert not ray.is_initialized()
     init_ray(from_dict({}))  # the local Ray a stage starts

@@ -1,0 +1,118 @@
+"""Joining or starting Ray, and sizing a training's workers to the cluster it joined.
+
+No torch here: `ganflow submit`, `push` and `pull` read RAY_ENV_DEFAULTS without paying for it.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ganflow.config import Config
+from ganflow.errors import TrainingError, first_line
+
+# Ray Train settings ganflow changes from Ray's defaults (an environment variable wins).
+RAY_ENV_DEFAULTS = {
+    # the controller polls worker reports this often: a worker that dies right after a
+    # report loses at most about one poll of checkpoints (default 2 s)
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # otherwise every worker print shows twice
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # an error line per fit on clusters without preemption
+    # how long a worker group may wait for its resources. check_resources() has already refused
+    # what can never fit; what remains is waiting for other trials to free theirs, or slow
+    # process start-up on a loaded machine (60 s, Ray's default, was seen to run out)
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300",
+    # Ray starts its worker processes at nice 15, and the training workers are among them: next
+    # to two busy loops at the normal priority a RayTrainWorker got about 4 % of a core, and a
+    # 6-epoch test ran for over 10 minutes. The training is the job: normal priority (read by the
+    # raylet a stage starts; `ganflow cluster up` passes it to `ray start`)
+    "RAY_worker_niceness": "0",
+}
+
+
+
+def init_ray(cfg: Config) -> None:
+    """Join RAY_ADDRESS (set inside a Ray job, or by hand on a cluster node), or start a local
+    Ray sized to this machine. (cluster.address is the job server the stages are submitted to:
+    see ganflow.jobs.)"""
+    import ray
+
+    for key, value in RAY_ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    import logging
+
+    # a local Ray turns token auth on and says so at every start; ganflow's own docs say it once
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    try:
+        if address:
+            ray.init(address=address, logging_level="WARNING")
+        else:
+            # "local": a new Ray of this process's own, never one found on the machine (a
+            # `ray start` head, or the stale address file of one that is gone)
+            ray.init(address="local", num_cpus=os.cpu_count(), logging_level="WARNING",
+                     runtime_env={"worker_process_setup_hook": "ganflow.raycluster.quiet_ray_workers"})
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise TrainingError(f"cluster.address: cannot connect to Ray at {address or 'local'}: {first_line(exc)}") from None
+
+
+def quiet_ray_workers() -> None:
+    """Run in each worker process of a local Ray: Tune ends every trial at its last report by
+    killing the trial's Train controller, and Ray's placement-group cleaner then warns, once per
+    trial, that the controller "is dead". The sweep's own summary says how each trial ended."""
+    import logging
+
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+
+
+def cpus_for_workers(cfg: Config, node_cpus: list[float]) -> float:
+    """cluster.cpus_per_worker, with auto resolved for a training on nodes of ``node_cpus`` CPUs:
+    the CPUs of the cluster shared by the workers, at most one node's, at least 1."""
+    if cfg.cluster.cpus_per_worker != "auto":
+        return float(cfg.cluster.cpus_per_worker)
+    if not node_cpus:
+        return 1.0
+    return float(max(1, min(int(max(node_cpus)), int(sum(node_cpus)) // cfg.cluster.num_workers)))
+
+
+def with_resolved_cpus(cfg: Config) -> Config:
+    """A copy of ``cfg`` whose cluster.cpus_per_worker is a number (auto sized on the joined Ray)."""
+    import ray
+
+    if cfg.cluster.cpus_per_worker != "auto":
+        return cfg
+    nodes = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+    out = cfg.model_copy(deep=True)
+    out.cluster.cpus_per_worker = cpus_for_workers(cfg, nodes)
+    out._root, out._source = cfg._root, cfg._source
+    return out
+
+
+def scaling_config(cfg: Config):
+    from ray.train import ScalingConfig
+
+    per_worker: dict[str, float] = {"CPU": cfg.cluster.cpus_per_worker}
+    if cfg.cluster.use_gpu:
+        per_worker["GPU"] = 1.0
+    return ScalingConfig(
+        num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu, resources_per_worker=per_worker
+    )
+
+
+def check_resources(cfg: Config) -> None:
+    """Fail now, not after a hang, when the cluster can never place the workers."""
+    import ray
+
+    per_worker = scaling_config(cfg).resources_per_worker
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    total = {k: sum(n.get(k, 0.0) for n in nodes) for k in per_worker}
+    fits_per_node = [min(int(n.get(k, 0.0) // v) for k, v in per_worker.items() if v > 0) for n in nodes]
+    if sum(fits_per_node) < cfg.cluster.num_workers:
+        wanted = ", ".join(f"{v:g} {k}" for k, v in per_worker.items())
+        have = ", ".join(f"{v:g} {k}" for k, v in total.items())
+        raise TrainingError(
+            f"cluster: {cfg.cluster.num_workers} workers x ({wanted}) do not fit on this Ray cluster "
+            f"({len(nodes)} node(s), {have} in all): lower cluster.num_workers / cluster.cpus_per_worker"
+            + (" or set cluster.use_gpu: false" if cfg.cluster.use_gpu and total.get("GPU", 0) == 0 else "")
+        )
