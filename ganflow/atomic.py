@@ -165,6 +165,23 @@ def check_storage_writable(cfg: Config) -> None:
         check_writable_dir(Path(cfg.cluster.storage_path), "cluster.storage_path")
 
 
+def sha256_hex(*chunks: bytes) -> str:
+    """sha256 of the concatenated ``chunks``."""
+    digest = hashlib.sha256()
+    for chunk in chunks:
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def named_sha256(entries: dict[str, bytes]) -> str:
+    """sha256 of named contents (file name -> bytes): a rename or an edit changes it, the
+    dict's order does not."""
+    digest = hashlib.sha256()
+    for name in sorted(entries):
+        digest.update(name.encode() + b"\0" + hashlib.sha256(entries[name]).digest())
+    return digest.hexdigest()
+
+
 def file_sha256(path: Path) -> str:
     """sha256 of a file's bytes, read in 1 MiB blocks."""
     digest = hashlib.sha256()

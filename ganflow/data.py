@@ -33,7 +33,7 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from ganflow.atomic import atomic_dir, file_sha256, write_bytes
+from ganflow.atomic import atomic_dir, file_sha256, sha256_hex, write_bytes
 from ganflow.config import Config, DataConfig
 from ganflow.errors import DataError, first_line
 
@@ -136,7 +136,7 @@ def load_digits_source(data: DataConfig) -> RawSource:
     gray = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)  # (1797, 8, 8)
     images = array_to_channels(gray[:, :, :, None], data.channels)
     labels = digits.target.astype(np.int64)
-    content_hash = _sha256(b"sklearn-digits", gray.tobytes(), labels.tobytes())
+    content_hash = sha256_hex(b"sklearn-digits", gray.tobytes(), labels.tobytes())
     return RawSource(
         images=list(images),
         labels=labels,
@@ -270,7 +270,7 @@ def load_npz_source(data: DataConfig) -> RawSource:
         images=list(converted),
         labels=labels,
         class_names=class_names or [],
-        content_hash=_sha256(b"npz", raw),
+        content_hash=sha256_hex(b"npz", raw),
     )
 
 
@@ -408,13 +408,6 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
     write_bytes(path, buf.getvalue())
-
-
-def _sha256(*chunks: bytes) -> str:
-    digest = hashlib.sha256()
-    for chunk in chunks:
-        digest.update(chunk)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,12 +9,11 @@ trains again (same params and seed, same result on CPU).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
-from ganflow.atomic import check_storage_writable
+from ganflow.atomic import check_storage_writable, named_sha256
 from ganflow.config import Config
 from ganflow.data import class_prior, read_manifest
 from ganflow.errors import GanflowError, TrainingError, first_line
@@ -37,10 +36,7 @@ def ship_inputs(cfg: Config) -> dict[str, Any]:
         folder = getattr(cfg.paths, name)
         for path in sorted(p for p in folder.rglob("*") if p.is_file()):
             files[f"{name}/{path.relative_to(folder).as_posix()}"] = path.read_bytes()
-    digest = hashlib.sha256()
-    for key in sorted(files):
-        digest.update(key.encode() + b"\0" + hashlib.sha256(files[key]).digest())
-    return {"node_id": ray.get_runtime_context().get_node_id(), "key": digest.hexdigest()[:16], "files": ray.put(files)}
+    return {"node_id": ray.get_runtime_context().get_node_id(), "key": named_sha256(files)[:16], "files": ray.put(files)}
 
 
 def check_trainable(cfg: Config) -> int:

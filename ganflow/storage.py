@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ganflow.atomic import file_sha256
+from ganflow.atomic import named_sha256
 from ganflow.config import TRAIN_RUN_ONLY_KEYS, Config
 
 CHECKPOINT_META = "meta.json"  # in every checkpoint folder: epoch, run_id, history, best_fd...
@@ -32,13 +32,11 @@ def code_and_encoder_hash(cfg: Config, package: Path | None = None) -> str:
     from ganflow.evaluation import WEIGHTS as ENCODER_WEIGHTS
 
     package = package or Path(__file__).parent
-    digest = hashlib.sha256()
-    for name in TRAINING_CODE:
-        digest.update(name.encode() + b"\0" + hashlib.sha256((package / name).read_bytes()).digest())
+    entries = {f"code/{name}": (package / name).read_bytes() for name in TRAINING_CODE}
     for name in (ENCODER_WEIGHTS, REFERENCE):
         path = cfg.paths.encoder / name
-        digest.update(name.encode() + b"\0" + (file_sha256(path).encode() if path.is_file() else b"missing"))
-    return digest.hexdigest()[:8]
+        entries[f"encoder/{name}"] = path.read_bytes() if path.is_file() else b"missing"
+    return named_sha256(entries)[:8]
 
 
 def run_name(cfg: Config, lr_g: float, lr_d: float, package: Path | None = None) -> str:

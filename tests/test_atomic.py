@@ -89,3 +89,13 @@ def test_without_the_swap_the_old_directory_comes_back_when_the_rename_fails(tmp
             (tmp / "w.bin").write_bytes(b"v2")
     monkeypatch.setattr(os, "rename", real_rename)
     assert (target / "w.bin").read_bytes() == b"v1" and sorted(p.name for p in tmp_path.iterdir()) == ["generator"]
+
+
+def test_named_sha256_sees_renames_and_edits_not_order():
+    from ganflow.atomic import named_sha256
+
+    base = named_sha256({"a.py": b"x = 1\n", "b.py": b"y = 2\n"})
+    assert base == named_sha256({"b.py": b"y = 2\n", "a.py": b"x = 1\n"})
+    assert base != named_sha256({"a.py": b"x = 1\n", "c.py": b"y = 2\n"})  # renamed
+    assert base != named_sha256({"a.py": b"x = 2\n", "b.py": b"y = 2\n"})  # edited
+    assert base != named_sha256({"a.py": b"x = 1\ny", "b.py": b" = 2\n"})  # a byte moved across files
