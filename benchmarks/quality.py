@@ -1,6 +1,7 @@
 """Sample quality of the training recipes, side by side, on held-out images, in one run.
 
-    .venv/bin/python benchmarks/quality.py [--params params.yaml] [--epochs N] [--recipes a,b] [--smoke]
+    .venv/bin/python benchmarks/quality.py [--params params.yaml] [--epochs N] [--epochs-for recipe=N,...]
+                                           [--seeds N] [--recipes a,b] [--smoke]
 
 Each row is one recipe of ganflow.recipes (a block of params on top of --params) trained by the
 real train stage's driver (ganflow.distributed.run_training: EMA generator, best epoch by held-out
@@ -41,10 +42,37 @@ COLUMNS = [  # (metric, header, format)
 ]
 
 
+def parse_epochs(text: str | None) -> dict[str, int]:
+    """--epochs-for "resnet-sn-hinge-conditional=12,dcgan-bce=40" -> {recipe: epochs}."""
+    out: dict[str, int] = {}
+    for item in filter(None, (s.strip() for s in (text or "").split(","))):
+        name, _, value = item.partition("=")
+        if name not in RECIPES or not value.isdigit() or int(value) < 1:
+            raise ValueError(f"--epochs-for: {item!r} is not <known recipe>=<epochs >= 1>")
+        out[name] = int(value)
+    return out
+
+
+def mean_row(metrics: list[dict]) -> dict:
+    """The mean of each metric over the seeds (None where any seed has none)."""
+    out = {}
+    for key in {k for m in metrics for k in m}:
+        values = [m.get(key) for m in metrics]
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            out[key] = sum(values) / len(values)
+        elif key == "copying_flagged":
+            out[key] = any(values)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--epochs", type=int, help="epochs per row (default: train.epochs)")
+    parser.add_argument("--epochs-for", help="per-recipe epochs, e.g. resnet-sn-hinge-conditional=12 (equal wall "
+                        "clock: give a slower recipe fewer epochs; the wall column says what each row cost)")
+    parser.add_argument("--seeds", type=int, default=1, help="train each row with train.seed 0..N-1; the row is "
+                        "the mean, 'spread' the max - min of fd_domain / floor over the seeds")
     parser.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated names (default: all)")
     parser.add_argument("--smoke", action="store_true", help="tiny: checks the script runs")
     args = parser.parse_args()
@@ -54,9 +82,17 @@ def main() -> int:
     if unknown:
         print(f"error: unknown recipe {', '.join(unknown)}; known: {', '.join(RECIPES)}", file=sys.stderr)
         return 2
+    try:
+        epochs_for = parse_epochs(args.epochs_for)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.seeds < 1:
+        print("error: --seeds must be >= 1", file=sys.stderr)
+        return 2
     with tempfile.TemporaryDirectory() as tmp:
         if args.smoke:
-            names = names[:1]
+            names, epochs_for = names[:1], {}
             cfg.train.epochs = 1
             smoke_data(cfg, Path(tmp))
         elif not (cfg.paths.encoder / "encoder.json").is_file():
@@ -66,23 +102,32 @@ def main() -> int:
             cfg.train.epochs = args.epochs
         rows = []
         for i, name in enumerate(names):
-            row_cfg = scratch(apply_recipe(cfg, name), Path(tmp) / f"row{i}")
-            started = time.perf_counter()
-            run_training(row_cfg, row_cfg.train.lr_g, row_cfg.train.lr_d)
-            wall = time.perf_counter() - started
-            rows.append((name, score_exported(row_cfg), wall))
+            metrics, walls = [], []
+            for seed in range(args.seeds):
+                row_cfg = scratch(apply_recipe(cfg, name), Path(tmp) / f"row{i}-seed{seed}")
+                row_cfg.train.seed = seed
+                row_cfg.train.epochs = epochs_for.get(name, cfg.train.epochs)
+                started = time.perf_counter()
+                run_training(row_cfg, row_cfg.train.lr_g, row_cfg.train.lr_d)
+                walls.append(time.perf_counter() - started)
+                metrics.append(score_exported(row_cfg))
+                print(f"{name} seed {seed}: fd_domain / floor {metrics[-1]['fd_domain_over_floor']:.2f} "
+                      f"({walls[-1]:.0f} s)", flush=True)
+            ratios = [m["fd_domain_over_floor"] for m in metrics]
+            rows.append((name, row_cfg.train.epochs, mean_row(metrics), max(ratios) - min(ratios), sum(walls) / len(walls)))
         floor = load_reference(cfg).floors.get("fd_domain")
 
-    print(f"\n{cfg.train.epochs} epochs per row, {cfg.data.image_size}px, lr_g {cfg.train.lr_g:g}, "
-          f"lr_d {cfg.train.lr_d:g}, batch {cfg.train.batch_size}; held-out fd_domain floor {floor:.3f}; "
-          f"scored on {rows[0][1]['sample_size']} samples")
-    header = f"{'recipe':24s} " + " ".join(f"{h:>{len(f.format(0))}s}" for _, h, f in COLUMNS) + f" {'wall s':>7s}"
+    print(f"\n{cfg.data.image_size}px, lr_g {cfg.train.lr_g:g}, lr_d {cfg.train.lr_d:g}, batch {cfg.train.batch_size}; "
+          f"held-out fd_domain floor {floor:.3f}; scored on {rows[0][2]['sample_size']:.0f} samples; "
+          f"{args.seeds} seed(s) per row (mean; spread = max - min of / floor)")
+    header = (f"{'recipe':28s} {'epochs':>6s} " + " ".join(f"{h:>{len(f.format(0))}s}" for _, h, f in COLUMNS)
+              + f" {'spread':>6s} {'wall s':>7s}")
     print(header)
-    for name, m, wall in rows:
+    for name, epochs, m, spread, wall in rows:
         cells = " ".join(f.format(m[k]) if m.get(k) is not None else f"{'-':>{len(f.format(0))}s}"
                          for k, _, f in COLUMNS)
         flag = "  COPYING" if m.get("copying_flagged") else ""
-        print(f"{name:24s} {cells} {wall:7.0f}{flag}")
+        print(f"{name:28s} {epochs:6d} {cells} {spread:6.2f} {wall:7.0f}{flag}")
     return 0
 
 
