@@ -6,8 +6,10 @@
 Runs COMMAND in the current directory and samples it and every process under it with psutil
 (CPU time since the previous sample; Ray's processes of a local Ray descend from the stage that
 started it), classified by process title:
-  training workers   ray::RayTrainWorker (the GAN loop: DDP ranks, in the sweep and in train)
-  trial drivers      ray::ImplicitFunc (Tune's function trainable that calls TorchTrainer.fit)
+  training workers   ray::RayTrainWorker (the GAN loop of a TorchTrainer: the train stage's DDP
+                     ranks, and the sweep's trials when they have several workers)
+  trials             ray::ImplicitFunc (a Tune trial: the GAN loop itself when the trial has one
+                     worker, ganflow's default; a TorchTrainer's driver otherwise)
   Ray control actors the other ray:: actors (TrainController, SynchronizationActor,
                      PlacementGroupCleaner, DatasetManager, autoscaling coordinator, queues, idle
                      workers)
@@ -16,7 +18,8 @@ started it), classified by process title:
   other              everything else under COMMAND (make, shells, ...)
 A process's CPU in its last sampling interval before it exits is not counted (at most
 --interval seconds each). Prints each class's CPU seconds and share, and the training workers' share of all the CPU the
-run used (the figure to raise). --smoke: samples a 2-second busy loop instead (checks the script
+run used (the figure to raise; trials count as training, as their process runs the loop when
+single-worker). --smoke: samples a 2-second busy loop instead (checks the script
 runs and classifies).
 """
 
@@ -31,7 +34,7 @@ from collections import defaultdict
 
 import psutil
 
-CLASSES = ("training workers", "trial drivers", "Ray control actors", "Ray system", "stage drivers", "other")
+CLASSES = ("training workers", "trials", "Ray control actors", "Ray system", "stage drivers", "other")
 RAY_SYSTEM = ("gcs_server", "raylet", "dashboard", "agent", "log_monitor", "monitor.py", "runtime_env")
 
 
@@ -40,7 +43,7 @@ def classify(name: str, cmdline: list[str]) -> str:
     if title.startswith("ray::RayTrainWorker"):
         return "training workers"
     if title.startswith("ray::ImplicitFunc"):
-        return "trial drivers"
+        return "trials"
     if title.startswith("ray::"):
         return "Ray control actors"
     text = " ".join(cmdline) or name
@@ -107,11 +110,11 @@ def main() -> int:
     print(f"{'class':20s} {'CPU s':>8s} {'share':>6s}")
     for cls in CLASSES:
         print(f"{cls:20s} {totals.get(cls, 0.0):8.1f} {totals.get(cls, 0.0) / max(used, 1e-9):6.1%}")
-    ray_side = sum(totals.get(c, 0.0) for c in ("trial drivers", "Ray control actors", "Ray system"))
-    workers = totals.get("training workers", 0.0)
-    if workers > 0:
-        print(f"training workers' share of the CPU used: {workers / used:.1%}; Ray's trial drivers, control "
-              f"actors and system per training-worker CPU second: {ray_side / workers:.3f}")
+    ray_side = sum(totals.get(c, 0.0) for c in ("Ray control actors", "Ray system"))
+    training = totals.get("training workers", 0.0) + totals.get("trials", 0.0)
+    if training > 0:
+        print(f"training (workers and trials) share of the CPU used: {training / used:.1%}; Ray's control "
+              f"actors and system per training CPU second: {ray_side / training:.3f}")
     return 0 if status == 0 else 1
 
 

@@ -326,10 +326,67 @@ def materialize_inputs(cfg: Config, inputs: dict[str, Any] | None) -> Config:
     return moved
 
 
+class RayTrainSession:
+    """The loop inside a Ray Train worker: a DDP rank, resumed from and reporting checkpoints."""
+
+    checkpoints = True
+
+    def __init__(self) -> None:
+        import ray.train
+        import ray.train.torch
+
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def get_checkpoint(self):
+        import ray.train
+
+        return ray.train.get_checkpoint()
+
+    def prepare(self, model: nn.Module, **ddp_kwargs: Any) -> nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp_kwargs or None)
+
+    def report(self, metrics: dict[str, Any], directory: str | None = None) -> None:
+        import ray.train
+
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory) if directory else None)
+
+
+class TrialSession:
+    """The loop run by a Ray Tune trial itself (a sweep's single-worker trials): one process, no
+    DDP, metrics straight to Tune, and no checkpoints (a sweep always starts fresh and keeps only
+    the trials' rates). Saves each trial a TorchTrainer: its controller, synchronisation and
+    placement-group actors, and a worker process that imports torch again."""
+
+    checkpoints = False
+    rank, world = 0, 1
+
+    def __init__(self, use_gpu: bool) -> None:
+        self.device = torch.device("cuda" if use_gpu else "cpu")  # Ray gave this trial its GPU
+
+    def get_checkpoint(self):
+        return None
+
+    def prepare(self, model: nn.Module, **ddp_kwargs: Any) -> nn.Module:
+        return model.to(self.device)
+
+    def report(self, metrics: dict[str, Any], directory: str | None = None) -> None:
+        import ray.tune
+
+        ray.tune.report(metrics)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Entry point of each Ray Train worker. ``config`` is built by ganflow.distributed."""
-    import ray.train
-    import ray.train.torch
+    return run_loop(config, RayTrainSession())
+
+
+def run_loop(config: dict[str, Any], session: RayTrainSession | TrialSession) -> dict[str, Any]:
+    """The training loop: resume, train ``train.epochs``, evaluate the EMA G, report each epoch."""
+    import ray
     from torch.utils.data import DataLoader, DistributedSampler
 
     from ganflow.config import config_from_dict
@@ -340,16 +397,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     base_cfg = config_from_dict(config["cfg"], config["root"])
     cfg = materialize_inputs(base_cfg, config.get("inputs"))
     lr_g, lr_d = config["lr_g"], config["lr_d"]
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
+    rank, world = session.rank, session.world
     placement = {"rank": rank, "node": ray.get_runtime_context().get_node_id(),
                  "inputs": "local" if cfg is base_cfg else "shipped"}
-    device = ray.train.torch.get_device()
+    device = session.device
     torch.set_num_threads(max(1, int(cfg.cluster.cpus_per_worker)))
 
     classes = class_prior(cfg)  # (names, train-split frequencies) for a conditional G, else None
     state = build_state(cfg, device, lr_g, lr_d, classes[1] if classes else None)
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = session.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             load_checkpoint(state, cfg, Path(directory), lr_g, lr_d)
@@ -358,8 +414,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     # one DDP per network, never one around both; D's BatchNorm buffers stay per rank
     # (broadcasting them mid-step breaks CUDA DDP with in-place errors)
     workers = _gather_objects(placement, world)  # where each rank runs: recorded in every checkpoint
-    state.g = ray.train.torch.prepare_model(state.g)
-    state.d = ray.train.torch.prepare_model(state.d, parallel_strategy_kwargs={"broadcast_buffers": False})
+    state.g = session.prepare(state.g)
+    state.d = session.prepare(state.d, broadcast_buffers=False)
 
     # the train split only: the held-out images judge the generator and are never trained on
     dataset = PreparedDataset(cfg.paths.prepared, build_train_transform(cfg.data), part="train")
@@ -421,7 +477,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             reason = f"non-finite loss in epoch {epoch + 1} (loss_d={row['loss_d']:.4g}, loss_g={row['loss_g']:.4g})"
             if logger is not None:
                 logger.close()  # the finite steps before it, for diagnosis
-            ray.train.report({"epoch": epoch + 1, "diverged": reason}, checkpoint=None)
+            session.report({"epoch": epoch + 1, "diverged": reason})
             return {"diverged": reason, "epoch": epoch + 1}  # rank 0's value reaches the driver
 
         state.epoch = epoch + 1
@@ -459,14 +515,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
-            if rank == 0 and (last or state.epoch % cfg.train.checkpoint_every == 0):
+            if rank == 0 and session.checkpoints and (last or state.epoch % cfg.train.checkpoint_every == 0):
                 meta = {"run_id": config["run_id"], "lr_g": lr_g, "lr_d": lr_d, "world_size": world,
                         "per_rank_batch": per_rank_batch, "device": str(device), "amp": str(state.dtype),
                         "workers": workers, "class_names": classes[0] if classes else None,
                         "class_prior": state.prior}
                 save_checkpoint(state, cfg, Path(tmp), meta)
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report({**row, "diverged": ""}, checkpoint=ckpt)
+                ckpt = tmp
+            session.report({**row, "diverged": ""}, ckpt)
     if logger is not None:
         logger.close()  # last retries of anything the store refused; counted on the run if lost
     return {"diverged": "", "epoch": state.epoch, "workers": workers}

@@ -29,10 +29,11 @@ import numpy as np
 from ganflow.atomic import check_storage_writable, write_file
 from ganflow.config import Config
 from ganflow.distributed import check_trainable, fit, ship_inputs
-from ganflow.errors import GanflowError, TrainingError
+from ganflow.errors import GanflowError, TrainingError, first_line
 from ganflow.interrupts import Interrupted, stop_on_signals
 from ganflow.raycluster import check_resources, init_ray, scaling_config
 from ganflow.storage import delete_run, storage_path
+from ganflow.train_loop import TrialSession, run_loop
 from ganflow.tracking import (
     connect,
     params_hash,
@@ -45,6 +46,21 @@ from ganflow.tracking import (
 # a trial's own driver function needs (almost) nothing: the workers hold the CPUs/GPUs. A
 # non-empty bundle is required; a tiny CPU share would keep two 1-CPU trials off a 2-CPU box.
 TRIAL_DRIVER_RESOURCES = {"memory": 64 * 1024 * 1024}
+
+
+def trains_in_trial(cfg: Config) -> bool:
+    """A single-worker trial runs the training loop in the trial's own process (no DDP to set
+    up): one Ray actor per trial instead of a TorchTrainer's five. Measured with
+    benchmarks/cpu_share.py: see its README section."""
+    return cfg.cluster.num_workers == 1
+
+
+def trial_resources(cfg: Config) -> dict[str, float]:
+    """What Tune reserves per trial: the worker's CPUs (and GPU) when the trial trains itself,
+    else a driver's memory only (its TorchTrainer reserves the workers)."""
+    if not trains_in_trial(cfg):
+        return TRIAL_DRIVER_RESOURCES
+    return {"cpu": float(cfg.cluster.cpus_per_worker), "gpu": 1.0 if cfg.cluster.use_gpu else 0.0}
 
 
 class TuneError(GanflowError):
@@ -205,7 +221,8 @@ def trial_number(trial_id: str) -> int | None:
 def _trial(config: dict[str, Any], *, base: dict[str, Any], root: str, parent_run_id: str,
            experiment_id: str, uri: str, sweep: str, provenance_tags: dict[str, str],
            inputs: dict[str, Any] | None = None) -> None:
-    """One trial, run by Tune: a child MLflow run and one TorchTrainer fit."""
+    """One trial, run by Tune: a child MLflow run, and the training loop run here (a single
+    worker) or by one TorchTrainer fit (DDP over cluster.num_workers)."""
     import ray.tune
     from mlflow.tracking import MlflowClient
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -231,12 +248,18 @@ def _trial(config: dict[str, Any], *, base: dict[str, Any], root: str, parent_ru
     train_config = {"cfg": base, "root": root, "lr_g": lr_g, "lr_d": lr_d, "run_id": run_id, "tracking_uri": uri,
                     "inputs": inputs}
     try:
-        result = fit(cfg, train_config, f"{sweep}/{context.get_trial_name()}", callbacks=[TuneReportCallback()])
-    except TrainingError as exc:
-        client.set_tag(run_id, "ganflow.failure", str(exc))
+        if trains_in_trial(cfg):
+            outcome = run_loop(train_config, TrialSession(cfg.cluster.use_gpu))  # torch threads: cpus_per_worker
+        else:
+            result = fit(cfg, train_config, f"{sweep}/{context.get_trial_name()}", callbacks=[TuneReportCallback()])
+            outcome = result.return_value or {}
+    except Exception as exc:
+        failure = exc if isinstance(exc, TrainingError) else TrainingError(f"training failed: {type(exc).__name__}: "
+                                                                           f"{first_line(exc)}")
+        client.set_tag(run_id, "ganflow.failure", str(failure))
         client.set_terminated(run_id, status="FAILED")
-        raise
-    diverged = (result.return_value or {}).get("diverged")
+        raise failure from None
+    diverged = outcome.get("diverged")
     if diverged:
         client.set_tag(run_id, "ganflow.failure", diverged)
     client.set_tag(run_id, "ganflow.trial_status", "diverged" if diverged else "finished")
@@ -285,7 +308,7 @@ def run_sweep(cfg: Config) -> Best:
         grace_period=min(cfg.tune.grace_period, cfg.tune.epochs), reduction_factor=cfg.tune.reduction_factor,
     )
     tuner = tune.Tuner(
-        tune.with_resources(trainable, TRIAL_DRIVER_RESOURCES),
+        tune.with_resources(trainable, trial_resources(trial_cfg)),
         param_space=space,
         tune_config=tune.TuneConfig(
             metric="fd_recent", mode="min", num_samples=cfg.tune.num_samples, scheduler=scheduler,

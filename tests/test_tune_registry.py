@@ -205,16 +205,21 @@ def test_placement_groups_of_dead_trial_controllers_are_released():
         ray.shutdown()
 
 
-def test_a_sweep_with_failed_trials_fails_and_writes_nothing(tmp_path):
-    """A trial whose training worker dies (train.max_failures 0: no restart) fails the stage: the
-    best of whatever trials survived is not the sweep's answer. Every training worker seen under
-    the stage is killed, so at least one trial fails whatever the machine's speed (a 1 ms
-    worker-start timeout, used before, was met by a fast machine)."""
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_sweep_with_failed_trials_fails_and_writes_nothing(tmp_path, workers):
+    """A trial that dies mid-training fails the stage: the best of whatever trials survived is
+    not the sweep's answer. Both kinds of trial: one worker (the trial's own process runs the
+    loop: it is killed) and two (a TorchTrainer per trial, train.max_failures 0: its Ray Train
+    workers are killed). Every such process seen under the stage is killed, so at least one trial
+    fails whatever the machine's speed (a 1 ms worker-start timeout, used before, was met by a
+    fast machine)."""
     import subprocess
 
     import psutil
 
-    params = make_project(tmp_path / "p", tune={**TUNE, "num_samples": 2, "epochs": 2}, train={"max_failures": 0})
+    target = "ray::ImplicitFunc" if workers == 1 else "ray::RayTrainWorker"
+    params = make_project(tmp_path / "p", tune={**TUNE, "num_samples": 2, "epochs": 2}, train={"max_failures": 0},
+                          cluster={"num_workers": workers})
     (tmp_path / "p" / "tune" / "best.json").unlink()
     proc = subprocess.Popen([sys.executable, str(REPO / "pipelines" / "tune.py"), "--params", str(params)],
                             cwd=params.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -227,7 +232,7 @@ def test_a_sweep_with_failed_trials_fails_and_writes_nothing(tmp_path):
                 break
             for worker in tree:
                 try:
-                    if "RayTrainWorker" in " ".join(worker.cmdline()):
+                    if target in " ".join(worker.cmdline()):
                         worker.kill()
                         killed += 1
                 except psutil.NoSuchProcess:
@@ -237,7 +242,7 @@ def test_a_sweep_with_failed_trials_fails_and_writes_nothing(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert killed >= 1, "no training worker was ever seen under the tune stage"
+    assert killed >= 1, f"no {target} process was ever seen under the tune stage"
     assert proc.returncode != 0, err[-2000:]
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     # a trial whose worker finished its 2 epochs before it was seen survives; one failed trial is enough
