@@ -76,6 +76,16 @@ class DataConfig(Section):
     hflip: float = Field(0.0, ge=0.0, le=1.0)
     # DataLoader worker processes per training worker (0 = load in the training process)
     loader_workers: int = Field(0, ge=0)
+    # processes that decode and resize an image folder in the prepare stage: auto = one per core,
+    # 0 = in the stage's own process (the output is byte-identical either way)
+    prepare_workers: Literal["auto"] | int = "auto"
+
+    @field_validator("prepare_workers")
+    @classmethod
+    def _workers(cls, v: Any) -> Any:
+        if v != "auto" and v < 0:
+            raise ValueError("must be auto or >= 0")
+        return v
 
     @field_validator("image_size")
     @classmethod

@@ -53,7 +53,8 @@ SPLIT_SEED = 20200  # fixed: the split is part of the data, not of a run
 
 @dataclass
 class RawSource:
-    """Images read from a source, before resizing: each uint8 (H, W, C), C = data.channels."""
+    """Images read from a source: each uint8 (H, W, C), C = data.channels; already at the
+    training shape when ``resized`` (the folder source resizes as it decodes)."""
 
     images: list[np.ndarray]
     labels: np.ndarray | None  # int64 (N,) indices into class_names, or None when unlabelled
@@ -61,6 +62,7 @@ class RawSource:
     content_hash: str  # sha256 over the source's bytes
     files_total: int = 0  # files seen (folder source)
     skipped: list[dict[str, str]] = field(default_factory=list)  # {"file": ..., "reason": ...}
+    resized: bool = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,18 +189,14 @@ def load_folder_source(data: DataConfig) -> RawSource:
     labels: list[int] = []
     skipped: list[dict[str, str]] = []
     digest = hashlib.sha256(b"folder")
-    bar = tqdm(files, desc="prepare: reading images", unit="file", disable=None, file=sys.stderr)
-    for f in bar:
-        raw = f.read_bytes()
-        digest.update(rel[f].encode() + b"\0" + hashlib.sha256(raw).digest())
-        if not is_image[f]:
-            skipped.append({"file": rel[f], "reason": "not an image file"})
+    tasks = [(str(f), is_image[f]) for f in files]
+    bar = tqdm(total=len(files), desc="prepare: reading images", unit="file", disable=None, file=sys.stderr)
+    for f, (file_digest, image, reason) in zip(files, _decode_all(tasks, data, bar)):
+        digest.update(rel[f].encode() + b"\0" + file_digest)
+        if image is None:
+            skipped.append({"file": rel[f], "reason": reason})
             continue
-        try:
-            images.append(decode_image(raw, data.channels, data.max_image_pixels))
-        except ValueError as exc:
-            skipped.append({"file": rel[f], "reason": str(exc)})
-            continue
+        images.append(image)
         if labelled:
             labels.append(class_index[rel[f].split("/")[0]])
     bar.close()
@@ -220,7 +218,61 @@ def load_folder_source(data: DataConfig) -> RawSource:
         content_hash=digest.hexdigest(),
         files_total=len(files),
         skipped=skipped,
+        resized=True,
     )
+
+
+DECODE_CHUNK = 64  # files per task of the decoding processes
+
+
+def _decode_files(tasks: list[tuple[str, bool]], data: DataConfig) -> list[tuple[bytes, np.ndarray | None, str]]:
+    """(sha256 of the bytes, the image at the training shape or None, why not) per file."""
+    resize = build_resize_transform(data)
+    shape = (data.image_size, data.image_size, data.channels)
+    out = []
+    for path, is_image in tasks:
+        raw = Path(path).read_bytes()
+        file_digest = hashlib.sha256(raw).digest()
+        if not is_image:
+            out.append((file_digest, None, "not an image file"))
+            continue
+        try:
+            image = decode_image(raw, data.channels, data.max_image_pixels)
+        except ValueError as exc:
+            out.append((file_digest, None, str(exc)))
+            continue
+        out.append((file_digest, resize(image=image)["image"].reshape(shape), ""))
+    return out
+
+
+def prepare_processes(data: DataConfig, files: int) -> int:
+    """How many processes decode an image folder of ``files`` files (0: this one)."""
+    wanted = (os.cpu_count() or 1) if data.prepare_workers == "auto" else data.prepare_workers
+    chunks = -(-files // DECODE_CHUNK)
+    return 0 if wanted <= 1 or chunks <= 1 else min(wanted, chunks)
+
+
+def _decode_all(tasks: list[tuple[str, bool]], data: DataConfig, bar: tqdm):
+    """_decode_files over every file, in file order, on prepare_processes(...) processes;
+    only one chunk's native-size images are in memory per process at a time."""
+    chunks = [tasks[i:i + DECODE_CHUNK] for i in range(0, len(tasks), DECODE_CHUNK)]
+    processes = prepare_processes(data, len(tasks))
+    if processes == 0:
+        results = (_decode_files(chunk, data) for chunk in chunks)
+    else:
+        import concurrent.futures
+        import multiprocessing
+
+        # spawn, not fork: the stage may hold threads (torch, tqdm) that a forked child would inherit locked
+        pool = concurrent.futures.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
+        results = pool.map(_decode_files, chunks, [data] * len(chunks))
+    try:
+        for chunk in results:
+            bar.update(len(chunk))
+            yield from chunk
+    finally:
+        if processes:
+            pool.shutdown(cancel_futures=True)
 
 
 def load_npz_source(data: DataConfig) -> RawSource:
@@ -337,7 +389,7 @@ def prepare(cfg: Config) -> PrepareSummary:
     resize = build_resize_transform(data)
     out = np.empty((len(raw.images), data.image_size, data.image_size, data.channels), dtype=np.uint8)
     for i, image in enumerate(raw.images):
-        out[i] = resize(image=image)["image"].reshape(out.shape[1:])
+        out[i] = image if raw.resized else resize(image=image)["image"].reshape(out.shape[1:])
     labels = raw.labels if raw.labels is not None else np.full(len(out), -1, dtype=np.int64)
     split = holdout_split(labels, data.holdout_fraction)
 

@@ -220,6 +220,36 @@ def test_same_input_same_bytes(tmp_path, image_folder):
     assert folder_bytes(prepare(digits).path) == folder_bytes(prepare(digits).path)
 
 
+def test_parallel_decoding_writes_the_same_bytes(tmp_path, image_folder):
+    """The folder decoded by worker processes (several chunks, the broken files among them) gives
+    the very bytes of the in-process decode: images, labels, split, and the skipped-file report."""
+    rng = np.random.default_rng(1)
+    for i in range(3 * data_mod.DECODE_CHUNK):  # more chunks than processes
+        save(image_folder / ("cats", "dogs")[i % 2] / f"n{i:03d}.png",
+             Image.fromarray(rng.integers(0, 255, (int(rng.integers(8, 40)), 33, 3), dtype=np.uint8)))
+    (image_folder / "cats" / "n100.png").write_bytes(b"\x89PNG broken")
+    one = make_cfg(tmp_path / "one", source="folder", path=str(image_folder), max_bad_fraction=0.5,
+                   prepare_workers=0, channels=3)
+    two = make_cfg(tmp_path / "two", source="folder", path=str(image_folder), max_bad_fraction=0.5,
+                   prepare_workers=2, channels=3)
+    assert data_mod.prepare_processes(one.data, 500) == 0 and data_mod.prepare_processes(two.data, 500) == 2
+    serial, parallel = folder_bytes(prepare(one).path), folder_bytes(prepare(two).path)
+    assert serial == parallel
+    manifest = json.loads(parallel["manifest.json"])
+    assert manifest["count"] == 8 + 3 * data_mod.DECODE_CHUNK - 1
+    assert {"file": "cats/n100.png", "reason": "not a readable image"} in manifest["skipped"]
+
+
+def test_prepare_workers_resolve_to_the_cores_and_the_chunks(tmp_path, monkeypatch):
+    monkeypatch.setattr(data_mod.os, "cpu_count", lambda: 4)
+    auto = make_cfg(tmp_path, source="folder").data
+    assert data_mod.prepare_processes(auto, 10 * data_mod.DECODE_CHUNK) == 4
+    assert data_mod.prepare_processes(auto, 2 * data_mod.DECODE_CHUNK) == 2  # no idle process
+    assert data_mod.prepare_processes(auto, data_mod.DECODE_CHUNK) == 0  # one chunk: no pool to start
+    with pytest.raises(Exception, match="prepare_workers"):
+        make_cfg(tmp_path, prepare_workers=-1)
+
+
 def test_changed_input_changes_the_hash(tmp_path, image_folder):
     cfg = make_cfg(tmp_path, source="folder", path=str(image_folder), max_bad_fraction=0.5)
     before = read_manifest(prepare(cfg).path)["source_hash"]
