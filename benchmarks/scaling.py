@@ -108,6 +108,9 @@ def main() -> int:
 
         from ray.cluster_utils import Cluster
 
+        from ganflow.raycluster import set_ray_env
+
+        set_ray_env()  # the simulated nodes' workers at normal priority, as a stage's local Ray
         cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
         cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()

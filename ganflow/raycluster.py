@@ -30,14 +30,20 @@ RAY_ENV_DEFAULTS = {
 
 
 
+def set_ray_env() -> None:
+    """RAY_ENV_DEFAULTS into this process's environment (a variable already set wins): read by
+    Ray Train here and by every raylet started from here (a local Ray, a simulated cluster)."""
+    for key, value in RAY_ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
 def init_ray(cfg: Config) -> None:
     """Join RAY_ADDRESS (set inside a Ray job, or by hand on a cluster node), or start a local
     Ray sized to this machine. (cluster.address is the job server the stages are submitted to:
     see ganflow.jobs.)"""
     import ray
 
-    for key, value in RAY_ENV_DEFAULTS.items():
-        os.environ.setdefault(key, value)
+    set_ray_env()
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")

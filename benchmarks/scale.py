@@ -1,0 +1,119 @@
+"""Preparing a large image folder: parallel decoding against a single-process loop, and memory.
+
+    .venv/bin/python benchmarks/scale.py [--sizes 10000,50000] [--image-size 64] [--smoke]
+
+For each size, generates a folder of that many seeded RGB PNGs (image-size px, in two class
+folders, with a few unreadable files among them) and runs the prepare stage's code on it twice in
+fresh processes: with data.prepare_workers: auto (one decoding process per core) and with 0 (a
+single-process decode loop, the baseline). Prints per size and mode: prepare images/s, the ratio
+parallel / single, and the peak resident memory of the stage's process tree (the stage plus its
+decoding processes, sampled every 20 ms). Both modes write the same bytes (checked here too).
+--smoke: 300 and 600 images of 16 px (checks the script runs, not the figures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+from PIL import Image
+
+STAGE = """
+import json, sys, time
+from ganflow.config import load_config
+from ganflow.data import prepare
+cfg = load_config(sys.argv[1])
+started = time.perf_counter()
+summary = prepare(cfg)
+print(json.dumps({"seconds": time.perf_counter() - started, "count": summary.count}))
+"""
+
+
+def make_folder(root: Path, count: int, size: int, seed: int = 0) -> None:
+    """``count`` PNGs of ``size`` px: smooth random colour fields (compressible like photos,
+    unlike noise), alternating between two class folders; every 500th file is unreadable."""
+    rng = np.random.default_rng(seed)
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True, exist_ok=True)
+    coarse = max(2, size // 8)
+    for i in range(count):
+        path = root / ("a", "b")[i % 2] / f"{i:06d}.png"
+        if i % 500 == 499:
+            path.write_bytes(b"\x89PNG truncated")
+            continue
+        small = rng.integers(0, 256, (coarse, coarse, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((size, size), Image.BILINEAR).save(path)
+
+
+def run_stage(params: Path) -> tuple[dict, float]:
+    """Run the prepare code in a fresh process; (its report, peak RSS in MiB of its process tree)."""
+    proc = subprocess.Popen([sys.executable, "-c", STAGE, str(params)], stdout=subprocess.PIPE, text=True)
+    top = psutil.Process(proc.pid)
+    peak = 0
+    while proc.poll() is None:
+        try:
+            tree = [top, *top.children(recursive=True)]
+            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+        except psutil.Error:
+            pass
+        time.sleep(0.02)
+    out = proc.communicate()[0]
+    if proc.returncode != 0:
+        raise SystemExit(f"prepare failed (exit {proc.returncode}) on {params}")
+    return json.loads(out.strip().splitlines()[-1]), peak / 2**20
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="10000,50000")
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--smoke", action="store_true", help="tiny: checks the script runs")
+    args = parser.parse_args()
+    sizes = [300, 600] if args.smoke else [int(s) for s in args.sizes.split(",")]
+    image_size = 16 if args.smoke else args.image_size
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for count in sizes:
+            folder = Path(tmp) / f"images-{count}"
+            started = time.perf_counter()
+            make_folder(folder, count, image_size)
+            print(f"{count} images generated in {time.perf_counter() - started:.0f} s", flush=True)
+            outputs = {}
+            for mode in ("auto", 0):
+                root = Path(tmp) / f"p-{count}-{mode}"
+                root.mkdir()
+                params = root / "params.yaml"
+                params.write_text(
+                    f"data:\n  source: folder\n  path: {folder}\n  image_size: {image_size}\n  channels: 3\n"
+                    f"  prepare_workers: {mode}\n")
+                report, peak = run_stage(params)
+                rows.append((count, mode, report["count"], report["count"] / report["seconds"], peak))
+                prepared = root / "data" / "prepared"
+                outputs[mode] = {p.name: p.read_bytes() for p in sorted(prepared.iterdir())}
+            if outputs["auto"] != outputs[0]:
+                print(f"error: {count} images: the parallel and single-process outputs differ", file=sys.stderr)
+                return 1
+
+    print(f"\n{image_size} px RGB PNGs, {os.cpu_count()} CPUs; prepare = decode, resize, split, write")
+    print(f"{'images':>7s} {'mode':24s} {'img/s':>8s} {'x single':>8s} {'peak RSS MiB':>12s}")
+    for count, mode, kept, rate, peak in rows:
+        single = next(r[3] for r in rows if r[0] == count and r[1] == 0)
+        name = "parallel (auto)" if mode == "auto" else "single process"
+        print(f"{count:7d} {name:24s} {rate:8.0f} {rate / single:8.2f} {peak:12.0f}")
+    for mode in ("auto", 0):
+        peaks = [r[4] for r in rows if r[1] == mode]
+        print(f"peak RSS growth {sizes[0]} -> {sizes[-1]} images, {'parallel' if mode == 'auto' else 'single'}: "
+              f"{peaks[-1] / peaks[0] - 1:+.0%}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
