@@ -363,7 +363,10 @@ def summarise(cfg: Config, client: Any, parent: str, results: Any) -> Best:
         frame = result.metrics_dataframe
         fds = list(frame["fd_domain"]) if frame is not None and "fd_domain" in frame else []
         finite = all(math.isfinite(v) for v in fds[-2:])
-        trials.append({"lr_g": float(result.config["lr_g"]), "lr_d": float(result.config["lr_d"]),
+        # a trial whose process died before its first report has no recorded config
+        config = result.config or {}
+        trials.append({"lr_g": float(config["lr_g"]) if "lr_g" in config else None,
+                       "lr_d": float(config["lr_d"]) if "lr_d" in config else None,
                        "fd": float(np.mean(fds[-2:])) if fds and finite else None, "fd_history": fds,
                        "epoch": len(fds) if fds else None, "epochs": 0 if frame is None else len(frame),
                        "error": str(result.error).splitlines()[0] if result.error else None})
@@ -435,7 +438,7 @@ def _sweep_plot(trials: list[dict[str, Any]]):
         dots = ax.scatter([t["lr_g"] for t in scored], [t["lr_d"] for t in scored], c=[t["fd"] for t in scored],
                           cmap="viridis_r", s=60)
         fig.colorbar(dots, label="fd_recent (mean of the last two fd_domain)")
-    unscored = [t for t in trials if t["fd"] is None]
+    unscored = [t for t in trials if t["fd"] is None and t["lr_g"] is not None]
     ax.scatter([t["lr_g"] for t in unscored], [t["lr_d"] for t in unscored], marker="x", c="red")
     ax.set(xscale="log", yscale="log", xlabel="lr_g", ylabel="lr_d", title="sweep: fd_domain per trial")
     fig.tight_layout()
