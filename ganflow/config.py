@@ -115,7 +115,7 @@ TRAIN_RUN_ONLY_KEYS = ("checkpoint_every", "max_failures")
 
 
 class TrainConfig(Section):
-    epochs: int = Field(20, gt=0)
+    epochs: int = Field(60, gt=0)
     batch_size: int = Field(64, gt=0)  # global batch, split across cluster.num_workers
     lr_g: float = Field(2e-4, gt=0.0)
     lr_d: float = Field(2e-4, gt=0.0)
