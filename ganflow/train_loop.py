@@ -371,7 +371,7 @@ class TrialSession:
         return None
 
     def prepare(self, model: nn.Module, **ddp_kwargs: Any) -> nn.Module:
-        return model.to(self.device)
+        return model  # build_state put it on self.device; one process: nothing to wrap
 
     def report(self, metrics: dict[str, Any], directory: str | None = None) -> None:
         import ray.tune
