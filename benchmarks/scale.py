@@ -1,4 +1,5 @@
-"""Preparing a large image folder: parallel decoding against a single-process loop, and memory.
+"""Large image folders: parallel preparation against a single-process loop, and memory that does
+not grow with the data set, in preparing and in reading an epoch for training.
 
     .venv/bin/python benchmarks/scale.py [--sizes 10000,50000] [--image-size 64] [--smoke]
 
@@ -8,6 +9,10 @@ fresh processes: with data.prepare_workers: auto (one decoding process per core)
 single-process decode loop, the baseline). Prints per size and mode: prepare images/s, the ratio
 parallel / single, and the peak resident memory of the stage's process tree (the stage plus its
 decoding processes, sampled every 20 ms). Both modes write the same bytes (checked here too).
+Then it reads one training epoch of the prepared train split (batches of 64, as the train stage's
+worker gets them, float tensors) in a fresh process per ingest: ``local`` (the DataLoader over the
+shards) and ``ray_data`` (streamed through Ray Data from a local Ray the process starts, raylet and
+read workers included in the process tree), and prints images/s and peak RSS of each.
 --smoke: 300 and 600 images of 16 px (checks the script runs, not the figures).
 """
 
@@ -37,6 +42,31 @@ print(json.dumps({"seconds": time.perf_counter() - started, "count": summary.cou
 """
 
 
+INGEST = """
+import json, sys, time
+import torch
+from ganflow.config import load_config
+cfg, mode = load_config(sys.argv[1]), sys.argv[2]
+torch.set_num_threads(1)
+if mode == "local":
+    from ganflow.train_loop import local_batches
+    batches = local_batches(cfg, 0, 1, 64, torch.device("cpu"))
+else:
+    import ray
+    from ganflow.ingest import StreamedBatches, shards_root, train_dataset
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    ds = train_dataset(cfg, shards_root(cfg))
+    ds.context.execution_options.preserve_order = True
+    (shard,) = ds.streaming_split(1, equal=True)
+    batches = StreamedBatches(shard, 0, 0, 64, None).epoch
+started, images, total = time.perf_counter(), 0, 0.0
+for x, y in batches(0):
+    images += len(x)
+    total += float(x[:, :, 0, 0].sum())  # touch the batch
+print(json.dumps({"seconds": time.perf_counter() - started, "count": images}))
+"""
+
+
 def make_folder(root: Path, count: int, size: int, seed: int = 0) -> None:
     """``count`` PNGs of ``size`` px: smooth random colour fields (compressible like photos,
     unlike noise), alternating between two class folders; every 500th file is unreadable."""
@@ -53,9 +83,9 @@ def make_folder(root: Path, count: int, size: int, seed: int = 0) -> None:
         Image.fromarray(small).resize((size, size), Image.BILINEAR).save(path)
 
 
-def run_stage(params: Path) -> tuple[dict, float]:
-    """Run the prepare code in a fresh process; (its report, peak RSS in MiB of its process tree)."""
-    proc = subprocess.Popen([sys.executable, "-c", STAGE, str(params)], stdout=subprocess.PIPE, text=True)
+def run_stage(params: Path, code: str = STAGE, *args: str) -> tuple[dict, float]:
+    """Run ``code`` in a fresh process; (its report, peak RSS in MiB of its process tree)."""
+    proc = subprocess.Popen([sys.executable, "-c", code, str(params), *args], stdout=subprocess.PIPE, text=True)
     top = psutil.Process(proc.pid)
     peak = 0
     while proc.poll() is None:
@@ -67,7 +97,7 @@ def run_stage(params: Path) -> tuple[dict, float]:
         time.sleep(0.02)
     out = proc.communicate()[0]
     if proc.returncode != 0:
-        raise SystemExit(f"prepare failed (exit {proc.returncode}) on {params}")
+        raise SystemExit(f"{' '.join(args) or 'prepare'} failed (exit {proc.returncode}) on {params}")
     return json.loads(out.strip().splitlines()[-1]), peak / 2**20
 
 
@@ -79,7 +109,7 @@ def main() -> int:
     args = parser.parse_args()
     sizes = [300, 600] if args.smoke else [int(s) for s in args.sizes.split(",")]
     image_size = 16 if args.smoke else args.image_size
-    rows = []
+    rows, reads = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for count in sizes:
             folder = Path(tmp) / f"images-{count}"
@@ -101,6 +131,9 @@ def main() -> int:
             if outputs["auto"] != outputs[0]:
                 print(f"error: {count} images: the parallel and single-process outputs differ", file=sys.stderr)
                 return 1
+            for mode in ("local", "ray_data"):
+                report, peak = run_stage(Path(tmp) / f"p-{count}-auto" / "params.yaml", INGEST, mode)
+                reads.append((count, mode, report["count"], report["count"] / report["seconds"], peak))
 
     print(f"\n{image_size} px RGB PNGs, {os.cpu_count()} CPUs; prepare = decode, resize, split, write")
     print(f"{'images':>7s} {'mode':24s} {'img/s':>8s} {'x single':>8s} {'peak RSS MiB':>12s}")
@@ -112,6 +145,14 @@ def main() -> int:
         peaks = [r[4] for r in rows if r[1] == mode]
         print(f"peak RSS growth {sizes[0]} -> {sizes[-1]} images, {'parallel' if mode == 'auto' else 'single'}: "
               f"{peaks[-1] / peaks[0] - 1:+.0%}")
+    print("\none training epoch of the train split, batches of 64 (float tensors), one reader")
+    print(f"{'images':>7s} {'ingest':24s} {'img/s':>8s} {'x local':>8s} {'peak RSS MiB':>12s}")
+    for count, mode, kept, rate, peak in reads:
+        local = next(r[3] for r in reads if r[0] == count and r[1] == "local")
+        print(f"{count:7d} {mode:24s} {rate:8.0f} {rate / local:8.2f} {peak:12.0f}")
+    for mode in ("local", "ray_data"):
+        peaks = [r[4] for r in reads if r[1] == mode]
+        print(f"peak RSS growth {sizes[0]} -> {sizes[-1]} images, {mode} epoch: {peaks[-1] / peaks[0] - 1:+.0%}")
     return 0
 
 

@@ -72,10 +72,17 @@ class DataConfig(Section):
     # share of each class (of all images when unlabelled) held out from training: the images
     # every quality number is measured against. The split is made once, by the prepare stage
     holdout_fraction: float = Field(0.15, gt=0.0, le=0.5)
+    # the prepared images are written in shards of at most this many MiB: what preparing holds
+    # in memory, and the unit a streaming reader reads
+    shard_mb: float = Field(64.0, gt=0.0)
     # training-time augmentation; whatever is applied to the real images is learnt by G
     hflip: float = Field(0.0, ge=0.0, le=1.0)
     # DataLoader worker processes per training worker (0 = load in the training process)
     loader_workers: int = Field(0, ge=0)
+    # how training workers get the images: local = each reads the prepared shards (a DataLoader);
+    # ray_data = streamed from storage through Ray Data, split across the workers;
+    # auto = ray_data when the Ray cluster has more than one node (see ganflow/ingest.py)
+    ingest: Literal["auto", "local", "ray_data"] = "auto"
     # processes that decode and resize an image folder in the prepare stage: auto = one per core,
     # 0 = in the stage's own process (the output is byte-identical either way)
     prepare_workers: Literal["auto"] | int = "auto"

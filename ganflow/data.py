@@ -5,9 +5,12 @@ Sources (``data.source``), each turned into uint8 (H, W, C) images with C = ``da
   folder  an image folder; first-level subfolders name the classes, a flat folder is unlabelled
   npz     a .npz file with ``images`` (uint8, NHWC or NHW) and optional ``labels``/``class_names``
 
-The prepared dataset is a directory with ``images.npy`` (uint8, N x S x S x C), ``labels.npy``
-(int64, N; -1 when unlabelled), ``split.npy`` (uint8, N: 0 = train, 1 = held out) and
-``manifest.json``. The split is made once, here: the GAN and the encoder train on the train part
+The prepared dataset is a directory of image shards ``images-00000.npy``, ... (uint8, n x S x S x C,
+at most ``data.shard_mb`` each, in source order), ``labels.npy`` (int64, N; -1 when unlabelled),
+``split.npy`` (uint8, N: 0 = train, 1 = held out) and ``manifest.json`` (the shards, their
+counts and the sha256 of every file). A small dataset is one shard. The shards are written as the
+source is decoded, so preparing needs memory for one shard, not for the dataset; a reader
+streams them (Ray Data) or reads single images from them (``PreparedDataset``). The split is made once, here: the GAN and the encoder train on the train part
 only, and everything that judges a generator uses the held-out part. It is written to a temporary sibling and
 renamed into place, so an interrupted prepare never leaves half a dataset, and the same input
 and params give byte-identical files.
@@ -21,7 +24,7 @@ import json
 import os
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,13 +40,13 @@ from ganflow.atomic import atomic_dir, file_sha256, sha256_hex, write_bytes
 from ganflow.config import Config, DataConfig
 from ganflow.errors import DataError, first_line
 
-FORMAT = "ganflow-prepared/2"  # /2: the held-out split
+FORMAT = "ganflow-prepared/3"  # /2: the held-out split; /3: image shards
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MANIFEST = "manifest.json"
 # the data.* keys that decide the prepared bytes; dvc.yaml's prepare stage lists exactly these
 PREPARE_KEYS = ("source", "path", "image_size", "channels", "resize", "max_bad_fraction", "max_image_pixels",
-                "holdout_fraction")
-IMAGES = "images.npy"
+                "holdout_fraction", "shard_mb")
+SHARD_NAME = "images-{:05d}.npy"
 LABELS = "labels.npy"
 SPLIT = "split.npy"
 TRAIN, HELDOUT = 0, 1  # the values in SPLIT
@@ -56,7 +59,9 @@ class RawSource:
     """Images read from a source: each uint8 (H, W, C), C = data.channels; already at the
     training shape when ``resized`` (the folder source resizes as it decodes)."""
 
-    images: list[np.ndarray]
+    # iterated once, by prepare; a folder's generator fills labels, content_hash and skipped as it
+    # goes and raises DataError at its end when too many files failed
+    images: Iterable[np.ndarray]
     labels: np.ndarray | None  # int64 (N,) indices into class_names, or None when unlabelled
     class_names: list[str]
     content_hash: str  # sha256 over the source's bytes
@@ -140,7 +145,7 @@ def load_digits_source(data: DataConfig) -> RawSource:
     labels = digits.target.astype(np.int64)
     content_hash = sha256_hex(b"sklearn-digits", gray.tobytes(), labels.tobytes())
     return RawSource(
-        images=list(images),
+        images=images,
         labels=labels,
         class_names=[str(i) for i in range(10)],
         content_hash=content_hash,
@@ -185,41 +190,47 @@ def load_folder_source(data: DataConfig) -> RawSource:
     class_names = sorted({rel[f].split("/")[0] for f in nested}) if labelled else []
     class_index = {name: i for i, name in enumerate(class_names)}
 
-    images: list[np.ndarray] = []
+    raw = RawSource(images=[], labels=None, class_names=class_names, content_hash="",
+                    files_total=len(files), resized=True)
+    raw.images = _folder_images(raw, root, files, is_image, class_index if labelled else None, data)
+    return raw
+
+
+def _folder_images(raw: RawSource, root: Path, files: list[Path], is_image: dict[Path, bool],
+                   class_index: dict[str, int] | None, data: DataConfig) -> Iterator[np.ndarray]:
+    """The folder's usable images at the training shape, in file order, decoded in parallel;
+    fills ``raw``'s labels, content hash and skipped-file report, and refuses the folder at the
+    end when too many image files could not be read (prepare then writes nothing)."""
+    rel = {f: f.relative_to(root).as_posix() for f in files}
     labels: list[int] = []
-    skipped: list[dict[str, str]] = []
     digest = hashlib.sha256(b"folder")
     tasks = [(str(f), is_image[f]) for f in files]
+    used = 0
     bar = tqdm(total=len(files), desc="prepare: reading images", unit="file", disable=None, file=sys.stderr)
     for f, (file_digest, image, reason) in zip(files, _decode_all(tasks, data, bar)):
         digest.update(rel[f].encode() + b"\0" + file_digest)
         if image is None:
-            skipped.append({"file": rel[f], "reason": reason})
+            raw.skipped.append({"file": rel[f], "reason": reason})
             continue
-        images.append(image)
-        if labelled:
+        used += 1
+        if class_index is not None:
             labels.append(class_index[rel[f].split("/")[0]])
+        yield image
     bar.close()
 
-    bad = len(image_files) - len(images)
-    unreadable = [s for s in skipped if s["reason"] != "not an image file"]
+    images_total = sum(is_image.values())
+    bad = images_total - used
+    unreadable = [s for s in raw.skipped if s["reason"] != "not an image file"]
     examples = ", ".join(f"{s['file']} ({s['reason']})" for s in unreadable[:3])
-    if not images:
+    if not used:
         raise DataError(f"data.path: no usable images in {root}: all {bad} image files failed: {examples}")
-    if bad / len(image_files) > data.max_bad_fraction:
+    if bad / images_total > data.max_bad_fraction:
         raise DataError(
-            f"data.path: {bad} of {len(image_files)} image files in {root} could not be read, "
+            f"data.path: {bad} of {images_total} image files in {root} could not be read, "
             f"more than data.max_bad_fraction={data.max_bad_fraction:g}: {examples}"
         )
-    return RawSource(
-        images=images,
-        labels=np.asarray(labels, dtype=np.int64) if labelled else None,
-        class_names=class_names,
-        content_hash=digest.hexdigest(),
-        files_total=len(files),
-        skipped=skipped,
-        resized=True,
-    )
+    raw.labels = np.asarray(labels, dtype=np.int64) if class_index is not None else None
+    raw.content_hash = digest.hexdigest()
 
 
 DECODE_CHUNK = 64  # files per task of the decoding processes
@@ -319,7 +330,7 @@ def load_npz_source(data: DataConfig) -> RawSource:
             labels = np.asarray([remap[int(v)] for v in labels], dtype=np.int64)
     converted = array_to_channels(np.ascontiguousarray(images), data.channels)
     return RawSource(
-        images=list(converted),
+        images=converted,
         labels=labels,
         class_names=class_names or [],
         content_hash=sha256_hex(b"npz", raw),
@@ -383,51 +394,105 @@ class PrepareSummary:
 
 
 def prepare(cfg: Config) -> PrepareSummary:
-    """Read ``data.source``, bring every image to the training shape, write the prepared dataset."""
+    """Read ``data.source``, bring every image to the training shape, write the prepared dataset
+    shard by shard into a temporary sibling of ``paths.prepared``, then swap it into place."""
     data = cfg.data
     raw = SOURCES[data.source](data)
     resize = build_resize_transform(data)
-    out = np.empty((len(raw.images), data.image_size, data.image_size, data.channels), dtype=np.uint8)
-    for i, image in enumerate(raw.images):
-        out[i] = image if raw.resized else resize(image=image)["image"].reshape(out.shape[1:])
-    labels = raw.labels if raw.labels is not None else np.full(len(out), -1, dtype=np.int64)
-    split = holdout_split(labels, data.holdout_fraction)
+    shape = (data.image_size, data.image_size, data.channels)
+    with atomic_dir(cfg.paths.prepared) as tmp:
+        writer = ShardWriter(tmp, shape, images_per_shard(data))
+        for image in raw.images:
+            writer.add(image if raw.resized else resize(image=image)["image"].reshape(shape))
+        shards = writer.close()
+        count = sum(shard["count"] for shard in shards)
+        labels = raw.labels if raw.labels is not None else np.full(count, -1, dtype=np.int64)
+        split = holdout_split(labels, data.holdout_fraction)
+        _save_npy(tmp / LABELS, labels)
+        _save_npy(tmp / SPLIT, split)
 
-    params = {key: getattr(data, key) for key in PREPARE_KEYS}
-    params["path"] = cfg.relative(data.path) if data.source != "digits" else None
-    manifest: dict[str, Any] = {
-        "format": FORMAT,
-        "source": data.source,
-        "source_hash": raw.content_hash,
-        "count": int(len(out)),
-        "shape": list(out.shape[1:]),  # (H, W, C)
-        "labelled": raw.labels is not None,
-        "class_names": raw.class_names,
-        "class_counts": {
-            name: int((labels == i).sum()) for i, name in enumerate(raw.class_names)
-        },
-        "files_total": raw.files_total,
-        "skipped_count": len(raw.skipped),
-        "skipped": raw.skipped,
-        "params": params,
-        "split": {
-            "holdout_fraction": data.holdout_fraction,
-            "train": int((split == TRAIN).sum()),
-            "heldout": int((split == HELDOUT).sum()),
-            "heldout_class_counts": {
-                name: int(((labels == i) & (split == HELDOUT)).sum()) for i, name in enumerate(raw.class_names)
+        params = {key: getattr(data, key) for key in PREPARE_KEYS}
+        params["path"] = cfg.relative(data.path) if data.source != "digits" else None
+        files = {shard["file"]: shard["sha256"] for shard in shards}
+        files.update({n: file_sha256(tmp / n) for n in (LABELS, SPLIT)})
+        manifest: dict[str, Any] = {
+            "format": FORMAT,
+            "source": data.source,
+            "source_hash": raw.content_hash,
+            "count": int(count),
+            "shape": list(shape),  # (H, W, C)
+            "shards": [{"file": shard["file"], "count": shard["count"]} for shard in shards],
+            "images_sha256": images_digest(shards),
+            "files": files,
+            "labelled": raw.labels is not None,
+            "class_names": raw.class_names,
+            "class_counts": {
+                name: int((labels == i).sum()) for i, name in enumerate(raw.class_names)
             },
-        },
-    }
-    write_prepared(cfg.paths.prepared, out, labels, manifest, split)
+            "files_total": raw.files_total,
+            "skipped_count": len(raw.skipped),
+            "skipped": raw.skipped,
+            "params": params,
+            "split": {
+                "holdout_fraction": data.holdout_fraction,
+                "train": int((split == TRAIN).sum()),
+                "heldout": int((split == HELDOUT).sum()),
+                "heldout_class_counts": {
+                    name: int(((labels == i) & (split == HELDOUT)).sum()) for i, name in enumerate(raw.class_names)
+                },
+            },
+        }
+        write_bytes(tmp / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
     return PrepareSummary(
         path=cfg.paths.prepared,
-        count=len(out),
-        shape=tuple(out.shape[1:]),
+        count=count,
+        shape=shape,
         class_names=raw.class_names,
         skipped=len(raw.skipped),
         source_hash=raw.content_hash,
     )
+
+
+def images_per_shard(data: DataConfig) -> int:
+    """Images per shard: as many as fit in ``data.shard_mb`` (at least one)."""
+    per_image = data.image_size * data.image_size * data.channels
+    return max(1, int(data.shard_mb * 2**20) // per_image)
+
+
+class ShardWriter:
+    """Collects images at the training shape and writes every ``per_shard`` of them as one
+    ``images-NNNNN.npy``: one shard in memory at a time."""
+
+    def __init__(self, folder: Path, shape: tuple[int, int, int], per_shard: int):
+        self.folder, self.shape, self.per_shard = folder, shape, per_shard
+        self.buffer = np.empty((per_shard, *shape), dtype=np.uint8)
+        self.filled = 0
+        self.shards: list[dict[str, Any]] = []
+
+    def add(self, image: np.ndarray) -> None:
+        self.buffer[self.filled] = image
+        self.filled += 1
+        if self.filled == self.per_shard:
+            self._flush()
+
+    def _flush(self) -> None:
+        name = SHARD_NAME.format(len(self.shards))
+        _save_npy(self.folder / name, self.buffer[: self.filled])
+        self.shards.append({"file": name, "count": self.filled, "sha256": file_sha256(self.folder / name)})
+        self.filled = 0
+
+    def close(self) -> list[dict[str, Any]]:
+        """{"file", "count", "sha256"} per shard written. Refuses an empty source."""
+        if self.filled:
+            self._flush()
+        if not self.shards:
+            raise DataError("the data source gave no images")
+        return self.shards
+
+
+def images_digest(shards: list[dict[str, Any]]) -> str:
+    """One hash for all the prepared images: over the shards' names, counts and sha256s."""
+    return sha256_hex(*(f"{s['file']}\0{s['count']}\0{s['sha256']}\n".encode() for s in shards))
 
 
 def holdout_split(labels: np.ndarray, fraction: float) -> np.ndarray:
@@ -443,17 +508,6 @@ def holdout_split(labels: np.ndarray, fraction: float) -> np.ndarray:
             count = min(max(count, 1), len(members) - 1)
         split[rng.permutation(members)[:count]] = HELDOUT
     return split
-
-
-def write_prepared(out: Path, images: np.ndarray, labels: np.ndarray, manifest: dict[str, Any],
-                   split: np.ndarray) -> None:
-    """Write the dataset into a temporary sibling of ``out``, then swap it into place."""
-    with atomic_dir(out) as tmp:
-        _save_npy(tmp / IMAGES, images)
-        _save_npy(tmp / LABELS, labels)
-        _save_npy(tmp / SPLIT, split)
-        manifest = {**manifest, "files": {n: file_sha256(tmp / n) for n in (IMAGES, LABELS, SPLIT)}}
-        write_bytes(tmp / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -499,12 +553,82 @@ def read_manifest(path: Path) -> dict[str, Any]:
 def prepared_hash(path: Path) -> str:
     """The sha256 of the prepared images (from their manifest): the one data hash of ganflow,
     in run tags, resume keys, the encoder's reference and registry versions."""
-    return read_manifest(path)["files"][IMAGES]
+    return read_manifest(path)["images_sha256"]
+
+
+def load_images(path: Path) -> np.ndarray:
+    """Every prepared image, all shards in order: uint8 (N, H, W, C) in memory (small data, tests)."""
+    manifest = read_manifest(path)
+    return np.concatenate([np.load(Path(path) / shard["file"], allow_pickle=False) for shard in manifest["shards"]])
 
 
 def transform_seed(seed: int, rank: int, worker_id: int, epoch: int) -> int:
     """A distinct, reproducible augmentation seed per (seed, rank, DataLoader worker, epoch)."""
     return int(np.random.SeedSequence([seed, rank, worker_id, epoch]).generate_state(1)[0])
+
+
+class ShardReader:
+    """Single images out of the prepared shards by their index in the dataset, with positioned
+    reads (no memory map: what a reader holds does not grow with the dataset). Picklable: each
+    process opens the files itself."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any]):
+        self.files = [Path(path) / shard["file"] for shard in manifest["shards"]]
+        counts = [int(shard["count"]) for shard in manifest["shards"]]
+        self.starts = np.cumsum([0, *counts])  # shard k holds indices starts[k]..starts[k+1]-1
+        self.shape = tuple(manifest["shape"])
+        self.offsets = [self._data_offset(f, n) for f, n in zip(self.files, counts)]
+        self._fds: dict[int, int] = {}
+        self._pid = os.getpid()
+
+    def _data_offset(self, file: Path, count: int) -> int:
+        try:
+            with open(file, "rb") as fh:
+                version = np.lib.format.read_magic(fh)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, fortran, dtype = read_header(fh)
+                offset = fh.tell()
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{file}: not a readable shard of the prepared dataset ({first_line(exc)})") from None
+        if shape != (count, *self.shape) or dtype != np.uint8 or fortran:
+            raise DataError(f"{file}: holds {dtype} {shape}, the manifest says uint8 {(count, *self.shape)}")
+        return offset
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_fds": {}}
+
+    def _fd(self, shard: int) -> int:
+        if self._pid != os.getpid():  # a forked copy: its parent's descriptors are not its own
+            self._fds, self._pid = {}, os.getpid()
+        if shard not in self._fds:
+            self._fds[shard] = os.open(self.files[shard], os.O_RDONLY)
+        return self._fds[shard]
+
+    def read(self, index: int) -> np.ndarray:
+        """The image at ``index`` (of the whole dataset): a uint8 (H, W, C) array of its own."""
+        shard = int(np.searchsorted(self.starts, index, side="right")) - 1
+        size = int(np.prod(self.shape))
+        offset = self.offsets[shard] + (int(index) - int(self.starts[shard])) * size
+        data = os.pread(self._fd(shard), size, offset)
+        if len(data) != size:
+            raise DataError(f"{self.files[shard]}: truncated (image {index})")
+        return np.frombuffer(data, dtype=np.uint8).reshape(self.shape).copy()
+
+    def read_many(self, indices: np.ndarray) -> np.ndarray:
+        out = np.empty((len(indices), *self.shape), dtype=np.uint8)
+        for i, index in enumerate(indices):
+            out[i] = self.read(int(index))
+        return out
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
+
+    def __del__(self) -> None:
+        if getattr(self, "_pid", None) == os.getpid():
+            self.close()
 
 
 class PreparedDataset(torch.utils.data.Dataset):
@@ -521,10 +645,10 @@ class PreparedDataset(torch.utils.data.Dataset):
     def __init__(self, path: Path, transform: A.Compose | None = None, part: str = "all"):
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
-        self.images = np.load(self.path / IMAGES, mmap_mode="r", allow_pickle=False)  # (N, H, W, C)
+        self.images = ShardReader(self.path, self.manifest)
         labels = np.load(self.path / LABELS, allow_pickle=False)  # (N,)
         split = np.load(self.path / SPLIT, allow_pickle=False)  # (N,)
-        if not len(self.images) == len(labels) == len(split) == self.manifest["count"]:
+        if not int(self.images.starts[-1]) == len(labels) == len(split) == self.manifest["count"]:
             raise DataError(f"{self.path}: images, labels, split and manifest disagree on the count")
         self.indices = np.arange(len(split)) if PARTS[part] is None else np.flatnonzero(split == PARTS[part])
         self.labels = labels[self.indices]  # (len(self),)
@@ -536,7 +660,7 @@ class PreparedDataset(torch.utils.data.Dataset):
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every image of the part at once: ((N, C, H, W) float in [-1, 1], labels (N,) int64),
         without the training transform."""
-        x = torch.from_numpy(np.ascontiguousarray(self.images[self.indices])).permute(0, 3, 1, 2)
+        x = torch.from_numpy(self.images.read_many(self.indices)).permute(0, 3, 1, 2)
         return x.float().div_(127.5).sub_(1.0), torch.as_tensor(self.labels, dtype=torch.long)
 
     @property
@@ -548,7 +672,7 @@ class PreparedDataset(torch.utils.data.Dataset):
             self.transform.set_random_seed(seed)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = np.array(self.images[self.indices[index]])  # (H, W, C) uint8, a copy out of the memory map
+        image = self.images.read(self.indices[index])  # (H, W, C) uint8
         if self.transform is not None:
             image = self.transform(image=image)["image"].reshape(image.shape)
         x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)  # (C, H, W)

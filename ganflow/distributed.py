@@ -19,6 +19,7 @@ from ganflow.data import class_prior, read_manifest
 from ganflow.errors import GanflowError, TrainingError, first_line
 from ganflow.evaluation import load_reference
 from ganflow.export import TrainSummary, export, log_model
+from ganflow.ingest import data_config, shards_root, shipped_files, train_dataset, with_resolved_ingest
 from ganflow.interrupts import Interrupted, stop_on_signals
 from ganflow.raycluster import check_resources, init_ray, scaling_config, with_resolved_cpus
 from ganflow.storage import delete_run, latest_checkpoint_meta, run_name, stale_runs, storage_path
@@ -26,16 +27,25 @@ from ganflow.tracking import connect, provenance, start_training_run, tracking_u
 from ganflow.train_loop import SHIPPED_INPUTS, train_loop_per_worker
 
 
-def ship_inputs(cfg: Config) -> dict[str, Any]:
-    """The prepared data and the encoder, put into Ray's object store once, for workers on
-    nodes that do not see this process's files (see train_loop.materialize_inputs)."""
-    import ray
-
+def input_files(cfg: Config, ingest: str = "local") -> dict[str, bytes]:
+    """What a worker on a node that does not see this process's files gets: the prepared data
+    (with the ray_data ingest its small files only: the images stream from storage) and the
+    encoder, by their path under paths.prepared / paths.encoder."""
     files: dict[str, bytes] = {}
-    for name in SHIPPED_INPUTS:
+    for name, wanted in shipped_files(ingest).items():
+        assert name in SHIPPED_INPUTS
         folder = getattr(cfg.paths, name)
         for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-            files[f"{name}/{path.relative_to(folder).as_posix()}"] = path.read_bytes()
+            if wanted is None or path.name in wanted:
+                files[f"{name}/{path.relative_to(folder).as_posix()}"] = path.read_bytes()
+    return files
+
+
+def ship_inputs(cfg: Config, ingest: str = "local") -> dict[str, Any]:
+    """input_files, put into Ray's object store once (see train_loop.materialize_inputs)."""
+    import ray
+
+    files = input_files(cfg, ingest)
     return {"node_id": ray.get_runtime_context().get_node_id(), "key": named_sha256(files)[:16], "files": ray.put(files)}
 
 
@@ -54,8 +64,10 @@ def check_trainable(cfg: Config) -> int:
     return count
 
 
-def fit(cfg: Config, config: dict[str, Any], name: str, callbacks: list | None = None):
-    """Run one TorchTrainer; worker failures become a one-line TrainingError."""
+def fit(cfg: Config, config: dict[str, Any], name: str, callbacks: list | None = None,
+        datasets: dict[str, Any] | None = None):
+    """Run one TorchTrainer; worker failures become a one-line TrainingError. ``datasets``:
+    Ray Data datasets to split across the workers (the ray_data ingest)."""
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchTrainer
@@ -73,6 +85,7 @@ def fit(cfg: Config, config: dict[str, Any], name: str, callbacks: list | None =
             logging_config=LoggingConfig(log_level="WARNING"),
             callbacks=callbacks or [],
         ),
+        **({"datasets": datasets, "dataset_config": data_config()} if datasets else {}),
     )
     try:
         return trainer.fit()
@@ -91,7 +104,7 @@ def run_training(cfg: Config, lr_g: float, lr_d: float) -> TrainSummary:
     check_storage_writable(cfg)
     client, experiment_id = connect(cfg)  # fails here, before Ray starts, if MLflow is unreachable
     init_ray(cfg)
-    cfg = with_resolved_cpus(cfg)
+    cfg = with_resolved_ingest(with_resolved_cpus(cfg))
     check_resources(cfg)
 
     name = run_name(cfg, lr_g, lr_d)
@@ -114,7 +127,8 @@ def run_training(cfg: Config, lr_g: float, lr_d: float) -> TrainSummary:
             print(f"not resuming {stale} (checkpoint of epoch {epoch}, kept in {storage}): the training code or "
                   f"the encoder changed since; starting {name}", flush=True)
     if run_id is None:
-        tags = {"ganflow.stage": "train", "ganflow.ray_run": name, **provenance(cfg, "train")}
+        tags = {"ganflow.stage": "train", "ganflow.ray_run": name, "ganflow.ingest": cfg.data.ingest,
+                **provenance(cfg, "train")}
         run_id = start_training_run(client, experiment_id, cfg, lr_g, lr_d, tags)
 
     config = {
@@ -124,15 +138,17 @@ def run_training(cfg: Config, lr_g: float, lr_d: float) -> TrainSummary:
         "lr_d": lr_d,
         "run_id": run_id,
         "tracking_uri": tracking_uri(cfg),
-        "inputs": ship_inputs(cfg),
+        "inputs": ship_inputs(cfg, cfg.data.ingest),
+        "ingest": cfg.data.ingest,
     }
+    datasets = {"train": train_dataset(cfg, shards_root(cfg))} if cfg.data.ingest == "ray_data" else None
     def mark_killed() -> None:
         client.set_tag(run_id, "ganflow.failure", "interrupted")
         client.set_terminated(run_id, status="KILLED")
 
     with stop_on_signals(f"training (MLflow run {run_id})", on_deadline=mark_killed) as quiet:
         try:
-            result = fit(cfg, config, name)
+            result = fit(cfg, config, name, datasets=datasets)
         except (KeyboardInterrupt, SystemExit):
             # Ctrl-C (Ray's handler aborts the run and exits) or SIGTERM: the run is not left RUNNING
             quiet()

@@ -21,8 +21,13 @@ def storage_path(cfg: Config) -> str:
     return cfg.cluster.storage_path or str(cfg.paths.ray_results)
 
 
+# the data.* keys a training's batches depend on (the train stage's DVC params list them; the
+# sweep's trials always read locally: data.ingest does not shape a sweep)
+RUN_DATA_KEYS = ("hflip", "loader_workers", "ingest")
+
 # the code a checkpoint's numbers depend on: a change to any of these starts a new run
-TRAINING_CODE = ("train_loop.py", "models.py", "losses.py", "augment.py", "data.py", "evaluation.py", "config.py")
+TRAINING_CODE = ("train_loop.py", "models.py", "losses.py", "augment.py", "data.py", "ingest.py", "evaluation.py",
+                 "config.py")
 
 
 def code_and_encoder_hash(cfg: Config, package: Path | None = None) -> str:
@@ -47,7 +52,7 @@ def run_name(cfg: Config, lr_g: float, lr_d: float, package: Path | None = None)
     # epochs is left out: raising train.epochs continues a finished run instead of starting over
     key = {s: values[s] for s in ("model", "train")}
     key["train"] = {k: v for k, v in key["train"].items() if k != "epochs" and k not in TRAIN_RUN_ONLY_KEYS}
-    key["data"] = {k: values["data"][k] for k in ("hflip", "loader_workers")}
+    key["data"] = {k: values["data"][k] for k in RUN_DATA_KEYS}
     from ganflow.data import prepared_hash  # (imports torch: only the training needs run_name)
 
     key["data_hash"] = prepared_hash(cfg.paths.prepared)

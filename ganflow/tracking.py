@@ -165,7 +165,7 @@ def _data_text(cfg: Config) -> str:
     manifest = read_manifest(cfg.paths.prepared)
     return (
         f"Data: {source}, {manifest['count']} images of {data.image_size}x{data.image_size}x{data.channels} "
-        f"(`{cfg.relative(cfg.paths.prepared)}`, images sha256 {manifest['files']['images.npy'][:12]})."
+        f"(`{cfg.relative(cfg.paths.prepared)}`, images sha256 {manifest['images_sha256'][:12]})."
     )
 
 

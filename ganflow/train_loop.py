@@ -379,6 +379,34 @@ class TrialSession:
         ray.tune.report(metrics)
 
 
+def local_batches(cfg: Config, rank: int, world: int, batch_size: int, device: torch.device):
+    """The local ingest: epoch -> this rank's batches of the train split, read from the prepared
+    shards by a DataLoader (a DistributedSampler picks the rank's part, reshuffled each epoch)."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from ganflow.data import PreparedDataset, TransformSeeder, build_train_transform
+
+    dataset = PreparedDataset(cfg.paths.prepared, build_train_transform(cfg.data), part="train")
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.train.seed, drop_last=True)
+    seeder = TransformSeeder(cfg.train.seed, rank)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=cfg.data.loader_workers,
+        worker_init_fn=seeder if cfg.data.loader_workers else None,
+        pin_memory=device.type == "cuda",
+    )
+
+    def epoch_batches(epoch: int):
+        sampler.set_epoch(epoch)
+        seeder.start_epoch(epoch, dataset)
+        return iter(loader)
+
+    return epoch_batches
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Entry point of each Ray Train worker. ``config`` is built by ganflow.distributed."""
     return run_loop(config, RayTrainSession())
@@ -387,10 +415,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 def run_loop(config: dict[str, Any], session: RayTrainSession | TrialSession) -> dict[str, Any]:
     """The training loop: resume, train ``train.epochs``, evaluate the EMA G, report each epoch."""
     import ray
-    from torch.utils.data import DataLoader, DistributedSampler
 
     from ganflow.config import config_from_dict
-    from ganflow.data import PreparedDataset, TransformSeeder, build_train_transform, class_prior
+    from ganflow.data import build_train_transform, class_prior
     from ganflow.tracking import RunLogger
 
     _quiet_ray_report_log()
@@ -418,19 +445,16 @@ def run_loop(config: dict[str, Any], session: RayTrainSession | TrialSession) ->
     state.d = session.prepare(state.d, broadcast_buffers=False)
 
     # the train split only: the held-out images judge the generator and are never trained on
-    dataset = PreparedDataset(cfg.paths.prepared, build_train_transform(cfg.data), part="train")
     per_rank_batch = cfg.train.batch_size // world
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.train.seed, drop_last=True)
-    seeder = TransformSeeder(cfg.train.seed, rank)
-    loader = DataLoader(
-        dataset,
-        batch_size=per_rank_batch,
-        sampler=sampler,
-        drop_last=True,
-        num_workers=cfg.data.loader_workers,
-        worker_init_fn=seeder if cfg.data.loader_workers else None,
-        pin_memory=device.type == "cuda",
-    )
+    if config.get("ingest") == "ray_data":  # streamed: Ray Data gives this rank its share
+        import ray.train
+
+        from ganflow.ingest import StreamedBatches
+
+        shard = ray.train.get_dataset_shard("train")
+        epoch_batches = StreamedBatches(shard, cfg.train.seed, rank, per_rank_batch, build_train_transform(cfg.data)).epoch
+    else:
+        epoch_batches = local_batches(cfg, rank, world, per_rank_batch, device)
     reference = load_reference(cfg) if rank == 0 else None  # the encoder: rank 0 evaluates
     z_gen = torch.Generator(device="cpu")
     logger = RunLogger(config["tracking_uri"], config["run_id"]) if rank == 0 else None
@@ -440,8 +464,6 @@ def run_loop(config: dict[str, Any], session: RayTrainSession | TrialSession) ->
     while state.epoch < cfg.train.epochs:
         epoch_started = time.perf_counter()
         epoch = state.epoch
-        sampler.set_epoch(epoch)
-        seeder.start_epoch(epoch, dataset)
         z_gen.manual_seed(noise_seed(cfg.train.seed, rank, epoch))
         state.g.train()
         state.d.train()
@@ -450,7 +472,7 @@ def run_loop(config: dict[str, Any], session: RayTrainSession | TrialSession) ->
         finite = True
         started = time.perf_counter()
         images = 0
-        for i, (real, labels) in enumerate(loader):
+        for i, (real, labels) in enumerate(epoch_batches(epoch)):
             t0 = time.perf_counter()
             real = real.to(device, non_blocking=True)
             diag = gan_step(state, cfg, real, z_gen, update_g=(i + 1) % cfg.train.d_steps == 0, labels=labels)

@@ -26,7 +26,7 @@ from PIL import Image
 
 from ganflow.atomic import check_storage_writable, check_writable_dir
 from ganflow.config import from_dict, load_config, resolve_paths
-from ganflow.data import decode_image, prepare, read_manifest
+from ganflow.data import decode_image, load_images, prepare, read_manifest
 from ganflow.errors import GanflowError
 from tests.conftest import REPO, run
 
@@ -163,7 +163,7 @@ def test_mixed_image_modes_in_one_folder_give_the_same_pixels(tmp_path, channels
     cfg = resolve_paths(from_dict({"data": {"source": "folder", "path": "mixed", "image_size": 16,
                                             "channels": channels}}), tmp_path)
     summary = prepare(cfg)
-    images = np.load(summary.path / "images.npy")
+    images = load_images(summary.path)
     assert images.shape == (6, 16, 16, channels)
     expected = np.repeat(g[:, :, None], channels, axis=2)
     for i in range(5):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from ganflow.data import (
     PreparedDataset,
     TransformSeeder,
     build_train_transform,
+    load_images,
     prepare,
     read_manifest,
 )
@@ -69,7 +71,7 @@ def image_folder(tmp_path: Path) -> Path:
 def test_digits_source(tmp_path):
     summary = prepare(make_cfg(tmp_path, source="digits", image_size=16))
     manifest = read_manifest(summary.path)
-    images = np.load(summary.path / "images.npy")
+    images = load_images(summary.path)
     labels = np.load(summary.path / "labels.npy")
     assert images.shape == (1797, 16, 16, 1) and images.dtype == np.uint8
     assert images.max() > 200 and images.min() == 0  # 0..16 scaled to 0..255
@@ -103,7 +105,7 @@ def test_held_out_split_is_stratified_deterministic_and_recorded(tmp_path):
 
 def test_digits_in_rgb(tmp_path):
     summary = prepare(make_cfg(tmp_path, source="digits", channels=3, image_size=16))
-    images = np.load(summary.path / "images.npy")
+    images = load_images(summary.path)
     assert images.shape == (1797, 16, 16, 3)
     assert np.array_equal(images[..., 0], images[..., 2])
 
@@ -116,7 +118,7 @@ def test_folder_source_labelled_with_skips(tmp_path, image_folder, resize):
     )
     summary = prepare(cfg)
     manifest = read_manifest(summary.path)
-    images = np.load(summary.path / "images.npy")
+    images = load_images(summary.path)
     labels = np.load(summary.path / "labels.npy")
     assert images.shape == (8, 16, 16, 3)
     assert manifest["class_names"] == ["cats", "dogs"]
@@ -151,7 +153,7 @@ def test_flat_folder_is_unlabelled_and_grayscale(tmp_path):
     manifest = read_manifest(summary.path)
     assert manifest["labelled"] is False and manifest["class_names"] == []
     assert list(np.load(summary.path / "labels.npy")) == [-1, -1, -1]
-    assert np.load(summary.path / "images.npy").shape == (3, 16, 16, 1)
+    assert load_images(summary.path).shape == (3, 16, 16, 1)
 
 
 def test_huge_image_is_skipped(tmp_path):
@@ -193,7 +195,7 @@ def test_npz_source(tmp_path):
     np.savez(tmp_path / "arr.npz", images=images, labels=np.array([7, 5, 7, 5, 5, 7]))
     summary = prepare(make_cfg(tmp_path, source="npz", path="arr.npz", image_size=16))
     manifest = read_manifest(summary.path)
-    assert np.load(summary.path / "images.npy").shape == (6, 16, 16, 1)
+    assert load_images(summary.path).shape == (6, 16, 16, 1)
     assert manifest["class_names"] == ["5", "7"]
     assert list(np.load(summary.path / "labels.npy")) == [1, 0, 1, 0, 0, 1]
     assert manifest["params"]["path"] == "arr.npz"  # relative to the project, not this machine
@@ -215,9 +217,45 @@ def test_same_input_same_bytes(tmp_path, image_folder):
     cfg = make_cfg(tmp_path, source="folder", path=str(image_folder), max_bad_fraction=0.5)
     first = folder_bytes(prepare(cfg).path)
     second = folder_bytes(prepare(cfg).path)
-    assert first == second and set(first) == {"images.npy", "labels.npy", "split.npy", "manifest.json"}
+    assert first == second and set(first) == {"images-00000.npy", "labels.npy", "split.npy", "manifest.json"}
     digits = make_cfg(tmp_path / "d", source="digits")
     assert folder_bytes(prepare(digits).path) == folder_bytes(prepare(digits).path)
+
+
+def test_images_are_written_in_shards_a_reader_reads_back(tmp_path):
+    """data.shard_mb splits the images into shards of a bounded size; the dataset a reader sees
+    is the same images whatever the sharding, the manifest lists and hashes every shard, and the
+    same input and params give the same bytes."""
+    one = prepare(make_cfg(tmp_path / "one", source="digits", image_size=16))
+    sharded_cfg = make_cfg(tmp_path / "many", source="digits", image_size=16, shard_mb=0.1)
+    many = prepare(sharded_cfg)
+    manifest = read_manifest(many.path)
+    per_shard = int(0.1 * 2**20) // (16 * 16)  # 409 images of 256 bytes
+    assert [s["count"] for s in manifest["shards"]] == [per_shard] * 4 + [1797 - 4 * per_shard]
+    assert sorted(p.name for p in many.path.glob("images-*.npy")) == [f"images-{i:05d}.npy" for i in range(5)]
+    assert all(manifest["files"][s["file"]] == file_sha256(many.path / s["file"]) for s in manifest["shards"])
+    assert [s["file"] for s in read_manifest(one.path)["shards"]] == ["images-00000.npy"]
+    assert np.array_equal(load_images(many.path), load_images(one.path))
+    assert read_manifest(one.path)["images_sha256"] != manifest["images_sha256"]  # another layout, another hash
+    for part in ("train", "heldout"):
+        a, b = PreparedDataset(one.path, part=part), PreparedDataset(many.path, part=part)
+        assert torch.equal(a.tensors()[0], b.tensors()[0])
+        assert all(torch.equal(a[i][0], b[i][0]) for i in {0, len(a) // 2, len(a) - 1})
+    # a reader crosses process boundaries (DataLoader workers): it reopens its files there
+    reader = pickle.loads(pickle.dumps(PreparedDataset(many.path, part="train")))
+    assert torch.equal(reader[per_shard][0], PreparedDataset(one.path, part="train")[per_shard][0])
+    assert folder_bytes(prepare(sharded_cfg).path) == folder_bytes(many.path)
+
+
+def test_a_shard_that_disagrees_with_the_manifest_is_refused(tmp_path):
+    summary = prepare(make_cfg(tmp_path, source="digits", image_size=16, shard_mb=0.1))
+    shard = summary.path / "images-00001.npy"
+    np.save(shard, np.load(shard)[:-1])  # one image short
+    with pytest.raises(DataError, match="images-00001.npy: holds uint8 \\(408, 16, 16, 1\\), the manifest says"):
+        PreparedDataset(summary.path)
+    shard.write_bytes(b"junk")
+    with pytest.raises(DataError, match="images-00001.npy: not a readable shard"):
+        PreparedDataset(summary.path)
 
 
 def test_parallel_decoding_writes_the_same_bytes(tmp_path, image_folder):
@@ -264,7 +302,7 @@ def test_interrupted_write_keeps_the_previous_output(tmp_path, monkeypatch, inte
     real_save = data_mod._save_npy
 
     def failing_save(path, array):
-        if path.name == "labels.npy":  # images.npy is already half the new dataset
+        if path.name == "labels.npy":  # the image shard is already written
             raise interrupt
         real_save(path, array)
 

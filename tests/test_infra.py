@@ -481,7 +481,7 @@ WORKING_DIR_CASES = [
     ("params.yaml", True, True),
     ("pipelines/train.py", True, True),
     ("ganflow/config.py", True, True),
-    ("data/prepared/images.npy", False, True),
+    ("data/prepared/images-00000.npy", False, True),
     ("models/encoder/encoder.safetensors", False, True),
     ("tune/best.json", False, True),
     (".venv/bin/python", False, False),
@@ -496,7 +496,7 @@ WORKING_DIR_CASES = [
     (".pytest_cache/v/cache/lastfailed", False, False),
     ("data/raw/cat.png", False, False),   # only the prepare stage reads it, locally
     ("infra/mlflow/.env", False, False),
-    (".cluster/storage/exchange/ganflow/data/prepared/images.npy", False, False),
+    (".cluster/storage/exchange/ganflow/data/prepared/images-00000.npy", False, False),
 ]
 
 
@@ -658,7 +658,7 @@ def test_push_and_pull_run_without_torch(tmp_path):
     root = tmp_path / "project"
     root.mkdir()
     (root / "params.yaml").write_text(f"cluster:\n  storage_path: {tmp_path / 'shared'}\n")
-    inputs = {"data/prepared/manifest.json": b"{}", "data/prepared/images.npy": b"\x93NUMPY" + bytes(range(256)),
+    inputs = {"data/prepared/manifest.json": b"{}", "data/prepared/images-00000.npy": b"\x93NUMPY" + bytes(range(256)),
               "models/encoder/encoder.json": b"{}", "tune/best.json": b'{"lr_g": 0.001}'}
     for rel, data in inputs.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)

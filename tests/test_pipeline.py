@@ -28,6 +28,7 @@ def test_tune_and_train_depend_on_what_shapes_their_result_only(stage):
     be left out on purpose): all but the run-only keys (checkpointing, failure budget) and, for the
     sweep, epochs (trials run tune.epochs); of cluster.*, what shapes the result, not where it runs."""
     from ganflow.config import TRAIN_RUN_ONLY_KEYS, ClusterConfig, TrainConfig
+    from ganflow.storage import RUN_DATA_KEYS
 
     params = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]["params"]
     listed = {p.split(".", 1)[1] for p in params if isinstance(p, str) and p.startswith("train.")}
@@ -36,6 +37,8 @@ def test_tune_and_train_depend_on_what_shapes_their_result_only(stage):
     assert listed == expected
     cluster = {p.split(".", 1)[1] for p in params if isinstance(p, str) and p.startswith("cluster.")}
     assert cluster == set(ClusterConfig.model_fields) - {"address", "storage_path"}
+    data = {p.split(".", 1)[1] for p in params if isinstance(p, str) and p.startswith("data.")}
+    assert data == set(RUN_DATA_KEYS) - ({"ingest"} if stage == "tune" else set())
 
 
 def import_closure(script: Path) -> set[str]:
@@ -98,7 +101,7 @@ def test_dvc_repro_prepare(project):
 
 def test_dvc_repro_fails_cleanly_on_bad_params(project):
     run(["dvc", "repro", "prepare"], project, check=True)
-    before = (project / "data" / "prepared" / "images.npy").read_bytes()
+    before = (project / "data" / "prepared" / "images-00000.npy").read_bytes()
     edit_params(project / "params.yaml", data={"source": "folder"})  # data/raw holds only .gitkeep
     proc = run(["dvc", "repro", "prepare"], project)
     assert proc.returncode != 0
@@ -107,7 +110,7 @@ def test_dvc_repro_fails_cleanly_on_bad_params(project):
     run(["dvc", "checkout", "--force", "prepare"], project)
     edit_params(project / "params.yaml", data={"source": "digits"})
     assert run(["dvc", "status", "prepare"], project, check=True).stdout.strip().endswith("up to date.")
-    assert (project / "data" / "prepared" / "images.npy").read_bytes() == before
+    assert (project / "data" / "prepared" / "images-00000.npy").read_bytes() == before
 
 
 def shapes_folder(root: Path, per_class: int = 150, size: int = 64) -> None:

@@ -61,7 +61,7 @@ def two_checkouts(tmp_path_factory) -> tuple[Path, Path]:
 def test_prepare_bit_identical_across_checkouts(two_checkouts):
     a, b = two_checkouts
     first, second = (tree_bytes(root / "data" / "prepared") for root in (a, b))
-    assert set(first) == {"images.npy", "labels.npy", "split.npy", "manifest.json"}
+    assert set(first) == {"images-00000.npy", "labels.npy", "split.npy", "manifest.json"}
     assert first == second
 
 

@@ -38,7 +38,7 @@ def test_runs_are_named_described_and_tagged(store):
     for run in (train, sweep, *trials):
         tags = run.data.tags
         assert {"git_commit", "dvc_stage", "data_hash", "params_hash", "ganflow.stage", NOTE_TAG} <= set(tags)
-        assert tags["data_hash"] == read_manifest(store["cfg"].paths.prepared)["files"]["images.npy"]
+        assert tags["data_hash"] == read_manifest(store["cfg"].paths.prepared)["images_sha256"]
         assert "1797 images of 16x16x1" in tags[NOTE_TAG]
     assert train.data.tags["dvc_stage"] == "train" and "sweep_id" not in train.data.tags
     assert train.data.tags[NOTE_TAG].startswith("GAN training with lr_g=3.2e-4 lr_d=1.1e-4: 3 epochs, 2 Ray Train worker(s)")

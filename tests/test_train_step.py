@@ -201,7 +201,7 @@ def test_the_resume_key_follows_the_training_code_and_the_encoder(tmp_path):
     cfg = tiny_cfg(tmp_path)
     cfg.paths.prepared.mkdir(parents=True)
     (cfg.paths.prepared / "manifest.json").write_text(json.dumps(
-        {"format": FORMAT, "files": {"images.npy": "abc"}}))
+        {"format": FORMAT, "images_sha256": "abc"}))
     cfg.paths.encoder.mkdir(parents=True)
     for name in ("encoder.safetensors", "reference.safetensors"):
         (cfg.paths.encoder / name).write_bytes(b"v1")

@@ -122,9 +122,16 @@ def test_two_workers_on_two_nodes_ddp_tracked_exported_and_sampled(tmp_path, two
     assert proc.returncode == 0, err[-3000:]
     assert "trained 2 epochs" in out
 
-    # one worker per node (1 CPU each); the one away from the driver got the data through the
-    # object store, and the ranks stayed in sync
+    # one worker per node (1 CPU each); the images streamed through Ray Data (data.ingest auto on
+    # two nodes) from a copy of the shards on the training's storage, which both nodes read; the
+    # worker away from the driver got the small files (manifest, labels, split, encoder) through
+    # the object store, and the ranks stayed in sync
     client, r = only_run(root)
+    assert r.data.tags["ganflow.ingest"] == "ray_data"
+    manifest = json.loads((root / "data" / "prepared" / "manifest.json").read_text())
+    staged = root / "ray_results" / "datasets" / manifest["images_sha256"][:16]
+    assert [(staged / s["file"]).read_bytes() == (root / "data" / "prepared" / s["file"]).read_bytes()
+            for s in manifest["shards"]] == [True]
     placement = sorted(worker_nodes(client, r.info.run_id), key=lambda w: w["rank"])
     assert {w["node"] for w in placement} == {cluster.head_node.node_id, node.node_id}
     assert {w["node"]: w["inputs"] for w in placement} == {cluster.head_node.node_id: "local", node.node_id: "shipped"}
