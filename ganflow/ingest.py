@@ -202,7 +202,8 @@ class StreamedBatches:
             images = batch["image"]  # (B, H, W, C) uint8
             if self.transform is not None:
                 images = np.stack([self.transform(image=im)["image"].reshape(im.shape) for im in images])
-            x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+            # Ray Data's zero-copy batches are read-only: torch wants a writable array (a uint8 copy)
+            x = torch.from_numpy(np.require(images, requirements=["C", "W"])).permute(0, 3, 1, 2)
             yield x.float().div_(127.5).sub_(1.0), torch.from_numpy(np.asarray(batch["label"], dtype=np.int64))
 
 
