@@ -71,6 +71,8 @@ def shards_root(cfg: Config) -> str:
     copy on the training's storage (cluster.storage_path), made once per content."""
     if _nodes() <= 1:
         return str(cfg.paths.prepared.resolve())
+    import pyarrow.fs
+
     from ganflow.data import read_manifest
     from ganflow.storage import storage_fs, storage_path
 
@@ -78,9 +80,8 @@ def shards_root(cfg: Config) -> str:
     prefix = storage_path(cfg)
     fs, base = storage_fs(prefix)
     root = f"{base.rstrip('/')}/{DATASETS_DIR}/{manifest['images_sha256'][:16]}"
-    if _read_text(fs, f"{root}/{MANIFEST}") is None:  # the manifest goes last: present = complete
-        import pyarrow.fs
-
+    # the manifest goes last: present = complete
+    if fs.get_file_info(f"{root}/{MANIFEST}").type == pyarrow.fs.FileType.NotFound:
         fs.create_dir(root, recursive=True)
         for shard in manifest["shards"]:
             tmp = f"{root}/.{shard['file']}.tmp"
@@ -89,14 +90,6 @@ def shards_root(cfg: Config) -> str:
         with fs.open_output_stream(f"{root}/{MANIFEST}") as out:
             out.write((cfg.paths.prepared / MANIFEST).read_bytes())
     return root if "://" not in prefix else f"{prefix.split('://', 1)[0]}://{root}"
-
-
-def _read_text(fs: Any, path: str) -> str | None:
-    try:
-        with fs.open_input_stream(path) as stream:
-            return stream.read().decode()
-    except (FileNotFoundError, OSError):
-        return None
 
 
 def chunks(cfg: Config, root: str) -> list[dict[str, Any]]:
