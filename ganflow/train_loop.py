@@ -407,6 +407,17 @@ def local_batches(cfg: Config, rank: int, world: int, batch_size: int, device: t
     return epoch_batches
 
 
+def synced_batchnorm(world: int, device: torch.device) -> bool:
+    """Whether G's and D's BatchNorm layers normalise over the global batch (SyncBatchNorm) rather
+    than each rank's share: on CUDA with several ranks. torch has no SyncBatchNorm for CPU
+    tensors, so CPU (gloo) ranks normalise their own share of the batch (train.batch_size /
+    num_workers); the weights stay identical either way (DDP all-reduces the gradients), and the
+    exported EMA G's statistics are recomputed from its own samples. Converting keeps the
+    parameters (the optimizers hold the same tensors) and the state-dict keys (checkpoints and
+    exports load across both)."""
+    return world > 1 and device.type == "cuda"
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """Entry point of each Ray Train worker. ``config`` is built by ganflow.distributed."""
     return run_loop(config, RayTrainSession())
@@ -441,6 +452,9 @@ def run_loop(config: dict[str, Any], session: RayTrainSession | TrialSession) ->
     # one DDP per network, never one around both; D's BatchNorm buffers stay per rank
     # (broadcasting them mid-step breaks CUDA DDP with in-place errors)
     workers = _gather_objects(placement, world)  # where each rank runs: recorded in every checkpoint
+    batchnorm = "sync" if synced_batchnorm(world, device) else "per-rank"
+    if batchnorm == "sync":
+        state.g, state.d = nn.SyncBatchNorm.convert_sync_batchnorm(state.g), nn.SyncBatchNorm.convert_sync_batchnorm(state.d)
     state.g = session.prepare(state.g)
     state.d = session.prepare(state.d, broadcast_buffers=False)
 
@@ -540,6 +554,7 @@ def run_loop(config: dict[str, Any], session: RayTrainSession | TrialSession) ->
             if rank == 0 and session.checkpoints and (last or state.epoch % cfg.train.checkpoint_every == 0):
                 meta = {"run_id": config["run_id"], "lr_g": lr_g, "lr_d": lr_d, "world_size": world,
                         "per_rank_batch": per_rank_batch, "device": str(device), "amp": str(state.dtype),
+                        "batchnorm": batchnorm,
                         "workers": workers, "class_names": classes[0] if classes else None,
                         "class_prior": state.prior}
                 save_checkpoint(state, cfg, Path(tmp), meta)

@@ -10,7 +10,15 @@ import torch
 from ganflow.config import from_dict, resolve_paths
 from ganflow.losses import LOSSES
 from ganflow.models import build_discriminator, build_generator
-from ganflow.train_loop import build_state, ema_decay_at, gan_step, load_checkpoint, save_checkpoint, update_ema
+from ganflow.train_loop import (
+    build_state,
+    ema_decay_at,
+    gan_step,
+    load_checkpoint,
+    save_checkpoint,
+    synced_batchnorm,
+    update_ema,
+)
 
 
 def tiny_cfg(tmp_path, **train):
@@ -234,3 +242,17 @@ def test_the_resume_key_follows_the_training_code_and_the_encoder(tmp_path):
         (storage / name / "checkpoint_000002" / "meta.json").write_text(json.dumps({"epoch": epoch}))
     assert stale_runs(str(storage), new_encoder) == [(first, 3)]
     assert stale_runs(str(storage), first) == []
+
+
+def test_sync_batchnorm_only_on_cuda_ranks_and_keeps_params_and_keys(tmp_path):
+    assert synced_batchnorm(2, torch.device("cuda")) and not synced_batchnorm(1, torch.device("cuda"))
+    assert not synced_batchnorm(2, torch.device("cpu"))  # torch has no SyncBatchNorm for CPU tensors
+    cfg = tiny_cfg(tmp_path)
+    for g in (build_generator(cfg), build_generator(cfg, 10), build_discriminator(cfg)):
+        keys, params = list(g.state_dict()), list(g.parameters())
+        synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(g)
+        converted = [m for m in synced.modules() if isinstance(m, torch.nn.SyncBatchNorm)]
+        assert converted and not any(type(m) is torch.nn.BatchNorm2d for m in synced.modules())
+        # the optimizers built on the old modules keep training the same tensors, and a checkpoint
+        # or an export of either loads into the other
+        assert list(synced.state_dict()) == keys and all(a is b for a, b in zip(synced.parameters(), params))

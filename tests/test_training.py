@@ -140,6 +140,7 @@ def test_two_workers_on_two_nodes_ddp_tracked_exported_and_sampled(tmp_path, two
     # DDP: the global batch of 64 is split 32 + 32, and the ranks hold identical weights
     meta = final_meta(root)
     assert (meta["world_size"], meta["per_rank_batch"]) == (2, 32)
+    assert meta["batchnorm"] == "per-rank"  # CPU ranks: torch has no SyncBatchNorm for them
     train_images = json.loads((root / "data" / "prepared" / "manifest.json").read_text())["split"]["train"]
     assert meta["step"] == 2 * (train_images // 2 // 32)  # the train split only
     assert [row["rank_param_spread"] for row in meta["history"]] == [0.0, 0.0]
