@@ -1,7 +1,7 @@
 """Sample quality of the training recipes, side by side, on held-out images, in one run.
 
-    .venv/bin/python benchmarks/quality.py [--params params.yaml] [--epochs N] [--epochs-for recipe=N,...]
-                                           [--seeds N] [--recipes a,b] [--smoke]
+    .venv/bin/python benchmarks/quality.py [--params params.yaml] [--epochs N | --budget-s S]
+                                           [--epochs-for recipe=N,...] [--seeds N] [--recipes a,b] [--smoke]
 
 Each row is one recipe of ganflow.recipes (a block of params on top of --params) trained by the
 real train stage's driver (ganflow.distributed.run_training: EMA generator, best epoch by held-out
@@ -9,8 +9,9 @@ fd_domain, BatchNorm statistics recomputed) for the same number of epochs with t
 learning rates (train.lr_g / train.lr_d of --params: no sweep, so the rows differ by the recipe
 only), one after another on this machine. The exported generator is scored as the evaluate stage
 scores it: held-out fd_domain and its ratio to the real-vs-real floor, KID, precision, recall,
-class TV and reverse KL, the data-copying statistic. Rows train equal epochs, not equal time: the
-wall column says what each row cost. Needs the project's prepared data and encoder
+class TV and reverse KL, the data-copying statistic. Rows train equal epochs (--epochs), or equal
+time (--budget-s: each recipe gets the epochs of GAN steps that fit in S seconds on this machine,
+timed by a probe of its own update before the row); the wall column says what each row cost. Needs the project's prepared data and encoder
 (`dvc repro encoder`); --smoke: a scratch folder of its own (16 px digits, a 1-epoch encoder),
 one recipe, 1 epoch, narrow networks (checks the script runs, not the figures).
 """
@@ -23,11 +24,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 from _scratch import scratch, score_exported, smoke_data
 from ganflow.config import load_config
+from ganflow.data import PreparedDataset, class_prior
 from ganflow.distributed import run_training
 from ganflow.evaluation import load_reference
 from ganflow.recipes import RECIPES, apply_recipe
+from ganflow.train_loop import build_state, gan_step
 
 COLUMNS = [  # (metric, header, format)
     ("fd_domain", "fd_domain", "{:9.3f}"),
@@ -53,6 +57,24 @@ def parse_epochs(text: str | None) -> dict[str, int]:
     return out
 
 
+def seconds_per_epoch(cfg, steps: int = 8) -> float:
+    """Seconds one epoch of ``cfg``'s GAN updates takes here, evaluation not included: ``steps``
+    updates on random images of the data's shape, timed after two warm-up updates, times the
+    updates per epoch of the train split."""
+    classes = class_prior(cfg)
+    state = build_state(cfg, torch.device("cpu"), cfg.train.lr_g, cfg.train.lr_d, classes[1] if classes else None)
+    b = cfg.train.batch_size
+    real = torch.rand(b, cfg.data.channels, cfg.data.image_size, cfg.data.image_size) * 2 - 1
+    labels = torch.randint(len(classes[1]), (b,)) if classes else None
+    z_gen = torch.Generator().manual_seed(0)
+    for i in range(steps + 2):
+        if i == 2:
+            started = time.perf_counter()
+        gan_step(state, cfg, real, z_gen, True, labels)
+    per_step = (time.perf_counter() - started) / steps
+    return per_step * (len(PreparedDataset(cfg.paths.prepared, None, part="train")) // b)
+
+
 def mean_row(metrics: list[dict]) -> dict:
     """The mean of each metric over the seeds (None where any seed has none)."""
     out = {}
@@ -69,6 +91,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--epochs", type=int, help="epochs per row (default: train.epochs)")
+    parser.add_argument("--budget-s", type=float, help="equal wall clock: each row trains the epochs of GAN "
+                        "updates that fit in this many seconds (probed per recipe; evaluation not counted)")
     parser.add_argument("--epochs-for", help="per-recipe epochs, e.g. resnet-sn-hinge-conditional=12 (equal wall "
                         "clock: give a slower recipe fewer epochs; the wall column says what each row cost)")
     parser.add_argument("--seeds", type=int, default=1, help="train each row with train.seed 0..N-1; the row is "
@@ -90,16 +114,25 @@ def main() -> int:
     if args.seeds < 1:
         print("error: --seeds must be >= 1", file=sys.stderr)
         return 2
+    if args.budget_s is not None and (args.budget_s <= 0 or args.epochs):
+        print("error: --budget-s must be > 0 and cannot go with --epochs", file=sys.stderr)
+        return 2
     with tempfile.TemporaryDirectory() as tmp:
         if args.smoke:
             names, epochs_for = names[:1], {}
-            cfg.train.epochs = 1
+            cfg.train.epochs, args.epochs, args.budget_s = 1, None, 1e-3  # the probe runs; 1 epoch
             smoke_data(cfg, Path(tmp))
         elif not (cfg.paths.encoder / "encoder.json").is_file():
             print(f"error: {cfg.paths.encoder}: no encoder; run `dvc repro encoder` first", file=sys.stderr)
             return 1
         if args.epochs:
             cfg.train.epochs = args.epochs
+        if args.budget_s:  # equal time: the epochs each recipe's update speed allows
+            for name in names:
+                if name not in epochs_for:
+                    per_epoch = seconds_per_epoch(apply_recipe(cfg, name))
+                    epochs_for[name] = max(1, round(args.budget_s / per_epoch))
+                    print(f"{name}: {per_epoch:.2f} s per epoch of updates -> {epochs_for[name]} epochs", flush=True)
         rows = []
         for i, name in enumerate(names):
             metrics, walls = [], []
