@@ -5,9 +5,10 @@ their resolution per layer between 4x4 and data.image_size.
 
 Class-conditional (``num_classes`` > 0, model.conditional): G's code is the latent vector followed
 by a one-hot class vector (N, latent_dim + num_classes), one tensor, so every consumer of G (the
-exported safetensors, the MLflow model, DDP, evaluation) keeps one input; G's BatchNorm layers take
-their scale and shift from the class (conditional BatchNorm, de Vries et al. 2017), and D adds the
-projection of its pooled features on a class embedding to its logit (Miyato & Koyama 2018).
+exported safetensors, the MLflow model, DDP, evaluation) keeps one input; G's first layer takes the
+whole code and its BatchNorm layers take their scale and shift from the class (conditional
+BatchNorm, de Vries et al. 2017), and D adds the projection of its mean-pooled features on a class
+embedding to its logit (Miyato & Koyama 2018).
 Unconditional networks keep exactly the layers and state-dict keys they always had.
 """
 
@@ -64,8 +65,10 @@ class Generator(nn.Module):
         n = _upsamplings(image_size)
         ch = width * 2 ** (n - 1)
         layers: list[nn.Module] = [
-            # (B, latent, 1, 1) -> (B, ch, 4, 4)
-            nn.ConvTranspose2d(latent_dim, ch, 4, 1, 0, bias=False),
+            # (B, latent [+ classes], 1, 1) -> (B, ch, 4, 4): a conditional G gets its class here
+            # too, so the class shapes the image from the first layer, not only through the
+            # BatchNorm scale and shift that start neutral
+            nn.ConvTranspose2d(self.code_dim, ch, 4, 1, 0, bias=False),
             norm(ch),
             nn.ReLU(inplace=True),
         ]
@@ -83,10 +86,10 @@ class Generator(nn.Module):
 
     def forward(self, code: torch.Tensor) -> torch.Tensor:
         # code: (B, latent [+ classes]) -> (B, C, S, S)
+        x = code.reshape(code.shape[0], self.code_dim, 1, 1)
         if not self.num_classes:
-            return self.net(code.reshape(code.shape[0], self.latent_dim, 1, 1))
-        z, c = code[:, : self.latent_dim], code[:, self.latent_dim :]
-        x = z.reshape(z.shape[0], self.latent_dim, 1, 1)
+            return self.net(x)
+        c = code[:, self.latent_dim :]
         for layer in self.net:
             x = layer(x, c) if isinstance(layer, ConditionalBatchNorm2d) else layer(x)
         return x
@@ -121,7 +124,9 @@ class Discriminator(nn.Module):
         if not self.num_classes:
             return self.net(x).flatten()
         h = self.net[:-1](x)  # (B, ch, 4, 4)
-        return self.net[-1](h).flatten() + (self.embed(c) * h.sum((2, 3))).sum(1)
+        # mean-pooled: D has no spectral norm by default, and the projection of sum-pooled
+        # features (16x larger) outgrew the logit and collapsed the conditional training
+        return self.net[-1](h).flatten() + (self.embed(c) * h.mean((2, 3))).sum(1)
 
 
 # --------------------------------------------------------------------------- residual (model.arch: resnet)

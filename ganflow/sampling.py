@@ -86,7 +86,16 @@ def load_generator_dir(path: Path) -> torch.nn.Module:
         raise GanflowError(f"{path / SPEC}: unknown arch {arch!r} (known: {', '.join(GENERATORS)})")
     g = GENERATORS[arch](spec["latent_dim"], spec["channels"], spec["image_size"], spec["g_width"],
                          int(spec.get("num_classes") or 0))
-    g.load_state_dict(load_file(str(path / WEIGHTS)))
+    try:
+        g.load_state_dict(load_file(str(path / WEIGHTS)))
+    except RuntimeError as exc:  # shapes or keys of another version of the architecture
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 else first_line(exc)  # the first mismatch, after torch's heading
+        raise GanflowError(
+            f"{path / WEIGHTS}: its weights do not fit this version's {arch} generator ({detail}); a "
+            "class-conditional DCGAN G exported before its first layer took the class cannot load: export it "
+            "again with `dvc repro train`"
+        ) from None
     return g.eval()
 
 

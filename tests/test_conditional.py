@@ -116,6 +116,19 @@ def test_exported_conditional_generator_samples_by_class(tmp_path):
                                                    .round().permute(0, 2, 3, 1).numpy()).max() <= 1
 
 
+def test_a_conditional_generator_of_the_old_layout_is_refused_in_one_line(tmp_path):
+    """Conditional DCGAN generators exported before G's first layer took the class (its first
+    weight was (latent_dim, ...)) cannot load into this version: a clear refusal, not a traceback."""
+    cfg = tiny_cfg(tmp_path)
+    old = {k: v[:8] if k == "net.0.weight" else v for k, v in build_generator(cfg, 3).state_dict().items()}
+    spec = {"latent_dim": 8, "channels": 1, "image_size": 16, "g_width": 8, "num_classes": 3,
+            "class_names": ["a", "b", "c"], "class_prior": [0.4, 0.3, 0.3]}
+    export_generator(old, spec, tmp_path / "gen")
+    with pytest.raises(GanflowError, match="do not fit this version's dcgan generator .*export it again") as info:
+        load_generator_dir(tmp_path / "gen")
+    assert "\n" not in str(info.value)
+
+
 def test_class_option_on_an_unconditional_generator_is_refused(tmp_path):
     cfg = tiny_cfg(tmp_path)
     export_generator(build_generator(cfg).state_dict(),
