@@ -124,8 +124,8 @@ TRAIN_RUN_ONLY_KEYS = ("checkpoint_every", "max_failures")
 class TrainConfig(Section):
     epochs: int = Field(60, gt=0)
     batch_size: int = Field(64, gt=0)  # global batch, split across cluster.num_workers
-    lr_g: float = Field(2e-4, gt=0.0)
-    lr_d: float = Field(2e-4, gt=0.0)
+    lr_g: float = Field(5e-4, gt=0.0)
+    lr_d: float = Field(5e-4, gt=0.0)
     beta1: float = Field(0.5, ge=0.0, lt=1.0)
     beta2: float = Field(0.999, ge=0.0, lt=1.0)
     loss: Literal["bce", "hinge"] = "bce"
@@ -159,10 +159,10 @@ class TuneConfig(Section):
     enabled: bool = True
     num_samples: int = Field(8, gt=0)
     epochs: int = Field(6, gt=0)  # epochs per trial
-    lr_g_min: float = Field(5e-5, gt=0.0)
-    lr_g_max: float = Field(2e-3, gt=0.0)
-    lr_d_min: float = Field(5e-5, gt=0.0)
-    lr_d_max: float = Field(2e-3, gt=0.0)
+    lr_g_min: float = Field(1e-4, gt=0.0)
+    lr_g_max: float = Field(6e-4, gt=0.0)
+    lr_d_min: float = Field(1e-4, gt=0.0)
+    lr_d_max: float = Field(6e-4, gt=0.0)
     search: Literal["random", "optuna"] = "random"
     max_concurrent_trials: int | None = Field(None, gt=0)  # None: derived from the cluster
     grace_period: int = Field(2, ge=1)

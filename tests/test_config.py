@@ -91,7 +91,7 @@ def test_check_config_cli(tmp_path):
     good = run(["ganflow", "check-config", str(REPO / "params.yaml")], cwd=tmp_path)
     assert good.returncode == 0, good.stderr
     printed = yaml.safe_load(good.stdout)
-    assert printed["train"]["lr_g"] == pytest.approx(2e-4)
+    assert printed["train"]["lr_g"] == pytest.approx(5e-4)
     assert printed["paths"]["prepared"] == str(REPO / "data" / "prepared")
 
     bad = write(tmp_path, "train:\n  lr_g: 0\n")

@@ -177,7 +177,7 @@ def test_two_workers_on_two_nodes_ddp_tracked_exported_and_sampled(tmp_path, two
     client, r = only_run(root)
     run_id = r.info.run_id
     assert r.info.status == "FINISHED" and spec["mlflow_run_id"] == run_id
-    assert r.data.params["train.lr_g"] == "0.0002" and r.data.params["lr_d"] == "0.0002"
+    assert r.data.params["train.lr_g"] == "0.0005" and r.data.params["lr_d"] == "0.0005"
     assert r.data.params["cluster.num_workers"] == "2"
     for key in ("loss_d", "loss_g", "d_real", "d_fake", "imgs_per_sec"):
         assert len(steps(client, run_id, key)) >= 2, key
