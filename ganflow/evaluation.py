@@ -344,6 +344,19 @@ def inception_fid(weights: Path, real: torch.Tensor, fake: torch.Tensor) -> floa
 # ------------------------------------------------------------------------------------- the evaluate stage
 
 
+def class_match(probs: np.ndarray, asked: np.ndarray, encoder_dir: Path) -> dict[str, float]:
+    """The share of a conditional G's samples that the encoder's classifier puts in the class G
+    was asked for, next to its floor: the classifier's accuracy on the held-out real images (a
+    G cannot be expected to beat the judge). The class frequencies alone cannot tell a G that
+    draws the wrong digit for each class at the right overall rates."""
+    spec = json.loads((Path(encoder_dir) / SPEC).read_text())
+    out = {"class_match": float((probs.argmax(1) == asked).mean())}
+    accuracy = spec.get("quality", {}).get("heldout_accuracy")
+    if accuracy is not None:
+        out["floor_class_match"] = float(accuracy)
+    return out
+
+
 def evaluate_generator(cfg: Config, sample_fn, reference: Reference | None = None) -> tuple[dict[str, Any], np.ndarray]:
     """Every metric of ``sample_fn(code) -> images (N, C, S, S) in [-1, 1]`` (the generator at
     paths.generator) against the held-out reference, next to its floor. Returns (metrics, the
@@ -367,6 +380,8 @@ def evaluate_generator(cfg: Config, sample_fn, reference: Reference | None = Non
     if probs is not None:
         counts = np.bincount(probs.argmax(1), minlength=len(reference.class_names))
         metrics["class_freq"] = {name: float(c / n) for name, c in zip(reference.class_names, counts)}
+        if meta["class_prior"]:  # a conditional G: does it draw the class it is asked for?
+            metrics.update(class_match(probs, z[:, meta["latent_dim"]:].argmax(1).numpy(), cfg.paths.encoder))
     if cfg.eval.inception_weights is not None:
         metrics["fid_inception"] = inception_fid(cfg.eval.inception_weights, reference_images(cfg), images)
     return metrics, to_uint8(images)

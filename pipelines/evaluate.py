@@ -61,6 +61,8 @@ def stage(cfg: Config) -> None:
         f"KL {metrics['class_kl']:.3f}, reverse KL {metrics['class_kl_reverse']:.3f})"
         if "classes_covered" in metrics else ""
     )
+    if "class_match" in metrics:  # a conditional G: how often it draws the class it is asked for
+        classes += f"; drawn as asked {metrics['class_match']:.2f} (floor {metrics.get('floor_class_match', float('nan')):.2f})"
     copying = "FLAGGED: copies training images" if metrics["copying_flagged"] else "not flagged"
     print(
         f"held-out fd_domain {metrics['fd_domain']:.3f} = {metrics['fd_domain_over_floor']:.2f}x its real-vs-real "

@@ -14,7 +14,7 @@ import torch
 
 from ganflow.config import from_dict, resolve_paths
 from ganflow.data import PreparedDataset, prepare
-from ganflow.evaluation import EvaluationError, evaluate_generator, fit_encoder, load_reference
+from ganflow.evaluation import EvaluationError, class_match, evaluate_generator, fit_encoder, load_reference
 from ganflow.metrics import COPYING_THRESHOLD, data_copying
 
 
@@ -200,3 +200,13 @@ def test_unlabelled_data_gets_an_autoencoder_and_no_class_metrics(tmp_path):
     noise, _ = evaluate_generator(cfg, serving(torch.rand(50, 1, 16, 16) * 2 - 1))
     assert "classes_covered" not in real
     assert noise["fd_domain"] > 5 * real["fd_domain"]
+
+
+def test_class_match_counts_samples_drawn_as_asked(tmp_path):
+    """The class frequencies can be right while every sample is the wrong class: class_match
+    catches it (two classes, drawn swapped: frequencies perfect, match 0)."""
+    (tmp_path / "encoder.json").write_text(json.dumps({"quality": {"heldout_accuracy": 0.9}}))
+    asked = np.array([0, 0, 1, 1])
+    swapped = np.eye(2)[[1, 1, 0, 0]]
+    assert class_match(swapped, asked, tmp_path) == {"class_match": 0.0, "floor_class_match": 0.9}
+    assert class_match(np.eye(2)[[0, 1, 1, 1]], asked, tmp_path)["class_match"] == 0.75

@@ -166,6 +166,9 @@ def test_dvc_repro_whole_pipeline(project):
     assert shown["metrics/train.json"]["data"]["epochs"] == 2
     evaluation = shown["metrics/eval.json"]["data"]
     assert evaluation["fd_domain_over_floor"] == pytest.approx(evaluation["fd_domain"] / evaluation["floor_fd_domain"])
+    # a conditional G: the share drawn as the class asked for, next to the classifier's own accuracy
+    assert 0.0 <= evaluation["class_match"] <= 1.0 and 0.5 <= evaluation["floor_class_match"] <= 1.0
+    assert "drawn as asked" in first.stdout
     best = json.loads((project / "tune" / "best.json").read_text())
     spec = json.loads((project / "models" / "generator" / "generator.json").read_text())
     assert (spec["lr_g"], spec["lr_d"]) == (best["lr_g"], best["lr_d"])  # train used the sweep's rates
