@@ -7,7 +7,7 @@ serves it; the test opens the experiment page, the compare-runs page and a run's
 and checks that what a person compares is on screen: both runs' learning rates, their
 fd_domain, and the sample-grid image.
 
-GANFLOW_UPDATE_SCREENSHOT=1 also copies the compare-runs screenshot to docs/ui-compare.png.
+The README's screenshots come from a real run instead (docs/screenshot.py).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -30,7 +29,7 @@ from ganflow.config import load_config
 from ganflow.data import PreparedDataset, prepare
 from ganflow.tracking import RunLogger, connect, provenance, start_sweep_run, start_training_run, tracking_uri
 from ganflow.localcluster import start_mlflow_server
-from tests.conftest import REPO, free_port
+from tests.conftest import free_port
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's chromium; `make test` installs it
 CHROMIUM_ARGS = [
@@ -188,14 +187,13 @@ def page(browser):
 
 def _optional(action) -> bool:
     """A step that only makes the page tidier (closing a side panel, a toggle): an MLflow UI that
-    lacks it still passes, unless the screenshot for the docs is being made."""
+    lacks it still passes."""
     from playwright.sync_api import Error as PlaywrightError
 
     try:
         action()
         return True
     except PlaywrightError:
-        assert not os.environ.get("GANFLOW_UPDATE_SCREENSHOT"), "the docs screenshot needs every tidying step"
         return False
 
 
@@ -267,9 +265,6 @@ def test_compare_runs_page_shows_both_trainings(page, server):
     page.evaluate("() => document.querySelectorAll('*').forEach(e => { if (e.scrollTop) e.scrollTop = 0 })")
     shot = root / "compare-runs.png"
     page.screenshot(path=str(shot))
-    if os.environ.get("GANFLOW_UPDATE_SCREENSHOT"):
-        (REPO / "docs").mkdir(exist_ok=True)
-        shutil.copyfile(shot, REPO / "docs" / "ui-compare.png")
 
 
 def test_run_page_shows_the_description_and_the_sample_grid(page, server):
