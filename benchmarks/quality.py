@@ -42,6 +42,7 @@ COLUMNS = [  # (metric, header, format)
     ("classes_covered", "classes", "{:7.0f}"),
     ("class_tv", "class TV", "{:8.3f}"),
     ("class_kl_reverse", "rev KL", "{:6.3f}"),
+    ("class_match", "as asked", "{:8.2f}"),  # conditional rows: share drawn as the class asked
     ("copying_ct", "copying", "{:7.2f}"),
 ]
 

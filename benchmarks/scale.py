@@ -14,7 +14,12 @@ worker gets them, float tensors) in a fresh process per ingest: ``local`` (the D
 shards) and ``ray_data`` (streamed through Ray Data from a local Ray the process starts, raylet and
 read workers included in the process tree), and prints images/s (of the second epoch, and of the first, which pays the start-up) and peak RSS
 of each.
---smoke: 300 and 600 images of 16 px, Ray Data at 600 only (checks the script runs, not the figures).
+Last, the whole train stage (pipelines/train.py: a local Ray, one worker with every core, MLflow,
+checkpoints, export) for one epoch of each size, narrow networks (widths 16: the data path is what
+is measured, not the model), after fitting a 1-epoch encoder there (not measured): its wall time
+and the peak RSS of its process tree (the stage, the raylet and GCS it starts, the Ray workers).
+--smoke: 300 and 600 images of 16 px, Ray Data and the train stage at 600 only (checks the script
+runs, not the figures).
 """
 
 from __future__ import annotations
@@ -102,7 +107,46 @@ def run_stage(params: Path, code: str = STAGE, *args: str) -> tuple[dict, float]
     out = proc.communicate()[0]
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(args) or 'prepare'} failed (exit {proc.returncode}) on {params}")
-    return json.loads(out.strip().splitlines()[-1]), peak / 2**20
+    # the report is the last line that is one (Ray may print after it)
+    report = next(line for line in reversed(out.strip().splitlines()) if line.startswith('{"seconds"'))
+    return json.loads(report), peak / 2**20
+
+
+def train_stage(root: Path) -> tuple[float, float]:
+    """Fit a 1-epoch encoder in the prepared project ``root`` (not measured), then run one epoch
+    of the train stage there: (wall seconds, peak RSS MiB of its process tree)."""
+    params = root / "params.yaml"
+    params.write_text(params.read_text() + (
+        "model:\n  g_width: 16\n  d_width: 16\n"
+        "train:\n  epochs: 1\n  batch_size: 64\n"
+        "tune:\n  enabled: false\n"
+        "eval:\n  encoder_epochs: 1\n  feature_dim: 16\n  num_samples: 200\n  kid_subsets: 5\n  kid_subset_size: 100\n"
+        "cluster:\n  num_workers: 1\n"))
+    repo = Path(__file__).resolve().parents[1]
+    encoder = subprocess.run([sys.executable, str(repo / "pipelines" / "encoder.py"), "--params", str(params)],
+                             cwd=root, capture_output=True, text=True)
+    if encoder.returncode != 0:
+        raise SystemExit(f"encoder fit failed on {root}: {encoder.stderr.strip()[-500:]}")
+    (root / "tune").mkdir(exist_ok=True)
+    (root / "tune" / "best.json").write_text('{"lr_g": 0.0002, "lr_d": 0.0002}\n')  # what tune writes when off
+    report, peak = run_stage(params, TRAIN, str(repo / "pipelines" / "train.py"))
+    if report.get("rc"):
+        raise SystemExit(f"train stage failed on {root} (exit {report['rc']})")
+    return report["seconds"], peak
+
+
+TRAIN = """
+import json, runpy, sys, time
+params, script = sys.argv[1], sys.argv[2]
+sys.argv = [script, "--params", params]
+started = time.perf_counter()
+try:
+    runpy.run_path(script, run_name="__main__")
+    rc = 0
+except SystemExit as exc:  # the stage's own exit
+    rc = exc.code if isinstance(exc.code, int) else 1
+print(json.dumps({"seconds": time.perf_counter() - started, "rc": rc}), flush=True)
+"""
 
 
 def main() -> int:
@@ -113,7 +157,7 @@ def main() -> int:
     args = parser.parse_args()
     sizes = [300, 600] if args.smoke else [int(s) for s in args.sizes.split(",")]
     image_size = 16 if args.smoke else args.image_size
-    rows, reads = [], []
+    rows, reads, trains = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for count in sizes:
             folder = Path(tmp) / f"images-{count}"
@@ -140,6 +184,9 @@ def main() -> int:
                 report, peak = run_stage(Path(tmp) / f"p-{count}-auto" / "params.yaml", INGEST, mode)
                 reads.append((count, mode, report["count"], report["count"] / report["seconds"], peak,
                               report["count"] / report["first"]))
+            if not args.smoke or count == sizes[-1]:
+                seconds, peak = train_stage(Path(tmp) / f"p-{count}-auto")
+                trains.append((count, seconds, peak))
 
     print(f"\n{image_size} px RGB PNGs, {os.cpu_count()} CPUs; prepare = decode, resize, split, write")
     print(f"{'images':>7s} {'mode':24s} {'img/s':>8s} {'x single':>8s} {'peak RSS MiB':>12s}")
@@ -162,6 +209,14 @@ def main() -> int:
         if len(peaks) < 2:
             continue
         print(f"peak RSS growth {sizes[0]} -> {sizes[-1]} images, {mode} epoch: {peaks[-1] / peaks[0] - 1:+.0%}")
+    print("\nthe train stage, one epoch (local Ray, 1 worker with every core, widths 16; wall includes"
+          " Ray's start-up, evaluation, export)")
+    print(f"{'images':>7s} {'wall s':>8s} {'peak RSS MiB':>12s}")
+    for count, seconds, peak in trains:
+        print(f"{count:7d} {seconds:8.1f} {peak:12.0f}")
+    if len(trains) > 1:
+        print(f"peak RSS growth {trains[0][0]} -> {trains[-1][0]} images, train stage: "
+              f"{trains[-1][2] / trains[0][2] - 1:+.0%}")
     return 0
 
 

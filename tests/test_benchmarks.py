@@ -27,7 +27,8 @@ EXPECTED = {
     "tune_efficiency.py": [rf"old: min over epochs\s+{NUMBER}", rf"new: mean of last two\s+{NUMBER}"],
     "quality.py": [rf"dcgan-bce: {NUMBER} s per epoch of updates -> 1 epochs", rf"dcgan-bce\s+{NUMBER}\s+{NUMBER}\s+-?{NUMBER}\s+{NUMBER}\s+{NUMBER}"],
     "scale.py": [rf"600 parallel \(auto\)\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}",
-                 rf"600 single process\s+{NUMBER}\s+1\.00\s+{NUMBER}", r"peak RSS growth 300 -> 600"],
+                 rf"600 single process\s+{NUMBER}\s+1\.00\s+{NUMBER}", r"peak RSS growth 300 -> 600",
+                 rf"the train stage, one epoch[^\n]*\n[^\n]*\n\s*600\s+{NUMBER}\s+{NUMBER}"],
     "cpu_share.py": [rf"other\s+{NUMBER}\s+{NUMBER}%", rf"training workers\s+{NUMBER}\s+{NUMBER}%"],
 }
 
