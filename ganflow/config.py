@@ -135,6 +135,10 @@ class TrainConfig(Section):
     # (scaled by r1_every, so the average strength does not depend on it); 0 = off
     r1_gamma: float = Field(0.0, ge=0.0)
     r1_every: int = Field(16, ge=1)
+    # mode-seeking term on G (Mao et al. 2019): the fakes come in pairs of one class and two
+    # codes, and G's loss adds mode_seeking / (|G(z1)-G(z2)| / |z1-z2|), penalising pairs drawn
+    # alike; for a conditional G, whose class term pulls samples to the class prototype. 0 = off
+    mode_seeking: float = Field(0.0, ge=0.0)
     seed: int = Field(0, ge=0)
     checkpoint_every: int = Field(1, ge=1)  # epochs
     max_failures: int = Field(2, ge=0)  # worker-group restarts Ray may make

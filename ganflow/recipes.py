@@ -27,14 +27,19 @@ RECIPES: dict[str, dict[str, Any]] = {
     # class-conditional G (conditional BatchNorm) and projection D when the data has labels
     "dcgan-bce-conditional": {"model.spectral_norm": False, "model.conditional": "auto", "train.loss": "bce",
                               "train.augment": "none"},
+    # + the mode-seeking term on G (Mao et al. 2019), which keeps the conditional G's samples of
+    # one class apart: the project's params.yaml
+    "dcgan-bce-conditional-ms": {"model.spectral_norm": False, "model.conditional": "auto", "train.loss": "bce",
+                                 "train.augment": "none", "train.mode_seeking": 0.3},
     "sn-hinge-conditional": {"model.spectral_norm": True, "model.conditional": "auto", "train.loss": "hinge",
                              "train.augment": "none"},
     # residual G and D (SNGAN/BigGAN-style blocks), spectral norm and hinge, conditional on labels
     "resnet-sn-hinge-conditional": {"model.arch": "resnet", "model.spectral_norm": True, "model.conditional": "auto",
                                     "train.loss": "hinge", "train.augment": "none"},
 }
-for _recipe in RECIPES.values():  # every recipe names its architecture
+for _recipe in RECIPES.values():  # every recipe names its architecture and its mode-seeking weight
     _recipe.setdefault("model.arch", "dcgan")
+    _recipe.setdefault("train.mode_seeking", 0.0)
 
 
 def apply_recipe(cfg: Config, name: str) -> Config:

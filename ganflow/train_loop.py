@@ -160,13 +160,17 @@ def gan_step(
     d_loss_fn, g_loss_fn = LOSSES[cfg.train.loss]
     b = real.shape[0]
     z = torch.randn(b, cfg.model.latent_dim, generator=z_gen, device=z_gen.device).to(state.device)
-    c = None
+    c = c_fake = None
     if state.prior:
-        c = one_hot(labels, len(state.prior)).to(state.device)  # (B, K)
-        z = torch.cat([z, c], dim=1)
+        c = c_fake = one_hot(labels, len(state.prior)).to(state.device)  # (B, K)
+        if cfg.train.mode_seeking > 0 and update_g and b >= 2:  # pairs: fake i and i + b//2 share a class
+            c_fake = c.clone()
+            c_fake[b // 2: 2 * (b // 2)] = c[: b // 2]
+        z = torch.cat([z, c_fake], dim=1)
     # D sees every image through the same random augmentation, real and generated, in both steps
     seen = (lambda x: state.augment(x, z_gen)) if state.augment is not None else (lambda x: x)
-    judge = (lambda x: state.d(x, c)) if c is not None else state.d
+    judge = (lambda x: state.d(x, c)) if c is not None else state.d  # real images, their classes
+    judge_fake = (lambda x: state.d(x, c_fake)) if c is not None else state.d  # fakes, the classes drawn
 
     # D step: minimise d_loss(D(x), D(G(z))) on fake.detach(), so no gradient reaches G; every
     # train.r1_every steps plus the R1 penalty on the same real images (lazy regularisation)
@@ -177,7 +181,7 @@ def gan_step(
         if r1:
             real_seen = real_seen.detach().requires_grad_(True)
         real_logits = judge(real_seen)
-        fake_logits = judge(seen(fake.detach()))
+        fake_logits = judge_fake(seen(fake.detach()))
         loss_d = d_loss_fn(real_logits.float(), fake_logits.float())  # the diagnostic: without the penalty
         total_d = loss_d
         if r1:
@@ -201,15 +205,28 @@ def gan_step(
     no_sync = state.d.no_sync() if hasattr(state.d, "no_sync") else contextlib.nullcontext()
     with no_sync:
         with _autocast(state):
-            loss_g = g_loss_fn(judge(seen(fake)).float())
+            loss_g = g_loss_fn(judge_fake(seen(fake)).float())  # the diagnostic: without the penalty
+            total_g = loss_g
+            if cfg.train.mode_seeking > 0 and b >= 2:
+                total_g = loss_g + cfg.train.mode_seeking * mode_seeking_penalty(fake, z[:, : cfg.model.latent_dim])
         state.opt_g.zero_grad(set_to_none=True)
-        state.scaler_g.scale(loss_g).backward()
+        state.scaler_g.scale(total_g).backward()
     state.scaler_g.step(state.opt_g)
     state.scaler_g.update()
     update_ema(state.ema_g, unwrap(state.g), ema_decay_at(cfg.train.ema_decay, state.g_steps))
     state.g_steps += 1
     diagnostics["loss_g"] = loss_g.detach()
     return diagnostics
+
+
+def mode_seeking_penalty(fake: torch.Tensor, z: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """1 / (mean |G(z1) - G(z2)| / mean |z1 - z2|) over the pairs (i, i + B//2) of a batch (Mao et
+    al. 2019): large when two codes give nearly the same image. A conditional batch pairs equal
+    classes (gan_step), so the pairs differ by their codes only."""
+    half = fake.shape[0] // 2
+    image_gap = (fake[:half] - fake[half: 2 * half]).float().abs().mean()
+    code_gap = (z[:half] - z[half: 2 * half]).float().abs().mean()
+    return 1.0 / (image_gap / code_gap + eps)
 
 
 # ------------------------------------------------------------------------------------- checkpoints

@@ -256,3 +256,53 @@ def test_sync_batchnorm_only_on_cuda_ranks_and_keeps_params_and_keys(tmp_path):
         # the optimizers built on the old modules keep training the same tensors, and a checkpoint
         # or an export of either loads into the other
         assert list(synced.state_dict()) == keys and all(a is b for a, b in zip(synced.parameters(), params))
+
+
+def test_mode_seeking_penalty_is_code_gap_over_image_gap():
+    from ganflow.train_loop import mode_seeking_penalty
+
+    z = torch.zeros(4, 3)
+    z[2:] = 2.0  # every pair (i, i + 2) differs by 2 in each code entry
+    fake = torch.zeros(4, 1, 2, 2)
+    fake[2:] = 0.5  # and by 0.5 in each pixel
+    assert torch.isclose(mode_seeking_penalty(fake, z), torch.tensor(2.0 / 0.5), rtol=1e-4)
+    fake[2:] = 0.0  # two codes, one image: the collapse it penalises
+    assert mode_seeking_penalty(fake, z) > 1e4
+
+
+def test_mode_seeking_adds_to_g_loss_only_and_pairs_classes(tmp_path):
+    real = torch.rand(8, 1, 16, 16) * 2 - 1
+    labels = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
+
+    class Recorder(torch.nn.Module):  # G, remembering the codes (z and class) it was given
+        def __init__(self, g):
+            super().__init__()
+            self.g, self.codes = g, []
+
+        def forward(self, z):
+            self.codes.append(z.detach().clone())
+            return self.g(z)
+
+    def step(weight: float, prior=None, update_g=True):
+        cfg = tiny_cfg(tmp_path, mode_seeking=weight)
+        torch.manual_seed(0)
+        state = build_state(cfg, torch.device("cpu"), 1e-3, 1e-3, prior)
+        state.g = Recorder(state.g)
+        diag = gan_step(state, cfg, real, torch.Generator().manual_seed(0), update_g=update_g,
+                        labels=labels if prior else None)
+        return state, diag
+
+    plain, plain_diag = step(0.0)
+    seeking, seeking_diag = step(1.0)
+    assert all(torch.equal(a, b) for a, b in zip(plain.d.parameters(), seeking.d.parameters()))  # D: the same
+    assert any(not torch.equal(a, b) for a, b in zip(plain.g.parameters(), seeking.g.parameters()))  # G: pushed
+    assert torch.equal(plain_diag["loss_g"], seeking_diag["loss_g"])  # the logged loss is the adversarial one
+
+    prior = [0.2] * 5
+    state, _ = step(1.0, prior)
+    classes = state.g.codes[0][:, 8:].argmax(1)
+    assert torch.equal(classes[4:], classes[:4]) and torch.equal(classes[:4], labels[:4])  # pairs of one class
+    state, _ = step(1.0, prior, update_g=False)  # a D-only step draws the fakes at the real classes
+    assert torch.equal(state.g.codes[0][:, 8:].argmax(1), labels)
+    state, _ = step(0.0, prior)
+    assert torch.equal(state.g.codes[0][:, 8:].argmax(1), labels)

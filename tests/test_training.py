@@ -111,12 +111,14 @@ def worker_nodes(client: MlflowClient, run_id: str) -> list[dict]:
 
 def test_two_workers_on_two_nodes_ddp_tracked_exported_and_sampled(tmp_path, two_nodes):
     """The conditional, augmented recipe (the one with the most per-rank state: class embeddings,
-    conditional BatchNorm, D's projection, random augmentation per rank) trained with DDP."""
+    conditional BatchNorm, D's projection, random augmentation per rank, mode-seeking pairs drawn
+    within each rank's share) trained with DDP."""
     cluster, node = two_nodes
     root = tmp_path / "p"
     params = make_project(root, cluster={"num_workers": 2},
                           model={"latent_dim": 16, "g_width": 16, "d_width": 16, "conditional": "auto"},
-                          train={"epochs": 2, "batch_size": 64, "max_failures": 1, "augment": "diffaugment"})
+                          train={"epochs": 2, "batch_size": 64, "max_failures": 1, "augment": "diffaugment",
+                                 "mode_seeking": 0.3})
     proc = start_training(params, RAY_ADDRESS=cluster.address)
     out, err = proc.communicate(timeout=1800)
     assert proc.returncode == 0, err[-3000:]
