@@ -160,10 +160,11 @@ def gan_step(
     d_loss_fn, g_loss_fn = LOSSES[cfg.train.loss]
     b = real.shape[0]
     z = torch.randn(b, cfg.model.latent_dim, generator=z_gen, device=z_gen.device).to(state.device)
+    seeking = cfg.train.mode_seeking > 0 and update_g and b >= 2  # the G step pairs fakes i and i + b//2
     c = c_fake = None
     if state.prior:
         c = c_fake = one_hot(labels, len(state.prior)).to(state.device)  # (B, K)
-        if cfg.train.mode_seeking > 0 and update_g and b >= 2:  # pairs: fake i and i + b//2 share a class
+        if seeking:  # a pair shares its class
             c_fake = c.clone()
             c_fake[b // 2: 2 * (b // 2)] = c[: b // 2]
         z = torch.cat([z, c_fake], dim=1)
@@ -207,7 +208,7 @@ def gan_step(
         with _autocast(state):
             loss_g = g_loss_fn(judge_fake(seen(fake)).float())  # the diagnostic: without the penalty
             total_g = loss_g
-            if cfg.train.mode_seeking > 0 and b >= 2:
+            if seeking:
                 total_g = loss_g + cfg.train.mode_seeking * mode_seeking_penalty(fake, z[:, : cfg.model.latent_dim])
         state.opt_g.zero_grad(set_to_none=True)
         state.scaler_g.scale(total_g).backward()
