@@ -5,7 +5,7 @@ not grow with the data set, in preparing and in reading an epoch for training.
 
 For each size, generates a folder of that many seeded RGB PNGs (image-size px, in two class
 folders, with a few unreadable files among them) and runs the prepare stage's code on it twice in
-fresh processes: with data.prepare_workers: auto (one decoding process per core) and with 0 (a
+fresh processes: with data.prepare_workers: auto (the stage and one more process per other core) and with 0 (a
 single-process decode loop, the baseline). Prints per size and mode: prepare images/s, the ratio
 parallel / single, and the peak resident memory of the stage's process tree (the stage plus its
 decoding processes, sampled every 20 ms). Both modes write the same bytes (checked here too).

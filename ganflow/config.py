@@ -83,8 +83,9 @@ class DataConfig(Section):
     # ray_data = streamed from storage through Ray Data, split across the workers;
     # auto = ray_data when the Ray cluster has more than one node (see ganflow/ingest.py)
     ingest: Literal["auto", "local", "ray_data"] = "auto"
-    # processes that decode and resize an image folder in the prepare stage: auto = one per core,
-    # 0 = in the stage's own process (the output is byte-identical either way)
+    # processes that decode, resize and write an image folder's shards in the prepare stage beside
+    # the stage's own process, which does too: auto = one per core but the stage's, 0 = the stage
+    # alone (the output is byte-identical either way)
     prepare_workers: Literal["auto"] | int = "auto"
 
     @field_validator("prepare_workers")

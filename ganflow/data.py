@@ -18,13 +18,14 @@ and params give byte-identical files.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
 import os
 import sys
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,9 @@ class RawSource:
     files_total: int = 0  # files seen (folder source)
     skipped: list[dict[str, str]] = field(default_factory=list)  # {"file": ..., "reason": ...}
     resized: bool = False
+    # a folder writes its own shards (decoded in parallel, each shard by the process that decoded
+    # it) into the folder given: [{"file", "count", "sha256"}] in order; ``images`` is then empty
+    write_shards: Callable[[Path], list[dict[str, Any]]] | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,31 +196,55 @@ def load_folder_source(data: DataConfig) -> RawSource:
 
     raw = RawSource(images=[], labels=None, class_names=class_names, content_hash="",
                     files_total=len(files), resized=True)
-    raw.images = _folder_images(raw, root, files, is_image, class_index if labelled else None, data)
+    raw.write_shards = functools.partial(_write_folder_shards, raw, root, files, is_image,
+                                         class_index if labelled else None, data)
     return raw
 
 
-def _folder_images(raw: RawSource, root: Path, files: list[Path], is_image: dict[Path, bool],
-                   class_index: dict[str, int] | None, data: DataConfig) -> Iterator[np.ndarray]:
-    """The folder's usable images at the training shape, in file order, decoded in parallel;
-    fills ``raw``'s labels, content hash and skipped-file report, and refuses the folder at the
-    end when too many image files could not be read (prepare then writes nothing)."""
+FILES_PER_SHARD = 1024  # a folder's shard: the usable images of at most this many consecutive files
+
+
+def shard_ranges(files: int, data: DataConfig) -> list[tuple[int, int]]:
+    """The folder's files cut into consecutive ranges, one shard each (the unit of parallel work):
+    at most FILES_PER_SHARD files, and no more than a shard of data.shard_mb holds. Depends on
+    the file count and the params only, so the shards are the same however many processes decode."""
+    step = max(1, min(FILES_PER_SHARD, images_per_shard(data)))
+    return [(i, min(i + step, files)) for i in range(0, files, step)]
+
+
+def _write_folder_shards(raw: RawSource, root: Path, files: list[Path], is_image: dict[Path, bool],
+                         class_index: dict[str, int] | None, data: DataConfig, folder: Path) -> list[dict[str, Any]]:
+    """Decode the folder's usable images to the training shape and write them into ``folder`` as
+    shards (one per shard_ranges range that has any), in parallel; fills ``raw``'s labels, content
+    hash and skipped-file report, and refuses the folder at the end when too many image files
+    could not be read (prepare then keeps nothing of what was written)."""
     rel = {f: f.relative_to(root).as_posix() for f in files}
-    labels: list[int] = []
-    digest = hashlib.sha256(b"folder")
-    tasks = [(str(f), is_image[f]) for f in files]
-    used = 0
+    ranges = shard_ranges(len(files), data)
+    tasks = [([(str(f), is_image[f]) for f in files[a:b]], str(folder / f".part-{k:05d}.npy"))
+             for k, (a, b) in enumerate(ranges)]
     bar = tqdm(total=len(files), desc="prepare: reading images", unit="file", disable=None, file=sys.stderr)
-    for f, (file_digest, image, reason) in zip(files, _decode_all(tasks, data, bar)):
-        digest.update(rel[f].encode() + b"\0" + file_digest)
-        if image is None:
-            raw.skipped.append({"file": rel[f], "reason": reason})
-            continue
-        used += 1
-        if class_index is not None:
-            labels.append(class_index[rel[f].split("/")[0]])
-        yield image
-    bar.close()
+    try:
+        results = _run_shard_tasks(tasks, data, lambda k: bar.update(ranges[k][1] - ranges[k][0]))
+    finally:
+        bar.close()
+
+    digest = hashlib.sha256(b"folder")
+    labels: list[int] = []
+    shards: list[dict[str, Any]] = []
+    used = 0
+    for (a, b), (_, part), (report, shard) in zip(ranges, tasks, results):
+        for f, (file_digest, reason) in zip(files[a:b], report):
+            digest.update(rel[f].encode() + b"\0" + file_digest)
+            if reason:
+                raw.skipped.append({"file": rel[f], "reason": reason})
+                continue
+            used += 1
+            if class_index is not None:
+                labels.append(class_index[rel[f].split("/")[0]])
+        if shard is not None:  # named in order: a range without a usable image leaves no gap
+            name = SHARD_NAME.format(len(shards))
+            os.replace(part, folder / name)
+            shards.append({"file": name, **shard})
 
     images_total = sum(is_image.values())
     bad = images_total - used
@@ -231,9 +259,7 @@ def _folder_images(raw: RawSource, root: Path, files: list[Path], is_image: dict
         )
     raw.labels = np.asarray(labels, dtype=np.int64) if class_index is not None else None
     raw.content_hash = digest.hexdigest()
-
-
-DECODE_CHUNK = 64  # files per task of the decoding processes
+    return shards
 
 
 def _decode_files(tasks: list[tuple[str, bool]], data: DataConfig) -> list[tuple[bytes, np.ndarray | None, str]]:
@@ -256,34 +282,65 @@ def _decode_files(tasks: list[tuple[str, bool]], data: DataConfig) -> list[tuple
     return out
 
 
-def prepare_processes(data: DataConfig, files: int) -> int:
-    """How many processes decode an image folder of ``files`` files (0: this one)."""
-    wanted = (os.cpu_count() or 1) if data.prepare_workers == "auto" else data.prepare_workers
-    chunks = -(-files // DECODE_CHUNK)
-    return 0 if wanted <= 1 or chunks <= 1 else min(wanted, chunks)
+def _write_shard(tasks: list[tuple[str, bool]], out: str, data: DataConfig) -> tuple[list[tuple[bytes, str]], dict | None]:
+    """Decode one range of files and write its usable images to ``out`` as one .npy shard:
+    ((sha256, why it was skipped or "") per file, {"count", "sha256"} of the shard or None)."""
+    decoded = _decode_files(tasks, data)
+    report = [(file_digest, reason) for file_digest, _, reason in decoded]
+    images = [image for _, image, _ in decoded if image is not None]
+    if not images:
+        return report, None
+    sha = _save_npy(Path(out), np.stack(images))
+    return report, {"count": len(images), "sha256": sha}
 
 
-def _decode_all(tasks: list[tuple[str, bool]], data: DataConfig, bar: tqdm):
-    """_decode_files over every file, in file order, on prepare_processes(...) processes;
-    only one chunk's native-size images are in memory per process at a time."""
-    chunks = [tasks[i:i + DECODE_CHUNK] for i in range(0, len(tasks), DECODE_CHUNK)]
+def prepare_processes(data: DataConfig, tasks: int) -> int:
+    """Processes that decode an image folder of ``tasks`` shards beside the stage's own, which
+    decodes too (0: the stage alone). auto: one per core but the stage's."""
+    wanted = (os.cpu_count() or 1) - 1 if data.prepare_workers == "auto" else data.prepare_workers
+    return 0 if wanted < 1 or tasks <= 1 else min(wanted, tasks - 1)
+
+
+def _run_shard_tasks(tasks: list[tuple[list[tuple[str, bool]], str]], data: DataConfig,
+                     progress: Callable[[int], None]) -> list[tuple[list[tuple[bytes, str]], dict | None]]:
+    """_write_shard over every task; results in task order. The worker processes take tasks from
+    the front (two each in flight, so none waits for the next) while this process takes them from
+    the back: it works while they start (a spawned process imports torch first), and the two
+    ends meet without a long tail."""
+    results: list[Any] = [None] * len(tasks)
     processes = prepare_processes(data, len(tasks))
+    front, back = 0, len(tasks)  # tasks front..back-1 are not taken yet
     if processes == 0:
-        results = (_decode_files(chunk, data) for chunk in chunks)
-    else:
-        import concurrent.futures
-        import multiprocessing
+        for k, (files, out) in enumerate(tasks):
+            results[k] = _write_shard(files, out, data)
+            progress(k)
+        return results
 
-        # spawn, not fork: the stage may hold threads (torch, tqdm) that a forked child would inherit locked
-        pool = concurrent.futures.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
-        results = pool.map(_decode_files, chunks, [data] * len(chunks))
+    import concurrent.futures
+    import multiprocessing
+
+    # spawn, not fork: the stage may hold threads (torch, tqdm) that a forked child would inherit locked
+    pool = concurrent.futures.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
+    inflight: dict[concurrent.futures.Future, int] = {}
     try:
-        for chunk in results:
-            bar.update(len(chunk))
-            yield from chunk
+        while True:
+            while front < back and len(inflight) < 2 * processes:
+                inflight[pool.submit(_write_shard, *tasks[front], data)] = front
+                front += 1
+            for future in [f for f in inflight if f.done()]:
+                k = inflight.pop(future)
+                results[k] = future.result()  # a worker's error is raised here
+                progress(k)
+            if front < back:
+                back -= 1
+                results[back] = _write_shard(*tasks[back], data)
+                progress(back)
+            elif inflight:
+                concurrent.futures.wait(inflight, return_when=concurrent.futures.FIRST_COMPLETED)
+            else:
+                return results
     finally:
-        if processes:
-            pool.shutdown(cancel_futures=True)
+        pool.shutdown(cancel_futures=True)
 
 
 def load_npz_source(data: DataConfig) -> RawSource:
@@ -401,10 +458,15 @@ def prepare(cfg: Config) -> PrepareSummary:
     resize = build_resize_transform(data)
     shape = (data.image_size, data.image_size, data.channels)
     with atomic_dir(cfg.paths.prepared) as tmp:
-        writer = ShardWriter(tmp, shape, images_per_shard(data))
-        for image in raw.images:
-            writer.add(image if raw.resized else resize(image=image)["image"].reshape(shape))
-        shards = writer.close()
+        if raw.write_shards is not None:
+            shards = raw.write_shards(tmp)
+        else:
+            writer = ShardWriter(tmp, shape, images_per_shard(data))
+            for image in raw.images:
+                writer.add(image if raw.resized else resize(image=image)["image"].reshape(shape))
+            shards = writer.close()
+        if not shards:
+            raise DataError("the data source gave no images")
         count = sum(shard["count"] for shard in shards)
         labels = raw.labels if raw.labels is not None else np.full(count, -1, dtype=np.int64)
         split = holdout_split(labels, data.holdout_fraction)
@@ -477,8 +539,8 @@ class ShardWriter:
 
     def _flush(self) -> None:
         name = SHARD_NAME.format(len(self.shards))
-        _save_npy(self.folder / name, self.buffer[: self.filled])
-        self.shards.append({"file": name, "count": self.filled, "sha256": file_sha256(self.folder / name)})
+        sha = _save_npy(self.folder / name, self.buffer[: self.filled])
+        self.shards.append({"file": name, "count": self.filled, "sha256": sha})
         self.filled = 0
 
     def close(self) -> list[dict[str, Any]]:
@@ -510,10 +572,12 @@ def holdout_split(labels: np.ndarray, fraction: float) -> np.ndarray:
     return split
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
+def _save_npy(path: Path, array: np.ndarray) -> str:
+    """Write ``array`` as .npy; returns the sha256 of the file's bytes."""
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
     write_bytes(path, buf.getvalue())
+    return hashlib.sha256(buf.getbuffer()).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -259,31 +259,37 @@ def test_a_shard_that_disagrees_with_the_manifest_is_refused(tmp_path):
 
 
 def test_parallel_decoding_writes_the_same_bytes(tmp_path, image_folder):
-    """The folder decoded by worker processes (several chunks, the broken files among them) gives
-    the very bytes of the in-process decode: images, labels, split, and the skipped-file report."""
+    """The folder decoded by worker processes and the stage together (many shards, the broken
+    files among them, a shard range with no usable image) gives the very bytes of the in-process
+    decode: images, labels, split, and the skipped-file report."""
     rng = np.random.default_rng(1)
-    for i in range(3 * data_mod.DECODE_CHUNK):  # more chunks than processes
+    for i in range(200):
         save(image_folder / ("cats", "dogs")[i % 2] / f"n{i:03d}.png",
              Image.fromarray(rng.integers(0, 255, (int(rng.integers(8, 40)), 33, 3), dtype=np.uint8)))
     (image_folder / "cats" / "n100.png").write_bytes(b"\x89PNG broken")
-    one = make_cfg(tmp_path / "one", source="folder", path=str(image_folder), max_bad_fraction=0.5,
-                   prepare_workers=0, channels=3)
-    two = make_cfg(tmp_path / "two", source="folder", path=str(image_folder), max_bad_fraction=0.5,
-                   prepare_workers=2, channels=3)
-    assert data_mod.prepare_processes(one.data, 500) == 0 and data_mod.prepare_processes(two.data, 500) == 2
+    for i in range(25):  # the folder's last files, the last two shard ranges only these: no shard for
+        (image_folder / "dogs" / f"z{i:02d}.png").write_bytes(b"junk")  # them, and no gap in the names
+    common = dict(source="folder", path=str(image_folder), max_bad_fraction=0.5, channels=3, image_size=16,
+                  shard_mb=10 * 16 * 16 * 3 / 2**20)  # 10 images per shard
+    one = make_cfg(tmp_path / "one", prepare_workers=0, **common)
+    two = make_cfg(tmp_path / "two", prepare_workers=2, **common)
+    ranges = data_mod.shard_ranges(len(data_mod._folder_files(image_folder)), two.data)
+    assert len(ranges) == 24 and data_mod.prepare_processes(two.data, len(ranges)) == 2
     serial, parallel = folder_bytes(prepare(one).path), folder_bytes(prepare(two).path)
     assert serial == parallel
     manifest = json.loads(parallel["manifest.json"])
-    assert manifest["count"] == 8 + 3 * data_mod.DECODE_CHUNK - 1
+    assert manifest["count"] == 8 + 200 - 1
+    assert [s["file"] for s in manifest["shards"]] == [f"images-{k:05d}.npy" for k in range(len(ranges) - 2)]
     assert {"file": "cats/n100.png", "reason": "not a readable image"} in manifest["skipped"]
+    assert not [name for name in parallel if name.startswith(".part")]
 
 
-def test_prepare_workers_resolve_to_the_cores_and_the_chunks(tmp_path, monkeypatch):
+def test_prepare_workers_resolve_to_the_cores_and_the_shards(tmp_path, monkeypatch):
     monkeypatch.setattr(data_mod.os, "cpu_count", lambda: 4)
     auto = make_cfg(tmp_path, source="folder").data
-    assert data_mod.prepare_processes(auto, 10 * data_mod.DECODE_CHUNK) == 4
-    assert data_mod.prepare_processes(auto, 2 * data_mod.DECODE_CHUNK) == 2  # no idle process
-    assert data_mod.prepare_processes(auto, data_mod.DECODE_CHUNK) == 0  # one chunk: no pool to start
+    assert data_mod.prepare_processes(auto, 10) == 3  # the stage decodes too: one process per core in all
+    assert data_mod.prepare_processes(auto, 2) == 1  # no idle process
+    assert data_mod.prepare_processes(auto, 1) == 0  # one shard: no pool to start
     with pytest.raises(Exception, match="prepare_workers"):
         make_cfg(tmp_path, prepare_workers=-1)
 
