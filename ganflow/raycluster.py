@@ -56,8 +56,10 @@ def init_ray(cfg: Config) -> None:
             ray.init(address=address, logging_level="WARNING")
         else:
             # "local": a new Ray of this process's own, never one found on the machine (a
-            # `ray start` head, or the stale address file of one that is gone)
-            ray.init(address="local", num_cpus=os.cpu_count(), logging_level="WARNING",
+            # `ray start` head, or the stale address file of one that is gone). No dashboard: a
+            # stage's own Ray serves no jobs, and the dashboard's processes held a quarter of the
+            # train stage's memory and competed for its cores (benchmarks/README.md, scale.py)
+            ray.init(address="local", num_cpus=os.cpu_count(), logging_level="WARNING", include_dashboard=False,
                      runtime_env={"worker_process_setup_hook": "ganflow.raycluster.quiet_ray_workers"})
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise TrainingError(f"cluster.address: cannot connect to Ray at {address or 'local'}: {first_line(exc)}") from None
