@@ -21,7 +21,7 @@ from ganflow.evaluation import load_reference
 from ganflow.export import TrainSummary, export, log_model
 from ganflow.ingest import data_config, shards_root, shipped_files, train_dataset, with_resolved_ingest
 from ganflow.interrupts import Interrupted, stop_on_signals
-from ganflow.raycluster import check_resources, init_ray, scaling_config, with_resolved_cpus
+from ganflow.raycluster import check_resources, init_ray, own_local_ray, scaling_config, with_resolved_cpus
 from ganflow.storage import delete_run, latest_checkpoint_meta, run_name, stale_runs, storage_path
 from ganflow.tracking import connect, provenance, start_training_run, tracking_uri
 from ganflow.train_loop import SHIPPED_INPUTS, train_loop_per_worker
@@ -47,6 +47,13 @@ def ship_inputs(cfg: Config, ingest: str = "local") -> dict[str, Any]:
 
     files = input_files(cfg, ingest)
     return {"node_id": ray.get_runtime_context().get_node_id(), "key": named_sha256(files)[:16], "files": ray.put(files)}
+
+
+def worker_inputs(cfg: Config, ingest: str | None = None) -> dict[str, Any] | None:
+    """ship_inputs where a worker may run on another node. None on the stage's own local Ray:
+    its workers all read the project's files in place, and the object store never holds a copy
+    of the data set (which cost the driver and the object store its size in memory each)."""
+    return None if own_local_ray() else ship_inputs(cfg, ingest or cfg.data.ingest)
 
 
 def check_trainable(cfg: Config) -> int:
@@ -138,7 +145,7 @@ def run_training(cfg: Config, lr_g: float, lr_d: float) -> TrainSummary:
         "lr_d": lr_d,
         "run_id": run_id,
         "tracking_uri": tracking_uri(cfg),
-        "inputs": ship_inputs(cfg, cfg.data.ingest),
+        "inputs": worker_inputs(cfg),
         "ingest": cfg.data.ingest,
     }
     datasets = {"train": train_dataset(cfg, shards_root(cfg))} if cfg.data.ingest == "ray_data" else None

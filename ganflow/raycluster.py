@@ -37,6 +37,17 @@ def set_ray_env() -> None:
         os.environ.setdefault(key, value)
 
 
+_OWN_RAY = {"local": False}  # whether init_ray started this process's own one-node Ray
+
+
+def own_local_ray() -> bool:
+    """True when this process runs on a local Ray that init_ray started: one node, this one, and
+    nothing can join it (a cluster, even of one node now, may get more)."""
+    import ray
+
+    return _OWN_RAY["local"] and ray.is_initialized()
+
+
 def init_ray(cfg: Config) -> None:
     """Join RAY_ADDRESS (set inside a Ray job, or by hand on a cluster node), or start a local
     Ray sized to this machine. (cluster.address is the job server the stages are submitted to:
@@ -61,6 +72,7 @@ def init_ray(cfg: Config) -> None:
             # train stage's memory and competed for its cores (benchmarks/README.md, scale.py)
             ray.init(address="local", num_cpus=os.cpu_count(), logging_level="WARNING", include_dashboard=False,
                      runtime_env={"worker_process_setup_hook": "ganflow.raycluster.quiet_ray_workers"})
+            _OWN_RAY["local"] = True
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise TrainingError(f"cluster.address: cannot connect to Ray at {address or 'local'}: {first_line(exc)}") from None
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from ganflow.atomic import check_storage_writable, write_file
 from ganflow.config import Config
-from ganflow.distributed import check_trainable, fit, ship_inputs
+from ganflow.distributed import check_trainable, fit, worker_inputs
 from ganflow.errors import GanflowError, TrainingError, first_line
 from ganflow.interrupts import Interrupted, stop_on_signals
 from ganflow.raycluster import check_resources, init_ray, scaling_config
@@ -297,7 +297,7 @@ def run_sweep(cfg: Config) -> Best:
     trainable = tune.with_parameters(
         _trial, base=trial_cfg.to_dict(), root=str(cfg.root), parent_run_id=parent,
         experiment_id=experiment_id, uri=tracking_uri(cfg), sweep=name,
-        provenance_tags=provenance(trial_cfg, "tune"), inputs=ship_inputs(cfg),
+        provenance_tags=provenance(trial_cfg, "tune"), inputs=worker_inputs(cfg, "local"),
     )
     space = {
         "lr_g": tune.loguniform(cfg.tune.lr_g_min, cfg.tune.lr_g_max),

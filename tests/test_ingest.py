@@ -83,3 +83,35 @@ def test_workers_on_other_nodes_get_no_images_with_ray_data(tmp_path):
     assert set(streamed) == {"prepared/manifest.json", "prepared/labels.npy", "prepared/split.npy",
                              "encoder/encoder.json"}
     assert sum(map(len, streamed.values())) < 0.05 * sum(map(len, local.values()))
+
+
+OWN_RAY = """
+import sys
+from ganflow.config import load_config
+from ganflow.distributed import worker_inputs
+from ganflow.raycluster import init_ray
+cfg = load_config(sys.argv[1])
+init_ray(cfg)  # no RAY_ADDRESS: the stage's own local Ray
+print("inputs:", worker_inputs(cfg), worker_inputs(cfg, "local"))
+"""
+
+
+@pytest.mark.slow
+def test_the_stage_own_local_ray_gets_no_copy_of_the_data(tmp_path):
+    """On the local Ray a stage starts, every worker reads the project's files in place: nothing
+    is read into the driver or put into the object store (the two-node test covers shipping)."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    cfg = make_cfg(tmp_path, shard_mb=0.1)
+    prepare(cfg)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"data": {"source": "digits", "image_size": 16, "shard_mb": 0.1}}))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-c", OWN_RAY, str(params)], capture_output=True, text=True,
+                          cwd=tmp_path, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "inputs: None None" in proc.stdout
