@@ -17,7 +17,8 @@ of each.
 Last, the whole train stage (pipelines/train.py: a local Ray, one worker with every core, MLflow,
 checkpoints, export) for one epoch of each size, narrow networks (widths 16: the data path is what
 is measured, not the model), after fitting a 1-epoch encoder there (not measured): its wall time
-and the peak RSS of its process tree (the stage, the raylet and GCS it starts, the Ray workers).
+and the peak RSS of its process tree (the stage, the raylet and GCS it starts, the Ray workers), with
+the stage, Ray's workers and Ray's system processes' shares of that peak.
 --smoke: 300 and 600 images of 16 px, Ray Data and the train stage at 600 only (checks the script
 runs, not the figures).
 """
@@ -92,15 +93,35 @@ def make_folder(root: Path, count: int, size: int, seed: int = 0) -> None:
         Image.fromarray(small).resize((size, size), Image.BILINEAR).save(path)
 
 
-def run_stage(params: Path, code: str = STAGE, *args: str) -> tuple[dict, float]:
-    """Run ``code`` in a fresh process; (its report, peak RSS in MiB of its process tree)."""
+def process_kind(proc: psutil.Process, top: int) -> str:
+    """Which part of a stage's process tree ``proc`` is: the stage, a Ray worker, Ray's system."""
+    if proc.pid == top:
+        return "stage"
+    name = proc.name()
+    if name.startswith("ray::"):
+        return "ray workers"
+    if name in ("raylet", "gcs_server") or "/ray/" in " ".join(proc.cmdline()[:3]):
+        return "ray system"
+    return "other"  # the decoding processes of prepare
+
+
+def run_stage(params: Path, code: str = STAGE, *args: str) -> tuple[dict, float, dict[str, float]]:
+    """Run ``code`` in a fresh process; (its report, peak RSS in MiB of its process tree, that
+    peak's MiB by process_kind)."""
     proc = subprocess.Popen([sys.executable, "-c", code, str(params), *args], stdout=subprocess.PIPE, text=True)
     top = psutil.Process(proc.pid)
-    peak = 0
+    peak, parts = 0, {}
     while proc.poll() is None:
         try:
-            tree = [top, *top.children(recursive=True)]
-            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+            now: dict[str, int] = {}
+            for p in [top, *top.children(recursive=True)]:
+                try:
+                    kind = process_kind(p, top.pid)
+                    now[kind] = now.get(kind, 0) + p.memory_info().rss
+                except psutil.Error:  # ended between the listing and the reading
+                    pass
+            if sum(now.values()) > peak:
+                peak, parts = sum(now.values()), now
         except psutil.Error:
             pass
         time.sleep(0.02)
@@ -109,12 +130,12 @@ def run_stage(params: Path, code: str = STAGE, *args: str) -> tuple[dict, float]
         raise SystemExit(f"{' '.join(args) or 'prepare'} failed (exit {proc.returncode}) on {params}")
     # the report is the last line that is one (Ray may print after it)
     report = next(line for line in reversed(out.strip().splitlines()) if line.startswith('{"seconds"'))
-    return json.loads(report), peak / 2**20
+    return json.loads(report), peak / 2**20, {k: v / 2**20 for k, v in parts.items()}
 
 
-def train_stage(root: Path) -> tuple[float, float]:
+def train_stage(root: Path) -> tuple[float, float, dict[str, float]]:
     """Fit a 1-epoch encoder in the prepared project ``root`` (not measured), then run one epoch
-    of the train stage there: (wall seconds, peak RSS MiB of its process tree)."""
+    of the train stage there: (wall seconds, peak RSS MiB of its process tree, by process kind)."""
     params = root / "params.yaml"
     params.write_text(params.read_text() + (
         "model:\n  g_width: 16\n  d_width: 16\n"
@@ -129,10 +150,10 @@ def train_stage(root: Path) -> tuple[float, float]:
         raise SystemExit(f"encoder fit failed on {root}: {encoder.stderr.strip()[-500:]}")
     (root / "tune").mkdir(exist_ok=True)
     (root / "tune" / "best.json").write_text('{"lr_g": 0.0002, "lr_d": 0.0002}\n')  # what tune writes when off
-    report, peak = run_stage(params, TRAIN, str(repo / "pipelines" / "train.py"))
+    report, peak, parts = run_stage(params, TRAIN, str(repo / "pipelines" / "train.py"))
     if report.get("rc"):
         raise SystemExit(f"train stage failed on {root} (exit {report['rc']})")
-    return report["seconds"], peak
+    return report["seconds"], peak, parts
 
 
 TRAIN = """
@@ -172,7 +193,7 @@ def main() -> int:
                 params.write_text(
                     f"data:\n  source: folder\n  path: {folder}\n  image_size: {image_size}\n  channels: 3\n"
                     f"  prepare_workers: {mode}\n")
-                report, peak = run_stage(params)
+                report, peak, _ = run_stage(params)
                 rows.append((count, mode, report["count"], report["count"] / report["seconds"], peak))
                 prepared = root / "data" / "prepared"
                 outputs[mode] = {p.name: p.read_bytes() for p in sorted(prepared.iterdir())}
@@ -181,12 +202,12 @@ def main() -> int:
                 return 1
             # --smoke: Ray Data at the last size only (each read starts a local Ray)
             for mode in ("local", "ray_data") if not args.smoke or count == sizes[-1] else ("local",):
-                report, peak = run_stage(Path(tmp) / f"p-{count}-auto" / "params.yaml", INGEST, mode)
+                report, peak, _ = run_stage(Path(tmp) / f"p-{count}-auto" / "params.yaml", INGEST, mode)
                 reads.append((count, mode, report["count"], report["count"] / report["seconds"], peak,
                               report["count"] / report["first"]))
             if not args.smoke or count == sizes[-1]:
-                seconds, peak = train_stage(Path(tmp) / f"p-{count}-auto")
-                trains.append((count, seconds, peak))
+                seconds, peak, parts = train_stage(Path(tmp) / f"p-{count}-auto")
+                trains.append((count, seconds, peak, parts))
 
     print(f"\n{image_size} px RGB PNGs, {os.cpu_count()} CPUs; prepare = decode, resize, split, write")
     print(f"{'images':>7s} {'mode':24s} {'img/s':>8s} {'x single':>8s} {'peak RSS MiB':>12s}")
@@ -211,9 +232,10 @@ def main() -> int:
         print(f"peak RSS growth {sizes[0]} -> {sizes[-1]} images, {mode} epoch: {peaks[-1] / peaks[0] - 1:+.0%}")
     print("\nthe train stage, one epoch (local Ray, 1 worker with every core, widths 16; wall includes"
           " Ray's start-up, evaluation, export)")
-    print(f"{'images':>7s} {'wall s':>8s} {'peak RSS MiB':>12s}")
-    for count, seconds, peak in trains:
-        print(f"{count:7d} {seconds:8.1f} {peak:12.0f}")
+    kinds = ("stage", "ray workers", "ray system", "other")
+    print(f"{'images':>7s} {'wall s':>8s} {'peak RSS MiB':>12s}   at the peak, MiB: " + " / ".join(kinds))
+    for count, seconds, peak, parts in trains:
+        print(f"{count:7d} {seconds:8.1f} {peak:12.0f}   " + " / ".join(f"{parts.get(k, 0):.0f}" for k in kinds))
     if len(trains) > 1:
         print(f"peak RSS growth {trains[0][0]} -> {trains[-1][0]} images, train stage: "
               f"{trains[-1][2] / trains[0][2] - 1:+.0%}")
