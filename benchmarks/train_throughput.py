@@ -1,24 +1,28 @@
-"""Training throughput: the ganflow loop in Ray workers against a bare PyTorch loop.
+"""Training throughput: the default train stage against a bare PyTorch loop on every core.
 
-    .venv/bin/python benchmarks/train_throughput.py [--epochs 3] [--image-size 32] [--width 64] [--smoke]
+    .venv/bin/python benchmarks/train_throughput.py [--epochs 6] [--smoke]
 
+The model, data and update are the project's defaults (params.yaml: the digits at 32 px, the
+conditional DCGAN with its mode-seeking term, batch 64, train.amp as it resolves on this machine).
 Prints, from one run on one machine:
-  - images/s of the ganflow loop in one Ray worker (the real train stage: MLflow logging,
-    EMA, checkpoints), steady state (epochs after the first);
-  - images/s of a bare single-process PyTorch loop (same model, batch, data, optimizers, EMA,
-    same thread count), and the ratio ganflow / bare (goal >= 0.95);
-  - the same bare loop with one thread per core: the machine's limit for this model;
-  - the fixed start-up cost of a TorchTrainer.fit() (wall time minus the epochs' time);
-  - images/s with 2 workers against 1 on this machine.
-Everything runs in a scratch folder: the digits are prepared and an encoder fitted there (the train
-stage refuses to run without one); in-training evaluation is off. --smoke: 1 epoch of 16 px,
-narrow networks, no 2-worker row (checks the script runs, not the figures).
+  - images/s of a bare loop: the same update (ganflow.train_loop.gan_step) in one plain process
+    with one thread per core, no Ray, no MLflow, no evaluation, no checkpoints; measured before
+    and after the stage, and the faster counts (a noisy machine can only make the stage look
+    worse). The same loop in full precision (train.amp: off) shows what mixed precision buys;
+  - images/s of the train stage's driver (pipelines/train.py's run_training: a local Ray, one
+    worker with every core, MLflow, per-epoch evaluation, sample grids, checkpoints), steady state
+    (the median epoch after the first): of its steps alone, and of its whole epochs (steps,
+    evaluation, sample grid, logging: the `epoch_s` each epoch reports);
+  - the ratios stage / bare (issue goal: >= 0.9 for whole epochs);
+  - the stage's fixed cost: its wall time minus its epochs (Ray start-up, export, model logging).
+Everything runs in a scratch folder (the digits prepared and an encoder fitted there: the train
+stage refuses to run without one). --smoke: 2 epochs of 16 px, narrow networks, a 1-epoch encoder
+(checks the script runs, not the figures).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import statistics
 import sys
@@ -30,34 +34,52 @@ import torch
 import yaml
 
 from ganflow.config import load_config
-from ganflow.data import PreparedDataset, prepare
+from ganflow.data import PreparedDataset, class_prior, prepare
 from ganflow.evaluation import fit_encoder
-from ganflow.losses import LOSSES
-from ganflow.models import build_discriminator, build_generator
-from ganflow.train_loop import ema_decay_at, update_ema
+from ganflow.train_loop import amp_dtype, build_state, gan_step, local_batches, noise_seed
+
+REPO = Path(__file__).resolve().parents[1]
 
 
-def write_params(root: Path, args: argparse.Namespace, workers: int) -> Path:
-    params = root / f"params-{workers}.yaml"
-    params.write_text(
-        yaml.safe_dump(
-            {
-                "paths": {"prepared": str(root / "prepared"), "encoder": str(root / "encoder"),
-                          "generator": str(root / f"gen-{workers}"),
-                          "metrics": str(root / f"metrics-{workers}"), "plots": str(root / f"plots-{workers}"),
-                          "mlflow_db": str(root / "mlflow.db"), "ray_results": str(root / "ray_results")},
-                "data": {"image_size": args.image_size},
-                "model": {"g_width": args.width, "d_width": args.width},
-                "train": {"epochs": args.epochs, "batch_size": args.batch_size, "seed": workers},
-                "eval": {"every": 1000, "encoder_epochs": 1, "num_samples": 200, "kid_subset_size": 100},
-                "cluster": {"num_workers": workers, "cpus_per_worker": 1},
-            }
-        )
-    )
-    return params
+def write_params(root: Path, args: argparse.Namespace, amp: str = "auto") -> Path:
+    """The project's params.yaml with the paths in ``root``; tune off (the rates are given)."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["paths"] = {key: str(root / key) for key in params["paths"]}
+    params["train"].update(epochs=args.epochs, amp=amp)
+    params["tune"]["enabled"] = False
+    if args.smoke:
+        params["data"]["image_size"] = 16
+        params["model"].update(g_width=8, d_width=8, latent_dim=16)
+        params["eval"].update(encoder_epochs=1, num_samples=100, kid_subset_size=50, feature_dim=16)
+    path = root / f"params-{amp}.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
 
 
-def ganflow_run(params: Path) -> dict[str, float]:
+def bare_run(params: Path, threads: int) -> float:
+    """Images/s of the default update in a plain loop: median of the epochs after the first."""
+    cfg = load_config(params)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    device = torch.device("cpu")
+    classes = class_prior(cfg)
+    state = build_state(cfg, device, cfg.train.lr_g, cfg.train.lr_d, classes[1] if classes else None)
+    batches = local_batches(cfg, 0, 1, cfg.train.batch_size, device)
+    z_gen = torch.Generator()
+    rates = []
+    for epoch in range(cfg.train.epochs):
+        z_gen.manual_seed(noise_seed(cfg.train.seed, 0, epoch))
+        started, images = time.perf_counter(), 0
+        for i, (real, labels) in enumerate(batches(epoch)):
+            diag = gan_step(state, cfg, real, z_gen, update_g=(i + 1) % cfg.train.d_steps == 0, labels=labels)
+            {k: float(v) for k, v in diag.items()}  # the stage reads its diagnostics every step too
+            images += real.shape[0]
+        rates.append(images / (time.perf_counter() - started))
+    torch.set_num_threads(previous)
+    return statistics.median(rates[1:] or rates)
+
+
+def stage_run(params: Path) -> dict[str, float]:
     from ganflow.distributed import run_training
 
     cfg = load_config(params)
@@ -65,89 +87,48 @@ def ganflow_run(params: Path) -> dict[str, float]:
     summary = run_training(cfg, cfg.train.lr_g, cfg.train.lr_d)
     wall = time.perf_counter() - started
     images = len(PreparedDataset(cfg.paths.prepared, part="train")) // cfg.train.batch_size * cfg.train.batch_size
-    epoch_times = [images / row["imgs_per_sec"] for row in summary.history]
-    steady = [row["imgs_per_sec"] for row in summary.history[1:]] or [summary.history[0]["imgs_per_sec"]]
-    return {"imgs_per_sec": statistics.median(steady), "wall": wall, "epochs_time": sum(epoch_times)}
-
-
-def bare_run(params: Path, threads: int = 1) -> float:
-    """The same GAN update in plain PyTorch, one process, ``threads`` threads (1: as one ganflow worker)."""
-    cfg = load_config(params)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    g, d = build_generator(cfg), build_discriminator(cfg)
-    ema = copy.deepcopy(g).eval().requires_grad_(False)
-    betas = (cfg.train.beta1, cfg.train.beta2)
-    opt_g = torch.optim.Adam(g.parameters(), lr=cfg.train.lr_g, betas=betas)
-    opt_d = torch.optim.Adam(d.parameters(), lr=cfg.train.lr_d, betas=betas)
-    d_loss_fn, g_loss_fn = LOSSES["bce"]
-    loader = torch.utils.data.DataLoader(
-        PreparedDataset(cfg.paths.prepared, part="train"), batch_size=cfg.train.batch_size, shuffle=True,
-        drop_last=True,
-    )
-    rates, g_steps = [], 0
-    for _ in range(cfg.train.epochs):
-        started, images = time.perf_counter(), 0
-        for real, _ in loader:
-            z = torch.randn(real.shape[0], cfg.model.latent_dim)
-            fake = g(z)
-            loss_d = d_loss_fn(d(real), d(fake.detach()))
-            opt_d.zero_grad(set_to_none=True)
-            loss_d.backward()
-            opt_d.step()
-            loss_g = g_loss_fn(d(fake))
-            opt_g.zero_grad(set_to_none=True)
-            loss_g.backward()
-            opt_g.step()
-            update_ema(ema, g, ema_decay_at(cfg.train.ema_decay, g_steps))
-            g_steps += 1
-            float(loss_d.detach()), float(loss_g.detach())  # the ganflow loop reads its diagnostics every step too
-            images += real.shape[0]
-        rates.append(images / (time.perf_counter() - started))
-    torch.set_num_threads(previous)
-    return statistics.median(rates[1:] or rates)
+    steady = summary.history[1:] or summary.history
+    return {
+        "steps": statistics.median(row["imgs_per_sec"] for row in steady),
+        "epochs": images / statistics.median(row["epoch_s"] for row in steady),
+        "fixed": wall - sum(row["epoch_s"] for row in summary.history),
+    }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--width", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--smoke", action="store_true", help="tiny: checks the script runs")
     args = parser.parse_args()
     if args.smoke:
-        args.epochs, args.image_size, args.width = 1, 16, 8
+        args.epochs = 2
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     cores = os.cpu_count() or 1
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        one, two = write_params(root, args, 1), write_params(root, args, 2)
-        prepare(load_config(one))
-        fit_encoder(load_config(one))
-        # the baseline runs before and after, and the faster counts: a noisy machine can only
-        # make the ratio look worse, not better
-        bare_before = bare_run(one)
-        first = ganflow_run(one)
-        second = None if args.smoke else ganflow_run(two)
-        bare_after = bare_run(one)
-        bare_all = bare_run(one, threads=cores)
+        params, fp32 = write_params(root, args), write_params(root, args, amp="off")
+        cfg = load_config(params)
+        prepare(cfg)
+        fit_encoder(cfg)
+        dtype = amp_dtype(cfg, torch.device("cpu"))
+        bare_before = bare_run(params, cores)
+        stage = stage_run(params)
+        bare_after = bare_run(params, cores)
+        bare_fp32 = bare_run(fp32, cores)
         bare = max(bare_before, bare_after)
 
-    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"{args.image_size}px, widths {args.width}, batch {args.batch_size}, {args.epochs} epochs")
-    print(f"bare PyTorch loop, 1 process, 1 thread  {bare:9.1f} img/s   "
+    precision = str(dtype).replace("torch.", "") if dtype else "float32"
+    print(f"machine: {cores} CPUs, torch {torch.__version__}; the default recipe, {cfg.data.image_size} px, "
+          f"batch {cfg.train.batch_size}, {args.epochs} epochs, {precision} (train.amp: {cfg.train.amp})")
+    print(f"bare loop, 1 process, {cores} threads        {bare:9.1f} img/s   "
           f"(best of {bare_before:.1f} before and {bare_after:.1f} after)")
-    print(f"ganflow loop, 1 Ray worker (1 CPU)      {first['imgs_per_sec']:9.1f} img/s")
-    print(f"ratio ganflow / bare                    {first['imgs_per_sec'] / bare:9.3f}   (goal >= 0.95)")
-    print(f"bare PyTorch loop, 1 process, {cores} threads {bare_all:9.1f} img/s   (this machine's limit)")
-    print(f"fit() start-up + export, 1 worker       {first['wall'] - first['epochs_time']:9.1f} s")
-    if second is not None:
-        print(f"ganflow loop, 2 Ray workers (1 CPU each){second['imgs_per_sec']:9.1f} img/s")
-        print(f"speed-up 2 workers / 1 worker           {second['imgs_per_sec'] / first['imgs_per_sec']:9.3f}")
-        print(f"2 workers / bare loop with all cores    {second['imgs_per_sec'] / bare_all:9.3f}")
+    print(f"bare loop, {cores} threads, float32 (amp off) {bare_fp32:9.1f} img/s   "
+          f"x{bare / bare_fp32:.2f} for {precision}")
+    print(f"train stage, steps only                {stage['steps']:9.1f} img/s   x{stage['steps'] / bare:.3f} bare")
+    print(f"train stage, whole epochs              {stage['epochs']:9.1f} img/s   x{stage['epochs'] / bare:.3f} bare"
+          f"   (goal >= 0.9)")
+    print(f"train stage, fixed cost (start-up, export) {stage['fixed']:6.1f} s")
     return 0
 
 

@@ -143,7 +143,8 @@ class TrainConfig(Section):
     seed: int = Field(0, ge=0)
     checkpoint_every: int = Field(1, ge=1)  # epochs
     max_failures: int = Field(2, ge=0)  # worker-group restarts Ray may make
-    # mixed precision on GPU: auto = bf16 where supported, else fp16 with a grad scaler
+    # mixed precision: auto = on GPU bf16 where supported, else fp16 with a grad scaler; on CPU bf16
+    # where the CPU computes it natively (AVX512-BF16, AMX), else float32
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     # differentiable augmentation of every image D sees, real and generated (ganflow/augment.py)
     augment: Literal["none", "diffaugment"] = "none"

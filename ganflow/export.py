@@ -16,7 +16,7 @@ from ganflow.atomic import write_file
 from ganflow.config import Config
 from ganflow.models import build_generator, recompute_batchnorm
 from ganflow.sampling import export_generator
-from ganflow.train_loop import CHECKPOINT_STATE, load_state_file, read_checkpoint_meta
+from ganflow.train_loop import CHECKPOINT_STATE, TIMINGS, load_state_file, read_checkpoint_meta
 
 
 @dataclass
@@ -61,7 +61,7 @@ def export(cfg: Config, checkpoint: Path, run_id: str, lr_g: float, lr_d: float,
     export_generator(g.state_dict(), spec, cfg.paths.generator)
     history = meta["history"]
     final = {k: v for k, v in history[-1].items() if k != "epoch"}
-    deterministic = {k: v for k, v in final.items() if k != "imgs_per_sec"}
+    deterministic = {k: v for k, v in final.items() if k not in TIMINGS}
     summary = {"epochs": meta["epoch"], "lr_g": lr_g, "lr_d": lr_d, "best_epoch": spec["best_epoch"],
                "best_fd_domain": meta["best_fd"], "last": deterministic}
     write_file(cfg.paths.metrics / "train.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")

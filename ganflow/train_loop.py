@@ -42,6 +42,8 @@ from ganflow.models import (
 CHECKPOINT_STATE = "state.pt"
 DIAGNOSTICS = ("loss_d", "loss_g", "d_real", "d_fake")
 EVAL_METRICS = ("fd_domain", "kid", "kid_std", "fd_recent")
+# per-epoch speed: differ between identical runs, so never part of a reproducible result
+TIMINGS = ("imgs_per_sec", "epoch_s")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -65,14 +67,30 @@ def fixed_noise(cfg: Config, n: int = 64, num_classes: int = 0) -> torch.Tensor:
 
 
 def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype for this device, or None for full precision (CPU always)."""
-    if device.type != "cuda" or cfg.train.amp == "off":
+    """Autocast dtype for this device, or None for full precision.
+
+    CUDA: auto = bf16 where the GPU has it, else fp16 (with a gradient scaler). CPU: auto = bf16
+    where the CPU computes it natively (AVX512-BF16 or AMX), else full precision; bf16 forces it."""
+    if cfg.train.amp == "off":
         return None
-    if cfg.train.amp == "fp16":
+    if device.type == "cuda":
+        if cfg.train.amp == "fp16":
+            return torch.float16
+        if cfg.train.amp == "bf16" or torch.cuda.is_bf16_supported():
+            return torch.bfloat16
         return torch.float16
-    if cfg.train.amp == "bf16" or torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float16
+    if device.type == "cpu":
+        if cfg.train.amp == "fp16":
+            return torch.float16
+        if cfg.train.amp == "bf16" or cpu_has_bf16():
+            return torch.bfloat16
+    return None
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively; without it, bf16 autocast is slower than fp32."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
 
 
 @dataclass
@@ -567,6 +585,8 @@ def run_loop(config: dict[str, Any], session: RayTrainSession | TrialSession) ->
                 flush=True,
             )
 
+        # the epoch's wall time: its steps, the evaluation, the sample grid and the logging (not the checkpoint)
+        row["epoch_s"] = time.perf_counter() - epoch_started
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0 and session.checkpoints and (last or state.epoch % cfg.train.checkpoint_every == 0):

@@ -18,10 +18,11 @@ NUMBER = r"[0-9]+(?:\.[0-9]+)?"
 # script -> lines its table must hold (each with a figure), as regular expressions
 EXPECTED = {
     "train_throughput.py": [
-        rf"bare PyTorch loop, 1 process, 1 thread\s+{NUMBER} img/s",
-        rf"ganflow loop, 1 Ray worker \(1 CPU\)\s+{NUMBER} img/s",
-        rf"ratio ganflow / bare\s+{NUMBER}",
-        rf"bare PyTorch loop, 1 process, \d+ threads\s+{NUMBER} img/s",
+        rf"bare loop, 1 process, \d+ threads\s+{NUMBER} img/s",
+        rf"bare loop, \d+ threads, float32 \(amp off\)\s+{NUMBER} img/s\s+x{NUMBER}",
+        rf"train stage, steps only\s+{NUMBER} img/s\s+x{NUMBER} bare",
+        rf"train stage, whole epochs\s+{NUMBER} img/s\s+x{NUMBER} bare",
+        rf"fixed cost \(start-up, export\)\s+-?{NUMBER} s",
     ],
     "scaling.py": [rf"1 worker, 1 node\s+{NUMBER}\s+1\.00", rf"2 workers, 2 nodes\s+{NUMBER}\s+{NUMBER}"],
     "tune_efficiency.py": [rf"old: min over epochs\s+{NUMBER}", rf"new: mean of last two\s+{NUMBER}"],

@@ -94,6 +94,7 @@ import json, shutil, sys
 from pathlib import Path
 from ganflow.config import load_config
 from ganflow.distributed import run_training
+from ganflow.train_loop import TIMINGS
 
 out = {}
 for params in sys.argv[1:]:
@@ -101,7 +102,7 @@ for params in sys.argv[1:]:
     for attempt in ("a", "b"):  # a finished run is trained again from scratch: same params, same seed
         summary = run_training(cfg, cfg.train.lr_g, cfg.train.lr_d)
         shutil.copytree(cfg.paths.generator, cfg.root / f"generator-{attempt}")
-        out[f"{cfg.root.name}-{attempt}"] = [{k: v for k, v in row.items() if k != "imgs_per_sec"}
+        out[f"{cfg.root.name}-{attempt}"] = [{k: v for k, v in row.items() if k not in TIMINGS}
                                             for row in summary.history]
 print("RESULT " + json.dumps(out))
 """

@@ -10,7 +10,9 @@ import torch
 from ganflow.config import from_dict, resolve_paths
 from ganflow.losses import LOSSES
 from ganflow.models import build_discriminator, build_generator
+from ganflow import train_loop
 from ganflow.train_loop import (
+    amp_dtype,
     build_state,
     ema_decay_at,
     gan_step,
@@ -36,6 +38,29 @@ def params_of(module):
 
 def changed(before, module):
     return any(not torch.equal(a, b) for a, b in zip(before, module.parameters()))
+
+
+def test_cpu_mixed_precision_follows_train_amp(tmp_path, monkeypatch):
+    cpu = torch.device("cpu")
+    assert amp_dtype(tiny_cfg(tmp_path, amp="off"), cpu) is None
+    assert amp_dtype(tiny_cfg(tmp_path, amp="bf16"), cpu) == torch.bfloat16
+    monkeypatch.setattr(train_loop, "cpu_has_bf16", lambda: False)
+    assert amp_dtype(tiny_cfg(tmp_path, amp="auto"), cpu) is None  # emulated bf16 is slower than float32
+    monkeypatch.setattr(train_loop, "cpu_has_bf16", lambda: True)
+    assert amp_dtype(tiny_cfg(tmp_path, amp="auto"), cpu) == torch.bfloat16
+
+    # one step under it: G and D compute in bf16; weights, optimizer state and losses stay float32
+    cfg = tiny_cfg(tmp_path, amp="bf16")
+    state = build_state(cfg, cpu, 1e-3, 1e-3)
+    outputs = []
+    state.g.register_forward_hook(lambda module, args, out: outputs.append(out.dtype))
+    state.d.register_forward_hook(lambda module, args, out: outputs.append(out.dtype))
+    before = params_of(state.g)
+    diag = gan_step(state, cfg, torch.rand(8, 1, 16, 16) * 2 - 1, torch.Generator().manual_seed(0), update_g=True)
+    assert outputs and set(outputs) == {torch.bfloat16}
+    assert changed(before, state.g) and all(p.dtype == torch.float32 for p in state.g.parameters())
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in diag.values())
+    assert all(s.dtype == torch.float32 for group in state.opt_g.state.values() for s in group.values())
 
 
 @pytest.mark.parametrize("arch", ["dcgan", "resnet"])
