@@ -157,13 +157,20 @@ def load_digits_source(data: DataConfig) -> RawSource:
     )
 
 
-def _folder_files(root: Path) -> list[Path]:
-    """Every non-hidden file under root, in a stable order."""
+def _folder_files(root: Path) -> list[str]:
+    """Every non-hidden file under root, as a posix path relative to it, in a stable order
+    (strings, not Path objects: a folder of a million files is listed in well under 100 MB)."""
     files = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        files.extend(Path(dirpath) / f for f in filenames if not f.startswith("."))
-    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+        rel_dir = os.path.relpath(dirpath, root)
+        prefix = "" if rel_dir == "." else rel_dir.replace(os.sep, "/") + "/"
+        files.extend(prefix + f for f in filenames if not f.startswith("."))
+    return sorted(files)
+
+
+def _is_image(rel: str) -> bool:
+    return os.path.splitext(rel)[1].lower() in IMAGE_EXTENSIONS
 
 
 def load_folder_source(data: DataConfig) -> RawSource:
@@ -176,27 +183,25 @@ def load_folder_source(data: DataConfig) -> RawSource:
     if not files:
         raise DataError(f"data.path: folder is empty: {root}")
 
-    rel = {f: f.relative_to(root).as_posix() for f in files}
-    is_image = {f: f.suffix.lower() in IMAGE_EXTENSIONS for f in files}
-    image_files = [f for f in files if is_image[f]]
+    image_files = [f for f in files if _is_image(f)]
     if not image_files:
         raise DataError(
             f"data.path: no image files ({', '.join(IMAGE_EXTENSIONS)}) in {root} ({len(files)} other files)"
         )
-    top_level = [f for f in image_files if f.parent == root]
-    nested = [f for f in image_files if f.parent != root]
+    top_level = [f for f in image_files if "/" not in f]
+    nested = [f for f in image_files if "/" in f]
     labelled = bool(nested)
     if labelled and top_level:
         raise DataError(
             f"data.path: {root} mixes class subfolders with {len(top_level)} images at the top "
-            f"(e.g. {rel[top_level[0]]}): move them into a class folder or remove the subfolders"
+            f"(e.g. {top_level[0]}): move them into a class folder or remove the subfolders"
         )
-    class_names = sorted({rel[f].split("/")[0] for f in nested}) if labelled else []
+    class_names = sorted({f.split("/")[0] for f in nested}) if labelled else []
     class_index = {name: i for i, name in enumerate(class_names)}
 
     raw = RawSource(images=[], labels=None, class_names=class_names, content_hash="",
                     files_total=len(files), resized=True)
-    raw.write_shards = functools.partial(_write_folder_shards, raw, root, files, is_image,
+    raw.write_shards = functools.partial(_write_folder_shards, raw, root, files,
                                          class_index if labelled else None, data)
     return raw
 
@@ -212,16 +217,16 @@ def shard_ranges(files: int, data: DataConfig) -> list[tuple[int, int]]:
     return [(i, min(i + step, files)) for i in range(0, files, step)]
 
 
-def _write_folder_shards(raw: RawSource, root: Path, files: list[Path], is_image: dict[Path, bool],
-                         class_index: dict[str, int] | None, data: DataConfig, folder: Path) -> list[dict[str, Any]]:
+def _write_folder_shards(raw: RawSource, root: Path, files: list[str], class_index: dict[str, int] | None,
+                         data: DataConfig, folder: Path) -> list[dict[str, Any]]:
     """Decode the folder's usable images to the training shape and write them into ``folder`` as
     shards (one per shard_ranges range that has any), in parallel; fills ``raw``'s labels, content
     hash and skipped-file report, and refuses the folder at the end when too many image files
-    could not be read (prepare then keeps nothing of what was written)."""
-    rel = {f: f.relative_to(root).as_posix() for f in files}
+    could not be read (prepare then keeps nothing of what was written). What comes back per file
+    is 33 bytes (its sha256 and whether it was usable), so the stage's memory hardly grows with
+    the folder."""
     ranges = shard_ranges(len(files), data)
-    tasks = [([(str(f), is_image[f]) for f in files[a:b]], str(folder / f".part-{k:05d}.npy"))
-             for k, (a, b) in enumerate(ranges)]
+    tasks = [(str(root), files[a:b], str(folder / f".part-{k:05d}.npy")) for k, (a, b) in enumerate(ranges)]
     bar = tqdm(total=len(files), desc="prepare: reading images", unit="file", disable=None, file=sys.stderr)
     try:
         results = _run_shard_tasks(tasks, data, lambda k: bar.update(ranges[k][1] - ranges[k][0]))
@@ -232,21 +237,23 @@ def _write_folder_shards(raw: RawSource, root: Path, files: list[Path], is_image
     labels: list[int] = []
     shards: list[dict[str, Any]] = []
     used = 0
-    for (a, b), (_, part), (report, shard) in zip(ranges, tasks, results):
-        for f, (file_digest, reason) in zip(files[a:b], report):
-            digest.update(rel[f].encode() + b"\0" + file_digest)
-            if reason:
-                raw.skipped.append({"file": rel[f], "reason": reason})
+    for (a, b), (_, _, part), (digests, usable, skipped, shard) in zip(ranges, tasks, results):
+        reasons = dict(skipped)
+        for i in range(b - a):
+            rel = files[a + i]
+            digest.update(rel.encode() + b"\0" + digests[32 * i: 32 * (i + 1)])
+            if not usable[i]:
+                raw.skipped.append({"file": rel, "reason": reasons[i]})
                 continue
             used += 1
             if class_index is not None:
-                labels.append(class_index[rel[f].split("/")[0]])
+                labels.append(class_index[rel.split("/")[0]])
         if shard is not None:  # named in order: a range without a usable image leaves no gap
             name = SHARD_NAME.format(len(shards))
             os.replace(part, folder / name)
             shards.append({"file": name, **shard})
 
-    images_total = sum(is_image.values())
+    images_total = sum(map(_is_image, files))
     bad = images_total - used
     unreadable = [s for s in raw.skipped if s["reason"] != "not an image file"]
     examples = ", ".join(f"{s['file']} ({s['reason']})" for s in unreadable[:3])
@@ -262,36 +269,32 @@ def _write_folder_shards(raw: RawSource, root: Path, files: list[Path], is_image
     return shards
 
 
-def _decode_files(tasks: list[tuple[str, bool]], data: DataConfig) -> list[tuple[bytes, np.ndarray | None, str]]:
-    """(sha256 of the bytes, the image at the training shape or None, why not) per file."""
+def _write_shard(root: str, files: list[str], out: str, data: DataConfig
+                 ) -> tuple[bytes, bytes, list[tuple[int, str]], dict[str, Any] | None]:
+    """Read, hash, decode and resize one range of files (paths relative to ``root``) and write
+    its usable images to ``out`` as one .npy shard. Returns the files' sha256s (32 bytes each,
+    concatenated), one byte per file (1: usable), (index, reason) per skipped file, and
+    {"count", "sha256"} of the shard (None when no file was usable)."""
     resize = build_resize_transform(data)
     shape = (data.image_size, data.image_size, data.channels)
-    out = []
-    for path, is_image in tasks:
-        raw = Path(path).read_bytes()
-        file_digest = hashlib.sha256(raw).digest()
-        if not is_image:
-            out.append((file_digest, None, "not an image file"))
-            continue
+    digests, usable, skipped, images = bytearray(), bytearray(), [], []
+    for i, rel in enumerate(files):
+        payload = (Path(root) / rel).read_bytes()
+        digests += hashlib.sha256(payload).digest()
         try:
-            image = decode_image(raw, data.channels, data.max_image_pixels)
+            if not _is_image(rel):
+                raise ValueError("not an image file")
+            image = decode_image(payload, data.channels, data.max_image_pixels)
         except ValueError as exc:
-            out.append((file_digest, None, str(exc)))
+            skipped.append((i, str(exc)))
+            usable.append(0)
             continue
-        out.append((file_digest, resize(image=image)["image"].reshape(shape), ""))
-    return out
-
-
-def _write_shard(tasks: list[tuple[str, bool]], out: str, data: DataConfig) -> tuple[list[tuple[bytes, str]], dict | None]:
-    """Decode one range of files and write its usable images to ``out`` as one .npy shard:
-    ((sha256, why it was skipped or "") per file, {"count", "sha256"} of the shard or None)."""
-    decoded = _decode_files(tasks, data)
-    report = [(file_digest, reason) for file_digest, _, reason in decoded]
-    images = [image for _, image, _ in decoded if image is not None]
-    if not images:
-        return report, None
-    sha = _save_npy(Path(out), np.stack(images))
-    return report, {"count": len(images), "sha256": sha}
+        images.append(resize(image=image)["image"].reshape(shape))
+        usable.append(1)
+    shard = None
+    if images:
+        shard = {"count": len(images), "sha256": _save_npy(Path(out), np.stack(images))}
+    return bytes(digests), bytes(usable), skipped, shard
 
 
 def prepare_processes(data: DataConfig, tasks: int) -> int:
@@ -301,8 +304,8 @@ def prepare_processes(data: DataConfig, tasks: int) -> int:
     return 0 if wanted < 1 or tasks <= 1 else min(wanted, tasks - 1)
 
 
-def _run_shard_tasks(tasks: list[tuple[list[tuple[str, bool]], str]], data: DataConfig,
-                     progress: Callable[[int], None]) -> list[tuple[list[tuple[bytes, str]], dict | None]]:
+def _run_shard_tasks(tasks: list[tuple[str, list[str], str]], data: DataConfig,
+                     progress: Callable[[int], None]) -> list[Any]:
     """_write_shard over every task; results in task order. The worker processes take tasks from
     the front (two each in flight, so none waits for the next) while this process takes them from
     the back: it works while they start (a spawned process imports torch first), and the two
@@ -311,8 +314,8 @@ def _run_shard_tasks(tasks: list[tuple[list[tuple[str, bool]], str]], data: Data
     processes = prepare_processes(data, len(tasks))
     front, back = 0, len(tasks)  # tasks front..back-1 are not taken yet
     if processes == 0:
-        for k, (files, out) in enumerate(tasks):
-            results[k] = _write_shard(files, out, data)
+        for k, task in enumerate(tasks):
+            results[k] = _write_shard(*task, data)
             progress(k)
         return results
 
