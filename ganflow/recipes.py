@@ -30,7 +30,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     # + the mode-seeking term on G (Mao et al. 2019), which keeps the conditional G's samples of
     # one class apart: the project's params.yaml
     "dcgan-bce-conditional-ms": {"model.spectral_norm": False, "model.conditional": "auto", "train.loss": "bce",
-                                 "train.augment": "none", "train.mode_seeking": 0.3},
+                                 "train.augment": "none", "train.mode_seeking": 0.5},
     "sn-hinge-conditional": {"model.spectral_norm": True, "model.conditional": "auto", "train.loss": "hinge",
                              "train.augment": "none"},
     # residual G and D (SNGAN/BigGAN-style blocks), spectral norm and hinge, conditional on labels
