@@ -165,9 +165,9 @@ class TuneConfig(Section):
     enabled: bool = True
     num_samples: int = Field(4, gt=0)
     epochs: int = Field(6, gt=0)  # epochs per trial
-    lr_g_min: float = Field(4e-4, gt=0.0)
+    lr_g_min: float = Field(5e-4, gt=0.0)
     lr_g_max: float = Field(6e-4, gt=0.0)
-    lr_d_min: float = Field(4e-4, gt=0.0)
+    lr_d_min: float = Field(5e-4, gt=0.0)
     lr_d_max: float = Field(6e-4, gt=0.0)
     search: Literal["random", "optuna"] = "random"
     max_concurrent_trials: int | None = Field(None, gt=0)  # None: derived from the cluster
