@@ -223,8 +223,8 @@ def _write_folder_shards(raw: RawSource, root: Path, files: list[str], class_ind
     shards (one per shard_ranges range that has any), in parallel; fills ``raw``'s labels, content
     hash and skipped-file report, and refuses the folder at the end when too many image files
     could not be read (prepare then keeps nothing of what was written). What comes back per file
-    is 33 bytes (its sha256 and whether it was usable), so the stage's memory hardly grows with
-    the folder."""
+    is its 32-byte sha256 (and a reason for a skipped one), so the stage's memory hardly grows
+    with the folder."""
     ranges = shard_ranges(len(files), data)
     tasks = [(str(root), files[a:b], str(folder / f".part-{k:05d}.npy")) for k, (a, b) in enumerate(ranges)]
     bar = tqdm(total=len(files), desc="prepare: reading images", unit="file", disable=None, file=sys.stderr)
@@ -237,12 +237,12 @@ def _write_folder_shards(raw: RawSource, root: Path, files: list[str], class_ind
     labels: list[int] = []
     shards: list[dict[str, Any]] = []
     used = 0
-    for (a, b), (_, _, part), (digests, usable, skipped, shard) in zip(ranges, tasks, results):
+    for (a, b), (_, _, part), (digests, skipped, shard) in zip(ranges, tasks, results):
         reasons = dict(skipped)
         for i in range(b - a):
             rel = files[a + i]
             digest.update(rel.encode() + b"\0" + digests[32 * i: 32 * (i + 1)])
-            if not usable[i]:
+            if i in reasons:
                 raw.skipped.append({"file": rel, "reason": reasons[i]})
                 continue
             used += 1
@@ -270,14 +270,14 @@ def _write_folder_shards(raw: RawSource, root: Path, files: list[str], class_ind
 
 
 def _write_shard(root: str, files: list[str], out: str, data: DataConfig
-                 ) -> tuple[bytes, bytes, list[tuple[int, str]], dict[str, Any] | None]:
+                 ) -> tuple[bytes, list[tuple[int, str]], dict[str, Any] | None]:
     """Read, hash, decode and resize one range of files (paths relative to ``root``) and write
     its usable images to ``out`` as one .npy shard. Returns the files' sha256s (32 bytes each,
-    concatenated), one byte per file (1: usable), (index, reason) per skipped file, and
-    {"count", "sha256"} of the shard (None when no file was usable)."""
+    concatenated), (index, reason) per skipped file, and {"count", "sha256"} of the shard (None
+    when no file was usable)."""
     resize = build_resize_transform(data)
     shape = (data.image_size, data.image_size, data.channels)
-    digests, usable, skipped, images = bytearray(), bytearray(), [], []
+    digests, skipped, images = bytearray(), [], []
     for i, rel in enumerate(files):
         payload = (Path(root) / rel).read_bytes()
         digests += hashlib.sha256(payload).digest()
@@ -287,14 +287,12 @@ def _write_shard(root: str, files: list[str], out: str, data: DataConfig
             image = decode_image(payload, data.channels, data.max_image_pixels)
         except ValueError as exc:
             skipped.append((i, str(exc)))
-            usable.append(0)
             continue
         images.append(resize(image=image)["image"].reshape(shape))
-        usable.append(1)
     shard = None
     if images:
         shard = {"count": len(images), "sha256": _save_npy(Path(out), np.stack(images))}
-    return bytes(digests), bytes(usable), skipped, shard
+    return bytes(digests), skipped, shard
 
 
 def prepare_processes(data: DataConfig, tasks: int) -> int:
@@ -489,8 +487,6 @@ def prepare(cfg: Config) -> PrepareSummary:
             for image in raw.images:
                 writer.add(image if raw.resized else resize(image=image)["image"].reshape(shape))
             shards = writer.close()
-        if not shards:
-            raise DataError("the data source gave no images")
         count = sum(shard["count"] for shard in shards)
         labels = raw.labels if raw.labels is not None else np.full(count, -1, dtype=np.int64)
         split = holdout_split(labels, data.holdout_fraction)
