@@ -269,12 +269,11 @@ def _write_folder_shards(raw: RawSource, root: Path, files: list[str], class_ind
     return shards
 
 
-def _write_shard(root: str, files: list[str], out: str, data: DataConfig
-                 ) -> tuple[bytes, list[tuple[int, str]], dict[str, Any] | None]:
-    """Read, hash, decode and resize one range of files (paths relative to ``root``) and write
-    its usable images to ``out`` as one .npy shard. Returns the files' sha256s (32 bytes each,
-    concatenated), (index, reason) per skipped file, and {"count", "sha256"} of the shard (None
-    when no file was usable)."""
+def _decode_shard(root: str, files: list[str], data: DataConfig
+                  ) -> tuple[bytes, list[tuple[int, str]], np.ndarray | None]:
+    """Read, hash, decode and resize one range of files (paths relative to ``root``). Returns the
+    files' sha256s (32 bytes each, concatenated), (index, reason) per skipped file, and the usable
+    images as one (N, H, W, C) uint8 array (None when no file was usable)."""
     resize = build_resize_transform(data)
     shape = (data.image_size, data.image_size, data.channels)
     digests, skipped, images = bytearray(), [], []
@@ -289,10 +288,22 @@ def _write_shard(root: str, files: list[str], out: str, data: DataConfig
             skipped.append((i, str(exc)))
             continue
         images.append(resize(image=image)["image"].reshape(shape))
-    shard = None
-    if images:
-        shard = {"count": len(images), "sha256": _save_npy(Path(out), np.stack(images))}
-    return bytes(digests), skipped, shard
+    return bytes(digests), skipped, np.stack(images) if images else None
+
+
+def _shard_result(digests: bytes, skipped: list[tuple[int, str]], images: np.ndarray | None, out: str
+                  ) -> tuple[bytes, list[tuple[int, str]], dict[str, Any] | None]:
+    """A decoded range written to ``out`` as one .npy shard (nothing when it has no usable image):
+    (sha256s, skipped, {"count", "sha256"} of the shard or None)."""
+    if images is None:
+        return digests, skipped, None
+    return digests, skipped, {"count": len(images), "sha256": _save_npy(Path(out), images)}
+
+
+def _write_shard(root: str, files: list[str], out: str, data: DataConfig
+                 ) -> tuple[bytes, list[tuple[int, str]], dict[str, Any] | None]:
+    """_decode_shard, then the shard written to ``out`` by the process that decoded it."""
+    return _shard_result(*_decode_shard(root, files, data), out)
 
 
 def prepare_processes(data: DataConfig, tasks: int) -> int:
@@ -330,6 +341,8 @@ def _run_shard_tasks(tasks: list[tuple[str, list[str], str]], data: DataConfig,
     """_write_shard over every task; results in task order. The worker processes take tasks from
     the front (two each in flight, so none waits for the next) while this process takes them from
     the back, and the two ends meet without a long tail."""
+    if os.environ.get("RAY_ADDRESS"):
+        return _run_shard_tasks_on_ray(tasks, data, progress)
     results: list[Any] = [None] * len(tasks)
     processes = prepare_processes(data, len(tasks))
     front, back = 0, len(tasks)  # tasks front..back-1 are not taken yet
@@ -363,6 +376,61 @@ def _run_shard_tasks(tasks: list[tuple[str, list[str], str]], data: DataConfig,
                 return results
     finally:
         pool.shutdown(cancel_futures=True)
+
+
+def _run_shard_tasks_on_ray(tasks: list[tuple[str, list[str], str]], data: DataConfig,
+                            progress: Callable[[int], None]) -> list[Any]:
+    """The shard tasks as Ray tasks on the cluster this process joins (RAY_ADDRESS: set by hand,
+    or by Ray for a job's driver, which is how prepare runs when cluster.address is set), one
+    CPU each, spread over the nodes; every node must see data.path at the same path. Each task
+    returns its decoded range and this process writes the shard, so the output is the same bytes
+    as a local prepare's. At most two tasks per cluster CPU are in flight: the object store holds
+    a few shards at a time, never the data set."""
+    import ray
+
+    from ganflow.raycluster import init_ray
+
+    init_ray()
+    decode = ray.remote(num_cpus=1, scheduling_strategy="SPREAD", max_retries=2)(_decode_shard_on_node)
+    cpus = int(sum(n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")))
+    data_ref = ray.put(data)
+    results: list[Any] = [None] * len(tasks)
+    inflight: dict[Any, int] = {}
+    nodes: set[str] = set()
+    queued = 0
+    try:
+        while queued < len(tasks) or inflight:
+            while queued < len(tasks) and len(inflight) < max(2, 2 * cpus):
+                root, files, _ = tasks[queued]
+                inflight[decode.remote(root, files, data_ref)] = queued
+                queued += 1
+            (done,), _ = ray.wait(list(inflight), num_returns=1)
+            k = inflight.pop(done)
+            try:
+                node, digests, skipped, images = ray.get(done)
+            except ray.exceptions.RayTaskError as exc:
+                cause = exc.cause if isinstance(exc.cause, BaseException) else exc
+                raise DataError(f"data.path: decoding {tasks[k][0]} on the Ray cluster failed: {first_line(cause)} "
+                                "(every node must see data.path at the same path)") from None
+            nodes.add(node)
+            results[k] = _shard_result(digests, skipped, images, tasks[k][2])
+            del done, images
+            progress(k)
+    finally:
+        for ref in inflight:
+            ray.cancel(ref, force=True)
+    print(f"prepare: decoded {len(tasks)} shards with Ray tasks on {len(nodes)} node(s) of the cluster",
+          file=sys.stderr, flush=True)
+    return results
+
+
+def _decode_shard_on_node(root: str, files: list[str], data: DataConfig
+                          ) -> tuple[str, bytes, list[tuple[int, str]], np.ndarray | None]:
+    """_decode_shard in a Ray task, with the id of the node it ran on."""
+    import ray
+
+    cv2.setNumThreads(0)  # the tasks are the parallelism
+    return (ray.get_runtime_context().get_node_id(), *_decode_shard(root, files, data))
 
 
 def load_npz_source(data: DataConfig) -> RawSource:

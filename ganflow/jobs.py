@@ -1,4 +1,4 @@
-"""The heavy stages (tune, train) as Ray jobs on a cluster.
+"""The stages that use a cluster (prepare, tune, train) as Ray jobs on it.
 
 A Ray job runs in an unpacked copy of the project on the cluster's head: the copy has the code
 and params.yaml, but not the DVC-tracked data (`.gitignore` keeps it out of the upload) and its
@@ -42,7 +42,9 @@ from ganflow.storage import storage_fs
 EXCHANGE_ENV = "GANFLOW_EXCHANGE"  # set by the submitter in the job's runtime env
 SUBMISSION_ENV = "GANFLOW_SUBMISSION_ID"
 JOB_ENV_MARKER = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # Ray's job supervisor sets it for every job driver
-HEAVY_STAGES = ("tune", "train")
+HEAVY_STAGES = ("prepare", "tune", "train")
+TRACKED_STAGES = ("tune", "train")  # log to MLflow: the job needs a tracking server
+AGENT_WAIT_S = 120.0  # how long a submission waits for a just-started head's job agent
 
 
 class JobError(GanflowError):
@@ -50,7 +52,10 @@ class JobError(GanflowError):
 
 
 def stage_files(cfg: Config, stage: str) -> tuple[list[Path], list[Path]]:
-    """(inputs, outputs) of a heavy stage, as in dvc.yaml."""
+    """(inputs, outputs) of a heavy stage, as in dvc.yaml. Prepare's input, data.path, does not
+    travel: the job and its Ray tasks read it where it is (see check_job_data)."""
+    if stage == "prepare":
+        return [], [cfg.paths.prepared]
     if stage == "tune":
         return [cfg.paths.prepared, cfg.paths.encoder], [cfg.paths.tune_best]
     if stage == "train":
@@ -219,7 +224,8 @@ def run_stage(cfg: Config, stage: str, body: Callable[[Config], None]) -> None:
     """What pipelines/tune.py and pipelines/train.py run: the stage here, as a Ray job, or
     the stage *inside* a Ray job (fetching inputs first, pushing outputs after)."""
     if in_ray_job():
-        _check_job_tracking(cfg)
+        if stage in TRACKED_STAGES:
+            _check_job_tracking(cfg)
         uri = exchange_uri(cfg)
         fetch_inputs(cfg, stage, uri)
         body(cfg)
@@ -303,13 +309,16 @@ def submit_stage(cfg: Config, stage: str) -> str:
     from ganflow.tracking import check_reachable, tracking_uri
 
     address = cfg.cluster.address
-    uri = tracking_uri(cfg)
-    if not uri.startswith(("http://", "https://")) and not _is_loopback(address):
-        raise JobError(
-            f"tracking.uri: {uri} is a file on this machine; a job on {address} needs an MLflow "
-            "server both can reach (tracking.uri: http://...)"
-        )
-    check_reachable(uri)
+    if stage == "prepare":
+        check_job_data(cfg)
+    else:
+        uri = tracking_uri(cfg)
+        if not uri.startswith(("http://", "https://")) and not _is_loopback(address):
+            raise JobError(
+                f"tracking.uri: {uri} is a file on this machine; a job on {address} needs an MLflow "
+                "server both can reach (tracking.uri: http://...)"
+            )
+        check_reachable(uri)
     client = job_client(address)
     submission_id = f"ganflow-{stage}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     # a folder of its own per submission: two people (or two dvc repro) submitting at once
@@ -319,6 +328,21 @@ def submit_stage(cfg: Config, stage: str) -> str:
         return _submit(cfg, stage, client, address, exchange, submission_id)
     finally:
         _remove_exchange(exchange)
+
+
+def check_job_data(cfg: Config) -> None:
+    """A prepare job reads data.path where it is, from every node that decodes: an image folder
+    or .npz inside the project would not be there (a job gets the project's code and params, and
+    its Ray tasks run on other nodes), so it must be an absolute path on storage they all see."""
+    if cfg.data.source == "digits":
+        return
+    rel = cfg.relative(cfg.data.path)
+    if not rel.startswith("/"):
+        raise JobError(
+            f"data.path: {rel} is inside the project, which the prepare job on {cfg.cluster.address} and its "
+            "Ray tasks on other nodes do not see: put the images on storage every node mounts and set "
+            "data.path to that absolute path (or leave cluster.address unset to prepare here)"
+        )
 
 
 def _remove_exchange(uri: str) -> None:
@@ -333,15 +357,23 @@ def _submit(cfg: Config, stage: str, client, address: str, exchange: str, submis
     push_inputs(cfg, stage, exchange)
     params_rel = cfg.relative(cfg.source)
     entrypoint = f"python pipelines/{stage}.py --params {params_rel}"
-    try:
-        client.submit_job(
-            entrypoint=entrypoint,
-            submission_id=submission_id,
-            runtime_env=job_runtime_env(cfg, exchange, submission_id),
-            metadata={"ganflow_stage": stage},
-        )
-    except Exception as exc:
-        raise JobError(f"cluster.address: submitting {stage} to {address} failed: {first_line(exc)}") from None
+    # a head that has just started answers before its job agent is up ("No available agent to
+    # submit job, please try again later"): that one refusal is waited out, for a while
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            client.submit_job(
+                entrypoint=entrypoint,
+                submission_id=submission_id,
+                runtime_env=job_runtime_env(cfg, exchange, submission_id),
+                metadata={"ganflow_stage": stage},
+            )
+            break
+        except Exception as exc:
+            if "No available agent" in str(exc) and time.monotonic() < deadline:
+                time.sleep(2.0)
+                continue
+            raise JobError(f"cluster.address: submitting {stage} to {address} failed: {first_line(exc)}") from None
     print(f"{stage}: submitted Ray job {submission_id} to {address} ({entrypoint})", flush=True)
     log: list[str] = []
     # Ctrl-C, or SIGTERM (a killed `dvc repro`), stops the job: it would go on, orphaned, on the cluster

@@ -252,7 +252,7 @@ def describe(state: LocalCluster) -> str:
         f"Ray head: job server and dashboard {state.address}, GCS port {state.gcs_port} (pid {state.ray_pid})",
         f"MLflow server: {state.tracking_uri} (pid {state.mlflow_pid}); UI at the same address",
         f"shared storage: {state.storage_path}",
-        "To run the tune and train stages as Ray jobs on it, set in params.yaml:",
+        "To run the prepare, tune and train stages as Ray jobs on it, set in params.yaml:",
         "",
         *("  " + line for line in yaml.safe_dump(state.params(), sort_keys=False).splitlines()),
         "",
@@ -303,9 +303,15 @@ def add_commands(sub) -> None:
         ("pull", "copy the outputs of a stage's last Ray job from the shared storage into the project"),
     ):
         p = sub.add_parser(name, help=text)
-        p.add_argument("stage", choices=("tune", "train"))
+        p.add_argument("stage", choices=jobs_stages())
         p.add_argument("--params", default=DEFAULT_PARAMS, help="params file (default: params.yaml)")
         p.set_defaults(fn=_exchange_command(name))
+
+
+def jobs_stages() -> tuple[str, ...]:
+    from ganflow.jobs import HEAVY_STAGES
+
+    return HEAVY_STAGES
 
 
 def _exchange_command(name: str):

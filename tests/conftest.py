@@ -96,3 +96,24 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def two_nodes(monkeypatch):
+    """A Ray cluster of two simulated nodes on this machine, 1 CPU each: the head (where a
+    stage's driver attaches, as a Ray job's driver does) and one worker node. Its raylets read ganflow's Ray settings as a
+    stage's local Ray does (above all RAY_worker_niceness 0: at Ray's default nice 15 the
+    training workers got a few % of a core next to a busy loop)."""
+    from ray.cluster_utils import Cluster
+
+    from ganflow.raycluster import RAY_ENV_DEFAULTS
+
+    for key, value in RAY_ENV_DEFAULTS.items():
+        monkeypatch.setenv(key, value)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    node = cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    try:
+        yield cluster, node
+    finally:
+        cluster.shutdown()

@@ -136,6 +136,7 @@ def test_dvc_repro_submits_train_as_a_ray_job(cluster, tmp_path):
     assert failed.returncode != 0
     output = failed.stdout + failed.stderr
     assert "submitted Ray job ganflow-train-" in output
+    assert "submitted Ray job ganflow-prepare-" in output  # the stages before it ran on the cluster too
     error = [line for line in failed.stderr.splitlines() if line.startswith("error: train: Ray job")]
     assert error and "FAILED" in error[0] and "train.batch_size" in error[0], output[-3000:]
     assert not (root / "models" / "generator").exists()
@@ -184,3 +185,39 @@ def test_dvc_repro_submits_train_as_a_ray_job(cluster, tmp_path):
                for r in new if r not in finished), [(r.info.status, r.data.tags.get("ganflow.failure")) for r in new]
     spec = json.loads((root / "models" / "generator" / "generator.json").read_text())
     assert spec["mlflow_run_id"] == finished[0].info.run_id
+
+
+def test_dvc_repro_submits_prepare_as_a_ray_job_that_decodes_with_ray_tasks(cluster, tmp_path):
+    """cluster.address set: the prepare stage is a Ray job too. Its driver decodes the folder
+    (at a path the cluster sees) with Ray tasks, and the prepared data set comes back into the
+    workspace, byte for byte what a prepare on this machine writes."""
+    import numpy as np
+    from PIL import Image
+
+    from ganflow.config import from_dict, resolve_paths
+    from ganflow.data import prepare
+
+    images = tmp_path / "images"  # outside the project: storage the cluster's nodes see
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        folder = images / ("a", "b")[i % 2]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+    (images / "b" / "broken.png").write_bytes(b"\x89PNG not really")
+    data = {"source": "folder", "path": str(images), "image_size": 16, "channels": 3,
+            "shard_mb": 8 * 16 * 16 * 3 / 2**20}  # 8 images per shard: 6 shard ranges
+    root = cluster_project(tmp_path, cluster, data=data)
+    done = run([str(BIN / "dvc"), "repro", "prepare"], root, timeout=600)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-4000:]
+    assert "submitted Ray job ganflow-prepare-" in output
+    assert "prepare: decoded 6 shards with Ray tasks on 1 node(s) of the cluster" in output  # the job's log
+    assert "SUCCEEDED; outputs pulled into the workspace" in output
+
+    here = prepare(resolve_paths(from_dict({"data": data}), tmp_path / "here")).path
+    pulled = root / "data" / "prepared"
+    assert {p.name: p.read_bytes() for p in pulled.iterdir()} == {p.name: p.read_bytes() for p in here.iterdir()}
+    assert json.loads((pulled / "manifest.json").read_text())["skipped"] == [
+        {"file": "b/broken.png", "reason": "not a readable image"}]
+    status = run([str(BIN / "dvc"), "status", "prepare"], root, check=True)
+    assert "changed" not in status.stdout, status.stdout

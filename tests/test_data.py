@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 import ganflow.data as data_mod
@@ -258,10 +260,10 @@ def test_a_shard_that_disagrees_with_the_manifest_is_refused(tmp_path):
         PreparedDataset(summary.path)
 
 
-def test_parallel_decoding_writes_the_same_bytes(tmp_path, image_folder):
-    """The folder decoded by worker processes and the stage together (many shards, the broken
-    files among them, a shard range with no usable image) gives the very bytes of the in-process
-    decode: images, labels, split, and the skipped-file report."""
+def many_shards(image_folder: Path) -> dict:
+    """image_folder grown to 24 shard ranges of 10 files: 200 more images, one broken among them,
+    and 25 junk files at the end, so that the last two ranges have no usable image. Returns the
+    data params that read it."""
     rng = np.random.default_rng(1)
     for i in range(200):
         save(image_folder / ("cats", "dogs")[i % 2] / f"n{i:03d}.png",
@@ -269,8 +271,15 @@ def test_parallel_decoding_writes_the_same_bytes(tmp_path, image_folder):
     (image_folder / "cats" / "n100.png").write_bytes(b"\x89PNG broken")
     for i in range(25):  # the folder's last files, the last two shard ranges only these: no shard for
         (image_folder / "dogs" / f"z{i:02d}.png").write_bytes(b"junk")  # them, and no gap in the names
-    common = dict(source="folder", path=str(image_folder), max_bad_fraction=0.5, channels=3, image_size=16,
-                  shard_mb=10 * 16 * 16 * 3 / 2**20)  # 10 images per shard
+    return dict(source="folder", path=str(image_folder), max_bad_fraction=0.5, channels=3, image_size=16,
+                shard_mb=10 * 16 * 16 * 3 / 2**20)  # 10 images per shard
+
+
+def test_parallel_decoding_writes_the_same_bytes(tmp_path, image_folder):
+    """The folder decoded by worker processes and the stage together (many shards, the broken
+    files among them, a shard range with no usable image) gives the very bytes of the in-process
+    decode: images, labels, split, and the skipped-file report."""
+    common = many_shards(image_folder)
     one = make_cfg(tmp_path / "one", prepare_workers=0, **common)
     two = make_cfg(tmp_path / "two", prepare_workers=2, **common)
     ranges = data_mod.shard_ranges(len(data_mod._folder_files(image_folder)), two.data)
@@ -282,6 +291,43 @@ def test_parallel_decoding_writes_the_same_bytes(tmp_path, image_folder):
     assert [s["file"] for s in manifest["shards"]] == [f"images-{k:05d}.npy" for k in range(len(ranges) - 2)]
     assert {"file": "cats/n100.png", "reason": "not a readable image"} in manifest["skipped"]
     assert not [name for name in parallel if name.startswith(".part")]
+
+
+RAY_DECODE_MISSING = """
+import sys
+from ganflow.config import from_dict
+from ganflow.data import _run_shard_tasks_on_ray
+from ganflow.errors import DataError
+try:
+    _run_shard_tasks_on_ray([(sys.argv[1], ["a.png"], sys.argv[1] + ".npy")], from_dict({}).data, print)
+except DataError as exc:
+    print("error:", exc)
+"""
+
+
+@pytest.mark.slow
+def test_a_ray_cluster_decodes_the_folder_on_its_nodes(tmp_path, image_folder, two_nodes):
+    """On a Ray cluster (RAY_ADDRESS set, as for every Ray job's driver: how prepare runs when
+    cluster.address is set) the shard ranges are Ray tasks spread over the nodes, and the stage
+    writes what they return: the very bytes of a local prepare."""
+    cluster, _ = two_nodes
+    common = many_shards(image_folder)
+    local = folder_bytes(prepare(make_cfg(tmp_path / "local", prepare_workers=0, **common)).path)
+    root = tmp_path / "on-ray"
+    root.mkdir()
+    (root / "params.yaml").write_text(yaml.safe_dump({"data": common}))
+    env = {**os.environ, "RAY_ADDRESS": cluster.address}
+    proc = run(["python", str(REPO / "pipelines" / "prepare.py"), "--params", "params.yaml"], root, env=env,
+               timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "prepare: decoded 24 shards with Ray tasks on 2 node(s) of the cluster" in proc.stderr
+    assert folder_bytes(root / "data" / "prepared") == local
+
+    # a node that cannot read data.path: the task's reason in one line
+    proc = run(["python", "-c", RAY_DECODE_MISSING, str(tmp_path / "nowhere")], root, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    error = [line for line in proc.stdout.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "on the Ray cluster failed: [Errno 2] No such file or directory" in error[0], proc.stdout
 
 
 def test_prepare_workers_resolve_to_the_cores_and_the_shards(tmp_path, monkeypatch):

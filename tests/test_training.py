@@ -84,27 +84,6 @@ def start_training(params: Path, **env_vars: str) -> subprocess.Popen:
     )
 
 
-@pytest.fixture
-def two_nodes(monkeypatch):
-    """A Ray cluster of two simulated nodes on this machine, 1 CPU each: the head (where the
-    training driver attaches) and one worker node. Its raylets read ganflow's Ray settings as a
-    stage's local Ray does (above all RAY_worker_niceness 0: at Ray's default nice 15 the
-    training workers got a few % of a core next to a busy loop)."""
-    from ray.cluster_utils import Cluster
-
-    from ganflow.raycluster import RAY_ENV_DEFAULTS
-
-    for key, value in RAY_ENV_DEFAULTS.items():
-        monkeypatch.setenv(key, value)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    node = cluster.add_node(num_cpus=1)
-    cluster.wait_for_nodes()
-    try:
-        yield cluster, node
-    finally:
-        cluster.shutdown()
-
-
 def worker_nodes(client: MlflowClient, run_id: str) -> list[dict]:
     return json.loads(client.get_run(run_id).data.tags["ganflow.workers"])
 
