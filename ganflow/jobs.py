@@ -331,16 +331,16 @@ def submit_stage(cfg: Config, stage: str) -> str:
 
 
 def check_job_data(cfg: Config) -> None:
-    """A prepare job reads data.path where it is, from every node that decodes: an image folder
-    or .npz inside the project would not be there (a job gets the project's code and params, and
-    its Ray tasks run on other nodes), so it must be an absolute path on storage they all see."""
+    """A prepare job reads data.path where it is, from every node that decodes. A path relative to
+    the project would be looked for in the job's own copy of the project (code and params only),
+    and its Ray tasks run on other nodes: it must be an absolute path on storage they all see."""
     if cfg.data.source == "digits":
         return
     rel = cfg.relative(cfg.data.path)
     if not rel.startswith("/"):
         raise JobError(
-            f"data.path: {rel} is inside the project, which the prepare job on {cfg.cluster.address} and its "
-            "Ray tasks on other nodes do not see: put the images on storage every node mounts and set "
+            f"data.path: {rel} is relative to the project, and the prepare job on {cfg.cluster.address} and its "
+            "Ray tasks on other nodes do not have it: put the images on storage every node mounts and set "
             "data.path to that absolute path (or leave cluster.address unset to prepare here)"
         )
 
@@ -359,7 +359,10 @@ def _submit(cfg: Config, stage: str, client, address: str, exchange: str, submis
     entrypoint = f"python pipelines/{stage}.py --params {params_rel}"
     # a head that has just started answers before its job agent is up ("No available agent to
     # submit job, please try again later"): that one refusal is waited out, for a while
+    # (the head also says so when its own call to the agent timed out, which may have created the
+    # job: a job with this id that exists is followed, not submitted again)
     deadline = time.monotonic() + AGENT_WAIT_S
+    waiting = False
     while True:
         try:
             client.submit_job(
@@ -370,10 +373,15 @@ def _submit(cfg: Config, stage: str, client, address: str, exchange: str, submis
             )
             break
         except Exception as exc:
-            if "No available agent" in str(exc) and time.monotonic() < deadline:
-                time.sleep(2.0)
-                continue
-            raise JobError(f"cluster.address: submitting {stage} to {address} failed: {first_line(exc)}") from None
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise JobError(f"cluster.address: submitting {stage} to {address} failed: {first_line(exc)}") from None
+            if _job_exists(client, submission_id):
+                break
+            if not waiting:
+                print(f"{stage}: the Ray job agent on {address} is not up yet; waiting up to {AGENT_WAIT_S:.0f} s",
+                      flush=True)
+                waiting = True
+            time.sleep(2.0)
     print(f"{stage}: submitted Ray job {submission_id} to {address} ({entrypoint})", flush=True)
     log: list[str] = []
     # Ctrl-C, or SIGTERM (a killed `dvc repro`), stops the job: it would go on, orphaned, on the cluster
@@ -393,6 +401,14 @@ def _submit(cfg: Config, stage: str, client, address: str, exchange: str, submis
     pull_outputs(cfg, stage, exchange, submission_id)
     print(f"{stage}: Ray job {submission_id} SUCCEEDED; outputs pulled into the workspace", flush=True)
     return submission_id
+
+
+def _job_exists(client, submission_id: str) -> bool:
+    try:
+        client.get_job_info(submission_id)
+        return True
+    except Exception:  # RuntimeError "does not exist", or the server not answering either
+        return False
 
 
 def _follow(client, submission_id: str, log: list[str]) -> str:

@@ -37,6 +37,13 @@ def set_ray_env() -> None:
         os.environ.setdefault(key, value)
 
 
+def on_ray_cluster() -> bool:
+    """True when this process is to work on a Ray cluster: RAY_ADDRESS names one (a Ray job's
+    driver always has it). An http(s) RAY_ADDRESS is a job server's, for `ray job` commands."""
+    address = os.environ.get("RAY_ADDRESS", "")
+    return bool(address) and not address.startswith(("http://", "https://"))
+
+
 _OWN_RAY = {"local": False}  # whether init_ray started this process's own one-node Ray
 
 

@@ -124,7 +124,7 @@ def test_prepare_stage_refuses_each_bad_input_and_keeps_the_earlier_output(tmp_p
         # any connection: nothing listens at this address)
         "in_project_for_a_job": ({"data": {**data, "path": "good"},
                                   "cluster": {"address": "http://127.0.0.1:9", "storage_path": str(tmp_path)}}, 1,
-                                 ["data.path: good is inside the project", "http://127.0.0.1:9", "absolute path"]),
+                                 ["data.path: good is relative to the project", "http://127.0.0.1:9", "absolute path"]),
     }
     params = {name: write_params(tmp_path / f"{name}.yaml", **values) for name, (values, _, _) in cases.items()}
     with ThreadPoolExecutor(2) as pool:  # two at a time, all against the same earlier output

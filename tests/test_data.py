@@ -330,6 +330,18 @@ def test_a_ray_cluster_decodes_the_folder_on_its_nodes(tmp_path, image_folder, t
     assert len(error) == 1 and "on the Ray cluster failed: [Errno 2] No such file or directory" in error[0], proc.stdout
 
 
+def test_a_job_server_address_in_ray_address_keeps_prepare_on_this_machine(tmp_path, image_folder, monkeypatch):
+    """RAY_ADDRESS=http://HEAD:8265 is what `ray job` commands read: not a cluster to decode on."""
+    from ganflow.raycluster import on_ray_cluster
+
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:9")
+    assert not on_ray_cluster()
+    summary = prepare(make_cfg(tmp_path, source="folder", path=str(image_folder), max_bad_fraction=0.5))
+    assert summary.count == 8
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert on_ray_cluster()
+
+
 def test_prepare_workers_resolve_to_the_cores_and_the_shards(tmp_path, monkeypatch):
     monkeypatch.setattr(data_mod.os, "cpu_count", lambda: 4)
     auto = make_cfg(tmp_path, source="folder").data
