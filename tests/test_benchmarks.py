@@ -30,6 +30,7 @@ EXPECTED = {
     "scale.py": [rf"600 parallel \(auto\)\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}",
                  rf"600 single process\s+{NUMBER}\s+1\.00\s+{NUMBER}", r"peak RSS growth 300 -> 600",
                  rf"the train stage, one epoch[^\n]*\n[^\n]*\n\s*600\s+{NUMBER}\s+{NUMBER}"],
+    "prepare_speed.py": [rf"\s+0\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}"],
     "cpu_share.py": [rf"other\s+{NUMBER}\s+{NUMBER}%", rf"training workers\s+{NUMBER}\s+{NUMBER}%"],
 }
 
