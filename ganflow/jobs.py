@@ -373,8 +373,15 @@ def _submit(cfg: Config, stage: str, client, address: str, exchange: str, submis
             )
             break
         except Exception as exc:
-            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+            if "No available agent" not in str(exc):
                 raise JobError(f"cluster.address: submitting {stage} to {address} failed: {first_line(exc)}") from None
+            if time.monotonic() > deadline:
+                raise JobError(
+                    f"cluster.address: the Ray head at {address} still has no job agent after {AGENT_WAIT_S:.0f} s "
+                    "(\"No available agent to submit job\"): its dashboard agent runs without its HTTP server; "
+                    "see dashboard_agent.log in the head's Ray logs (usually its port, 52365 unless "
+                    "--dashboard-agent-listen-port says otherwise, is taken by another Ray on that machine)"
+                ) from None
             if _job_exists(client, submission_id):
                 break
             if not waiting:

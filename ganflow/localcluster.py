@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -109,6 +110,13 @@ def start_mlflow_server(backend_uri: str, port: int, log: Path, artifact_args: l
 RAY_GRACE_S = 8.0
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _stop(pid: int, timeout: float = 30.0) -> None:
     """SIGTERM to the process group ``pid`` leads; SIGKILL what is left after ``timeout``."""
     try:
@@ -125,7 +133,10 @@ def _stop(pid: int, timeout: float = 30.0) -> None:
     try:
         os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:
-        pass
+        return
+    deadline = time.monotonic() + 10.0  # a SIGKILLed group is gone once the kernel has torn it down
+    while time.monotonic() < deadline and _alive(pid):
+        time.sleep(0.1)
 
 
 def read_state(root: Path) -> LocalCluster | None:
@@ -185,17 +196,21 @@ def up(root: Path, ray_port: int = 6379, dashboard_port: int = 8265, mlflow_port
     # the Ray head: dashboard and job server on loopback; token auth (Ray's default) stays on.
     # It starts while the MLflow server does.
     ray_log = state_dir / "ray.log"
+    # No fixed port besides the three named: Ray's defaults collide with any other Ray on the
+    # machine (a `make run`, a notebook's ray.init, a second project's head). The job agent's HTTP
+    # port (default 52365) goes to the OS: an agent that cannot bind stays up without HTTP, and
+    # every job submission is refused with "No available agent". The Ray Client server (default
+    # 10001; ganflow never uses ray://, and `ray start` cannot leave it out) takes a port free now:
+    # a taken one kills the whole head.
     command = [tool("ray"), "start", "--head", "--block", "--port", str(ray_port),
                "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
+               "--dashboard-agent-listen-port", "0", "--ray-client-server-port", str(free_port()),
                "--disable-usage-stats"]
     if num_cpus is not None:
         command += ["--num-cpus", str(num_cpus)]
     auth_mode = os.environ.get("RAY_AUTH_MODE", "token")
     if auth_mode == "token":
-        # `ray start` refuses to start without a token (unlike ray.init, it never makes one): on a
-        # machine where no local Ray ever ran, ~/.ray/auth_token does not exist yet
-        subprocess.run([tool("ray"), "get-auth-token", "--generate"], env={**os.environ, "RAY_AUTH_MODE": "token"},
-                       capture_output=True, check=True, timeout=timeout)
+        ensure_auth_token(timeout)
     ray_proc = _spawn(command, ray_log, env={"RAY_AUTH_MODE": auth_mode, "RAY_worker_niceness": "0"})
     try:
         mlflow_proc = start_mlflow_server(db, mlflow_port, state_dir / "mlflow.log",
@@ -212,6 +227,13 @@ def up(root: Path, ray_port: int = 6379, dashboard_port: int = 8265, mlflow_port
                          _started(ray_proc.pid), _started(mlflow_proc.pid))
     (state_dir / "cluster.json").write_text(json.dumps(asdict(state), indent=2) + "\n")
     return state
+
+
+def ensure_auth_token(timeout: float = 120.0) -> None:
+    """`ray start` refuses to start without a token (unlike ray.init, it never makes one): on a
+    machine where no local Ray ever ran, ~/.ray/auth_token does not exist yet."""
+    subprocess.run([tool("ray"), "get-auth-token", "--generate"], env={**os.environ, "RAY_AUTH_MODE": "token"},
+                   capture_output=True, check=True, timeout=timeout)
 
 
 def _job_server_ready(address: str) -> bool:

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from ganflow import localcluster
-from tests.conftest import BIN, copy_project, edit_params, free_port, run
+from tests.conftest import BIN, copy_project, edit_params, run
 
 pytestmark = pytest.mark.slow
 
@@ -31,19 +32,45 @@ TINY = {
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """One local head + MLflow server for the module, as `ganflow cluster up` starts them."""
+    """One local head + MLflow server for the module, as `ganflow cluster up` starts them, on a
+    machine where another Ray already holds Ray's default agent and client ports: every test that
+    submits a job then also checks the head did not take them (its job agent would have no HTTP)."""
     root = tmp_path_factory.mktemp("cluster")
-    proc = run([str(BIN / "ganflow"), "cluster", "up", "--root", str(root), "--ray-port", str(free_port()),
-                "--dashboard-port", str(free_port()), "--mlflow-port", str(free_port()), "--num-cpus", "2"],
-               root, timeout=240)
-    assert proc.returncode == 0, proc.stderr
-    state = localcluster.read_state(root)
+    free_port = localcluster.free_port
+    held = hold_ports(DEFAULT_RAY_PORTS)
+    state = None
     try:
+        proc = run([str(BIN / "ganflow"), "cluster", "up", "--root", str(root), "--ray-port", str(free_port()),
+                    "--dashboard-port", str(free_port()), "--mlflow-port", str(free_port()), "--num-cpus", "2"],
+                   root, timeout=240)
+        assert proc.returncode == 0, proc.stderr
+        state = localcluster.read_state(root)
         yield state
     finally:
+        for sock in held:
+            sock.close()
         down = run([str(BIN / "ganflow"), "cluster", "down", "--root", str(root)], root, timeout=120)
         assert down.returncode == 0, down.stderr
-        assert not localcluster._alive(state.ray_pid) and not localcluster._alive(state.mlflow_pid)
+        if state is not None:
+            assert not localcluster._alive(state.ray_pid) and not localcluster._alive(state.mlflow_pid)
+
+
+# Ray's fixed defaults for the dashboard agent's HTTP server and the Ray Client server
+DEFAULT_RAY_PORTS = (52365, 10001)
+
+
+def hold_ports(ports) -> list[socket.socket]:
+    """Listen on each port that is free now (one that is taken is already held by someone else)."""
+    held = []
+    for port in ports:
+        sock = socket.socket()
+        try:
+            sock.bind(("0.0.0.0", port))
+            sock.listen()
+            held.append(sock)
+        except OSError:
+            sock.close()
+    return held
 
 
 def cluster_project(tmp_path: Path, state, **extra) -> Path:
@@ -221,3 +248,41 @@ def test_dvc_repro_submits_prepare_as_a_ray_job_that_decodes_with_ray_tasks(clus
         {"file": "b/broken.png", "reason": "not a readable image"}]
     status = run([str(BIN / "dvc"), "status", "prepare"], root, check=True)
     assert "changed" not in status.stdout, status.stdout
+
+
+def test_a_head_whose_job_agent_has_no_http_is_one_error_line(tmp_path, monkeypatch, capsys):
+    """What a head started by hand does when another process holds its agent's HTTP port: the
+    agent stays up without HTTP and every submission is refused. The submitter waits (as for a
+    just-started head), then says in one line what is wrong and where to look."""
+    from ganflow import jobs
+    from ganflow.config import load_config
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    localcluster.ensure_auth_token()
+    taken = socket.socket()
+    taken.bind(("0.0.0.0", 0))
+    taken.listen()
+    dashboard = localcluster.free_port()
+    address = f"http://127.0.0.1:{dashboard}"
+    log = tmp_path / "ray.log"
+    head = localcluster._spawn(
+        [localcluster.tool("ray"), "start", "--head", "--block", "--port", str(localcluster.free_port()),
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+         "--dashboard-agent-listen-port", str(taken.getsockname()[1]),
+         "--ray-client-server-port", str(localcluster.free_port()), "--num-cpus", "1", "--disable-usage-stats"],
+        log, env={"RAY_AUTH_MODE": "token"})
+    try:
+        localcluster._wait(lambda: localcluster._job_server_ready(address), "Ray head", 240, head, log)
+        root = copy_project(tmp_path / "project")
+        edit_params(root / "params.yaml", cluster={"address": address, "storage_path": str(tmp_path / "storage")})
+        monkeypatch.setattr(jobs, "AGENT_WAIT_S", 15.0)  # the head itself waits 10 s per try
+        with pytest.raises(jobs.JobError) as refused:
+            jobs.submit_stage(load_config(root / "params.yaml"), "prepare")
+    finally:
+        localcluster._stop(head.pid, localcluster.RAY_GRACE_S)
+        taken.close()
+    message = str(refused.value)
+    assert "\n" not in message
+    assert f"the Ray head at {address} still has no job agent after 15 s" in message
+    assert "dashboard_agent.log" in message
+    assert f"the Ray job agent on {address} is not up yet; waiting up to 15 s" in capsys.readouterr().out

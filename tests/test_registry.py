@@ -17,10 +17,11 @@ from safetensors.torch import save_file
 
 from ganflow.config import load_config
 from ganflow.data import prepare
+from ganflow.localcluster import free_port
 from ganflow.models import Generator
 from ganflow.registry import register
 from ganflow.sampling import export_generator
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO
 
 NAME = "test-generator"
 

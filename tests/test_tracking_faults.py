@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from ganflow.tracking import INCOMPLETE_TAG, MISSING_GRIDS_TAG, RunLogger, TrackingError, check_reachable
 from ganflow.localcluster import start_mlflow_server
-from tests.conftest import free_port
+from ganflow.localcluster import free_port
 
 STEPS_PER_EPOCH = 4
 KEYS = ("loss_d", "loss_g")

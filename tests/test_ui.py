@@ -29,7 +29,7 @@ from ganflow.config import load_config
 from ganflow.data import PreparedDataset, prepare
 from ganflow.tracking import RunLogger, connect, provenance, start_sweep_run, start_training_run, tracking_uri
 from ganflow.localcluster import start_mlflow_server
-from tests.conftest import free_port
+from ganflow.localcluster import free_port
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's chromium; `make test` installs it
 CHROMIUM_ARGS = [
