@@ -98,6 +98,11 @@ def _local_files(path: Path) -> list[Path]:
     return sorted(p for p in path.rglob("*") if p.is_file())
 
 
+def _local_hashes(cfg: Config, path: Path) -> dict[str, str]:
+    """{key: sha256} of a file or folder of the project, keys relative to the project."""
+    return {file.relative_to(cfg.root).as_posix(): file_sha256(file) for file in _local_files(path)}
+
+
 def _upload(cfg: Config, uri: str, path: Path) -> dict[str, str]:
     """Copy a file or folder of the project to the exchange; returns {key: sha256}."""
     fs, base = storage_fs(uri)
@@ -106,15 +111,12 @@ def _upload(cfg: Config, uri: str, path: Path) -> dict[str, str]:
         raise JobError(f"{key}: missing; run the stages before it first (dvc repro)")
     if path.is_dir():  # files the local folder no longer has must not linger in the exchange
         fs.delete_dir_contents(f"{base}/{key}", missing_dir_ok=True)
-    hashes = {}
     for file in _local_files(path):
-        rel = file.relative_to(cfg.root).as_posix()
-        target = f"{base}/{rel}"
+        target = f"{base}/{file.relative_to(cfg.root).as_posix()}"
         fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
         with open(file, "rb") as src, fs.open_output_stream(target) as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
-        hashes[rel] = file_sha256(file)
-    return hashes
+    return _local_hashes(cfg, path)
 
 
 def _download(cfg: Config, uri: str, path: Path, expected: dict[str, str] | None = None) -> None:
@@ -132,7 +134,7 @@ def _download(cfg: Config, uri: str, path: Path, expected: dict[str, str] | None
             data = stream.read()
         rel = remote[len(base) + 1:]
         if expected is not None and hashlib.sha256(data).hexdigest() != expected.get(rel):
-            raise JobError(f"{rel}: the copy in {uri} does not match the job's manifest (incomplete upload?)")
+            raise JobError(f"{rel}: the copy in {uri} does not match the manifest written with it (incomplete upload?)")
         return data
 
     if info.type == pyarrow.fs.FileType.File:
@@ -157,24 +159,44 @@ def _inside(folder: Path, rel: str, uri: str) -> Path:
     return folder.joinpath(*parts)
 
 
-def _manifest_path(uri: str, stage: str) -> tuple[object, str]:
+def _manifest_path(uri: str, stage: str, kind: str = "outputs") -> tuple[object, str]:
     fs, base = storage_fs(uri)
-    return fs, f"{base}/.ganflow/{stage}.outputs.json"
+    return fs, f"{base}/.ganflow/{stage}.{kind}.json"
 
 
 def push_inputs(cfg: Config, stage: str, uri: str | None = None) -> str:
-    """Submitter side: the stage's inputs -> the exchange. Returns the exchange URI."""
+    """Submitter side: the stage's inputs -> the exchange, then their hashes (written last).
+    Returns the exchange URI."""
     uri = uri or exchange_uri(cfg)
+    hashes: dict[str, str] = {}
     for path in stage_files(cfg, stage)[0]:
-        _upload(cfg, uri, path)
+        hashes.update(_upload(cfg, uri, path))
+    fs, manifest = _manifest_path(uri, stage, "inputs")
+    fs.create_dir(manifest.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(manifest) as out:
+        out.write(json.dumps({"stage": stage, "files": hashes}, indent=2, sort_keys=True).encode())
     return uri
 
 
 def fetch_inputs(cfg: Config, stage: str, uri: str) -> None:
-    """Job side: the inputs this copy of the project lacks <- the exchange."""
+    """Job side: the stage's inputs <- the exchange. Ray unpacks a job's project once per content
+    hash and reuses that folder for every later job with the same code and params, so a copy of
+    an input may already be here, left by an earlier job: it is kept only when it is, file for
+    file, what the submitter pushed (without the pushed hashes, it is fetched again)."""
+    fs, manifest = _manifest_path(uri, stage, "inputs")
+    try:
+        with fs.open_input_stream(manifest) as stream:
+            pushed: dict[str, str] | None = json.loads(stream.read())["files"]
+    except (FileNotFoundError, OSError):
+        pushed = None  # pushed by hand with an older ganflow
     for path in stage_files(cfg, stage)[0]:
-        if not path.exists():
-            _download(cfg, uri, path)
+        key = _key(cfg, path)
+        expected = None
+        if pushed is not None:
+            expected = {rel: h for rel, h in pushed.items() if rel == key or rel.startswith(key + "/")}
+            if path.exists() and _local_hashes(cfg, path) == expected:
+                continue
+        _download(cfg, uri, path, expected)
 
 
 def push_outputs(cfg: Config, stage: str, uri: str, submission_id: str) -> None:

@@ -689,6 +689,38 @@ def test_push_and_pull_run_without_torch(tmp_path):
         assert (root / rel).read_bytes() == data
 
 
+def test_a_job_working_dir_left_by_an_earlier_job_gets_the_inputs_just_pushed(tmp_path):
+    """Ray unpacks a job's project once per content hash and reuses the folder: a train job with
+    the same code and params as an earlier one finds that job's data/prepared in its working dir.
+    The job side keeps such a copy only when it is, file for file, what the submitter pushed."""
+    import os
+
+    from ganflow.config import load_config
+    from ganflow.jobs import fetch_inputs, push_inputs
+
+    params = f"cluster:\n  storage_path: {tmp_path / 'shared'}\n"
+    inputs = {"data/prepared/manifest.json": b'{"count": 2}', "data/prepared/images-00000.npy": b"new images",
+              "models/encoder/encoder.json": b"{}", "tune/best.json": b'{"lr_g": 0.001}'}
+    root, job = tmp_path / "project", tmp_path / "job"
+    for folder, files in ((root, inputs),
+                          (job, {**inputs, "data/prepared/images-00000.npy": b"old images",  # an earlier job's data
+                                 "data/prepared/images-00001.npy": b"old second shard"})):
+        (folder).mkdir()
+        (folder / "params.yaml").write_text(params)
+        for rel, data in files.items():
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            (folder / rel).write_bytes(data)
+
+    exchange = push_inputs(load_config(root / "params.yaml"), "train")
+    encoder = job / "models" / "encoder" / "encoder.json"
+    kept = os.stat(encoder).st_ino
+    fetch_inputs(load_config(job / "params.yaml"), "train", exchange)
+    for rel, data in inputs.items():
+        assert (job / rel).read_bytes() == data
+    assert sorted(p.name for p in (job / "data" / "prepared").iterdir()) == ["images-00000.npy", "manifest.json"]
+    assert os.stat(encoder).st_ino == kept  # the same as pushed: not fetched again
+
+
 def test_cluster_down_signals_only_the_processes_it_started(tmp_path):
     """A pid in .cluster/cluster.json may name another process by the time `cluster down` runs
     (a reboot, a reused pid): only a process with the recorded start time is stopped."""
