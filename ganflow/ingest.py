@@ -74,7 +74,8 @@ def shards_root(cfg: Config) -> str:
     import pyarrow.fs
 
     from ganflow.data import read_manifest
-    from ganflow.storage import storage_fs, storage_path
+    from ganflow.filesystems import storage_fs
+    from ganflow.storage import storage_path
 
     manifest = read_manifest(cfg.paths.prepared)
     prefix = storage_path(cfg)
@@ -125,7 +126,7 @@ def chunks(cfg: Config, root: str) -> list[dict[str, Any]]:
 def read_chunks(batch: dict[str, np.ndarray], shape: tuple[int, int, int]) -> dict[str, np.ndarray]:
     """A Ray Data map: chunk items -> their training images (uint8 N x H x W x C) and labels,
     one ranged read per chunk from local disk or any pyarrow filesystem (s3://...)."""
-    from ganflow.storage import storage_fs
+    from ganflow.filesystems import storage_fs
 
     images, labels = [], []
     size = int(np.prod(shape))

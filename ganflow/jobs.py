@@ -37,7 +37,7 @@ from ganflow.config import Config
 from ganflow.errors import GanflowError, first_line
 from ganflow.interrupts import Interrupted, stop_on_signals
 from ganflow.raycluster import RAY_ENV_DEFAULTS
-from ganflow.storage import storage_fs
+from ganflow.filesystems import storage_fs
 
 EXCHANGE_ENV = "GANFLOW_EXCHANGE"  # set by the submitter in the job's runtime env
 SUBMISSION_ENV = "GANFLOW_SUBMISSION_ID"

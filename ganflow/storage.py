@@ -2,7 +2,7 @@
 
 A run is named from what determines its result (see run_name); its checkpoints live under
 ``<cluster.storage_path or paths.ray_results>/<name>``, on local disk or any pyarrow filesystem
-(s3://, gs://...). No torch here: `ganflow push/pull` use storage_fs.
+(s3://, gs://...; see filesystems.py). No torch at import.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 
 from ganflow.atomic import named_sha256
 from ganflow.config import TRAIN_RUN_ONLY_KEYS, Config
+from ganflow.filesystems import storage_fs
 
 CHECKPOINT_META = "meta.json"  # in every checkpoint folder: epoch, run_id, history, best_fd...
 
@@ -75,15 +76,6 @@ def stale_runs(storage: str, name: str) -> list[tuple[str, int]]:
             if latest is not None:
                 found.append((info.base_name, int(latest[1]["epoch"])))
     return sorted(found)
-
-
-def storage_fs(storage: str):
-    """(pyarrow filesystem, base path) for a local path or a URI such as s3://bucket/prefix."""
-    import pyarrow.fs
-
-    if "://" in storage:
-        return pyarrow.fs.FileSystem.from_uri(storage)
-    return pyarrow.fs.LocalFileSystem(), str(Path(storage).resolve())
 
 
 def latest_checkpoint_meta(storage: str, name: str) -> tuple[str, dict[str, Any]] | None:
