@@ -409,6 +409,9 @@ def _run_shard_tasks(tasks: list[tuple[str, list[str], str]], data: DataConfig,
         pool.shutdown(cancel_futures=True)
 
 
+NO_CPU_NOTICE_S = 30.0  # no shard decoded for this long on a cluster without CPUs: say what it waits for
+
+
 def _run_shard_tasks_on_ray(tasks: list[tuple[str, list[str], str]], data: DataConfig,
                             progress: Callable[[int], None]) -> list[Any]:
     """The shard tasks as Ray tasks on the cluster this process joins (RAY_ADDRESS: set by hand,
@@ -429,6 +432,7 @@ def _run_shard_tasks_on_ray(tasks: list[tuple[str, list[str], str]], data: DataC
     inflight: dict[Any, int] = {}
     nodes: set[str] = set()
     queued = 0
+    said_no_cpu = False
     try:
         while queued < len(tasks) or inflight:
             # the cluster's CPUs now (an autoscaler may have added nodes since the last refill)
@@ -438,7 +442,16 @@ def _run_shard_tasks_on_ray(tasks: list[tuple[str, list[str], str]], data: DataC
                 inflight[decode.remote(root, files, data_ref)] = queued
                 queued += 1
             # fetch_local=False: a result comes to this node only when it is written, one at a time
-            (done,), _ = ray.wait(list(inflight), num_returns=1, fetch_local=False)
+            ready, _ = ray.wait(list(inflight), num_returns=1, fetch_local=False, timeout=NO_CPU_NOTICE_S)
+            if not ready:
+                if not said_no_cpu and not ray.cluster_resources().get("CPU", 0):
+                    # e.g. a head with num-cpus 0 (infra/ray) before the autoscaler adds a worker
+                    print("prepare: the Ray cluster has no CPU for the decoding tasks yet; waiting for a node "
+                          "to join (an autoscaler adds one; without one, add a node or stop the job)",
+                          file=sys.stderr, flush=True)
+                    said_no_cpu = True
+                continue
+            (done,) = ready
             k = inflight.pop(done)
             try:
                 node, digests, skipped, images = ray.get(done)

@@ -330,6 +330,52 @@ def test_a_ray_cluster_decodes_the_folder_on_its_nodes(tmp_path, image_folder, t
     assert len(error) == 1 and "on the Ray cluster failed: [Errno 2] No such file or directory" in error[0], proc.stdout
 
 
+def test_prepare_on_a_ray_cluster_without_cpus_says_it_waits_for_a_node(tmp_path, image_folder, monkeypatch,
+                                                                          capsys):
+    """A head with num-cpus 0 (infra/ray's) and no worker yet: the decoding tasks wait for the
+    autoscaler. The stage says so instead of hanging silently, and goes on when a node joins."""
+    import threading
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from ganflow.raycluster import RAY_ENV_DEFAULTS
+
+    for key, value in RAY_ENV_DEFAULTS.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(data_mod, "NO_CPU_NOTICE_S", 0.5)
+    cfg = make_cfg(tmp_path, prepare_workers=0, **many_shards(image_folder))
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    monkeypatch.setenv("RAY_ADDRESS", cluster.address)
+    outcome: dict = {}
+
+    def prepare_on_ray():
+        try:
+            outcome["summary"] = prepare(cfg)
+        except BaseException as exc:  # noqa: BLE001 (checked below)
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=prepare_on_ray, daemon=True)
+    try:
+        thread.start()
+        said = ""
+        for _ in range(3000):  # the notice, or prepare ending without it
+            said += capsys.readouterr().err
+            if "has no CPU for the decoding tasks yet" in said or not thread.is_alive():
+                break
+            thread.join(0.1)
+        assert thread.is_alive(), outcome
+        assert "prepare: the Ray cluster has no CPU for the decoding tasks yet; waiting for a node" in said
+        cluster.add_node(num_cpus=1)
+        thread.join(600)
+        assert not thread.is_alive() and "error" not in outcome, outcome
+        assert outcome["summary"].count == 8 + 199
+        assert "decoded 24 shards with Ray tasks on 1 node(s)" in said + capsys.readouterr().err
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
 def test_a_job_server_address_in_ray_address_keeps_prepare_on_this_machine(tmp_path, image_folder, monkeypatch):
     """RAY_ADDRESS=http://HEAD:8265 is what `ray job` commands read: not a cluster to decode on."""
     from ganflow.raycluster import on_ray_cluster
