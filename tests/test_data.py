@@ -330,50 +330,62 @@ def test_a_ray_cluster_decodes_the_folder_on_its_nodes(tmp_path, image_folder, t
     assert len(error) == 1 and "on the Ray cluster failed: [Errno 2] No such file or directory" in error[0], proc.stdout
 
 
-def test_prepare_on_a_ray_cluster_without_cpus_says_it_waits_for_a_node(tmp_path, image_folder, monkeypatch,
-                                                                          capsys):
+PREPARE_SOON_NOTICE = """
+import runpy, sys
+import ganflow.data
+ganflow.data.NO_CPU_NOTICE_S = 0.5  # the notice after half a second, not 30
+sys.argv = [sys.argv[1], "--params", "params.yaml"]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_prepare_on_a_ray_cluster_without_cpus_says_it_waits_for_a_node(tmp_path, image_folder, monkeypatch):
     """A head with num-cpus 0 (infra/ray's) and no worker yet: the decoding tasks wait for the
-    autoscaler. The stage says so instead of hanging silently, and goes on when a node joins."""
+    autoscaler. The stage says so instead of hanging silently, and goes on when a node joins.
+    (The stage runs in a process of its own: this one may hold a Ray of an earlier test.)"""
+    import subprocess
     import threading
 
-    import ray
     from ray.cluster_utils import Cluster
 
     from ganflow.raycluster import RAY_ENV_DEFAULTS
+    from tests.conftest import BIN
 
     for key, value in RAY_ENV_DEFAULTS.items():
         monkeypatch.setenv(key, value)
-    monkeypatch.setattr(data_mod, "NO_CPU_NOTICE_S", 0.5)
-    cfg = make_cfg(tmp_path, prepare_workers=0, **many_shards(image_folder))
+    root = tmp_path / "on-ray"
+    root.mkdir()
+    (root / "params.yaml").write_text(yaml.safe_dump({"data": many_shards(image_folder)}))
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    monkeypatch.setenv("RAY_ADDRESS", cluster.address)
-    outcome: dict = {}
-
-    def prepare_on_ray():
-        try:
-            outcome["summary"] = prepare(cfg)
-        except BaseException as exc:  # noqa: BLE001 (checked below)
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=prepare_on_ray, daemon=True)
+    proc = None
     try:
-        thread.start()
-        said = ""
-        for _ in range(3000):  # the notice, or prepare ending without it
-            said += capsys.readouterr().err
-            if "has no CPU for the decoding tasks yet" in said or not thread.is_alive():
-                break
-            thread.join(0.1)
-        assert thread.is_alive(), outcome
-        assert "prepare: the Ray cluster has no CPU for the decoding tasks yet; waiting for a node" in said
+        proc = subprocess.Popen([str(BIN / "python"), "-c", PREPARE_SOON_NOTICE, str(REPO / "pipelines" / "prepare.py")],
+                                cwd=root, env={**os.environ, "RAY_ADDRESS": cluster.address},
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines: list[str] = []
+        notice = threading.Event()
+
+        def read() -> None:
+            for line in proc.stdout:
+                lines.append(line)
+                if "has no CPU for the decoding tasks yet" in line:
+                    notice.set()
+            notice.set()  # the stage ended: nothing more to wait for
+
+        threading.Thread(target=read, daemon=True).start()
+        notice.wait(600)
+        assert proc.poll() is None, "".join(lines)[-3000:]  # still waiting for a CPU
+        assert any(line.startswith("prepare: the Ray cluster has no CPU for the decoding tasks yet; waiting for a node")
+                   for line in lines), "".join(lines)[-3000:]
         cluster.add_node(num_cpus=1)
-        thread.join(600)
-        assert not thread.is_alive() and "error" not in outcome, outcome
-        assert outcome["summary"].count == 8 + 199
-        assert "decoded 24 shards with Ray tasks on 1 node(s)" in said + capsys.readouterr().err
+        assert proc.wait(600) == 0, "".join(lines)[-3000:]
     finally:
-        ray.shutdown()
+        if proc is not None and proc.poll() is None:
+            proc.kill()
         cluster.shutdown()
+    output = "".join(lines)
+    assert "prepare: decoded 24 shards with Ray tasks on 1 node(s) of the cluster" in output
+    assert read_manifest(root / "data" / "prepared")["count"] == 8 + 199, output[-3000:]
 
 
 def test_a_job_server_address_in_ray_address_keeps_prepare_on_this_machine(tmp_path, image_folder, monkeypatch):
