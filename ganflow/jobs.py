@@ -164,17 +164,35 @@ def _manifest_path(uri: str, stage: str, kind: str = "outputs") -> tuple[object,
     return fs, f"{base}/.ganflow/{stage}.{kind}.json"
 
 
+def _write_manifest(uri: str, stage: str, kind: str, record: dict) -> None:
+    fs, manifest = _manifest_path(uri, stage, kind)
+    fs.create_dir(manifest.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(manifest) as out:
+        out.write(json.dumps(record, indent=2, sort_keys=True).encode())
+
+
+def _read_manifest(uri: str, stage: str, kind: str) -> dict | None:
+    """The record _write_manifest left, None when there is none."""
+    fs, manifest = _manifest_path(uri, stage, kind)
+    try:
+        with fs.open_input_stream(manifest) as stream:
+            return json.loads(stream.read())
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def _upload_all(cfg: Config, uri: str, paths: list[Path]) -> dict[str, str]:
+    hashes: dict[str, str] = {}
+    for path in paths:
+        hashes.update(_upload(cfg, uri, path))
+    return hashes
+
+
 def push_inputs(cfg: Config, stage: str, uri: str | None = None) -> str:
     """Submitter side: the stage's inputs -> the exchange, then their hashes (written last).
     Returns the exchange URI."""
     uri = uri or exchange_uri(cfg)
-    hashes: dict[str, str] = {}
-    for path in stage_files(cfg, stage)[0]:
-        hashes.update(_upload(cfg, uri, path))
-    fs, manifest = _manifest_path(uri, stage, "inputs")
-    fs.create_dir(manifest.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(manifest) as out:
-        out.write(json.dumps({"stage": stage, "files": hashes}, indent=2, sort_keys=True).encode())
+    _write_manifest(uri, stage, "inputs", {"stage": stage, "files": _upload_all(cfg, uri, stage_files(cfg, stage)[0])})
     return uri
 
 
@@ -183,12 +201,8 @@ def fetch_inputs(cfg: Config, stage: str, uri: str) -> None:
     hash and reuses that folder for every later job with the same code and params, so a copy of
     an input may already be here, left by an earlier job: it is kept only when it is, file for
     file, what the submitter pushed (without the pushed hashes, it is fetched again)."""
-    fs, manifest = _manifest_path(uri, stage, "inputs")
-    try:
-        with fs.open_input_stream(manifest) as stream:
-            pushed: dict[str, str] | None = json.loads(stream.read())["files"]
-    except (FileNotFoundError, OSError):
-        pushed = None  # pushed by hand with an older ganflow
+    record = _read_manifest(uri, stage, "inputs")
+    pushed = None if record is None else record["files"]  # None: pushed by hand with an older ganflow
     for path in stage_files(cfg, stage)[0]:
         key = _key(cfg, path)
         expected = None
@@ -201,14 +215,9 @@ def fetch_inputs(cfg: Config, stage: str, uri: str) -> None:
 
 def push_outputs(cfg: Config, stage: str, uri: str, submission_id: str) -> None:
     """Job side: outputs -> the exchange, then the manifest (written last: it marks them complete)."""
-    hashes: dict[str, str] = {}
-    for path in stage_files(cfg, stage)[1]:
-        hashes.update(_upload(cfg, uri, path))
-    fs, manifest = _manifest_path(uri, stage)
-    fs.create_dir(manifest.rsplit("/", 1)[0], recursive=True)
-    payload = {"stage": stage, "submission_id": submission_id, "files": hashes, "time": time.time()}
-    with fs.open_output_stream(manifest) as out:
-        out.write(json.dumps(payload, indent=2, sort_keys=True).encode())
+    hashes = _upload_all(cfg, uri, stage_files(cfg, stage)[1])
+    _write_manifest(uri, stage, "outputs",
+                    {"stage": stage, "submission_id": submission_id, "files": hashes, "time": time.time()})
 
 
 def clear_outputs(cfg: Config, stage: str, uri: str) -> None:
@@ -224,12 +233,9 @@ def pull_outputs(cfg: Config, stage: str, uri: str | None = None, submission_id:
     """Submitter side: the outputs of the last job of ``stage`` -> the workspace (checked
     against the manifest the job wrote). Returns the manifest."""
     uri = uri or exchange_uri(cfg)
-    fs, manifest = _manifest_path(uri, stage)
-    try:
-        with fs.open_input_stream(manifest) as stream:
-            record = json.loads(stream.read())
-    except (FileNotFoundError, OSError):
-        raise JobError(f"{stage}: no finished job's outputs in {uri} (the job failed, or never ran)") from None
+    record = _read_manifest(uri, stage, "outputs")
+    if record is None:
+        raise JobError(f"{stage}: no finished job's outputs in {uri} (the job failed, or never ran)")
     if submission_id and record.get("submission_id") != submission_id:
         raise JobError(
             f"{stage}: the outputs in {uri} are from job {record.get('submission_id')}, not {submission_id}"
