@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 
 from ganflow.data import prepare
-from ganflow.evaluation import evaluate_generator, fit_encoder
-from ganflow.sampling import load_generator_dir
+from ganflow.encoder import fit_encoder
+from ganflow.evaluation import evaluate_generator
+from ganflow.sampling import generator_meta, load_generator_dir
 
 
 def scratch(cfg, workdir: Path):
@@ -35,11 +36,11 @@ def smoke_data(cfg, workdir: Path) -> None:
 
 
 def score_exported(cfg) -> dict:
-    """Every held-out metric of the generator exported to cfg.paths.generator."""
+    """Every metric of the generator exported to cfg.paths.generator, as the evaluate stage scores it."""
     g = load_generator_dir(cfg.paths.generator)
 
     def sample(z):
         with torch.no_grad():
             return g(z)
 
-    return evaluate_generator(cfg, sample)[0]
+    return evaluate_generator(cfg, sample, generator_meta(cfg.paths.generator))[0]

@@ -88,7 +88,7 @@ def main() -> int:
 
     from ganflow.config import load_config
     from ganflow.data import prepare
-    from ganflow.evaluation import fit_encoder
+    from ganflow.encoder import fit_encoder
 
     gpus = torch.cuda.device_count()
     rows: list[tuple[str, float]] = []

@@ -35,7 +35,7 @@ import yaml
 
 from ganflow.config import load_config
 from ganflow.data import PreparedDataset, class_prior, prepare
-from ganflow.evaluation import fit_encoder
+from ganflow.encoder import fit_encoder
 from ganflow.train_loop import amp_dtype, build_state, gan_step, local_batches, noise_seed
 
 REPO = Path(__file__).resolve().parents[1]

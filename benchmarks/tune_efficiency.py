@@ -71,12 +71,12 @@ def main() -> int:
             rows.append((rule, trial, scored[key]))
     print(f"\nsweep: {best.trials} trials x {cfg.tune.epochs} epochs ({best.stopped_early} stopped early), "
           f"{sweep_wall:.0f} s; each pick then trained {cfg.train.epochs} epochs, scored on held-out images")
-    print(f"{'rule':24s} {'lr_g':>9s} {'lr_d':>9s} {'sweep score':>11s} {'fd_domain':>10s} {'/ floor':>8s} "
-          f"{'recall':>7s} {'copying_ct':>10s}")
+    print(f"{'rule':24s} {'lr_g':>9s} {'lr_d':>9s} {'sweep score':>11s} {'fd_domain':>10s} {'/ real':>8s} "
+          f"{'recall':>7s} {'copied':>10s}")
     for rule, trial, m in rows:
         score = min(trial["fd_history"]) if rule.startswith("old") else trial["fd"]
         print(f"{rule:24s} {trial['lr_g']:9.3g} {trial['lr_d']:9.3g} {score:11.3f} {m['fd_domain']:10.3f} "
-              f"{m['fd_domain_over_floor']:8.2f} {m['recall']:7.2f} {m['copying_ct']:10.2f}")
+              f"{m['fd_domain_over_real']:8.2f} {m['recall']:7.2f} {m['copying_flagged']:10.0f}")
     if rows[0][1] is rows[1][1] or (rows[0][1]["lr_g"], rows[0][1]["lr_d"]) == (rows[1][1]["lr_g"], rows[1][1]["lr_d"]):
         print("both rules picked the same trial")
     return 0

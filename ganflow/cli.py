@@ -70,6 +70,36 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_score(args: argparse.Namespace) -> int:
+    """Score any set of images with the evaluate stage's metrics, baseline and copy detector."""
+    import json
+
+    import numpy as np
+
+    from ganflow.atomic import write_file
+    from ganflow.evaluation import score_images
+    from ganflow.report import summary_line
+
+    cfg = load_config(args.params)
+    path = Path(args.samples)
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if "images" not in archive:
+                raise GanflowError(f"{path}: no 'images' array (uint8, N x H x W x C)")
+            images = archive["images"]
+            labels = archive["labels"].astype(np.int64) if "labels" in archive else None
+    except (OSError, ValueError) as exc:
+        raise GanflowError(f"{path}: not a readable .npz file ({str(exc).splitlines()[0] if str(exc) else exc})") from None
+    if images.ndim == 3 and cfg.data.channels == 1:
+        images = images[..., None]
+    metrics = score_images(cfg, images, labels, args.split)
+    text = json.dumps(metrics, indent=2, sort_keys=True) + "\n"
+    if args.out:
+        write_file(Path(args.out), text)
+    print(summary_line(metrics) + (f" -> {args.out}" if args.out else ""))
+    return 0
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     from ganflow.tracking import artifact_root, tracking_uri
 
@@ -170,6 +200,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", default=DEFAULT_PARAMS, help="params file naming the tracking store")
     p.add_argument("--tracking-uri", help="MLflow tracking URI for runs:/ and models:/ (default: the project's)")
     p.set_defaults(fn=cmd_sample)
+
+    p = sub.add_parser(
+        "score", help="score a set of images (e.g. another codebase's samples) like the evaluate stage",
+        description="Score the images of an .npz file against the project's reference split with exactly "
+        "the metrics, real baseline and copy detector of the evaluate stage. The samples are cut into as "
+        "many draws of the split's draw size (with its class counts, when 'labels' gives the class each "
+        "sample was drawn for) as they fill; every figure is the mean and sd over those draws.",
+    )
+    p.add_argument("--samples", required=True, metavar="FILE.npz",
+                   help="'images': uint8 (N, H, W, C) at data.image_size and data.channels; optional "
+                        "'labels': int (N,) class indices")
+    p.add_argument("--split", choices=("validation", "test"), default="test",
+                   help="the reference split (default: test, what reports)")
+    p.add_argument("--out", metavar="FILE.json", help="write every metric here as JSON")
+    p.add_argument("--params", default=DEFAULT_PARAMS, help="params file (default: params.yaml)")
+    p.set_defaults(fn=cmd_score)
 
     p = sub.add_parser(
         "runs", help="list the latest tracked runs: trainings and sweeps",

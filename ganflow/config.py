@@ -69,9 +69,11 @@ class DataConfig(Section):
     max_bad_fraction: float = Field(0.1, ge=0.0, le=1.0)
     # images larger than this many pixels are skipped (decompression-bomb guard)
     max_image_pixels: int = Field(50_000_000, gt=0)
-    # share of each class (of all images when unlabelled) held out from training: the images
-    # every quality number is measured against. The split is made once, by the prepare stage
-    holdout_fraction: float = Field(0.15, gt=0.0, le=0.5)
+    # shares of each class (of all images when unlabelled) held out from training, made once by
+    # the prepare stage: validation chooses (best epoch, sweep, champion), test only reports
+    # (the evaluate stage is its one reader)
+    validation_fraction: float = Field(0.15, gt=0.0, le=0.4)
+    test_fraction: float = Field(0.15, gt=0.0, le=0.4)
     # the prepared images are written in shards of at most this many MiB: what preparing holds
     # in memory, and the unit a streaming reader reads
     shard_mb: float = Field(64.0, gt=0.0)
@@ -94,6 +96,12 @@ class DataConfig(Section):
         if v != "auto" and v < 0:
             raise ValueError("must be auto or >= 0")
         return v
+
+    @model_validator(mode="after")
+    def _train_keeps_half(self) -> DataConfig:
+        if self.validation_fraction + self.test_fraction > 0.5:
+            raise ValueError("validation_fraction + test_fraction must be at most 0.5: the GAN trains on the rest")
+        return self
 
     @field_validator("image_size")
     @classmethod
@@ -131,7 +139,8 @@ class TrainConfig(Section):
     beta2: float = Field(0.999, ge=0.0, lt=1.0)
     loss: Literal["bce", "hinge"] = "bce"
     d_steps: int = Field(1, ge=1)  # D updates per G update
-    ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
+    # the EMA G's decay per G step, reached after a warm-up (train_loop.ema_decay_at)
+    ema_decay: float = Field(0.99, ge=0.0, lt=1.0)
     # lazy R1 gradient penalty on real images: gamma/2 * E||grad D(x)||^2 every r1_every D steps
     # (scaled by r1_every, so the average strength does not depend on it); 0 = off
     r1_gamma: float = Field(0.0, ge=0.0)
@@ -226,11 +235,14 @@ class RegistryConfig(Section):
 
 class EvalConfig(Section):
     every: int = Field(1, ge=1)  # epochs between in-training evaluations
-    # generated samples per evaluation; the real reference and floor halves are this size too
-    # (at most half the dataset each)
+    # at most this many generated samples per draw (a draw is as large as the real baseline's,
+    # a multiple of the reference split's class counts that the train split can match)
     num_samples: int = Field(1000, ge=10)
-    seed: int = Field(0, ge=0)  # the real-data split, the encoder's init, the KID subsets
-    encoder_epochs: int = Field(15, gt=0)
+    # latent draws of the generator, and train-image draws of the real baseline, that every
+    # reported figure is the mean and sd of
+    draws: int = Field(10, ge=2)
+    seed: int = Field(0, ge=0)  # the encoder's init, the real-baseline draws, the KID subsets
+    encoder_epochs: int = Field(25, gt=0)
     feature_dim: int = Field(64, gt=0)  # keep well below num_samples: a covariance is estimated
     kid_subsets: int = Field(50, gt=0)
     kid_subset_size: int = Field(500, ge=2)

@@ -7,11 +7,12 @@ Sources (``data.source``), each turned into uint8 (H, W, C) images with C = ``da
 
 The prepared dataset is a directory of image shards ``images-00000.npy``, ... (uint8, n x S x S x C,
 at most ``data.shard_mb`` each, in source order), ``labels.npy`` (int64, N; -1 when unlabelled),
-``split.npy`` (uint8, N: 0 = train, 1 = held out) and ``manifest.json`` (the shards, their
+``split.npy`` (uint8, N: 0 = train, 1 = validation, 2 = test) and ``manifest.json`` (the shards, their
 counts and the sha256 of every file). A small dataset is one shard. The shards are written as the
 source is decoded, so preparing needs memory for one shard, not for the dataset; a reader
 streams them (Ray Data) or reads single images from them (``PreparedDataset``). The split is made once, here: the GAN and the encoder train on the train part
-only, and everything that judges a generator uses the held-out part. It is written to a temporary sibling and
+only; the validation part chooses (the exported epoch, the sweep, the champion) and the test part
+only reports (the evaluate stage is its one reader). It is written to a temporary sibling and
 renamed into place, so an interrupted prepare never leaves half a dataset, and the same input
 and params give byte-identical files.
 """
@@ -41,17 +42,17 @@ from ganflow.atomic import atomic_dir, file_sha256, sha256_hex, write_bytes
 from ganflow.config import Config, DataConfig
 from ganflow.errors import DataError, first_line
 
-FORMAT = "ganflow-prepared/3"  # /2: the held-out split; /3: image shards
+FORMAT = "ganflow-prepared/4"  # /2: the held-out split; /3: image shards; /4: validation and test
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MANIFEST = "manifest.json"
 # the data.* keys that decide the prepared bytes; dvc.yaml's prepare stage lists exactly these
 PREPARE_KEYS = ("source", "path", "image_size", "channels", "resize", "max_bad_fraction", "max_image_pixels",
-                "holdout_fraction", "shard_mb")
+                "validation_fraction", "test_fraction", "shard_mb")
 SHARD_NAME = "images-{:05d}.npy"
 LABELS = "labels.npy"
 SPLIT = "split.npy"
-TRAIN, HELDOUT = 0, 1  # the values in SPLIT
-PARTS = {"all": None, "train": TRAIN, "heldout": HELDOUT}
+TRAIN, VALIDATION, TEST = 0, 1, 2  # the values in SPLIT
+PARTS = {"all": None, "train": TRAIN, "validation": VALIDATION, "test": TEST}
 SPLIT_SEED = 20200  # fixed: the split is part of the data, not of a run
 
 
@@ -605,7 +606,7 @@ def prepare(cfg: Config) -> PrepareSummary:
             shards = writer.close()
         count = sum(shard["count"] for shard in shards)
         labels = raw.labels if raw.labels is not None else np.full(count, -1, dtype=np.int64)
-        split = holdout_split(labels, data.holdout_fraction)
+        split = three_way_split(labels, data.validation_fraction, data.test_fraction)
         _save_npy(tmp / LABELS, labels)
         _save_npy(tmp / SPLIT, split)
 
@@ -631,14 +632,7 @@ def prepare(cfg: Config) -> PrepareSummary:
             "skipped_count": len(raw.skipped),
             "skipped": raw.skipped,
             "params": params,
-            "split": {
-                "holdout_fraction": data.holdout_fraction,
-                "train": int((split == TRAIN).sum()),
-                "heldout": int((split == HELDOUT).sum()),
-                "heldout_class_counts": {
-                    name: int(((labels == i) & (split == HELDOUT)).sum()) for i, name in enumerate(raw.class_names)
-                },
-            },
+            "split": split_summary(split, labels, raw.class_names, data),
         }
         write_bytes(tmp / MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
     return PrepareSummary(
@@ -693,19 +687,36 @@ def images_digest(shards: list[dict[str, Any]]) -> str:
     return sha256_hex(*(f"{s['file']}\0{s['count']}\0{s['sha256']}\n".encode() for s in shards))
 
 
-def holdout_split(labels: np.ndarray, fraction: float) -> np.ndarray:
-    """uint8 (N,): HELDOUT for round(fraction * n) images of each class (of all images when
-    unlabelled, labels -1), TRAIN for the rest; a class of two or more images keeps at least one
-    on each side. Deterministic: the same labels and fraction give the same split."""
+def three_way_split(labels: np.ndarray, validation: float, test: float) -> np.ndarray:
+    """uint8 (N,): per class (all images when unlabelled, labels -1), round(validation * n)
+    images VALIDATION, round(test * n) TEST, the rest TRAIN; a class of three or more images keeps
+    at least one in each part. Stratified and deterministic: the same labels and fractions give
+    the same split."""
     rng = np.random.default_rng(SPLIT_SEED)
     split = np.full(len(labels), TRAIN, dtype=np.uint8)
     for value in np.unique(labels):  # sorted: the same order every run
-        members = np.flatnonzero(labels == value)
-        count = int(round(fraction * len(members)))
-        if len(members) >= 2:
-            count = min(max(count, 1), len(members) - 1)
-        split[rng.permutation(members)[:count]] = HELDOUT
+        members = rng.permutation(np.flatnonzero(labels == value))
+        n_val, n_test = int(round(validation * len(members))), int(round(test * len(members)))
+        if len(members) >= 3:
+            n_val, n_test = max(n_val, 1), max(n_test, 1)
+            while n_val + n_test > len(members) - 1:  # the train part keeps one
+                if n_val >= n_test:
+                    n_val -= 1
+                else:
+                    n_test -= 1
+        split[members[:n_val]] = VALIDATION
+        split[members[n_val : n_val + n_test]] = TEST
     return split
+
+
+def split_summary(split: np.ndarray, labels: np.ndarray, class_names: list[str], data: DataConfig) -> dict[str, Any]:
+    """The manifest's record of the split: fractions, sizes and class counts per part."""
+    out: dict[str, Any] = {"validation_fraction": data.validation_fraction, "test_fraction": data.test_fraction}
+    for part in ("train", "validation", "test"):
+        inside = split == PARTS[part]
+        out[part] = int(inside.sum())
+        out[f"{part}_class_counts"] = {name: int(((labels == i) & inside).sum()) for i, name in enumerate(class_names)}
+    return out
 
 
 def _save_npy(path: Path, array: np.ndarray) -> str:
@@ -732,8 +743,7 @@ def class_prior(cfg: Config) -> tuple[list[str], list[float]] | None:
                             "(set it to auto or false)")
         return None
     names = manifest["class_names"]
-    held = manifest["split"]["heldout_class_counts"]
-    counts = [manifest["class_counts"][n] - held[n] for n in names]
+    counts = [manifest["split"]["train_class_counts"][n] for n in names]
     return names, [c / sum(counts) for c in counts]
 
 
@@ -834,15 +844,15 @@ class ShardReader:
 class PreparedDataset(torch.utils.data.Dataset):
     """The prepared images as float tensors (C, H, W) in [-1, 1], with int labels (-1 = none).
 
-    ``part`` picks the images: "train" (what the GAN and the encoder learn from), "heldout"
-    (what judges a generator) or "all".
+    ``part`` picks the images: "train" (what the GAN and the encoder learn from), "validation"
+    (what chooses), "test" (what reports; read by the evaluate stage only) or "all".
 
     albumentations 2.0.8 gives every copy of a Compose the same random stream: in each
     DataLoader worker and each Ray rank. ``reseed`` (called by ``TransformSeeder`` in each
     worker, or directly with loader_workers=0) gives each its own stream.
     """
 
-    def __init__(self, path: Path, transform: A.Compose | None = None, part: str = "all"):
+    def __init__(self, path: Path, transform: A.Compose | None = None, *, part: str):
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         self.images = ShardReader(self.path, self.manifest)

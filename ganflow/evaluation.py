@@ -1,315 +1,378 @@
-"""Sample quality without internet: a domain encoder trained on the real data, and GAN metrics
-(ganflow.metrics) in its feature space, each reported next to its real-vs-real floor.
+"""The evaluation protocol: every quality figure of ganflow, measured the same way everywhere.
 
-The encoder is a small CNN: a classifier when the data has labels (its penultimate layer gives
-the features, its softmax the class predictions), otherwise an autoencoder (its bottleneck
-gives the features). It uses the split the prepare stage made once:
-  - the train part (what the GAN learns from) fits the encoder;
-  - the held-out part, never trained on by the encoder or the GAN, scores the encoder and is the
-    reference every generated set is compared with;
-  - the floor of every metric is a sample of real train images of the reference's size against
-    the held-out reference: "as close to unseen real images as real images are".
-A generator that returns its training images scores at the floor, not below it; the data-copying
-test (copying_ct) is what catches it, by comparing nearest-training-image distances of the
-generated and the held-out images.
+A figure is always read against a real baseline drawn the same way, with its spread:
+  - the reference is one split: validation (what chooses: the exported epoch, the sweep, the
+    champion) or test (what reports; only the evaluate stage and `ganflow score` read it);
+  - a draw is n samples with the reference's class counts times a multiple k (as large as the
+    train split can match twice over, n <= eval.num_samples), so G and the baseline carry the
+    same finite-sample bias and no class-count noise;
+  - the real baseline is eval.draws draws of train images with exactly those counts; the
+    generator is eval.draws latent draws with exactly those classes (a conditional G is asked
+    for them; an unconditional G just draws n);
+  - every metric is the mean and sd over draws, next to real_<metric> (mean and sd), and
+    fd_domain_over_real = fd_domain / real_fd_domain. A ratio near 1 means "as far from the held-
+    out images as other real images are"; it is not a bound, and at small n both carry bias.
+The copy detector (ganflow.copying) flags samples that repeat training images, in part or shifted.
+Metrics a split is too small for are left out and named in ``not_computed``.
 """
 
 from __future__ import annotations
 
-import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ganflow.atomic import atomic_dir, write_bytes
 from ganflow.config import Config
-from ganflow.data import PreparedDataset, prepared_hash
-from ganflow.errors import GanflowError, first_line
-from ganflow.metrics import (
-    class_metrics,
-    data_copying,
-    feature_stats,
-    frechet_distance,
-    kid,
-    kmeans_cells,
-    per_class_fd,
-    precision_recall,
-)
+from ganflow.copying import Detector, build_detector
+from ganflow.data import PreparedDataset
+from ganflow.encoder import Encoder, EvaluationError, encode, load_encoder
+from ganflow.errors import first_line
+from ganflow.metrics import class_metrics, fd, feature_stats, frechet_distance, kid, kid_subset, per_class_fd, precision_recall
 
-WEIGHTS = "encoder.safetensors"
-SPEC = "encoder.json"
-REFERENCE = "reference.safetensors"  # held-out and train features, the copying test's cells
-MIN_HELDOUT = 20  # held-out images below which no metric is worth computing
-TRAIN_FEATURES_MAX = 10_000  # train images (a seeded sample) the copying test measures distances to
-FLOOR_DRAWS = 5  # train samples the floor is averaged over (one draw of ~300 images is noisy)
-CELL_SIZE = 25  # held-out images per cell of the copying test (at most MAX_CELLS cells)
-MAX_CELLS = 20
+HEADLINE = ("fd_domain", "kid", "precision", "recall")  # each with its sd and its real baseline
 
 
-class EvaluationError(GanflowError):
-    """The encoder or the evaluation cannot be used."""
+@dataclass
+class Split:
+    """One reference split: its features, labels and the draw every set is compared at."""
 
-
-# ------------------------------------------------------------------------------------- the encoder
-
-
-class Encoder(nn.Module):
-    """(B, C, S, S) in [-1, 1] -> features (B, feature_dim); a class head or a decoder on top."""
-
-    def __init__(self, channels: int, image_size: int, feature_dim: int, num_classes: int):
-        super().__init__()
-        self.channels, self.image_size = channels, image_size
-        self.feature_dim, self.num_classes = feature_dim, num_classes
-        self.body = nn.Sequential(
-            nn.Conv2d(channels, 32, 3, 2, 1), nn.ReLU(inplace=True),  # (B, 32, S/2, S/2)
-            nn.Conv2d(32, 64, 3, 2, 1), nn.ReLU(inplace=True),  # (B, 64, S/4, S/4)
-            nn.Conv2d(64, 128, 3, 2, 1), nn.ReLU(inplace=True),  # (B, 128, S/8, S/8)
-            nn.AdaptiveAvgPool2d(2), nn.Flatten(),  # (B, 512)
-            nn.Linear(512, feature_dim),
-        )
-        # one factor for all feature dimensions, set after training so the real features have
-        # unit mean variance: keeps KID's cubic kernel in a sane range on any dataset
-        self.register_buffer("feature_scale", torch.ones(()))
-        if num_classes > 0:
-            # classifier: features -> class logits
-            self.head: nn.Module = nn.Sequential(nn.ReLU(), nn.Dropout(0.3), nn.Linear(feature_dim, num_classes))
-        else:
-            # autoencoder: features -> (B, C, S, S) reconstruction in [-1, 1]
-            side = image_size // 8
-            self.head = nn.Sequential(
-                nn.Linear(feature_dim, 128 * side * side), nn.ReLU(inplace=True),
-                nn.Unflatten(1, (128, side, side)),
-                nn.ConvTranspose2d(128, 64, 4, 2, 1), nn.ReLU(inplace=True),
-                nn.ConvTranspose2d(64, 32, 4, 2, 1), nn.ReLU(inplace=True),
-                nn.ConvTranspose2d(32, channels, 4, 2, 1), nn.Tanh(),
-            )
+    name: str  # "validation" or "test"
+    features: np.ndarray  # (m, D)
+    labels: np.ndarray  # (m,) class index, -1 when unlabelled
+    draw_counts: np.ndarray  # (K,) per class (one entry when unlabelled): the reference's counts x k
 
     @property
-    def labelled(self) -> bool:
-        return self.num_classes > 0
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(features scaled by feature_scale, class logits or reconstruction)."""
-        features = self.body(x)
-        return features * self.feature_scale, self.head(features)
-
-
-def heldout_minimum(cfg: Config) -> int:
-    """The fewest held-out images the metrics accept: MIN_HELDOUT, and more than
-    eval.feature_dim (a covariance of D features needs more than D samples to be full rank)."""
-    return max(MIN_HELDOUT, cfg.eval.feature_dim + 1)
-
-
-def fit_encoder(cfg: Config) -> dict[str, Any]:
-    """The encoder stage: train the encoder on the train split, compute the held-out reference
-    and the floors, write paths.encoder (atomically). Returns the encoder's metrics."""
-    train = PreparedDataset(cfg.paths.prepared, part="train")
-    held = PreparedDataset(cfg.paths.prepared, part="heldout")
-    manifest = train.manifest
-    labelled = bool(manifest["labelled"]) and len(manifest["class_names"]) >= 2
-    if len(train) < 8:
-        raise EvaluationError(f"{cfg.paths.prepared}: {len(train)} training images are too few to fit an encoder "
-                              "(need 8)")
-    minimum = heldout_minimum(cfg)
-    if len(held) < minimum:
-        raise EvaluationError(
-            f"{cfg.paths.prepared}: the held-out split has {len(held)} images, fewer than the {minimum} the "
-            f"metrics need (at least {MIN_HELDOUT} and more than eval.feature_dim={cfg.eval.feature_dim}): "
-            "raise data.holdout_fraction, lower eval.feature_dim, or add images"
-        )
-    x_train, y_train = train.tensors()  # (N, C, S, S) in [-1, 1], (N,)
-    x_held, y_held = held.tensors()
-
-    torch.manual_seed(cfg.eval.seed)
-    num_classes = len(manifest["class_names"]) if labelled else 0
-    encoder = Encoder(cfg.data.channels, cfg.data.image_size, cfg.eval.feature_dim, num_classes)
-    optimizer = torch.optim.Adam(encoder.parameters(), lr=1e-3)
-    generator = torch.Generator().manual_seed(cfg.eval.seed)
-    for _ in range(cfg.eval.encoder_epochs):
-        encoder.train()
-        for batch in torch.randperm(len(x_train), generator=generator).split(128):
-            x = x_train[batch]
-            _, out = encoder(x)
-            # classifier: cross-entropy on the labels; autoencoder: reconstruct the input
-            loss = nn.functional.cross_entropy(out, y_train[batch]) if labelled else nn.functional.mse_loss(out, x)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-    encoder.eval()
-    with torch.no_grad():
-        train_features = torch.cat([encoder.body(x) for x in x_train.split(500)])
-        encoder.feature_scale.fill_(1.0 / float(train_features.var(dim=0).mean().sqrt().clamp_min(1e-8)))
-        _, out = encoder(x_held)
-    if labelled:
-        quality = {"heldout_accuracy": float((out.argmax(1) == y_held).float().mean())}
-    else:
-        quality = {"heldout_reconstruction_mse": float(nn.functional.mse_loss(out, x_held))}
-
-    # the reference: held-out images (all of them up to eval.num_samples); the floor: as many
-    # train images, averaged over FLOOR_DRAWS draws; the copying test: up to TRAIN_FEATURES_MAX
-    # train images
-    rng = np.random.default_rng(cfg.eval.seed)
-    size = min(cfg.eval.num_samples, len(held), len(train))
-    ref_index = np.sort(rng.permutation(len(held))[:size])
-    copy_index = np.sort(rng.permutation(len(train))[:TRAIN_FEATURES_MAX])
-    feats_ref, _ = encode(encoder, x_held[ref_index])
-    feats_all, probs_all = encode(encoder, x_train)
-    feats_train = feats_all[copy_index]
-    cells = kmeans_cells(feats_train, min(MAX_CELLS, max(1, size // CELL_SIZE)), cfg.eval.seed)
-    all_labels = np.concatenate([train.labels, held.labels])
-    class_freq = np.bincount(all_labels, minlength=num_classes) / len(all_labels) if labelled else np.zeros(0)
-    class_names = list(manifest["class_names"]) if labelled else []
-    reference = Reference(encoder, feats_ref, y_held.numpy()[ref_index], *feature_stats(feats_ref), feats_train,
-                          cells, class_freq, class_names, {}, {}, cfg)
-    draws = []
-    for _ in range(FLOOR_DRAWS):
-        index = np.sort(rng.permutation(len(train))[:size])
-        draws.append(reference.metrics(feats_all[index], None if probs_all is None else probs_all[index],
-                                       copying=False))
-    floors = {k: float(np.mean([d[k] for d in draws])) for k in draws[0] if k != "class_fd"}
-    class_floors = {name: _mean_or_none([d["class_fd"][name] for d in draws]) for name in class_names}
-    spec = {
-        "kind": "classifier" if labelled else "autoencoder",
-        "channels": cfg.data.channels,
-        "image_size": cfg.data.image_size,
-        "feature_dim": cfg.eval.feature_dim,
-        "num_classes": num_classes,
-        "class_names": class_names,
-        "class_freq": class_freq.tolist(),
-        "sample_size": int(size),
-        "train_count": len(train),
-        "heldout_count": len(held),
-        "floors": floors,
-        "class_floors": class_floors,
-        "quality": quality,
-        "data_hash": prepared_hash(cfg.paths.prepared),
-        "split_hash": manifest["files"]["split.npy"],
-    }
-    with atomic_dir(cfg.paths.encoder) as tmp:
-        save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, str(tmp / WEIGHTS))
-        save_file(
-            {"features": torch.from_numpy(feats_ref), "labels": torch.from_numpy(reference.labels),
-             "index": torch.from_numpy(ref_index), "mu": torch.from_numpy(reference.mu),
-             "sigma": torch.from_numpy(reference.sigma), "train_features": torch.from_numpy(feats_train),
-             "cells": torch.from_numpy(cells)},
-            str(tmp / REFERENCE),
-        )
-        write_bytes(tmp / SPEC, (json.dumps(spec, indent=2, sort_keys=True) + "\n").encode())
-    return {"kind": spec["kind"], "sample_size": spec["sample_size"], "train_count": len(train),
-            "heldout_count": len(held), **quality, **{f"floor_{k}": v for k, v in floors.items()}}
-
-
-def _mean_or_none(values: list[float | None]) -> float | None:
-    known = [v for v in values if v is not None]
-    return float(np.mean(known)) if known else None
-
-
-def encode(encoder: Encoder, images: torch.Tensor, batch: int = 500) -> tuple[np.ndarray, np.ndarray | None]:
-    """images (N, C, S, S) in [-1, 1] -> (features (N, D) float64, class probabilities (N, K) or None)."""
-    feats, probs = [], []
-    encoder.eval()
-    with torch.no_grad():
-        for chunk in images.split(batch):
-            f, out = encoder(chunk.float())
-            feats.append(f.double().cpu().numpy())
-            if encoder.labelled:
-                probs.append(torch.softmax(out.double(), dim=1).cpu().numpy())
-    return np.concatenate(feats), (np.concatenate(probs) if encoder.labelled else None)
-
-
-# ------------------------------------------------------------------------------------- the reference
+    def draw_size(self) -> int:
+        return int(self.draw_counts.sum())
 
 
 @dataclass
 class Reference:
-    """What generated samples are measured against: the encoder and the held-out real images."""
+    """The encoder and the real images every generated set is measured against."""
 
     encoder: Encoder
-    features: np.ndarray  # (n, D) the held-out reference
-    labels: np.ndarray  # (n,) their classes (-1 when unlabelled)
-    mu: np.ndarray
-    sigma: np.ndarray
-    train_features: np.ndarray  # (m, D) train images: what "copied" means
-    cells: np.ndarray  # (k, D) the copying test's partition of the feature space
-    class_freq: np.ndarray  # (K,) real class frequencies; empty when unlabelled
+    spec: dict[str, Any]
+    split: Split  # the validation split (train loop, sweep) unless a caller asks for test
+    train_features: np.ndarray  # (M, D)
+    train_labels: np.ndarray  # (M,)
+    train_index: np.ndarray  # (M,) their indices in the train part
+    cells: np.ndarray  # (k, D) the copy detector's partition
+    class_freq: np.ndarray  # (K,) train class frequencies; empty when unlabelled
     class_names: list[str]
-    floors: dict[str, float]
-    class_floors: dict[str, float | None]
     cfg: Config
 
     @property
     def sample_size(self) -> int:
-        return len(self.features)
+        return self.split.draw_size
+
+    @property
+    def labelled(self) -> bool:
+        return len(self.class_names) > 0
 
     def quick(self, features: np.ndarray) -> dict[str, float]:
-        """The in-training metrics: fd_domain and KID."""
-        mu, sigma = feature_stats(features)
-        kid_mean, kid_std = kid(self.features, features, self.cfg.eval.kid_subsets, self.cfg.eval.kid_subset_size,
-                                self.cfg.eval.seed)
-        return {"fd_domain": frechet_distance(self.mu, self.sigma, mu, sigma), "kid": kid_mean, "kid_std": kid_std}
+        """The in-training metrics on the validation split: fd_domain and KID."""
+        kid_mean, kid_std = kid(self.split.features, features, self.cfg.eval.kid_subsets,
+                                self.cfg.eval.kid_subset_size, self.cfg.eval.seed)
+        return {"fd_domain": fd(self.split.features, features), "kid": kid_mean, "kid_std": kid_std}
 
-    def metrics(self, features: np.ndarray, probs: np.ndarray | None, copying: bool = True) -> dict[str, Any]:
-        """Every metric of a generated (or real) set against the held-out reference. ``copying``:
-        the data-copying test (meaningless for a set of train images, which the floor is)."""
-        out: dict[str, Any] = self.quick(features)
-        out["precision"], out["recall"] = precision_recall(self.features, features, self.cfg.eval.pr_k)
-        if probs is not None and len(self.class_freq):
-            out.update(class_metrics(probs, self.class_freq))
-            out["class_fd"] = per_class_fd(self.features, self.labels, features, probs.argmax(1), self.class_names)
-        if copying:
-            out.update(data_copying(self.train_features, self.features, features, self.cells))
-        return out
+    def with_split(self, split: Split) -> Reference:
+        return Reference(self.encoder, self.spec, split, self.train_features, self.train_labels, self.train_index,
+                         self.cells, self.class_freq, self.class_names, self.cfg)
+
+
+def draw_counts(train_labels: np.ndarray, ref_labels: np.ndarray, classes: int, cap: int) -> np.ndarray:
+    """Class counts of one draw: the reference's counts times the largest k for which the train
+    split holds every class at least twice over (so that real draws differ), at most ``cap``
+    samples in all, and k >= 1."""
+    if classes == 0:
+        ref, train = np.asarray([len(ref_labels)]), np.asarray([len(train_labels)])
+    else:
+        ref = np.bincount(ref_labels, minlength=classes)
+        train = np.bincount(train_labels, minlength=classes)
+    present = ref > 0
+    k = int(np.min(train[present] // (2 * ref[present]))) if present.any() else 1
+    k = max(1, min(k, cap // max(1, int(ref.sum()))))
+    return ref * k
+
+
+def make_split(name: str, features: np.ndarray, labels: np.ndarray, reference_train_labels: np.ndarray,
+               classes: int, cfg: Config) -> Split:
+    return Split(name, features, labels, draw_counts(reference_train_labels, labels, classes, cfg.eval.num_samples))
 
 
 def load_reference(cfg: Config) -> Reference:
-    path = cfg.paths.encoder
-    if not (path / SPEC).is_file():
-        raise EvaluationError(f"{path}: no encoder here (missing {SPEC}); run `dvc repro encoder`")
-    spec = json.loads((path / SPEC).read_text())
-    if "split_hash" not in spec:
-        raise EvaluationError(f"{path}: an encoder from before the held-out split; run `dvc repro encoder`")
-    if (spec["channels"], spec["image_size"]) != (cfg.data.channels, cfg.data.image_size):
-        raise EvaluationError(
-            f"{path}: encoder is for {spec['image_size']}px x{spec['channels']} images, the data is "
-            f"{cfg.data.image_size}px x{cfg.data.channels}; run `dvc repro encoder`"
-        )
-    encoder = Encoder(spec["channels"], spec["image_size"], spec["feature_dim"], spec["num_classes"])
-    encoder.load_state_dict(load_file(str(path / WEIGHTS)))  # safetensors: nothing unpickled
-    encoder.eval()
-    ref = {k: v.numpy() for k, v in load_file(str(path / REFERENCE)).items()}
-    return Reference(
-        encoder, ref["features"], ref["labels"], ref["mu"], ref["sigma"], ref["train_features"], ref["cells"],
-        np.asarray(spec["class_freq"]), spec["class_names"], spec["floors"], spec["class_floors"], cfg,
-    )
+    """The encoder and the validation reference (the encoder stage's outputs; no test images)."""
+    encoder, spec, arrays = load_encoder(cfg)
+    classes = int(spec["num_classes"])
+    split = make_split("validation", arrays["validation_features"], arrays["validation_labels"],
+                       arrays["train_labels"], classes, cfg)
+    return Reference(encoder, spec, split, arrays["train_features"], arrays["train_labels"], arrays["train_index"],
+                     arrays["cells"], np.asarray(spec["class_freq"]), list(spec["class_names"]), cfg)
 
 
-def reference_images(cfg: Config) -> torch.Tensor:
-    """The held-out reference images themselves (N, C, S, S) in [-1, 1], in the reference's order."""
-    index = load_file(str(cfg.paths.encoder / REFERENCE))["index"].numpy()
-    images, _ = PreparedDataset(cfg.paths.prepared, part="heldout").tensors()
-    return images[torch.as_tensor(index)]
+def test_split(reference: Reference) -> tuple[Split, np.ndarray]:
+    """The test split (its Split and its images uint8 (m, H, W, C)): read here only, for the
+    evaluate stage and `ganflow score`."""
+    data = PreparedDataset(reference.cfg.paths.prepared, part="test")
+    if len(data) < 2:
+        raise EvaluationError(f"{reference.cfg.paths.prepared}: the test split has {len(data)} images (need 2); "
+                              "raise data.test_fraction or add images")
+    images, labels = data.tensors()
+    features, _ = encode(reference.encoder, images)
+    split = make_split("test", features, labels.numpy(), reference.train_labels, len(reference.class_names),
+                       reference.cfg)
+    return split, data.images.read_many(data.indices)
 
 
-def with_floors(metrics: dict[str, Any], floors: dict[str, float],
-                class_floors: dict[str, float | None] | None = None) -> dict[str, Any]:
-    """Metrics next to their floors, plus fd_domain / floor (overall and per class)."""
-    out: dict[str, Any] = dict(metrics)
-    out.update({f"floor_{k}": v for k, v in floors.items() if k in metrics})
-    if floors.get("fd_domain"):
-        out["fd_domain_over_floor"] = metrics["fd_domain"] / floors["fd_domain"]
-    if "class_fd" in metrics and class_floors:
-        ratios = {name: (fd / class_floors[name] if fd is not None and class_floors.get(name) else None)
-                  for name, fd in metrics["class_fd"].items()}
-        out["class_fd_over_floor"] = ratios
-        # the weakest class; null when a class is never drawn (classes_covered says which are)
-        known = [r for r in ratios.values() if r is not None]
-        out["class_fd_over_floor_max"] = max(known) if known and len(known) == len(ratios) else None
+# ------------------------------------------------------------------------------------- one draw
+
+
+def draw_metrics(reference: Reference, features: np.ndarray, probs: np.ndarray | None) -> dict[str, Any]:
+    """Every metric of one drawn set (generated or real) against reference.split."""
+    split, cfg = reference.split, reference.cfg
+    out: dict[str, Any] = {"fd_domain": fd(split.features, features) if min(len(features), len(split.features)) >= 2
+                           else float("nan")}
+    out["kid"], _ = kid(split.features, features, cfg.eval.kid_subsets, cfg.eval.kid_subset_size, cfg.eval.seed)
+    out["precision"], out["recall"] = precision_recall(split.features, features, cfg.eval.pr_k)
+    if probs is not None and reference.labelled:
+        out.update(class_metrics(probs, reference.class_freq))
+        out["class_fd"] = per_class_fd(split.features, split.labels, features, probs.argmax(1), reference.class_names)
     return out
+
+
+def summarize(draws: list[dict[str, Any]], prefix: str = "") -> dict[str, Any]:
+    """Mean and sd over draws of every scalar metric (``<key>``, ``<key>_sd``), and the mean of
+    each class's Fréchet distance (None where a class had too few samples in some draw)."""
+    out: dict[str, Any] = {}
+    for key, value in draws[0].items():
+        if isinstance(value, (int, float)):
+            values = np.asarray([d[key] for d in draws], dtype=np.float64)
+            out[prefix + key] = float(values.mean())
+            out[prefix + key + "_sd"] = float(values.std(ddof=1)) if len(values) > 1 else float("nan")
+    if "class_fd" in draws[0]:
+        out[prefix + "class_fd"] = {
+            name: (float(np.mean([d["class_fd"][name] for d in draws]))
+                   if all(d["class_fd"][name] is not None for d in draws) else None)
+            for name in draws[0]["class_fd"]}
+    return out
+
+
+def real_draws(reference: Reference, draws: int, seed: int) -> list[dict[str, Any]]:
+    """The real baseline: ``draws`` sets of train images with the draw's exact class counts."""
+    rng = np.random.default_rng(seed)
+    counts = reference.split.draw_counts
+    probs_all = None
+    if reference.labelled:
+        # the classifier's probabilities on the train features: the head on the stored features
+        with torch.no_grad():
+            scale = reference.encoder.feature_scale
+            logits = reference.encoder.head(torch.as_tensor(reference.train_features, dtype=torch.float32) / scale)
+            probs_all = torch.softmax(logits.double(), dim=1).numpy()
+    out = []
+    for _ in range(draws):
+        if reference.labelled:
+            index = np.concatenate([
+                rng.choice(np.flatnonzero(reference.train_labels == c), int(n),
+                           replace=int(n) > int((reference.train_labels == c).sum()))
+                for c, n in enumerate(counts) if n > 0])
+        else:
+            index = rng.choice(len(reference.train_features), int(counts[0]),
+                               replace=int(counts[0]) > len(reference.train_features))
+        out.append(draw_metrics(reference, reference.train_features[index],
+                                None if probs_all is None else probs_all[index]))
+    return out
+
+
+def compare(generated: dict[str, Any], real: dict[str, Any]) -> dict[str, Any]:
+    """The generated summary next to the real one, with fd_domain_over_real (and its sd, by the
+    delta method) and class_fd_over_real per class."""
+    out = dict(generated)
+    out.update({f"real_{k}": v for k, v in real.items() if not k.startswith("class_fd")})
+    g, r = generated.get("fd_domain", float("nan")), real.get("fd_domain", float("nan"))
+    if np.isfinite(g) and np.isfinite(r) and r > 0:
+        out["fd_domain_over_real"] = g / r
+        rel = np.hypot(generated["fd_domain_sd"] / g if g > 0 else 0.0, real["fd_domain_sd"] / r)
+        out["fd_domain_over_real_sd"] = float(g / r * rel)
+    if "class_fd" in generated and "class_fd" in real:
+        ratios = {name: (v / real["class_fd"][name] if v is not None and real["class_fd"].get(name) else None)
+                  for name, v in generated["class_fd"].items()}
+        out["class_fd_over_real"] = ratios
+        known = [r for r in ratios.values() if r is not None]
+        # the weakest class; null when a class is never drawn (classes_covered says which are)
+        out["class_fd_over_real_max"] = max(known) if known and len(known) == len(ratios) else None
+    return out
+
+
+def not_computed(split: Split, cfg: Config) -> dict[str, str]:
+    """The metrics a split is too small for, with the reason (their values are null)."""
+    m, d = len(split.features), split.features.shape[1]
+    out = {}
+    if m <= d:
+        out["fd_domain"] = (f"{split.name} has {m} images, no more than eval.feature_dim={d}: the covariance is "
+                            "rank-deficient, so fd_domain is dominated by estimator bias (computed, read with care)")
+    if min(m, split.draw_size) < 4:
+        out["kid"] = f"{split.name} has {m} images: KID needs at least 4"
+    if min(m, split.draw_size) <= cfg.eval.pr_k:
+        out["precision"] = out["recall"] = f"{split.name} has {m} images: k-NN manifolds need more than eval.pr_k"
+    return out
+
+
+# ------------------------------------------------------------------------------------- a whole evaluation
+
+
+def score(reference: Reference, draws: list[tuple[np.ndarray, np.ndarray | None]], seed: int) -> dict[str, Any]:
+    """Generated draws [(features, probs)] against reference.split and its real baseline."""
+    generated = summarize([draw_metrics(reference, f, p) for f, p in draws])
+    real = summarize(real_draws(reference, len(draws), seed))
+    out = compare(generated, real)
+    out.update({"split": reference.split.name, "draws": len(draws), "sample_size": reference.split.draw_size,
+                "reference_size": len(reference.split.features),
+                "kid_subset_size": kid_subset(reference.cfg.eval.kid_subset_size, len(reference.split.features),
+                                              reference.split.draw_size)})
+    skipped = not_computed(reference.split, reference.cfg)
+    if skipped:
+        out["not_computed"] = skipped
+    return out
+
+
+def detector(reference: Reference, test: Split, test_images: np.ndarray) -> Detector:
+    """The copy detector: the train images of the reference, held-out = validation + test."""
+    cfg = reference.cfg
+    train = PreparedDataset(cfg.paths.prepared, part="train")
+    val = PreparedDataset(cfg.paths.prepared, part="validation")
+    train_images = train.images.read_many(train.indices[reference.train_index])
+    held_images = np.concatenate([val.images.read_many(val.indices), test_images])
+    held_features = np.concatenate([reference.split.features, test.features])
+    return build_detector(reference.train_features, train_images, held_features, held_images, reference.cells,
+                          cfg.eval.seed)
+
+
+def codes_for(split: Split, latent_dim: int, conditional: bool, generator: torch.Generator) -> torch.Tensor:
+    """One draw's inputs for G: latent vectors, and for a conditional G one-hot classes with the
+    draw's exact counts."""
+    from ganflow.models import one_hot
+
+    z = torch.randn(split.draw_size, latent_dim, generator=generator)
+    if not conditional:
+        return z
+    classes = torch.repeat_interleave(torch.arange(len(split.draw_counts)), torch.as_tensor(split.draw_counts))
+    return torch.cat([z, one_hot(classes, len(split.draw_counts))], dim=1)
+
+
+def class_match(probs: np.ndarray, asked: np.ndarray, spec: dict[str, Any]) -> dict[str, float]:
+    """The share of a conditional G's samples that the encoder's classifier puts in the class G
+    was asked for, next to the classifier's accuracy on validation images (real_class_match). The
+    class frequencies alone cannot tell a G that draws the wrong digit for each class at the right
+    overall rates."""
+    out = {"class_match": float((probs.argmax(1) == asked).mean())}
+    accuracy = spec.get("quality", {}).get("validation_accuracy")
+    if accuracy is not None:
+        out["real_class_match"] = float(accuracy)
+    return out
+
+
+def evaluate_generator(cfg: Config, sample_fn: Callable[[torch.Tensor], torch.Tensor], meta: dict[str, Any],
+                       reference: Reference | None = None) -> tuple[dict[str, Any], np.ndarray]:
+    """Every metric of ``sample_fn(codes) -> images (N, C, S, S) in [-1, 1]`` on the test split
+    (the top level of the result) and on the validation split (``validation``: what the registry
+    chooses the champion by), each over eval.draws latent draws next to its real baseline, and
+    the copy detector. Returns (metrics, the first test draw as uint8 (N, S, S, C)).
+
+    The latent draws use seeds from eval.seed + 1 on, never the vectors the training chose its
+    epoch with."""
+    from ganflow.sampling import to_uint8
+
+    reference = reference if reference is not None else load_reference(cfg)
+    test, test_images = test_split(reference)
+    conditional = bool(meta["class_prior"])
+
+    def generate(split: Split, seed: int) -> tuple[np.ndarray, np.ndarray | None, torch.Tensor, torch.Tensor]:
+        codes = codes_for(split, meta["latent_dim"], conditional, torch.Generator().manual_seed(seed))
+        images = torch.cat([torch.as_tensor(sample_fn(chunk)) for chunk in codes.split(500)]).float()
+        features, probs = encode(reference.encoder, images)
+        return features, probs, images, codes
+
+    results: dict[str, Any] = {}
+    first: tuple[np.ndarray, np.ndarray | None, torch.Tensor, torch.Tensor] | None = None
+    for split, base in ((reference.split, 1000), (test, 1)):
+        draws = []
+        for i in range(cfg.eval.draws):
+            features, probs, images, codes = generate(split, cfg.eval.seed + base + i)
+            draws.append((features, probs))
+            if split is test and i == 0:
+                first = (features, probs, images, codes)
+        results[split.name] = score(reference.with_split(split), draws, cfg.eval.seed + base)
+    metrics: dict[str, Any] = results["test"]
+    metrics["validation"] = {k: v for k, v in results["validation"].items() if not isinstance(v, dict)}
+    assert first is not None
+    features, probs, images, codes = first
+    samples = to_uint8(images)
+    metrics.update(detector(reference, test, test_images).check(features, samples))
+    if probs is not None:
+        counts = np.bincount(probs.argmax(1), minlength=len(reference.class_names))
+        metrics["class_freq"] = {name: float(c / len(probs)) for name, c in zip(reference.class_names, counts)}
+        if conditional:  # does it draw the class it is asked for?
+            metrics.update(class_match(probs, codes[:, meta["latent_dim"]:].argmax(1).numpy(), reference.spec))
+    if cfg.eval.inception_weights is not None:
+        real = torch.from_numpy(test_images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+        metrics["fid_inception"] = inception_fid(cfg.eval.inception_weights, real, images)
+    metrics["eval_dtype"] = "float32"
+    return metrics, samples
+
+
+def score_images(cfg: Config, images: np.ndarray, labels: np.ndarray | None, split_name: str) -> dict[str, Any]:
+    """`ganflow score`: a fixed set of samples (uint8 (N, H, W, C), optional class per sample)
+    scored exactly as the evaluate stage scores a generator: cut into as many draws of the
+    split's draw size (with its class counts, where labels are given) as the samples fill."""
+    reference = load_reference(cfg)
+    size, channels = cfg.data.image_size, cfg.data.channels
+    if images.ndim != 4 or images.shape[1:] != (size, size, channels) or images.dtype != np.uint8:
+        raise EvaluationError(f"samples: expected uint8 images of shape (N, {size}, {size}, {channels}) as "
+                              f"data.* prepares them, got {images.dtype} {tuple(images.shape)}")
+    test, test_images = test_split(reference)
+    split = test if split_name == "test" else reference.split
+    rng = np.random.default_rng(cfg.eval.seed)
+    by_class = labels is not None and reference.labelled
+    if by_class:
+        if labels.shape != (len(images),) or labels.min() < 0 or labels.max() >= len(reference.class_names):
+            raise EvaluationError(f"samples: labels must be {len(images)} class indices in "
+                                  f"0..{len(reference.class_names) - 1}")
+    # fewer samples than a draw: draws (and the real baseline's) at the largest multiple they fill
+    k = split.draw_size // len(split.features)
+    own = (np.bincount(split.labels, minlength=len(reference.class_names)) if reference.labelled
+           else np.asarray([len(split.features)]))
+    if by_class:
+        have = np.bincount(labels, minlength=len(own))
+        fill = int(min(have[c] // own[c] for c in range(len(own)) if own[c] > 0))
+    else:
+        fill = len(images) // int(own.sum())
+    if 1 <= fill < k:
+        split = Split(split.name, split.features, split.labels, own * fill)
+    if by_class:
+        pools = [rng.permutation(np.flatnonzero(labels == c)) for c in range(len(split.draw_counts))]
+        fills = [len(p) // n for p, n in zip(pools, split.draw_counts) if n > 0]
+        count = min(fills)
+        index = [np.concatenate([p[i * n : (i + 1) * n] for p, n in zip(pools, split.draw_counts) if n > 0])
+                 for i in range(count)]
+    else:
+        order = rng.permutation(len(images))
+        count = len(images) // split.draw_size
+        index = [order[i * split.draw_size : (i + 1) * split.draw_size] for i in range(count)]
+    if count < 1:
+        raise EvaluationError(f"samples: {len(images)} images fill no draw of {split.draw_size} "
+                              f"(the {split.name} split's class counts x {split.draw_size // len(split.features)})")
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    features, probs = encode(reference.encoder, x)
+    draws = [(features[i], None if probs is None else probs[i]) for i in index]
+    metrics = score(reference.with_split(split), draws, cfg.eval.seed + (1 if split is test else 1000))
+    metrics.update(detector(reference, test, test_images).check(features[index[0]], images[index[0]]))
+    metrics["eval_dtype"] = "float32"
+    return metrics
 
 
 # ------------------------------------------------------------------------------------- Inception FID
@@ -340,49 +403,4 @@ def inception_fid(weights: Path, real: torch.Tensor, fake: torch.Tensor) -> floa
     fr, ff = inception_features(model, real), inception_features(model, fake)
     return frechet_distance(*feature_stats(fr), *feature_stats(ff))
 
-
-# ------------------------------------------------------------------------------------- the evaluate stage
-
-
-def class_match(probs: np.ndarray, asked: np.ndarray, encoder_dir: Path) -> dict[str, float]:
-    """The share of a conditional G's samples that the encoder's classifier puts in the class G
-    was asked for, next to its floor: the classifier's accuracy on the held-out real images (a
-    G cannot be expected to beat the judge). The class frequencies alone cannot tell a G that
-    draws the wrong digit for each class at the right overall rates."""
-    spec = json.loads((Path(encoder_dir) / SPEC).read_text())
-    out = {"class_match": float((probs.argmax(1) == asked).mean())}
-    accuracy = spec.get("quality", {}).get("heldout_accuracy")
-    if accuracy is not None:
-        out["floor_class_match"] = float(accuracy)
-    return out
-
-
-def evaluate_generator(cfg: Config, sample_fn, reference: Reference | None = None) -> tuple[dict[str, Any], np.ndarray]:
-    """Every metric of ``sample_fn(code) -> images (N, C, S, S) in [-1, 1]`` (the generator at
-    paths.generator) against the held-out reference, next to its floor. Returns (metrics, the
-    samples as uint8 (N, S, S, C)). A conditional G is asked for its classes at their training
-    frequencies; whether it draws what it is asked is what the class metrics then measure.
-
-    The latent vectors are drawn with eval.seed + 1, not the eval.seed that picked the best
-    epoch during training, so the selection does not flatter the final figure.
-    """
-    from ganflow.models import draw_codes
-    from ganflow.sampling import generator_meta, to_uint8
-
-    reference = reference if reference is not None else load_reference(cfg)
-    n = reference.sample_size
-    meta = generator_meta(cfg.paths.generator)
-    z = draw_codes(n, meta["latent_dim"], meta["class_prior"], torch.Generator().manual_seed(cfg.eval.seed + 1))
-    images = torch.cat([torch.as_tensor(sample_fn(chunk)) for chunk in z.split(500)]).float()
-    features, probs = encode(reference.encoder, images)
-    metrics = with_floors(reference.metrics(features, probs), reference.floors, reference.class_floors)
-    metrics["sample_size"] = n
-    if probs is not None:
-        counts = np.bincount(probs.argmax(1), minlength=len(reference.class_names))
-        metrics["class_freq"] = {name: float(c / n) for name, c in zip(reference.class_names, counts)}
-        if meta["class_prior"]:  # a conditional G: does it draw the class it is asked for?
-            metrics.update(class_match(probs, z[:, meta["latent_dim"]:].argmax(1).numpy(), cfg.paths.encoder))
-    if cfg.eval.inception_weights is not None:
-        metrics["fid_inception"] = inception_fid(cfg.eval.inception_weights, reference_images(cfg), images)
-    return metrics, to_uint8(images)
 

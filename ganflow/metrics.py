@@ -7,18 +7,18 @@ README's metric table says the same for users).
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
-# name -> (meaning, better). The evaluate stage writes these keys into metrics/eval.json.
+# name -> (meaning, better). The evaluate stage writes these keys into metrics/eval.json, each
+# as the mean over latent draws with its sd (``<name>_sd``) and its real baseline (``real_<name>``,
+# train images drawn with the reference's class counts, as often); see ganflow.evaluation.
 METRICS: dict[str, tuple[str, str]] = {
-    "fd_domain": ("Fréchet distance between the held-out real features and the generated ones", "lower"),
-    "fd_domain_over_floor": ("fd_domain / its real-vs-real floor (a real train sample of the same size)",
-                             "lower; 1 = as close to the held-out images as real images are"),
-    "kid": ("kernel (MMD²) distance, unbiased; fine on small samples", "lower, ≈ 0"),
-    "precision": ("share of generated samples inside the held-out real manifold (k-NN balls)", "higher"),
-    "recall": ("share of held-out real samples inside the generated manifold; low = mode collapse", "higher"),
+    "fd_domain": ("Fréchet distance between the reference split's real features and the generated ones", "lower"),
+    "fd_domain_over_real": ("fd_domain / real_fd_domain: the generator's distance in units of real images' own",
+                            "lower; ≈ 1 = as close to the reference as real train images are"),
+    "kid": ("kernel (MMD²) distance, unbiased (can be < 0); subsets of at most half of either set", "lower"),
+    "precision": ("share of generated samples inside the reference's real manifold (k-NN balls)", "higher"),
+    "recall": ("share of reference images inside the generated manifold; low = mode collapse", "higher"),
     "classes_covered": ("classes the encoder's classifier sees in the generated samples", "all"),
     "class_kl": ("KL(generated class frequencies ‖ real ones)", "lower, ≈ 0"),
     "class_kl_reverse": ("KL(real class frequencies ‖ generated ones): large when a class is dropped",
@@ -26,20 +26,10 @@ METRICS: dict[str, tuple[str, str]] = {
     "class_tv": ("total-variation distance of the class frequencies (share of samples in the wrong class)",
                  "lower, ≈ 0"),
     "class_max_rel_dev": ("largest relative deviation of a class's frequency", "lower"),
-    "class_fd_over_floor": ("per class: its Fréchet distance / its floor; names the weak classes", "lower"),
+    "class_fd_over_real": ("per class: its Fréchet distance / the real baseline's; names the weak classes", "lower"),
     "is_domain": ("Inception-Score analogue with the domain classifier", "higher, up to the number of classes"),
-    "copying_ct": ("data-copying statistic C_T (Meehan et al. 2020): generated→train nearest-neighbour "
-                   "distances against held-out→train ones, a Z-score per cell", "≥ −3; ≪ 0 = copies training images"),
-    "copying_nn_ratio": ("median generated→train / median held-out→train nearest-neighbour distance",
-                         "≈ 1; near 0 = copies"),
-    "copying_flagged": ("1 when copying_ct < COPYING_THRESHOLD: never promoted to champion", "0"),
+    "copying_flagged": ("1 when the copy detector (ganflow.copying) flags the samples: never champion", "0"),
 }
-
-# C_T below this flags data copying: a generator whose samples sit as close to the training
-# images as held-out images do gives C_T ~ N(0, 1); -3 is three standard deviations of that null
-COPYING_THRESHOLD = -3.0
-MIN_CELL = 5  # cells with fewer held-out or generated samples than this are left out of C_T
-
 
 def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean (D,) and covariance (D, D) of features (N, D)."""
@@ -69,12 +59,20 @@ def fd(a: np.ndarray, b: np.ndarray) -> float:
     return frechet_distance(*feature_stats(a), *feature_stats(b))
 
 
+def kid_subset(subset_size: int, n_real: int, n_fake: int) -> int:
+    """The KID subset size: at most half of either set, so that subsets differ (at least 2)."""
+    return max(2, min(subset_size, n_real // 2, n_fake // 2))
+
+
 def kid(real: np.ndarray, fake: np.ndarray, subsets: int = 50, subset_size: int = 500,
         seed: int = 0) -> tuple[float, float]:
     """Kernel Inception Distance: the unbiased MMD^2 with kernel (x.y / D + 1)^3, averaged over
-    random subsets. Returns (mean, standard deviation over subsets)."""
+    random subsets of ``kid_subset(...)`` samples each. Returns (mean, standard deviation over
+    subsets); nan when either set has fewer than 4 samples."""
+    if min(len(real), len(fake)) < 4:
+        return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
-    m = min(subset_size, len(real), len(fake))
+    m = kid_subset(subset_size, len(real), len(fake))
     d = real.shape[1]
     values = []
     for _ in range(subsets):
@@ -106,7 +104,10 @@ def _knn_radii(features: np.ndarray, k: int) -> np.ndarray:
 def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[float, float]:
     """Improved precision and recall (Kynkäänniemi et al. 2019): each set's manifold is the
     union of balls reaching every sample's k-th nearest neighbour. Precision = share of fake
-    samples inside the real manifold; recall = share of real samples inside the fake one."""
+    samples inside the real manifold; recall = share of real samples inside the fake one. nan
+    when either set has k or fewer samples (no k-th neighbour)."""
+    if min(len(real), len(fake)) <= k:
+        return float("nan"), float("nan")
     real_radii, fake_radii = _knn_radii(real, k), _knn_radii(fake, k)
     dist = pairwise(fake, real)  # (n_fake, n_real)
     precision = float((dist <= real_radii[None, :]).any(axis=1).mean())
@@ -156,48 +157,6 @@ def per_class_fd(real: np.ndarray, real_labels: np.ndarray, fake: np.ndarray, fa
         a, b = real[real_labels == i], fake[fake_labels == i]
         out[name] = fd(a, b) if len(a) >= 2 and len(b) >= 2 else None
     return out
-
-
-def _mann_whitney_z(x: np.ndarray, y: np.ndarray) -> float:
-    """Z-score of the Mann-Whitney U statistic of sample x against sample y (normal
-    approximation): ~N(0, 1) when both come from one distribution, negative when x is smaller."""
-    from scipy.stats import rankdata
-
-    m, n = len(x), len(y)
-    ranks = rankdata(np.concatenate([x, y]))
-    u = ranks[:m].sum() - m * (m + 1) / 2  # pairs (x_i, y_j) with x_i > y_j, ties counted half
-    return float((u - m * n / 2) / math.sqrt(m * n * (m + n + 1) / 12))
-
-
-def data_copying(train: np.ndarray, heldout: np.ndarray, generated: np.ndarray,
-                 cells: np.ndarray) -> dict[str, float]:
-    """The data-copying test of Meehan, Chaudhuri & Dasgupta (AISTATS 2020) in feature space.
-
-    L(x) is the distance of x to its nearest training image. Held-out images were never trained
-    on, so L(held-out) is what "new" looks like. In each cell of a partition of the space
-    (``cells``: centres from k-means on the training features), the Mann-Whitney Z-score compares
-    L(generated) with L(held-out); C_T is their average weighted by the held-out share of each
-    cell. A generator that returns training images has L ~ 0 and C_T far below 0; one that draws
-    new images gives C_T near 0 (or above, when it is further from the data than real images are).
-    """
-    l_heldout = nearest_distance(heldout, train)
-    l_generated = nearest_distance(generated, train)
-    cell_h = nearest_distance_index(heldout, cells)
-    cell_g = nearest_distance_index(generated, cells)
-    z, weight = [], []
-    for c in range(len(cells)):
-        h, g = l_heldout[cell_h == c], l_generated[cell_g == c]
-        if len(h) >= MIN_CELL and len(g) >= MIN_CELL:
-            z.append(_mann_whitney_z(g, h))
-            weight.append(len(h))
-    ct = float(np.average(z, weights=weight)) if z else float("nan")
-    median_h = float(np.median(l_heldout))
-    return {
-        "copying_ct": ct,
-        "copying_nn_ratio": float(np.median(l_generated)) / median_h if median_h > 0 else float("nan"),
-        "copying_flagged": float(ct < COPYING_THRESHOLD),
-        "copying_cells_used": float(len(z)),
-    }
 
 
 def nearest_distance_index(points: np.ndarray, centres: np.ndarray) -> np.ndarray:

@@ -1,20 +1,23 @@
 """The model registry: registering the generator, its aliases, the promotion rule. The only
 module that writes to the registry.
 
-Rule: every newly registered version becomes `challenger`; `champion` is the version with the
-lowest held-out fd_domain among those *comparable with the newest* — scored with the same
-encoder, the same held-out reference statistics and the same eval.seed (tag ``eval_key``) — that
-the data-copying test did not flag (copying_flagged: a generator that returns training images
-scores near the floor and must never win on it). fd_domain values from different encoders or
-held-out sets are different scales, never compared. The champion is recomputed from the
-registry's own tags on every register, so it does not depend on which of two concurrent
-registers ran last. The same generator (same weights file) registered again reuses its version.
+Rule: every newly registered version becomes `challenger`. The champion is chosen on the
+validation split (tags ``validation_fd_domain`` and its sd over latent draws), never on test, among
+the versions *comparable with the newest* (scored with the same encoder and reference and the same
+eval.seed, tag ``eval_key``) that the copy detector did not flag (copying_flagged: a flagged
+generator is never champion). A comparable, unflagged champion keeps its alias unless the best
+other version beats it by more than the two versions' combined spread,
+sqrt(sd_champion² + sd_challenger²): a difference within latent-draw noise promotes nothing. With no
+such champion, the best comparable unflagged version becomes champion. fd_domain values from
+different encoders or references are different scales, never compared. The same generator (same
+weights file) registered again reuses its version.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from typing import Any
 
 from ganflow.atomic import file_sha256, write_file
@@ -25,7 +28,8 @@ from ganflow.sampling import SPEC, WEIGHTS
 from ganflow.tracking import connect, git_commit, params_hash
 
 CHAMPION, CHALLENGER = "champion", "challenger"
-METRIC = "fd_domain"
+METRIC = "validation_fd_domain"  # the champion is chosen on validation; test only reports
+SPREAD = "validation_fd_domain_sd"
 EVAL_KEY = "eval_key"  # the tag naming what a version's fd_domain was measured against
 
 
@@ -37,8 +41,7 @@ def evaluation_key(cfg: Config) -> str:
     """What an fd_domain value is comparable under: the encoder's weights, its held-out
     reference statistics (held-out images, num_samples, feature_dim...) and eval.seed (the
     latent vectors the evaluate stage scores)."""
-    from ganflow.evaluation import REFERENCE
-    from ganflow.evaluation import WEIGHTS as ENCODER_WEIGHTS
+    from ganflow.encoder import ENCODER_WEIGHTS, REFERENCE
 
     digest = hashlib.sha256()
     for file in (ENCODER_WEIGHTS, REFERENCE):
@@ -64,9 +67,19 @@ def _elect_champion(client: Any, name: str, key: str):
         return None
     best = min(eligible, key=lambda v: (float(v.tags[METRIC]), int(v.version)))  # a tie: the older
     current = _champion(client, name)
+    held = next((v for v in eligible if current is not None and str(v.version) == str(current.version)), None)
+    if held is not None and not beats(best.tags, held.tags):
+        return held  # within the noise of latent draws: the champion stays
     if current is None or str(current.version) != str(best.version):
         client.set_registered_model_alias(name, CHAMPION, str(best.version))
     return best
+
+
+def beats(challenger: dict[str, str], champion: dict[str, str]) -> bool:
+    """True when the challenger's validation fd_domain is lower than the champion's by more than
+    their combined spread over latent draws (tags METRIC and SPREAD)."""
+    spread = math.hypot(float(challenger.get(SPREAD, "0")), float(champion.get(SPREAD, "0")))
+    return float(champion[METRIC]) - float(challenger[METRIC]) > spread
 
 
 def _champion(client: Any, name: str):
@@ -92,9 +105,9 @@ def register(cfg: Config) -> dict[str, Any]:
     run_id = spec.get("mlflow_run_id")
     if not run_id:
         raise RegistryError(f"{spec_path}: no MLflow run id: the generator was not logged")
-    if "copying_flagged" not in metrics:
-        raise RegistryError(f"{eval_path}: no data-copying result (written before it existed); "
-                            "run `dvc repro evaluate`")
+    if "copying_flagged" not in metrics or "validation" not in metrics:
+        raise RegistryError(f"{eval_path}: written by an older evaluate (no validation scores or copy "
+                            "detector); run `dvc repro evaluate`")
     name = cfg.registry.model_name
     sha = file_sha256(cfg.paths.generator / WEIGHTS)
     key = evaluation_key(cfg)
@@ -105,8 +118,9 @@ def register(cfg: Config) -> dict[str, Any]:
         try:
             client.create_registered_model(
                 name, description="ganflow generator: z (N, latent) [+ one-hot class] float32 -> images "
-                "(N, C, H, W) in [-1, 1]. `champion` is the version with the lowest fd_domain (domain-encoder "
-                "Fréchet distance) among those measured like the newest (tag eval_key)."
+                "(N, C, H, W) in [-1, 1]. `champion`: the lowest validation fd_domain (mean over latent draws) "
+                "among unflagged versions measured like the newest (tag eval_key), replaced only when beaten by "
+                "more than the two versions' combined spread."
             )
         except MlflowException as exc:  # another register created it meanwhile
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
@@ -131,14 +145,17 @@ def register(cfg: Config) -> dict[str, Any]:
             "lr_d": repr(spec.get("lr_d")),
         }
         tags.update({k: repr(float(v)) for k, v in metrics.items() if isinstance(v, (int, float))})
+        tags.update({f"validation_{k}": repr(float(v)) for k, v in metrics["validation"].items()
+                     if isinstance(v, (int, float))})
         model_id = _logged_model_id(client, run_id)
         # model_id too: a tracking server refuses a models:/ source without it (a SQLite store does not)
         version = client.create_model_version(
             name, source=f"models:/{model_id}", run_id=run_id, model_id=model_id, tags=tags,
             description=(
                 f"EMA generator of epoch {spec.get('best_epoch')} (lr_g={spec.get('lr_g'):.3g}, "
-                f"lr_d={spec.get('lr_d'):.3g}); fd_domain {metrics[METRIC]:.4g} = "
-                f"{metrics.get('fd_domain_over_floor', float('nan')):.2f}x its real-vs-real floor"
+                f"lr_d={spec.get('lr_d'):.3g}); test fd_domain {metrics['fd_domain']:.4g} ± "
+                f"{metrics.get('fd_domain_sd', float('nan')):.2g} = {metrics.get('fd_domain_over_real', float('nan')):.2f}x "
+                f"the real baseline; validation {metrics['validation']['fd_domain']:.4g}"
             ),
         )
         created = True
@@ -148,7 +165,7 @@ def register(cfg: Config) -> dict[str, Any]:
     champion = _champion(client, name)
     comparable = champion is not None and champion.tags.get(EVAL_KEY) == key
     champion_fd = float(champion.tags[METRIC]) if comparable and METRIC in champion.tags else None
-    fd = float(metrics[METRIC])
+    fd = float(metrics["validation"]["fd_domain"])
     copying = bool(metrics["copying_flagged"])
     elected = _elect_champion(client, name, key)
     promoted = elected is not None and str(elected.version) == number and (
@@ -159,6 +176,9 @@ def register(cfg: Config) -> dict[str, Any]:
         "version": int(number),
         "aliases": aliases,
         METRIC: fd,
+        SPREAD: float(metrics["validation"].get("fd_domain_sd", float("nan"))),
+        "test_fd_domain": float(metrics["fd_domain"]),
+        "test_fd_domain_over_real": metrics.get("fd_domain_over_real"),
         "champion_fd_domain_before": champion_fd,  # None: no champion, or one measured otherwise
         EVAL_KEY: key,
         "champion_version": int(elected.version) if elected is not None else None,

@@ -28,14 +28,13 @@ RUN_DATA_KEYS = ("hflip", "loader_workers", "ingest")
 
 # the code a checkpoint's numbers depend on: a change to any of these starts a new run
 TRAINING_CODE = ("train_loop.py", "models.py", "losses.py", "augment.py", "data.py", "ingest.py", "evaluation.py",
-                 "config.py")
+                 "encoder.py", "metrics.py", "copying.py", "config.py")
 
 
 def code_and_encoder_hash(cfg: Config, package: Path | None = None) -> str:
     """Hash of the training code (TRAINING_CODE in ``package``, default ganflow's own folder) and
     of the encoder (its weights and held-out reference statistics: what best_fd is measured with)."""
-    from ganflow.evaluation import REFERENCE
-    from ganflow.evaluation import WEIGHTS as ENCODER_WEIGHTS
+    from ganflow.encoder import ENCODER_WEIGHTS, REFERENCE
 
     package = package or Path(__file__).parent
     entries = {f"code/{name}": (package / name).read_bytes() for name in TRAINING_CODE}

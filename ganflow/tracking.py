@@ -403,7 +403,7 @@ def log_evaluation(cfg: Config, run_id: str | None, metrics: dict[str, Any], gri
     from mlflow.entities import Metric
 
     numbers = {f"eval_{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-    # per-class figures (class_fd_over_floor, class_freq) as eval_<key>_<class>: which class is weak
+    # per-class figures (class_fd_over_real, class_freq) as eval_<key>_<class>: which class is weak
     numbers.update({f"eval_{k}_{name}": float(v) for k, d in metrics.items() if isinstance(d, dict)
                     for name, v in d.items() if isinstance(v, (int, float))})
     numbers = {k: v for k, v in numbers.items() if math.isfinite(v)}

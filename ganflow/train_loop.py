@@ -27,14 +27,14 @@ from torch import nn
 from ganflow.augment import Augment, augmenter, policy_of
 from ganflow.config import Config
 from ganflow.errors import GanflowError, first_line
-from ganflow.evaluation import Reference, encode, load_reference
+from ganflow.encoder import encode
+from ganflow.evaluation import Reference, codes_for, load_reference
 from ganflow.losses import LOSSES, r1_penalty
 from ganflow.storage import CHECKPOINT_META
 from ganflow.models import (
     build_discriminator,
     build_generator,
     class_grid_codes,
-    draw_codes,
     one_hot,
     recompute_batchnorm,
 )
@@ -151,10 +151,18 @@ def _autocast(state: GanState):
     return torch.autocast(device_type=state.device.type, dtype=state.dtype)
 
 
+EMA_RAMPUP = 0.1  # the EMA's half-life is at most this share of the G steps taken so far
+
+
 def ema_decay_at(decay: float, updates: int) -> float:
-    """The EMA decay after ``updates`` G steps, warmed up: a fixed 0.999 over a short run
-    (a few hundred steps) would keep the EMA mostly at the random initial weights."""
-    return min(decay, (1.0 + updates) / (10.0 + updates))
+    """The EMA decay after ``updates`` G steps. Its half-life (in G steps) ramps up with the run,
+    as StyleGAN's EMA half-life ramps with the images shown: at most EMA_RAMPUP x the steps so
+    far, so a short run's EMA does not hold on to the random initial weights; ``decay`` itself
+    is reached once the run has taken ln(0.5) / ln(decay) / EMA_RAMPUP steps (690 for 0.99)."""
+    if decay <= 0.0:
+        return 0.0
+    half_life = min(math.log(0.5) / math.log(decay), EMA_RAMPUP * updates)
+    return 0.5 ** (1.0 / half_life) if half_life > 0 else 0.0
 
 
 @torch.no_grad()
@@ -494,7 +502,7 @@ def run_loop(config: dict[str, Any], session: RayTrainSession | TrialSession) ->
     state.g = session.prepare(state.g)
     state.d = session.prepare(state.d, broadcast_buffers=False)
 
-    # the train split only: the held-out images judge the generator and are never trained on
+    # the train split only: validation chooses the epoch, test reports; neither is trained on
     per_rank_batch = cfg.train.batch_size // world
     if config.get("ingest") == "ray_data":  # streamed: Ray Data gives this rank its share
         import ray.train
@@ -617,10 +625,10 @@ def _gather_objects(value: Any, world: int) -> list[Any]:
 
 
 def evaluate_ema(state: GanState, cfg: Config, reference: Reference) -> dict[str, float]:
-    """fd_domain and KID of the EMA generator on as many samples as the real reference holds,
-    from latent vectors fixed by eval.seed (so epochs are compared on the same z)."""
-    n = reference.sample_size
-    z = draw_codes(n, cfg.model.latent_dim, state.prior, torch.Generator().manual_seed(cfg.eval.seed))
+    """fd_domain and KID of the EMA generator against the validation split, on one draw of its
+    size and class counts, from latent vectors fixed by eval.seed (so epochs are compared on the
+    same z)."""
+    z = codes_for(reference.split, cfg.model.latent_dim, bool(state.prior), torch.Generator().manual_seed(cfg.eval.seed))
     with torch.no_grad():
         images = torch.cat([state.ema_g(chunk.to(state.device)).float().cpu() for chunk in z.split(500)])
     features, _ = encode(reference.encoder, images)

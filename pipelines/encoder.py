@@ -1,5 +1,5 @@
-"""DVC stage `encoder`: fit the evaluation encoder on the prepared data; store it with the real
-reference features and the real-vs-real floor of every metric in paths.encoder.
+"""DVC stage `encoder`: fit the evaluation encoder on the train split; store it with the
+validation reference features and the train features in paths.encoder (the test split is not read).
 
     python pipelines/encoder.py [--params params.yaml]
 """
@@ -12,19 +12,19 @@ import sys
 from ganflow.atomic import write_file
 from ganflow.stage import stage_main
 from ganflow.config import Config
-from ganflow.evaluation import fit_encoder
+from ganflow.encoder import fit_encoder
 
 
 def stage(cfg: Config) -> None:
     metrics = fit_encoder(cfg)
     write_file(cfg.paths.metrics / "encoder.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     quality = (
-        f"held-out accuracy {metrics['heldout_accuracy']:.3f}" if "heldout_accuracy" in metrics
-        else f"held-out reconstruction MSE {metrics['heldout_reconstruction_mse']:.4f}"
+        f"validation accuracy {metrics['validation_accuracy']:.3f}" if "validation_accuracy" in metrics
+        else f"validation reconstruction MSE {metrics['validation_reconstruction_mse']:.4f}"
     )
     print(
-        f"fitted a {metrics['kind']} encoder ({quality}); real-vs-real floor of fd_domain "
-        f"{metrics['floor_fd_domain']:.3f} at {metrics['sample_size']} samples -> {cfg.paths.encoder}"
+        f"fitted a {metrics['kind']} encoder on {metrics['train_count']} train images ({quality}, "
+        f"{metrics['validation_count']} validation images) -> {cfg.paths.encoder}"
     )
 
 

@@ -1,4 +1,4 @@
-"""DVC stage `tune`: Ray Tune search of (lr_g, lr_d) by in-training held-out fd_domain (the mean of
+"""DVC stage `tune`: Ray Tune search of (lr_g, lr_d) by in-training validation fd_domain (the mean of
 a trial's last two evaluations), ASHA early stopping;
 writes paths.tune_best (tune/best.json), which the train stage reads. Never edits params.yaml.
 
@@ -25,7 +25,7 @@ def tune(cfg: Config) -> None:
         return
     print(
         f"best of {best.trials} trials ({best.stopped_early} stopped early, {best.trial_epochs} trial-epochs): "
-        f"lr_g={best.lr_g:.3g} lr_d={best.lr_d:.3g}, fd_recent {best.fd_domain:.3f} (mean held-out fd_domain of "
+        f"lr_g={best.lr_g:.3g} lr_d={best.lr_d:.3g}, fd_recent {best.fd_domain:.3f} (mean validation fd_domain of "
         f"its last two epochs, to epoch {best.epoch}); "
         f"MLflow sweep run {best.sweep_run_id} -> {cfg.paths.tune_best}"
     )

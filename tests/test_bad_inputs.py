@@ -9,6 +9,7 @@ wording, each unreadable-file reason, empty folders) is not repeated here.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import struct
@@ -186,10 +187,10 @@ def test_every_oversized_header_is_reported_as_too_many_pixels():
 def test_batch_larger_than_the_dataset_is_refused_before_ray(tmp_path):
     from ganflow.distributed import check_trainable
     from ganflow.errors import TrainingError
-    from ganflow.evaluation import fit_encoder
+    from ganflow.encoder import fit_encoder
 
     rng = np.random.default_rng(0)
-    # 160 images, 24 held out (the metrics' minimum is 20): 136 to train on
+    # 160 images, 24 for validation and 24 for test: 112 to train on
     np.savez(tmp_path / "small.npz", images=rng.integers(0, 256, (160, 16, 16), dtype=np.uint8))
     values = {"data": {"source": "npz", "path": "small.npz", "image_size": 16},
               "eval": {"num_samples": 10, "encoder_epochs": 1, "feature_dim": 8}}
@@ -200,28 +201,31 @@ def test_batch_larger_than_the_dataset_is_refused_before_ray(tmp_path):
 
     prepare(cfg_with(8))
     fit_encoder(cfg_with(8))
-    assert check_trainable(cfg_with(136)) == 136  # one batch per epoch is still a training
-    assert check_trainable(cfg_with(136, num_workers=2)) == 136  # 68 per rank, 68 images each
+    assert check_trainable(cfg_with(112)) == 112  # one batch per epoch is still a training
+    assert check_trainable(cfg_with(112, num_workers=2)) == 112  # 56 per rank, 56 images each
     with pytest.raises(TrainingError) as info:
-        check_trainable(cfg_with(144))
-    assert str(info.value) == ("train.batch_size: 144 is larger than the prepared dataset allows "
-                               "(136 training images over 1 worker(s))")
-    with pytest.raises(TrainingError, match=r"train\.batch_size: 140 .* \(136 training images over 2 worker\(s\)\)"):
-        check_trainable(cfg_with(140, num_workers=2))
+        check_trainable(cfg_with(120))
+    assert str(info.value) == ("train.batch_size: 120 is larger than the prepared dataset allows "
+                               "(112 training images over 1 worker(s))")
+    with pytest.raises(TrainingError, match=r"train\.batch_size: 114 .* \(112 training images over 2 worker\(s\)\)"):
+        check_trainable(cfg_with(114, num_workers=2))
 
 
-def test_too_small_a_held_out_split_is_refused_with_the_keys(tmp_path):
-    from ganflow.evaluation import EvaluationError, fit_encoder
+def test_too_small_a_validation_split_is_refused_with_the_key(tmp_path):
+    from ganflow.encoder import EvaluationError, fit_encoder
 
     rng = np.random.default_rng(0)
-    np.savez(tmp_path / "small.npz", images=rng.integers(0, 256, (100, 16, 16), dtype=np.uint8))
-    cfg = resolve_paths(from_dict({"data": {"source": "npz", "path": "small.npz", "image_size": 16},
+    np.savez(tmp_path / "small.npz", images=rng.integers(0, 256, (12, 16, 16), dtype=np.uint8))
+    cfg = resolve_paths(from_dict({"data": {"source": "npz", "path": "small.npz", "image_size": 16,
+                                            "validation_fraction": 0.01, "test_fraction": 0.1},
                                    "eval": {"encoder_epochs": 1}}), tmp_path)
-    prepare(cfg)  # 15 of 100 held out; the default 64 features need 65
+    prepare(cfg)  # 12 images: round(0.12) = 0 validation, but one kept on every side of a class of 3+
+    manifest = json.loads((cfg.paths.prepared / "manifest.json").read_text())
+    assert manifest["split"]["validation"] == 1
     with pytest.raises(EvaluationError) as info:
         fit_encoder(cfg)
-    assert "the held-out split has 15 images, fewer than the 65 the metrics need" in str(info.value)
-    assert "data.holdout_fraction" in str(info.value) and "eval.feature_dim" in str(info.value)
+    assert "the validation split has 1 images (need 2)" in str(info.value)
+    assert "data.validation_fraction" in str(info.value)
     assert not cfg.paths.encoder.exists()
 
 

@@ -74,7 +74,7 @@ def test_class_prior_follows_model_conditional(tmp_path):
     cfg.model.conditional = "auto"
     names, prior = class_prior(cfg)
     manifest = json.loads((cfg.paths.prepared / "manifest.json").read_text())
-    train = [manifest["class_counts"][n] - manifest["split"]["heldout_class_counts"][n] for n in names]
+    train = [manifest["split"]["train_class_counts"][n] for n in names]
     assert names == [str(i) for i in range(10)] and prior == pytest.approx(np.array(train) / sum(train))
     assert sum(train) == manifest["split"]["train"]
 

@@ -83,26 +83,39 @@ def test_digits_source(tmp_path):
     assert manifest["params"]["image_size"] == 16 and manifest["params"]["path"] is None
 
 
-def test_held_out_split_is_stratified_deterministic_and_recorded(tmp_path):
-    summary = prepare(make_cfg(tmp_path, source="digits", image_size=16, holdout_fraction=0.2))
+def test_three_way_split_is_stratified_deterministic_and_recorded(tmp_path):
+    summary = prepare(make_cfg(tmp_path, source="digits", image_size=16, validation_fraction=0.2, test_fraction=0.1))
     manifest = read_manifest(summary.path)
     labels = np.load(summary.path / "labels.npy")
     split = np.load(summary.path / "split.npy")
     counts = np.bincount(labels, minlength=10)
-    held = np.bincount(labels[split == 1], minlength=10)
-    assert np.array_equal(held, np.rint(0.2 * counts).astype(int))  # 20 % of every class
-    assert manifest["split"]["heldout"] == held.sum() and manifest["split"]["train"] == 1797 - held.sum()
-    assert manifest["split"]["heldout_class_counts"] == {str(k): int(held[k]) for k in range(10)}
+    val, test = (np.bincount(labels[split == v], minlength=10) for v in (1, 2))
+    assert np.array_equal(val, np.rint(0.2 * counts).astype(int))  # 20 % of every class
+    assert np.array_equal(test, np.rint(0.1 * counts).astype(int))  # 10 % of every class
+    assert manifest["split"]["validation"] == val.sum() and manifest["split"]["test"] == test.sum()
+    assert manifest["split"]["train"] == 1797 - val.sum() - test.sum()
+    assert manifest["split"]["test_class_counts"] == {str(k): int(test[k]) for k in range(10)}
     assert manifest["files"]["split.npy"] == file_sha256(summary.path / "split.npy")
-    # the training loader sees the train part only, the judge the held-out part only
-    train, heldout = PreparedDataset(summary.path, part="train"), PreparedDataset(summary.path, part="heldout")
-    assert len(train) + len(heldout) == 1797 and not set(train.indices) & set(heldout.indices)
-    assert np.array_equal(heldout.labels, labels[split == 1])
+    # the parts are disjoint and cover the data
+    parts = [PreparedDataset(summary.path, part=p) for p in ("train", "validation", "test")]
+    assert sum(len(p) for p in parts) == 1797
+    assert len(set().union(*(set(p.indices) for p in parts))) == 1797
+    assert np.array_equal(parts[2].labels, labels[split == 2])
     # deterministic: another folder, the same split; another fraction, another split
-    again = prepare(make_cfg(tmp_path / "again", source="digits", image_size=16, holdout_fraction=0.2))
+    again = prepare(make_cfg(tmp_path / "again", source="digits", image_size=16, validation_fraction=0.2,
+                             test_fraction=0.1))
     assert np.array_equal(np.load(again.path / "split.npy"), split)
-    other = prepare(make_cfg(tmp_path / "other", source="digits", image_size=16, holdout_fraction=0.1))
-    assert np.load(other.path / "split.npy").sum() < split.sum()
+    other = prepare(make_cfg(tmp_path / "other", source="digits", image_size=16, validation_fraction=0.1,
+                             test_fraction=0.1))
+    assert (np.load(other.path / "split.npy") == 1).sum() < val.sum()
+
+
+def test_a_tiny_class_keeps_one_image_on_every_side():
+    from ganflow.data import three_way_split
+
+    split = three_way_split(np.array([0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]), 0.15, 0.15)
+    assert sorted(split[:3]) == [0, 1, 2]  # 3 images: one each, though 15 % rounds to 0
+    assert (split[3:] == 0).sum() >= 1 and (split[3:] == 1).sum() == 2 and (split[3:] == 2).sum() == 2
 
 
 def test_digits_in_rgb(tmp_path):
@@ -239,7 +252,7 @@ def test_images_are_written_in_shards_a_reader_reads_back(tmp_path):
     assert [s["file"] for s in read_manifest(one.path)["shards"]] == ["images-00000.npy"]
     assert np.array_equal(load_images(many.path), load_images(one.path))
     assert read_manifest(one.path)["images_sha256"] != manifest["images_sha256"]  # another layout, another hash
-    for part in ("train", "heldout"):
+    for part in ("train", "validation", "test"):
         a, b = PreparedDataset(one.path, part=part), PreparedDataset(many.path, part=part)
         assert torch.equal(a.tensors()[0], b.tensors()[0])
         assert all(torch.equal(a[i][0], b[i][0]) for i in {0, len(a) // 2, len(a) - 1})
@@ -254,10 +267,10 @@ def test_a_shard_that_disagrees_with_the_manifest_is_refused(tmp_path):
     shard = summary.path / "images-00001.npy"
     np.save(shard, np.load(shard)[:-1])  # one image short
     with pytest.raises(DataError, match="images-00001.npy: holds uint8 \\(408, 16, 16, 1\\), the manifest says"):
-        PreparedDataset(summary.path)
+        PreparedDataset(summary.path, part="all")
     shard.write_bytes(b"junk")
     with pytest.raises(DataError, match="images-00001.npy: not a readable shard"):
-        PreparedDataset(summary.path)
+        PreparedDataset(summary.path, part="all")
 
 
 def many_shards(image_folder: Path) -> dict:
@@ -470,7 +483,7 @@ def half_white(tmp_path) -> Path:
 
 def test_loader_values_and_shapes(tmp_path):
     path = prepare(make_cfg(tmp_path, source="digits", image_size=16)).path
-    dataset = PreparedDataset(path)
+    dataset = PreparedDataset(path, part="all")
     x, y = dataset[5]
     assert x.shape == (1, 16, 16) and x.dtype == torch.float32
     assert x.min() >= -1.0 and x.max() <= 1.0
@@ -489,7 +502,7 @@ def flips(dataset: PreparedDataset, seeder: TransformSeeder, workers: int, epoch
 
 def test_each_worker_and_rank_gets_its_own_augmentation_stream(half_white):
     cfg_data = make_cfg(half_white.parent, hflip=0.5).data
-    dataset = PreparedDataset(half_white, build_train_transform(cfg_data))
+    dataset = PreparedDataset(half_white, build_train_transform(cfg_data), part="all")
     seq = flips(dataset, TransformSeeder(seed=3, rank=0), workers=2)
     assert 0 < sum(seq) < len(seq)
     # batches alternate between the two workers; without reseeding both draw the same stream
@@ -505,8 +518,8 @@ def test_each_worker_and_rank_gets_its_own_augmentation_stream(half_white):
 
 def test_loader_refuses_a_missing_dataset(tmp_path):
     with pytest.raises(DataError, match="run `dvc repro prepare`"):
-        PreparedDataset(tmp_path / "nothing")
+        PreparedDataset(tmp_path / "nothing", part="all")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "manifest.json").write_text(json.dumps({"format": "other"}))
     with pytest.raises(DataError, match="format 'other'"):
-        PreparedDataset(tmp_path / "bad")
+        PreparedDataset(tmp_path / "bad", part="all")

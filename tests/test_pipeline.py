@@ -146,7 +146,8 @@ def test_dvc_repro_whole_pipeline(project):
         model={"arch": "resnet", "conditional": "auto", "spectral_norm": True, "latent_dim": 16,
                "g_width": 8, "d_width": 8},
         train={"epochs": 2, "loss": "hinge", "batch_size": 32},
-        eval={"num_samples": 200, "encoder_epochs": 2, "feature_dim": 16, "kid_subsets": 5, "kid_subset_size": 40},
+        eval={"num_samples": 200, "encoder_epochs": 2, "feature_dim": 16, "kid_subsets": 5, "kid_subset_size": 40,
+              "draws": 3},
         tune={"num_samples": 2, "epochs": 1, "grace_period": 1, "max_concurrent_trials": 2},
     )
     first = run(["dvc", "repro"], project, timeout=1800)
@@ -155,7 +156,7 @@ def test_dvc_repro_whole_pipeline(project):
     stages = ("prepare", "encoder", "tune", "train", "evaluate", "register")
     order = [first.stdout.index(f"Running stage '{s}'") for s in stages]
     assert order == sorted(order)
-    assert "trained 2 epochs" in first.stdout and "x its real-vs-real floor" in first.stdout
+    assert "trained 2 epochs" in first.stdout and "x the real baseline" in first.stdout
     for out in ("data/prepared/manifest.json", "models/encoder/encoder.safetensors",
                 "models/encoder/reference.safetensors", "models/generator/generator.safetensors",
                 "models/generator/generator.json", "metrics/train.json", "metrics/encoder.json",
@@ -165,9 +166,11 @@ def test_dvc_repro_whole_pipeline(project):
     shown = json.loads(run(["dvc", "metrics", "show", "--json"], project, check=True).stdout)[""]["data"]
     assert shown["metrics/train.json"]["data"]["epochs"] == 2
     evaluation = shown["metrics/eval.json"]["data"]
-    assert evaluation["fd_domain_over_floor"] == pytest.approx(evaluation["fd_domain"] / evaluation["floor_fd_domain"])
+    assert evaluation["fd_domain_over_real"] == pytest.approx(evaluation["fd_domain"] / evaluation["real_fd_domain"])
+    assert evaluation["split"] == "test" and evaluation["draws"] == 3 and evaluation["fd_domain_sd"] > 0
+    assert evaluation["validation"]["fd_domain"] > 0 and evaluation["copying_flagged"] == 0.0
     # a conditional G: the share drawn as the class asked for, next to the classifier's own accuracy
-    assert 0.0 <= evaluation["class_match"] <= 1.0 and 0.5 <= evaluation["floor_class_match"] <= 1.0
+    assert 0.0 <= evaluation["class_match"] <= 1.0 and 0.5 <= evaluation["real_class_match"] <= 1.0
     assert "drawn as asked" in first.stdout
     best = json.loads((project / "tune" / "best.json").read_text())
     spec = json.loads((project / "models" / "generator" / "generator.json").read_text())

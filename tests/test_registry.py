@@ -1,6 +1,7 @@
-"""The registry's champion rule: fd_domain is compared only between versions measured the same
-way (same encoder, held-out reference and eval.seed), recomputed from the registry's tags, and
-two registers racing against a real `mlflow server` end with the right champion."""
+"""The registry's champion rule: validation fd_domain is compared only between versions measured
+the same way (same encoder, reference and eval.seed), a challenger must beat the champion by more
+than their combined spread over latent draws, a flagged copier never wins, and two registers
+racing against a real `mlflow server` end with the right champion."""
 
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def log_generator(uri: str, artifacts: Path) -> str:
 
 
 def project(root: Path, uri: str, run_id: str, *, fd: float, weights_seed: int, encoder_seed: int = 0,
-            copying: bool = False) -> Path:
+            copying: bool = False, sd: float = 0.05) -> Path:
     """A project with what the register stage reads: a prepared data set, an encoder's files, an
     exported generator (its own weights) of run ``run_id`` and its evaluation."""
     root.mkdir(parents=True)
@@ -66,7 +67,8 @@ def project(root: Path, uri: str, run_id: str, *, fd: float, weights_seed: int, 
                       "best_epoch": 1, "lr_g": 2e-4, "lr_d": 2e-4}, cfg.paths.generator)
     cfg.paths.metrics.mkdir(parents=True)
     (cfg.paths.metrics / "eval.json").write_text(json.dumps(
-        {"fd_domain": fd, "fd_domain_over_floor": fd, "copying_flagged": copying}))
+        {"fd_domain": fd * 1.1, "fd_domain_sd": sd, "fd_domain_over_real": fd, "copying_flagged": float(copying),
+         "validation": {"fd_domain": fd, "fd_domain_sd": sd, "fd_domain_over_real": fd}}))
     return params
 
 
@@ -96,9 +98,20 @@ def test_champion_is_the_best_of_the_versions_measured_like_the_newest(tmp_path)
     assert (d["promoted"], d["champion_version"], d["champion_fd_domain_before"], champion(uri)) == (False, 3, 1.5, "3")
     e = reg("e", fd=0.1, weights_seed=5, copying=True)  # flagged: never champion, however low
     assert (e["promoted"], champion(uri)) == (False, "3")
+    # better, but within the two versions' combined spread (0.1 < hypot(0.2, 0.05)): the champion stays
+    f = reg("f", fd=1.4, weights_seed=6, sd=0.2)
+    assert (f["promoted"], f["champion_version"], champion(uri)) == (False, 3, "3")
+    # better beyond the spread: promoted; the tags hold mean and sd, validation and test
+    g = reg("g", fd=1.0, weights_seed=7)
+    assert (g["promoted"], champion(uri)) == (True, "7")
+    from mlflow.tracking import MlflowClient
+
+    tags = MlflowClient(uri).get_model_version(NAME, "7").tags
+    assert (float(tags["validation_fd_domain"]), float(tags["validation_fd_domain_sd"])) == (1.0, 0.05)
+    assert float(tags["fd_domain"]) == pytest.approx(1.1) and float(tags["fd_domain_sd"]) == 0.05
     # the same weights under another encoder are a new version, not the old one's measurement
     again = register(load_config(project(tmp_path / "a2", uri, run_id, fd=9.0, weights_seed=1, encoder_seed=1)))
-    assert again["created"] and again["version"] == 6 and champion(uri) == "2"
+    assert again["created"] and again["version"] == 8 and champion(uri) == "2"
 
 
 @pytest.mark.timeout(900)
@@ -123,7 +136,8 @@ def test_two_registers_racing_on_a_tracking_server_end_with_the_best_champion(tm
         from mlflow.tracking import MlflowClient
 
         versions = MlflowClient(uri).search_model_versions(f"name='{NAME}'")
-        best = min(versions, key=lambda v: float(v.tags["fd_domain"]))
-        assert len(versions) == 2 and float(best.tags["fd_domain"]) == 2.0 and champion(uri) == str(best.version)
+        best = min(versions, key=lambda v: float(v.tags["validation_fd_domain"]))
+        assert len(versions) == 2 and float(best.tags["validation_fd_domain"]) == 2.0
+        assert champion(uri) == str(best.version)
     finally:
         _stop(server.pid)

@@ -69,7 +69,7 @@ def test_encoder_stage_same_weights_features_and_metrics_for_the_same_seed(two_c
     a, b = two_checkouts
     first, second = (tree_bytes(root / "models" / "encoder") for root in (a, b))
     assert {"encoder.safetensors", "reference.safetensors"} <= set(first)
-    assert first == second  # weights, reference features and statistics, spec (floors included)
+    assert first == second  # weights, reference features, spec
     metrics = [(root / "metrics" / "encoder.json").read_bytes() for root in (a, b)]
     assert metrics[0] == metrics[1]
     assert json.loads(metrics[0])["kind"] == "classifier"

@@ -111,7 +111,8 @@ def reregister(cfg, fd_domain: float, weight_noise: float, copying: bool = False
     weights[key] = weights[key] + weight_noise
     save_file(weights, str(path))
     metrics = json.loads((cfg.paths.metrics / "eval.json").read_text())
-    metrics["fd_domain"] = fd_domain
+    metrics["validation"]["fd_domain"] = fd_domain
+    metrics["validation"]["fd_domain_sd"] = 0.0
     metrics["copying_flagged"] = float(copying)
     (cfg.paths.metrics / "eval.json").write_text(json.dumps(metrics))
     return register(cfg)
@@ -133,20 +134,22 @@ def test_registry_promotion_rule_and_idempotence(swept, tmp_path):
     assert again["version"] == 1 and not again["created"]
     assert len(client.search_model_versions("name='ganflow-generator'")) == 1
 
-    worse = reregister(cfg, fd_domain=first["fd_domain"] * 2, weight_noise=0.01)
+    worse = reregister(cfg, fd_domain=first["validation_fd_domain"] * 2, weight_noise=0.01)
     assert worse["version"] == 2 and not worse["promoted"] and worse["aliases"] == ["challenger"]
     assert str(client.get_model_version_by_alias("ganflow-generator", "champion").version) == "1"
 
-    better = reregister(cfg, fd_domain=first["fd_domain"] / 2, weight_noise=0.02)
+    assert first["validation_fd_domain_sd"] < first["validation_fd_domain"] / 2  # so that / 2 is beyond noise
+    better = reregister(cfg, fd_domain=first["validation_fd_domain"] / 2, weight_noise=0.02)
     assert better["version"] == 3 and better["promoted"]
     assert better["aliases"] == ["challenger", "champion"]
     assert first["copying_flagged"] is False  # the real trained generator is not flagged
     # a generator the data-copying test flags never becomes champion, however low its fd_domain
-    copier = reregister(cfg, fd_domain=first["fd_domain"] / 10, weight_noise=0.03, copying=True)
+    copier = reregister(cfg, fd_domain=first["validation_fd_domain"] / 10, weight_noise=0.03, copying=True)
     assert copier["version"] == 4 and not copier["promoted"] and copier["copying_flagged"]
     assert str(client.get_model_version_by_alias("ganflow-generator", "champion").version) == "3"
     version = client.get_model_version("ganflow-generator", "3")
-    assert {"fd_domain", "data_hash", "params_hash", "git_commit", "generator_sha256"} <= set(version.tags)
+    assert {"fd_domain", "fd_domain_sd", "validation_fd_domain", "validation_fd_domain_sd", "data_hash",
+            "params_hash", "git_commit", "generator_sha256"} <= set(version.tags)
     assert "fd_domain" in version.description
 
     proc = run(["ganflow", "sample", "--model", "models:/ganflow-generator@champion", "-n", "3",

@@ -45,7 +45,7 @@ STEPS_PER_EPOCH = 4
 def fake_grids(cfg, epochs: int) -> list[torch.Tensor]:
     """(64, C, H, W) in [-1, 1] per epoch: real digits under noise that fades epoch by epoch,
     so the grids look like a training's progress."""
-    real = torch.stack([PreparedDataset(cfg.paths.prepared)[i][0] for i in range(64)])
+    real = torch.stack([PreparedDataset(cfg.paths.prepared, part="all")[i][0] for i in range(64)])
     noise = torch.randn(real.shape, generator=torch.Generator().manual_seed(0))
     return [(real + noise * (1 - e / epochs)).clamp(-1, 1) for e in range(1, epochs + 1)]
 

@@ -1,0 +1,37 @@
+"""One line of words for an evaluation's numbers (the evaluate stage and `ganflow score`): no
+torch, so printing a result costs nothing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _pm(metrics: dict[str, Any], key: str, digits: int = 3) -> str:
+    value, sd = metrics.get(key), metrics.get(f"{key}_sd")
+    if value is None:
+        return "n/a"
+    return f"{value:.{digits}f} ± {sd:.{digits}f}" if sd is not None else f"{value:.{digits}f}"
+
+
+def summary_line(metrics: dict[str, Any]) -> str:
+    """The headline of an evaluation: the split, fd_domain against its real baseline, KID,
+    precision/recall, the classes, and the copy detector's verdict."""
+    ratio = metrics.get("fd_domain_over_real")
+    ratio_text = (f" = {ratio:.2f} ± {metrics.get('fd_domain_over_real_sd', float('nan')):.2f}x the real baseline"
+                  if ratio is not None else "")
+    classes = ""
+    if "classes_covered" in metrics:
+        classes = (f"; {metrics['classes_covered']:.1f} classes covered, class TV {metrics['class_tv']:.3f}, "
+                   f"reverse KL {metrics['class_kl_reverse']:.3f}")
+    if "class_match" in metrics:
+        classes += (f"; drawn as asked {metrics['class_match']:.2f} "
+                    f"(the classifier on real images: {metrics.get('real_class_match', float('nan')):.2f})")
+    copying = ("FLAGGED as copying: " + "; ".join(metrics.get("copying_reasons", []))
+               if metrics.get("copying_flagged") else "copy detector: not flagged")
+    return (
+        f"{metrics['split']} split ({metrics['reference_size']} images; {metrics['draws']} draws of "
+        f"{metrics['sample_size']}): fd_domain {_pm(metrics, 'fd_domain')} (real {_pm(metrics, 'real_fd_domain')})"
+        f"{ratio_text}; KID {_pm(metrics, 'kid', 4)} (real {_pm(metrics, 'real_kid', 4)}); precision "
+        f"{_pm(metrics, 'precision', 2)} (real {_pm(metrics, 'real_precision', 2)}), recall {_pm(metrics, 'recall', 2)} "
+        f"(real {_pm(metrics, 'real_recall', 2)}){classes}; {copying}"
+    )
