@@ -24,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from _scratch import scratch, score_exported, smoke_data
 from ganflow.config import load_config
@@ -96,7 +97,7 @@ def main() -> int:
     parser.add_argument("--epochs-for", help="per-recipe epochs, e.g. resnet-sn-hinge-conditional=12 (equal wall "
                         "clock: give a slower recipe fewer epochs; the wall column says what each row cost)")
     parser.add_argument("--seeds", type=int, default=1, help="train each row with train.seed 0..N-1; the row is "
-                        "the mean, 'spread' the max - min of fd_domain / real over the seeds")
+                        "the mean, 'sd' the sd of fd_domain / real over the seeds")
     parser.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated names (default: all)")
     parser.add_argument("--smoke", action="store_true", help="tiny: checks the script runs")
     args = parser.parse_args()
@@ -147,14 +148,15 @@ def main() -> int:
                 print(f"{name} seed {seed}: fd_domain / real {metrics[-1]['fd_domain_over_real']:.2f} "
                       f"({walls[-1]:.0f} s)", flush=True)
             ratios = [m["fd_domain_over_real"] for m in metrics]
-            rows.append((name, row_cfg.train.epochs, mean_row(metrics), max(ratios) - min(ratios), sum(walls) / len(walls)))
+            spread = float(np.std(ratios, ddof=1)) if len(ratios) > 1 else float("nan")
+            rows.append((name, row_cfg.train.epochs, mean_row(metrics), spread, sum(walls) / len(walls)))
 
     print(f"\n{cfg.data.image_size}px, lr_g {cfg.train.lr_g:g}, lr_d {cfg.train.lr_d:g}, batch {cfg.train.batch_size}; "
           f"test split, real baseline fd_domain {rows[0][2]['real_fd_domain']:.3f}; {rows[0][2]['draws']:.0f} latent "
-          f"draws of {rows[0][2]['sample_size']:.0f} samples; {args.seeds} seed(s) per row (mean; spread = max - min "
-          f"of / real over seeds)")
+          f"draws of {rows[0][2]['sample_size']:.0f} samples; {args.seeds} seed(s) per row (mean; sd of / real over "
+          f"seeds; each seed's own ratio is a mean over the latent draws); evaluation in float32")
     header = (f"{'recipe':28s} {'epochs':>6s} " + " ".join(f"{h:>{len(f.format(0))}s}" for _, h, f in COLUMNS)
-              + f" {'spread':>6s} {'wall s':>7s}")
+              + f" {'sd':>6s} {'wall s':>7s}")
     print(header)
     for name, epochs, m, spread, wall in rows:
         cells = " ".join(f.format(m[k]) if m.get(k) is not None else f"{'-':>{len(f.format(0))}s}"

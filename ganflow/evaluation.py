@@ -225,6 +225,18 @@ def not_computed(split: Split, cfg: Config) -> dict[str, str]:
 # ------------------------------------------------------------------------------------- a whole evaluation
 
 
+def finite(value: Any) -> Any:
+    """The metrics with every non-finite float as None: eval.json stays strict JSON (DVC and
+    other readers refuse NaN), and a figure that could not be computed reads as null."""
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite(v) for v in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
 def score(reference: Reference, draws: list[tuple[np.ndarray, np.ndarray | None]], seed: int) -> dict[str, Any]:
     """Generated draws [(features, probs)] against reference.split and its real baseline."""
     generated = summarize([draw_metrics(reference, f, p) for f, p in draws])
@@ -322,7 +334,7 @@ def evaluate_generator(cfg: Config, sample_fn: Callable[[torch.Tensor], torch.Te
         real = torch.from_numpy(test_images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
         metrics["fid_inception"] = inception_fid(cfg.eval.inception_weights, real, images)
     metrics["eval_dtype"] = "float32"
-    return metrics, samples
+    return finite(metrics), samples
 
 
 def score_images(cfg: Config, images: np.ndarray, labels: np.ndarray | None, split_name: str) -> dict[str, Any]:
@@ -372,7 +384,7 @@ def score_images(cfg: Config, images: np.ndarray, labels: np.ndarray | None, spl
     metrics = score(reference.with_split(split), draws, cfg.eval.seed + (1 if split is test else 1000))
     metrics.update(detector(reference, test, test_images).check(features[index[0]], images[index[0]]))
     metrics["eval_dtype"] = "float32"
-    return metrics
+    return finite(metrics)
 
 
 # ------------------------------------------------------------------------------------- Inception FID

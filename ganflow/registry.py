@@ -154,7 +154,7 @@ def register(cfg: Config) -> dict[str, Any]:
             description=(
                 f"EMA generator of epoch {spec.get('best_epoch')} (lr_g={spec.get('lr_g'):.3g}, "
                 f"lr_d={spec.get('lr_d'):.3g}); test fd_domain {metrics['fd_domain']:.4g} ± "
-                f"{metrics.get('fd_domain_sd', float('nan')):.2g} = {metrics.get('fd_domain_over_real', float('nan')):.2f}x "
+                f"{metrics.get('fd_domain_sd') or float('nan'):.2g} = {metrics.get('fd_domain_over_real') or float('nan'):.2f}x "
                 f"the real baseline; validation {metrics['validation']['fd_domain']:.4g}"
             ),
         )
@@ -176,7 +176,7 @@ def register(cfg: Config) -> dict[str, Any]:
         "version": int(number),
         "aliases": aliases,
         METRIC: fd,
-        SPREAD: float(metrics["validation"].get("fd_domain_sd", float("nan"))),
+        SPREAD: float(metrics["validation"].get("fd_domain_sd") or 0.0),
         "test_fd_domain": float(metrics["fd_domain"]),
         "test_fd_domain_over_real": metrics.get("fd_domain_over_real"),
         "champion_fd_domain_before": champion_fd,  # None: no champion, or one measured otherwise

@@ -17,7 +17,7 @@ def summary_line(metrics: dict[str, Any]) -> str:
     """The headline of an evaluation: the split, fd_domain against its real baseline, KID,
     precision/recall, the classes, and the copy detector's verdict."""
     ratio = metrics.get("fd_domain_over_real")
-    ratio_text = (f" = {ratio:.2f} ± {metrics.get('fd_domain_over_real_sd', float('nan')):.2f}x the real baseline"
+    ratio_text = (f" = {ratio:.2f} ± {metrics.get('fd_domain_over_real_sd') or float('nan'):.2f}x the real baseline"
                   if ratio is not None else "")
     classes = ""
     if "classes_covered" in metrics:
@@ -25,7 +25,7 @@ def summary_line(metrics: dict[str, Any]) -> str:
                    f"reverse KL {metrics['class_kl_reverse']:.3f}")
     if "class_match" in metrics:
         classes += (f"; drawn as asked {metrics['class_match']:.2f} "
-                    f"(the classifier on real images: {metrics.get('real_class_match', float('nan')):.2f})")
+                    f"(the classifier on real images: {metrics.get('real_class_match') or float('nan'):.2f})")
     copying = ("FLAGGED as copying: " + "; ".join(metrics.get("copying_reasons", []))
                if metrics.get("copying_flagged") else "copy detector: not flagged")
     return (

@@ -203,3 +203,32 @@ def test_class_match_counts_samples_drawn_as_asked():
     swapped = np.eye(2)[[1, 1, 0, 0]]
     assert class_match(swapped, asked, spec) == {"class_match": 0.0, "real_class_match": 0.9}
     assert class_match(np.eye(2)[[0, 1, 1, 1]], asked, spec)["class_match"] == 0.75
+
+
+def test_ganflow_score_command_writes_the_numbers_and_refuses_bad_files_in_one_line(fitted, tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    cfg, _ = fitted
+    params = cfg.root / "params.yaml"
+    params.write_text(yaml.safe_dump({"data": {"image_size": 16}, "eval": TINY_EVAL}))
+    images, labels = part(cfg, "train")
+    np.savez(tmp_path / "copies.npz", images=images, labels=labels)
+    ganflow = [sys.executable, "-m", "ganflow.cli", "score", "--params", str(params)]
+    done = subprocess.run([*ganflow, "--samples", str(tmp_path / "copies.npz"), "--out", str(tmp_path / "s.json")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "test split" in done.stdout and "FLAGGED as copying" in done.stdout
+    scored = json.loads((tmp_path / "s.json").read_text())
+    assert scored["copying_flagged"] == 1.0 and scored["split"] == "test" and scored["draws"] >= 1
+
+    np.savez(tmp_path / "rgb.npz", images=np.zeros((600, 16, 16, 3), np.uint8))
+    (tmp_path / "broken.npz").write_bytes(b"not a zip")
+    for name, message in (("rgb.npz", "expected uint8 images of shape (N, 16, 16, 1)"),
+                          ("broken.npz", "not a readable .npz file")):
+        bad = subprocess.run([*ganflow, "--samples", str(tmp_path / name)], capture_output=True, text=True,
+                             timeout=600)
+        assert bad.returncode != 0 and message in bad.stderr and "Traceback" not in bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
