@@ -7,7 +7,7 @@ exported generator (`dvc repro train`) and are skipped, and say so, without one.
 mean ± sd over eval.draws draws (float32; the evaluation never autocasts):
 
   real vs real      two disjoint halves of the train split, one as "samples", the other as the
-                    real baseline: fd_domain_over_real should be 1 within 2 sd, and not flagged
+                    real baseline: fd_domain_over_real should be 1 within 2 sd
   verbatim copies   train images as samples: ~1x the real baseline by construction, and flagged
   30 % copies       the generator with 30 % of each draw replaced by train images: flagged
   noisy copies      train images + N(0, 4/255) noise: flagged
@@ -18,7 +18,7 @@ mean ± sd over eval.draws draws (float32; the evaluation never autocasts):
   generator         the exported generator as the evaluate stage scores it, next to a judge that
                     shares nothing with the encoder: Fréchet distance of 8x8 area-averaged pixels,
                     generated vs test over real-train vs test, drawn the same way
-  cost              the evaluation's wall time against the training's epochs (plots/train.csv)
+  cost              the evaluation's wall time against the training's MLflow run (start to end)
 
 --smoke: 16 px digits in a scratch folder, a 1-epoch encoder, an untrained generator, 2 draws
 (checks the script runs, not the figures).
@@ -27,6 +27,7 @@ mean ± sd over eval.draws draws (float32; the evaluation never autocasts):
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -58,15 +59,17 @@ def shift(images: np.ndarray, px: int) -> np.ndarray:
 
 
 def stratified_draws(labels: np.ndarray, counts: np.ndarray, draws: int, rng: np.random.Generator,
-                     labelled: bool) -> list[np.ndarray]:
-    """``draws`` index sets into ``labels`` with the given class counts (without replacement in a draw)."""
+                     labelled: bool, replace: bool = False) -> list[np.ndarray]:
+    """``draws`` index sets into ``labels`` with the given class counts (without replacement in a
+    draw unless a class has too few; ``replace``: as the real baseline does then)."""
     out = []
     for _ in range(draws):
         if labelled:
-            out.append(np.concatenate([rng.choice(np.flatnonzero(labels == c), int(n), replace=False)
+            members = [np.flatnonzero(labels == c) for c in range(len(counts))]
+            out.append(np.concatenate([rng.choice(members[c], int(n), replace=replace and int(n) > len(members[c]))
                                        for c, n in enumerate(counts) if n > 0]))
         else:
-            out.append(rng.choice(len(labels), int(counts[0]), replace=False))
+            out.append(rng.choice(len(labels), int(counts[0]), replace=replace and int(counts[0]) > len(labels)))
     return out
 
 
@@ -111,17 +114,18 @@ def main(argv: list[str] | None = None) -> int:
         return m
 
     # real vs real: halves A (baseline) and B (samples) of the train split, disjoint, stratified
-    order = rng.permutation(len(reference.train_labels))
-    half_a = np.sort(np.concatenate([order[np.isin(order, np.flatnonzero(reference.train_labels == c))][::2]
-                                     for c in np.unique(reference.train_labels)]))
-    half_b = np.setdiff1d(np.arange(len(reference.train_labels)), half_a)
+    pool = np.arange(len(reference.train_labels))
+    order = rng.permutation(pool)
+    half_a = np.sort(np.concatenate([order[reference.train_labels[order] == c][::2]
+                                     for c in np.unique(reference.train_labels[pool])]))
+    half_b = np.setdiff1d(pool, half_a)
     classes = len(reference.class_names)
     split_ab = Split("test", test.features, test.labels,
                      draw_counts(reference.train_labels[half_a], test.labels, classes, cfg.eval.num_samples))
     ref_a = Reference(reference.encoder, reference.spec, split_ab, reference.train_features[half_a],
-                      reference.train_labels[half_a], reference.train_index[half_a], reference.cells,
-                      reference.class_freq, reference.class_names, cfg)
-    index_b = stratified_draws(reference.train_labels[half_b], split_ab.draw_counts, cfg.eval.draws, rng, labelled)
+                      reference.train_labels[half_a], reference.train_index[half_a], reference.cells, reference.class_freq, reference.class_names, cfg)
+    index_b = stratified_draws(reference.train_labels[half_b], split_ab.draw_counts, cfg.eval.draws, rng, labelled,
+                               replace=True)
     m = score(ref_a, [(train_feats[half_b][i], None) for i in index_b], cfg.eval.seed + 7)
     row("real vs real", m, "ratio 1 within 2 sd")
 
@@ -210,14 +214,19 @@ def main(argv: list[str] | None = None) -> int:
           f"{np.mean(r_fd):.4f} ± {np.std(r_fd, ddof=1):.4f}: ratio {ratio:.2f} ± {ratio * rel:.2f} "
           f"(encoder: {metrics['fd_domain_over_real']:.2f} ± {metrics['fd_domain_over_real_sd']:.2f})")
 
-    train_csv = cfg.paths.plots / "train.csv"
-    if not args.smoke and train_csv.is_file():
-        import csv
+    run_id = json.loads((cfg.paths.generator / "generator.json").read_text()).get("mlflow_run_id") if not args.smoke \
+        else None
+    train_s = 0.0
+    if run_id:
+        from mlflow.tracking import MlflowClient
 
-        with train_csv.open() as f:
-            train_s = sum(float(r["epoch_s"]) for r in csv.DictReader(f) if r.get("epoch_s"))
+        from ganflow.tracking import tracking_uri
+
+        info = MlflowClient(tracking_uri(cfg)).get_run(run_id).info
+        train_s = ((info.end_time or 0) - info.start_time) / 1000 if info.start_time else 0.0
+    if train_s > 0:
         print(f"{'cost':18s} evaluation {eval_s:.1f} s = {eval_s / train_s:.1%} of the training's {train_s:.0f} s "
-              "(the sum of its epochs' wall time, plots/train.csv)")
+              "(its MLflow run, start to end)")
     else:
         print(f"{'cost':18s} evaluation {eval_s:.1f} s")
     return 0
