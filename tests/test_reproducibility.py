@@ -19,7 +19,7 @@ import yaml
 
 from ganflow.config import load_config
 from ganflow.data import prepare
-from ganflow.evaluation import fit_encoder
+from ganflow.encoder import fit_encoder
 from tests.conftest import REPO
 
 TINY = {

@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from ganflow.config import load_config
 from ganflow.data import prepare
-from ganflow.evaluation import fit_encoder
+from ganflow.encoder import fit_encoder
 from ganflow.tuning import run_sweep, write_best
 from tests.conftest import BIN, REPO, run
 
