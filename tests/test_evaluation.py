@@ -232,3 +232,37 @@ def test_ganflow_score_command_writes_the_numbers_and_refuses_bad_files_in_one_l
                              timeout=600)
         assert bad.returncode != 0 and message in bad.stderr and "Traceback" not in bad.stderr
         assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+
+
+def test_only_the_evaluate_stage_and_score_reach_the_test_split():
+    """Static guard beside the byte-for-byte encoder test: in ganflow/ and pipelines/, the test
+    split is named only in ganflow/evaluation.py (test_split), no module reads the "all" part, and
+    the functions that reach test_split are called only by the evaluate stage and `ganflow score`."""
+    import ast
+
+    from tests.conftest import REPO
+
+    readers = {"evaluate_generator", "score_images", "test_split"}
+    for path in sorted([*(REPO / "ganflow").glob("*.py"), *(REPO / "pipelines").glob("*.py")]):
+        rel = path.relative_to(REPO).as_posix()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            for kw in node.keywords:
+                if kw.arg == "part" and isinstance(kw.value, ast.Constant):
+                    assert kw.value.value != "all", rel
+                    assert kw.value.value != "test" or rel == "ganflow/evaluation.py", rel
+            name = getattr(node.func, "id", getattr(node.func, "attr", None))
+            if name in readers:
+                assert rel in ("ganflow/evaluation.py", "pipelines/evaluate.py", "ganflow/cli.py"), (rel, name)
+
+
+def test_near_duplicate_threshold_is_the_exact_exchangeable_null():
+    """30 samples against the smallest of 30 held-out distances: P(K >= 9) = prod (30 - i) / (60 - i)
+    over i < 9 is below 0.001 and P(K >= 8) is not, so 8 of 30 may be 'near' by chance, 9 may not."""
+    from ganflow.copying import ALPHA, near_dup_threshold
+
+    p8 = np.prod([(30 - i) / (60 - i) for i in range(8)])
+    p9 = p8 * 22 / 52
+    assert p9 <= ALPHA < p8 and near_dup_threshold(30, 30) == pytest.approx(8 / 30)
+    assert near_dup_threshold(538, 538) < 0.05  # at the digits' size a few per cent
