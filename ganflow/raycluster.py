@@ -82,6 +82,11 @@ def init_ray(cfg: Config | None = None) -> None:
             _OWN_RAY["local"] = True
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise TrainingError(f"cluster.address: cannot connect to Ray at {address or 'local'}: {first_line(exc)}") from None
+    except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception when its own node does not start
+        if address:
+            raise
+        raise TrainingError(f"the stage's local Ray did not start ({first_line(exc)}); on a busy machine, "
+                            "run the stage again when it is less loaded") from None
 
 
 def quiet_ray_workers() -> None:
