@@ -41,6 +41,7 @@ from ganflow.copying import build_detector
 from ganflow.data import PreparedDataset
 from ganflow.encoder import encode
 from ganflow.evaluation import Reference, Split, codes_for, draw_counts, evaluate_generator, load_reference, score
+from ganflow.evaluation import detector as copy_detector
 from ganflow.evaluation import test_split
 from ganflow.metrics import fd
 from ganflow.models import build_generator
@@ -96,12 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     train = PreparedDataset(cfg.paths.prepared, part="train")
     val = PreparedDataset(cfg.paths.prepared, part="validation")
     test, test_images = test_split(reference)
-    detector = build_detector(reference.train_features, train.images.read_many(train.indices[reference.train_index]),
-                              np.concatenate([reference.split.features, test.features]),
-                              np.concatenate([val.images.read_many(val.indices), test_images]), reference.cells,
-                              cfg.eval.seed)
+    detector = copy_detector(reference, test, test_images)  # the evaluate stage's own
     train_images = train.images.read_many(train.indices[reference.train_index])
-    train_feats, train_probs = reference.train_features, None
+    train_feats = reference.train_features
     labelled = reference.labelled
     print(f"{cfg.data.image_size}px {cfg.data.source}: train {len(train)}, validation {len(val)}, test "
           f"{len(test.features)}; draws of {test.draw_size} against test; eval.draws {cfg.eval.draws}; float32")
