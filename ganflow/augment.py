@@ -13,11 +13,21 @@ Policies (``train.augment_policy``): a comma-separated list of
   cutout       zero one square of ``train.augment_cutout`` of the side, at a random centre;
   color        brightness, saturation (RGB only) and contrast jitter.
 ``auto`` = translation,cutout for grey images, translation,cutout,color for RGB.
+
+Adaptive strength (``train.augment: auto``, after ADA, Karras et al. 2020): each operation is
+applied to a sample with probability p, and p follows D's over-fitting. The heuristic is
+r_t = E[sign(D(x))] over the real images D sees: 0 when D cannot tell its training images from
+fakes, 1 when it is sure of every one, as it becomes when it memorises a small set. Every
+``train.ada_interval`` D steps p moves by (images seen since) / (``train.ada_kimg`` x 1000) up when
+r_t is above ``train.ada_target`` and down when below, within [0, 1]. On data that D does not
+over-fit within the budget r_t stays low and p near 0, which leaves such runs as they were.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -89,12 +99,15 @@ def color(x: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
     return mean + (x - mean) * (_rand(shape, gen, x) + 0.5)
 
 
-Augment = Callable[[torch.Tensor, "torch.Generator | None"], torch.Tensor]
+Augment = Callable[..., torch.Tensor]  # apply(x, gen, p=1.0)
 
 
 def augmenter(policy: tuple[str, ...], translation: float, cutout_ratio: float) -> Augment:
-    """``apply(x, gen)``: what the train loop does to every D input (identity for an empty policy)."""
-    ops: list[Augment] = []
+    """``apply(x, gen, p=1.0)``: what the train loop does to every D input. Each operation is
+    applied to each sample with probability ``p`` (ADA's adaptive strength, train.augment auto;
+    1 for diffaugment), drawn from ``gen`` like the operations' own randomness; p = 0 (and an
+    empty policy) is the identity and draws nothing."""
+    ops: list[Callable[[torch.Tensor, torch.Generator | None], torch.Tensor]] = []
     for name in policy:
         if name == "translation":
             ops.append(lambda x, gen: translate(x, translation, gen))
@@ -103,9 +116,53 @@ def augmenter(policy: tuple[str, ...], translation: float, cutout_ratio: float) 
         elif name == "color":
             ops.append(color)
 
-    def apply(x: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
+    def apply(x: torch.Tensor, gen: torch.Generator | None = None, p: float = 1.0) -> torch.Tensor:
+        if p <= 0.0:
+            return x
         for op in ops:
-            x = op(x, gen)
+            if p >= 1.0:
+                x = op(x, gen)
+            else:  # this op on a random p of the samples, the identity on the rest
+                chosen = (_rand((x.shape[0], 1, 1, 1), gen, x) < p).to(x.dtype)
+                x = x + chosen * (op(x, gen) - x)
         return x
 
     return apply
+
+
+@dataclass
+class AdaptiveP:
+    """The controller of ``train.augment: auto``: ``observe`` each D step's mean sign of D's real
+    logits; every ``interval`` steps p moves by ``step`` towards less (r_t below target) or more
+    (above) augmentation. Its whole state is in ``state_dict`` (checkpointed, so a resumed run
+    adjusts p exactly as the uninterrupted run would have)."""
+
+    target: float
+    step: float  # the change of p per adjustment: images per adjustment / (ada_kimg x 1000)
+    interval: int
+    p: float = 0.0
+    pending: float = 0.0  # the sum of the signs observed since the last adjustment
+    seen: int = 0  # and how many steps they came from
+    last_rt: float = float("nan")  # r_t of the last adjustment
+
+    def observe(self, sign_mean: float, reduce: Callable[[float], float] | None = None) -> None:
+        """``reduce``: the mean of a value over the ranks (DDP), so that every rank holds one p."""
+        self.pending += sign_mean
+        self.seen += 1
+        if self.seen < self.interval:
+            return
+        rt = self.pending / self.seen
+        if reduce is not None:
+            rt = reduce(rt)
+        self.pending, self.seen, self.last_rt = 0.0, 0, rt
+        if rt != self.target:
+            self.p = min(1.0, max(0.0, self.p + math.copysign(self.step, rt - self.target)))
+
+    def state_dict(self) -> dict[str, float]:
+        rt = self.last_rt if math.isfinite(self.last_rt) else None  # strict JSON in the checkpoint's meta
+        return {"p": self.p, "pending": self.pending, "seen": self.seen, "last_rt": rt}
+
+    def load_state_dict(self, values: dict[str, float]) -> None:
+        self.p, self.pending = float(values["p"]), float(values["pending"])
+        self.seen = int(values["seen"])
+        self.last_rt = float("nan") if values["last_rt"] is None else float(values["last_rt"])

@@ -131,7 +131,13 @@ TRAIN_RUN_ONLY_KEYS = ("checkpoint_every", "max_failures")
 
 
 class TrainConfig(Section):
-    epochs: int = Field(60, gt=0)
+    # the budget: thousands of real images shown to D (ganflow/budget.py), whatever the data's
+    # size; epochs, when set, is the old unit and overrides it
+    kimg: float = Field(75.0, gt=0.0)
+    epochs: int | None = Field(None, gt=0)
+    # evaluation (every eval.every ticks), the sample grid, the report to Ray (and a checkpoint
+    # every checkpoint_every ticks) happen at the end of the first epoch after each tick_kimg
+    tick_kimg: float = Field(2.5, gt=0.0)
     batch_size: int = Field(64, gt=0)  # global batch, split across cluster.num_workers
     lr_g: float = Field(5e-4, gt=0.0)
     lr_d: float = Field(5e-4, gt=0.0)
@@ -150,16 +156,25 @@ class TrainConfig(Section):
     # alike; for a conditional G, whose class term pulls samples to the class prototype. 0 = off
     mode_seeking: float = Field(0.0, ge=0.0)
     seed: int = Field(0, ge=0)
-    checkpoint_every: int = Field(1, ge=1)  # epochs
+    checkpoint_every: int = Field(1, ge=1)  # ticks
     max_failures: int = Field(2, ge=0)  # worker-group restarts Ray may make
     # mixed precision: auto = on GPU bf16 where supported, else fp16 with a grad scaler; on CPU bf16
     # where the CPU computes it natively (AVX512-BF16, AMX), else float32
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
-    # differentiable augmentation of every image D sees, real and generated (ganflow/augment.py)
-    augment: Literal["none", "diffaugment"] = "none"
+    # differentiable augmentation of every image D sees, real and generated (ganflow/augment.py):
+    # auto = adaptive (ADA): each op applied with a probability p that D's over-fitting drives,
+    # 0 where D does not over-fit; diffaugment = always (p = 1); none = never
+    augment: Literal["none", "diffaugment", "auto"] = "auto"
+    ada_target: float = Field(0.6, gt=0.0, lt=1.0)  # the target of r_t = E[sign(D(real))]
+    ada_kimg: float = Field(10.0, gt=0.0)  # p can move from 0 to 1 in this many kimg
+    ada_interval: int = Field(4, ge=1)  # D steps between adjustments of p
     augment_policy: str = "auto"  # auto, or a comma-separated list of translation, cutout, color
     augment_translation: float = Field(0.125, ge=0.0, le=0.5)  # largest shift, fraction of the side
     augment_cutout: float = Field(0.5, ge=0.0, le=1.0)  # side of the cut square, fraction of the side
+    # LeCam regularisation of D (Tseng et al. 2021): weight x (relu(D(x) - ema fake)^2 +
+    # relu(ema real - D(G(z)))^2), the EMAs of D's mean outputs with decay lecam_decay; 0 = off
+    lecam: float = Field(0.0, ge=0.0)
+    lecam_decay: float = Field(0.99, ge=0.0, lt=1.0)
 
     @field_validator("augment_policy")
     @classmethod
@@ -173,14 +188,15 @@ class TrainConfig(Section):
 class TuneConfig(Section):
     enabled: bool = True
     num_samples: int = Field(4, gt=0)
-    epochs: int = Field(6, gt=0)  # epochs per trial
+    kimg: float = Field(7.5, gt=0.0)  # each trial's budget, thousands of images shown (as train.kimg)
+    tick_kimg: float = Field(1.25, gt=0.0)  # a trial reports (ASHA's signal) every this many kimg
     lr_g_min: float = Field(5e-4, gt=0.0)
     lr_g_max: float = Field(6e-4, gt=0.0)
     lr_d_min: float = Field(5e-4, gt=0.0)
     lr_d_max: float = Field(6e-4, gt=0.0)
     search: Literal["random", "optuna"] = "random"
     max_concurrent_trials: int | None = Field(None, gt=0)  # None: derived from the cluster
-    grace_period: int = Field(2, ge=1)
+    grace_period: int = Field(2, ge=1)  # ticks a trial runs before ASHA may stop it
     reduction_factor: int = Field(2, ge=2)
     seed: int = Field(0, ge=0)
 
@@ -234,7 +250,7 @@ class RegistryConfig(Section):
 
 
 class EvalConfig(Section):
-    every: int = Field(1, ge=1)  # epochs between in-training evaluations
+    every: int = Field(1, ge=1)  # ticks (train.tick_kimg) between in-training evaluations
     # at most this many generated samples per draw (a draw is as large as the real baseline's,
     # a multiple of the reference split's class counts that the train split can match)
     num_samples: int = Field(1000, ge=10)

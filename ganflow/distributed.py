@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ganflow.atomic import check_storage_writable, named_sha256
+from ganflow.budget import schedule_of
 from ganflow.config import Config
 from ganflow.data import class_prior, read_manifest
 from ganflow.errors import GanflowError, TrainingError, first_line
@@ -62,12 +63,10 @@ def check_trainable(cfg: Config) -> int:
     count = manifest["split"]["train"]  # the GAN trains on the train split only
     class_prior(cfg)  # model.conditional: true on unlabelled data is refused here
     load_reference(cfg)  # the encoder the in-training evaluation needs, for this data shape
-    per_rank = cfg.train.batch_size // cfg.cluster.num_workers
-    if count // cfg.cluster.num_workers < per_rank:
-        raise TrainingError(
-            f"train.batch_size: {cfg.train.batch_size} is larger than the prepared dataset allows "
-            f"({count} training images over {cfg.cluster.num_workers} worker(s))"
-        )
+    try:
+        schedule_of(cfg.train, count, cfg.cluster.num_workers)
+    except ValueError as exc:
+        raise TrainingError(str(exc)) from None
     return count
 
 
@@ -107,7 +106,7 @@ def fit(cfg: Config, config: dict[str, Any], name: str, callbacks: list | None =
 
 def run_training(cfg: Config, lr_g: float, lr_d: float) -> TrainSummary:
     """Train, export the EMA generator to paths.generator, log everything to one MLflow run."""
-    check_trainable(cfg)
+    planned = schedule_of(cfg.train, check_trainable(cfg), cfg.cluster.num_workers)
     check_storage_writable(cfg)
     client, experiment_id = connect(cfg)  # fails here, before Ray starts, if MLflow is unreachable
     init_ray(cfg)
@@ -121,7 +120,7 @@ def run_training(cfg: Config, lr_g: float, lr_d: float) -> TrainSummary:
     run_id = None
     if previous is not None:
         meta = previous[1]
-        if meta["epoch"] >= cfg.train.epochs:  # finished before with as many epochs: train again
+        if meta["epoch"] >= planned.epochs:  # finished before with as large a budget: train again
             delete_run(storage, name)
         else:
             run_id, resumed_from = meta["run_id"], meta["epoch"]
@@ -129,7 +128,7 @@ def run_training(cfg: Config, lr_g: float, lr_d: float) -> TrainSummary:
             print(f"resuming {name} from epoch {resumed_from} (MLflow run {run_id})", flush=True)
     else:
         for stale, epoch in stale_runs(storage, name):
-            if epoch >= cfg.train.epochs:
+            if epoch >= planned.epochs:
                 continue  # finished: nothing to resume either way
             print(f"not resuming {stale} (checkpoint of epoch {epoch}, kept in {storage}): the training code or "
                   f"the encoder changed since; starting {name}", flush=True)

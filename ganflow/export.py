@@ -62,11 +62,13 @@ def export(cfg: Config, checkpoint: Path, run_id: str, lr_g: float, lr_d: float,
     history = meta["history"]
     final = {k: v for k, v in history[-1].items() if k != "epoch"}
     deterministic = {k: v for k, v in final.items() if k not in TIMINGS}
-    summary = {"epochs": meta["epoch"], "lr_g": lr_g, "lr_d": lr_d, "best_epoch": spec["best_epoch"],
+    best_row = next((r for r in history if r.get("epoch") == spec["best_epoch"]), history[-1])
+    summary = {"epochs": meta["epoch"], "kimg": final.get("kimg"), "lr_g": lr_g, "lr_d": lr_d,
+               "best_epoch": spec["best_epoch"], "best_kimg": best_row.get("kimg"),
                "best_fd_domain": meta["best_fd"], "last": deterministic}
     write_file(cfg.paths.metrics / "train.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
     buf = io.StringIO()
-    columns = ["epoch", "loss_d", "loss_g", "d_real", "d_fake", "fd_domain", "kid"]
+    columns = ["epoch", "kimg", "loss_d", "loss_g", "d_real", "d_fake", "rt", "augment_p", "fd_domain", "kid"]
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(history)

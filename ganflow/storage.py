@@ -27,7 +27,7 @@ def storage_path(cfg: Config) -> str:
 RUN_DATA_KEYS = ("hflip", "loader_workers", "ingest")
 
 # the code a checkpoint's numbers depend on: a change to any of these starts a new run
-TRAINING_CODE = ("train_loop.py", "models.py", "losses.py", "augment.py", "data.py", "ingest.py", "evaluation.py",
+TRAINING_CODE = ("train_loop.py", "budget.py", "models.py", "losses.py", "augment.py", "data.py", "ingest.py", "evaluation.py",
                  "encoder.py", "metrics.py", "copying.py", "config.py")
 
 
@@ -49,9 +49,10 @@ def run_name(cfg: Config, lr_g: float, lr_d: float, package: Path | None = None)
     and encoder give the same name (that is how resume works). A checkpoint written by other code,
     or whose best_fd another encoder measured, is never resumed (see stale_runs)."""
     values = cfg.to_dict()
-    # epochs is left out: raising train.epochs continues a finished run instead of starting over
+    # the budget is left out: raising train.kimg (or epochs) continues a finished run instead of
+    # starting over
     key = {s: values[s] for s in ("model", "train")}
-    key["train"] = {k: v for k, v in key["train"].items() if k != "epochs" and k not in TRAIN_RUN_ONLY_KEYS}
+    key["train"] = {k: v for k, v in key["train"].items() if k not in ("kimg", "epochs") and k not in TRAIN_RUN_ONLY_KEYS}
     key["data"] = {k: values["data"][k] for k in RUN_DATA_KEYS}
     from ganflow.data import prepared_hash  # (imports torch: only the training needs run_name)
 

@@ -182,16 +182,17 @@ def start_training_run(
     tags naming its sweep): name, description, ``tags``, the config and the learning rates it
     used as params. Returns the run id."""
     lrs = f"lr_g={lr_text(lr_g)} lr_d={lr_text(lr_d)}"
-    epochs = cfg.train.epochs
+    budget = f"{cfg.train.epochs} epochs" if cfg.train.epochs else f"{cfg.train.kimg:g} kimg (thousand images shown)"
     if trial is None:
         name = f"train {lrs}"
-        what = f"GAN training with {lrs}: {epochs} epochs"
+        what = f"GAN training with {lrs}: {budget}"
     else:
         name = f"trial {trial} {lrs}"
         what = (f"Trial {trial} of {cfg.tune.num_samples} of a learning-rate sweep (parent run "
-                f"{tags.get('sweep_id', '?')}), {lrs}: up to {epochs} epochs (ASHA may stop it early)")
-    note = (f"{what}, {_workers_text(cfg)}, {cfg.train.loss} loss; fd_domain scored every "
-            f"{cfg.eval.every} epoch(s), a sample grid (`samples`) every epoch.\n\n{_data_text(cfg)}")
+                f"{tags.get('sweep_id', '?')}), {lrs}: up to {budget} (ASHA may stop it early)")
+    note = (f"{what}, {_workers_text(cfg)}, {cfg.train.loss} loss, augment {cfg.train.augment}; fd_domain "
+            f"scored every {cfg.eval.every} tick(s) of {cfg.train.tick_kimg:g} kimg, a sample grid (`samples`) every "
+            f"tick; metric steps of per-tick values are epochs, of per-step values D steps.\n\n{_data_text(cfg)}")
     run_id = start_run(client, experiment_id, cfg, name, {**tags, NOTE_TAG: note})
     # the learning rates this run used (train.lr_* in the params may be overridden by tune)
     client.log_param(run_id, "lr_g", repr(lr_g))
@@ -205,7 +206,7 @@ def start_sweep_run(client: Any, experiment_id: str, cfg: Config, tags: dict[str
     t = cfg.tune
     note = (
         f"Learning-rate sweep: {t.num_samples} trials ({t.search} search, ASHA grace period {t.grace_period}, "
-        f"reduction factor {t.reduction_factor}) of up to {t.epochs} epochs each, lr_g log-uniform in "
+        f"reduction factor {t.reduction_factor}, in ticks of {t.tick_kimg:g} kimg) of up to {t.kimg:g} kimg each, lr_g log-uniform in "
         f"[{lr_text(t.lr_g_min)}, {lr_text(t.lr_g_max)}], lr_d in [{lr_text(t.lr_d_min)}, {lr_text(t.lr_d_max)}]; "
         f"objective: the in-training fd_domain (lower is better). One nested run per trial; "
         f"each trial: {_workers_text(cfg)}.\n\n{_data_text(cfg)}"

@@ -22,9 +22,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ganflow.augment import Augment, augmenter, policy_of
+from ganflow.augment import AdaptiveP, Augment, augmenter, policy_of
 from ganflow.config import Config
 from ganflow.errors import GanflowError, first_line
 from ganflow.encoder import encode
@@ -40,7 +41,7 @@ from ganflow.models import (
 )
 
 CHECKPOINT_STATE = "state.pt"
-DIAGNOSTICS = ("loss_d", "loss_g", "d_real", "d_fake")
+DIAGNOSTICS = ("loss_d", "loss_g", "d_real", "d_fake", "rt")
 EVAL_METRICS = ("fd_domain", "kid", "kid_std", "fd_recent")
 # per-epoch speed: differ between identical runs, so never part of a reproducible result
 TIMINGS = ("imgs_per_sec", "epoch_s")
@@ -107,6 +108,7 @@ class GanState:
     device: torch.device
     dtype: torch.dtype | None  # autocast dtype, None = full precision
     augment: Augment | None = None  # applied to every D input, real and generated (train.augment)
+    ada: AdaptiveP | None = None  # train.augment auto: the controller of the augmentation's probability
     prior: list[float] | None = None  # a conditional G's class frequencies (train split); None = unconditional
     epoch: int = 0  # the next epoch to run
     step: int = 0  # batches done (D steps)
@@ -115,7 +117,13 @@ class GanState:
     best_fd: float = float("inf")  # the best in-training fd_domain so far, and where
     best_epoch: int = 0
     best_ema_g: dict[str, torch.Tensor] | None = None  # the EMA generator of best_epoch (CPU)
-    history: list[dict[str, float]] = field(default_factory=list)  # one row per finished epoch
+    history: list[dict[str, float]] = field(default_factory=list)  # one row per finished tick
+    lecam_ema: torch.Tensor | None = None  # train.lecam > 0: EMAs of D's mean real and fake logits
+
+    @property
+    def augment_p(self) -> float:
+        """The probability each augmentation is applied with: ADA's p, 1 for diffaugment."""
+        return self.ada.p if self.ada is not None else (1.0 if self.augment is not None else 0.0)
 
 
 def build_state(cfg: Config, device: torch.device, lr_g: float, lr_d: float,
@@ -140,9 +148,19 @@ def build_state(cfg: Config, device: torch.device, lr_g: float, lr_d: float,
         device=device,
         dtype=dtype,
         augment=(augmenter(policy_of(cfg.train.augment_policy, cfg.data.channels), cfg.train.augment_translation,
-                           cfg.train.augment_cutout) if cfg.train.augment == "diffaugment" else None),
+                           cfg.train.augment_cutout) if cfg.train.augment != "none" else None),
+        ada=ada_controller(cfg),
         prior=list(prior) if prior else None,
+        lecam_ema=torch.zeros(2, device=device) if cfg.train.lecam > 0 else None,
     )
+
+
+def ada_controller(cfg: Config) -> AdaptiveP | None:
+    """train.augment auto: p starts at 0 and moves by the images of one adjustment over ada_kimg."""
+    if cfg.train.augment != "auto":
+        return None
+    step = cfg.train.batch_size * cfg.train.ada_interval / (cfg.train.ada_kimg * 1000.0)
+    return AdaptiveP(target=cfg.train.ada_target, step=step, interval=cfg.train.ada_interval)
 
 
 def _autocast(state: GanState):
@@ -195,7 +213,8 @@ def gan_step(
             c_fake[b // 2: 2 * (b // 2)] = c[: b // 2]
         z = torch.cat([z, c_fake], dim=1)
     # D sees every image through the same random augmentation, real and generated, in both steps
-    seen = (lambda x: state.augment(x, z_gen)) if state.augment is not None else (lambda x: x)
+    p = state.augment_p
+    seen = (lambda x: state.augment(x, z_gen, p)) if state.augment is not None else (lambda x: x)
     judge = (lambda x: state.d(x, c)) if c is not None else state.d  # real images, their classes
     judge_fake = (lambda x: state.d(x, c_fake)) if c is not None else state.d  # fakes, the classes drawn
 
@@ -211,6 +230,8 @@ def gan_step(
         fake_logits = judge_fake(seen(fake.detach()))
         loss_d = d_loss_fn(real_logits.float(), fake_logits.float())  # the diagnostic: without the penalty
         total_d = loss_d
+        if state.lecam_ema is not None:
+            total_d = total_d + cfg.train.lecam * lecam_penalty(real_logits.float(), fake_logits.float(), state.lecam_ema)
         if r1:
             total_d = loss_d + 0.5 * cfg.train.r1_gamma * cfg.train.r1_every * r1_penalty(real_logits, real_seen)
     state.opt_d.zero_grad(set_to_none=True)
@@ -218,8 +239,12 @@ def gan_step(
     state.scaler_d.step(state.opt_d)
     state.scaler_d.update()
 
+    if state.lecam_ema is not None:  # after the penalty: it anchors to the outputs of earlier steps
+        means = torch.stack([real_logits.detach().float().mean(), fake_logits.detach().float().mean()])
+        state.lecam_ema.lerp_(means, 1.0 - cfg.train.lecam_decay)
     diagnostics = {
         "loss_d": loss_d.detach(),
+        "rt": torch.sign(real_logits.detach().float()).mean(),  # ADA's over-fitting heuristic
         "d_real": torch.sigmoid(real_logits.detach().float()).mean(),
         "d_fake": torch.sigmoid(fake_logits.detach().float()).mean(),
     }
@@ -244,6 +269,12 @@ def gan_step(
     state.g_steps += 1
     diagnostics["loss_g"] = loss_g.detach()
     return diagnostics
+
+
+def lecam_penalty(real_logits: torch.Tensor, fake_logits: torch.Tensor, ema: torch.Tensor) -> torch.Tensor:
+    """LeCam (Tseng et al. 2021): keeps D's outputs on real images from running away from what it
+    said of fakes lately, and the reverse; ``ema`` = (EMA of mean real logit, of mean fake logit)."""
+    return F.relu(real_logits - ema[1]).pow(2).mean() + F.relu(ema[0] - fake_logits).pow(2).mean()
 
 
 def mode_seeking_penalty(fake: torch.Tensor, z: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -273,6 +304,8 @@ def save_checkpoint(state: GanState, cfg: Config, directory: Path, meta: dict[st
     }
     if state.best_ema_g is not None:
         tensors["best_ema_g"] = state.best_ema_g
+    if state.lecam_ema is not None:
+        tensors["lecam_ema"] = state.lecam_ema
     torch.save(tensors, directory / CHECKPOINT_STATE)
     meta = {
         **meta,
@@ -282,6 +315,7 @@ def save_checkpoint(state: GanState, cfg: Config, directory: Path, meta: dict[st
         "starts": state.starts,
         "best_fd": state.best_fd if math.isfinite(state.best_fd) else None,
         "best_epoch": state.best_epoch,
+        "ada": state.ada.state_dict() if state.ada is not None else None,
         "history": state.history,
         "config": cfg.to_dict(),
     }
@@ -334,6 +368,10 @@ def load_checkpoint(state: GanState, cfg: Config, directory: Path, lr_g: float, 
     state.best_epoch = meta["best_epoch"]
     state.best_ema_g = tensors.get("best_ema_g")
     state.history = meta["history"]
+    if state.ada is not None and meta.get("ada"):  # (a checkpoint of augment none/diffaugment: p from 0)
+        state.ada.load_state_dict(meta["ada"])
+    if state.lecam_ema is not None and "lecam_ema" in tensors:
+        state.lecam_ema.copy_(tensors["lecam_ema"])
     return meta
 
 
@@ -468,11 +506,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_loop(config: dict[str, Any], session: RayTrainSession | TrialSession) -> dict[str, Any]:
-    """The training loop: resume, train ``train.epochs``, evaluate the EMA G, report each epoch."""
+    """The training loop: resume, train the budget (ganflow.budget), evaluate the EMA G and
+    report at each tick."""
     import ray
 
     from ganflow.config import config_from_dict
-    from ganflow.data import build_train_transform, class_prior
+    from ganflow.budget import schedule_of
+    from ganflow.data import build_train_transform, class_prior, read_manifest
     from ganflow.tracking import RunLogger
 
     _quiet_ray_report_log()
@@ -518,18 +558,19 @@ def run_loop(config: dict[str, Any], session: RayTrainSession | TrialSession) ->
     logger = RunLogger(config["tracking_uri"], config["run_id"]) if rank == 0 else None
     samples_z = fixed_noise(cfg, num_classes=len(state.prior or [])).to(device)
 
-    epoch_seconds: list[float] = []  # this process's epochs (evaluation included), for the ETA
-    while state.epoch < cfg.train.epochs:
-        epoch_started = time.perf_counter()
+    plan = schedule_of(cfg.train, read_manifest(cfg.paths.prepared)["split"]["train"], world)
+    reduce = (lambda v: _mean_over_ranks(v, world, device)) if world > 1 else None
+    tick_seconds: list[float] = []  # this process's ticks (evaluation included), for the ETA
+    sums = {k: 0.0 for k in DIAGNOSTICS}  # the diagnostics of the tick so far
+    counts = {k: 0 for k in DIAGNOSTICS}
+    images, train_seconds, tick_started = 0, 0.0, time.perf_counter()
+    while state.epoch < plan.epochs:
         epoch = state.epoch
         z_gen.manual_seed(noise_seed(cfg.train.seed, rank, epoch))
         state.g.train()
         state.d.train()
-        sums = {k: 0.0 for k in DIAGNOSTICS}
-        counts = {k: 0 for k in DIAGNOSTICS}
         finite = True
         started = time.perf_counter()
-        images = 0
         for i, (real, labels) in enumerate(epoch_batches(epoch)):
             t0 = time.perf_counter()
             real = real.to(device, non_blocking=True)
@@ -537,34 +578,45 @@ def run_loop(config: dict[str, Any], session: RayTrainSession | TrialSession) ->
             values = {k: float(v) for k, v in diag.items()}  # syncs the device once per step
             state.step += 1
             images += real.shape[0] * world
+            if state.ada is not None:
+                state.ada.observe(values["rt"], reduce)
+                values["augment_p"] = state.ada.p
             for k, v in values.items():
-                if not math.isnan(v) or k != "loss_g":
+                if k in sums and (not math.isnan(v) or k != "loss_g"):
                     finite &= math.isfinite(v)
                     sums[k] += v
                     counts[k] += 1
             if logger is not None:
                 values["imgs_per_sec"] = real.shape[0] * world / max(time.perf_counter() - t0, 1e-9)
                 logger.log_metrics({k: v for k, v in values.items() if math.isfinite(v)}, step=state.step)
+        train_seconds += time.perf_counter() - started
 
         # every rank learns whether any rank diverged, so all stop at the same report
         finite = _all_ranks_true(finite, world, device)
-        elapsed = time.perf_counter() - started
-        row = {k: sums[k] / max(counts[k], 1) for k in DIAGNOSTICS}
-        row.update(epoch=epoch + 1, imgs_per_sec=images / max(elapsed, 1e-9))
-        if world > 1:
-            row["rank_param_spread"] = _rank_param_spread(state, world, device)
         if not finite:
+            row = {k: sums[k] / max(counts[k], 1) for k in DIAGNOSTICS}
             reason = f"non-finite loss in epoch {epoch + 1} (loss_d={row['loss_d']:.4g}, loss_g={row['loss_g']:.4g})"
             if logger is not None:
                 logger.close()  # the finite steps before it, for diagnosis
             session.report({"epoch": epoch + 1, "diverged": reason})
             return {"diverged": reason, "epoch": epoch + 1}  # rank 0's value reaches the driver
-
         state.epoch = epoch + 1
-        last = state.epoch == cfg.train.epochs
+        tick = plan.tick_index(state.epoch)
+        if tick is None:  # between ticks: nothing is evaluated, logged per tick or reported
+            continue
+
+        row = {k: sums[k] / max(counts[k], 1) for k in DIAGNOSTICS}
+        row.update(epoch=state.epoch, kimg=plan.kimg_at(state.epoch), imgs_per_sec=images / max(train_seconds, 1e-9))
+        if state.ada is not None:
+            row["augment_p"] = state.ada.p
+        sums, counts = {k: 0.0 for k in DIAGNOSTICS}, {k: 0 for k in DIAGNOSTICS}
+        images, train_seconds = 0, 0.0
+        if world > 1:
+            row["rank_param_spread"] = _rank_param_spread(state, world, device)
+        last = state.epoch == plan.epochs
         if rank == 0:  # the EMA G is evaluated and sampled with statistics of its own weights
             recompute_batchnorm(state.ema_g, seed=cfg.train.seed, prior=state.prior)
-        if reference is not None and (state.epoch % cfg.eval.every == 0 or last):
+        if reference is not None and (tick % cfg.eval.every == 0 or last):
             row.update(evaluate_ema(state, cfg, reference))
             # the sweep's objective: the mean of the last two evaluations, not one noisy value
             previous = [r["fd_domain"] for r in state.history if "fd_domain" in r][-1:]
@@ -577,27 +629,28 @@ def run_loop(config: dict[str, Any], session: RayTrainSession | TrialSession) ->
             with torch.no_grad():
                 grid = state.ema_g(samples_z)  # (64, C, H, W) in [-1, 1]; EMA G is never DDP-wrapped
             logger.log_grid(grid, step=state.epoch, cols=8 if state.prior else None)  # a row per class
-            # per-epoch means as epoch_*; the evaluation metrics under their own names (as in tune runs)
+            # per-tick means as epoch_*; the evaluation metrics under their own names (as in tune runs)
             evaluated = {k: row[k] for k in EVAL_METRICS if k in row}
             epoch_means = {f"epoch_{k}": v for k, v in row.items() if k not in evaluated and k != "epoch"}
             logger.log_metrics({**epoch_means, **evaluated}, step=state.epoch)
-            logger.log_metrics({"epoch": float(state.epoch)}, step=state.epoch)  # last: marks the epoch done
+            logger.log_metrics({"epoch": float(state.epoch)}, step=state.epoch)  # last: marks the tick done
             logger.flush()
             fd = f"  fd_domain {row['fd_domain']:.3f}" if "fd_domain" in row else ""
-            epoch_seconds.append(time.perf_counter() - epoch_started)
-            eta = (cfg.train.epochs - state.epoch) * sum(epoch_seconds[-3:]) / len(epoch_seconds[-3:])
+            ada = f"  p {row['augment_p']:.2f}" if "augment_p" in row else ""
+            tick_seconds.append(time.perf_counter() - tick_started)
+            eta = (len(plan.ticks) - tick) * sum(tick_seconds[-3:]) / len(tick_seconds[-3:])
             print(
-                f"epoch {state.epoch}/{cfg.train.epochs}  loss_d {row['loss_d']:.3f}  loss_g {row['loss_g']:.3f}  "
-                f"D(x) {row['d_real']:.2f}  D(G(z)) {row['d_fake']:.2f}{fd}  {row['imgs_per_sec']:.0f} img/s  "
-                f"ETA {_clock(eta)}",
+                f"kimg {row['kimg']:.1f}/{plan.kimg:.1f} (epoch {state.epoch}/{plan.epochs})  loss_d {row['loss_d']:.3f}  "
+                f"loss_g {row['loss_g']:.3f}  D(x) {row['d_real']:.2f}  D(G(z)) {row['d_fake']:.2f}  "
+                f"r_t {row['rt']:.2f}{ada}{fd}  {row['imgs_per_sec']:.0f} img/s  ETA {_clock(eta)}",
                 flush=True,
             )
 
-        # the epoch's wall time: its steps, the evaluation, the sample grid and the logging (not the checkpoint)
-        row["epoch_s"] = time.perf_counter() - epoch_started
+        # the tick's wall time: its steps, the evaluation, the sample grid and the logging (not the checkpoint)
+        row["epoch_s"] = time.perf_counter() - tick_started
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
-            if rank == 0 and session.checkpoints and (last or state.epoch % cfg.train.checkpoint_every == 0):
+            if rank == 0 and session.checkpoints and (last or tick % cfg.train.checkpoint_every == 0):
                 meta = {"run_id": config["run_id"], "lr_g": lr_g, "lr_d": lr_d, "world_size": world,
                         "per_rank_batch": per_rank_batch, "device": str(device), "amp": str(state.dtype),
                         "batchnorm": batchnorm,
@@ -606,6 +659,7 @@ def run_loop(config: dict[str, Any], session: RayTrainSession | TrialSession) ->
                 save_checkpoint(state, cfg, Path(tmp), meta)
                 ckpt = tmp
             session.report({**row, "diverged": ""}, ckpt)
+        tick_started = time.perf_counter()
     if logger is not None:
         logger.close()  # last retries of anything the store refused; counted on the run if lost
     return {"diverged": "", "epoch": state.epoch, "workers": workers}
@@ -657,6 +711,12 @@ def _rank_param_spread(state: GanState, world: int, device: torch.device) -> flo
     gathered = [torch.empty_like(local) for _ in range(world)]
     torch.distributed.all_gather(gathered, local)
     return float(torch.stack(gathered).sub(local).abs().max())
+
+
+def _mean_over_ranks(value: float, world: int, device: torch.device) -> float:
+    t = torch.tensor([value], device=device, dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return float(t.item()) / world
 
 
 def _all_ranks_true(flag: bool, world: int, device: torch.device) -> bool:

@@ -2,11 +2,11 @@
 
 Train V2 pattern: Tune runs a small driver function per trial, which starts a TorchTrainer
 (itself multi-worker DDP if cluster.num_workers > 1) whose rank 0 reports fd_domain every
-epoch; TuneReportCallback forwards those reports to Tune, and ASHA stops bad trials early.
+tick (tune.tick_kimg); TuneReportCallback forwards those reports to Tune, and ASHA stops bad trials early.
 
 What a trial scores is ``fd_recent``, the mean fd_domain of its last two evaluations (one
-evaluation is noisy, and the minimum over epochs rewards a lucky epoch), and the pick is made
-among the trials that ran the most epochs: rates that hold, not rates that flashed once. Each
+evaluation is noisy, and the minimum over ticks rewards a lucky one), and the pick is made
+among the trials that ran the most ticks: rates that hold, not rates that flashed once. Each
 trial trains with its own seed, derived from tune.seed, so no rate wins by one seed's luck.
 MLflow: one parent run per sweep, a nested child run per trial, created with the experiment
 that the driver made once.
@@ -28,6 +28,7 @@ import numpy as np
 
 from ganflow.atomic import check_storage_writable, write_file
 from ganflow.config import Config
+from ganflow.budget import schedule_of
 from ganflow.distributed import check_trainable, fit, worker_inputs
 from ganflow.errors import GanflowError, TrainingError, first_line
 from ganflow.interrupts import Interrupted, stop_on_signals
@@ -75,7 +76,7 @@ class Best:
     epoch: int | None  # the epoch that score was reached at (the trial's last)
     sweep_run_id: str | None
     trials: int
-    trial_epochs: int
+    trial_ticks: int  # the reports (ticks of tune.tick_kimg) all trials made together
     stopped_early: int
     tuned: bool
 
@@ -84,9 +85,9 @@ class Best:
 
 
 def trial_config(cfg: Config) -> Config:
-    """The config each trial trains with: tune.epochs, and fd_domain every epoch (ASHA's signal)."""
+    """The config each trial trains with: tune.kimg, and fd_domain every tune.tick_kimg (ASHA's signal)."""
     trial = cfg.model_copy(deep=True)
-    trial.train.epochs = cfg.tune.epochs
+    trial.train.kimg, trial.train.epochs, trial.train.tick_kimg = cfg.tune.kimg, None, cfg.tune.tick_kimg
     trial.eval.every = 1
     if trial.cluster.cpus_per_worker == "auto":  # one CPU per worker: trials run side by side
         trial.cluster.cpus_per_worker = 1.0
@@ -274,7 +275,7 @@ def run_sweep(cfg: Config) -> Best:
     from ray import tune
 
     trial_cfg = trial_config(cfg)
-    check_trainable(trial_cfg)
+    ticks = len(schedule_of(trial_cfg.train, check_trainable(trial_cfg), trial_cfg.cluster.num_workers).ticks)
     check_storage_writable(cfg)
     client, experiment_id = connect(cfg)  # the experiment exists before any trial logs
     init_ray(cfg)
@@ -304,8 +305,8 @@ def run_sweep(cfg: Config) -> Best:
         "lr_d": tune.loguniform(cfg.tune.lr_d_min, cfg.tune.lr_d_max),
     }
     scheduler = tune.schedulers.ASHAScheduler(
-        time_attr="training_iteration", max_t=cfg.tune.epochs,
-        grace_period=min(cfg.tune.grace_period, cfg.tune.epochs), reduction_factor=cfg.tune.reduction_factor,
+        time_attr="training_iteration", max_t=ticks,  # one iteration = one report = one tick
+        grace_period=min(cfg.tune.grace_period, ticks), reduction_factor=cfg.tune.reduction_factor,
     )
     tuner = tune.Tuner(
         tune.with_resources(trainable, trial_resources(trial_cfg)),
@@ -331,7 +332,7 @@ def run_sweep(cfg: Config) -> Best:
         _mark_interrupted(client, parent)
         raise Interrupted(f"tune: the sweep ended early ({ended} of {cfg.tune.num_samples} trials ended); "
                           f"MLflow sweep run {parent} marked KILLED; nothing written")
-    best = summarise(cfg, client, parent, results)
+    best = summarise(cfg, client, parent, results, ticks)
     if results.num_errors:  # a pick from the trials that happened to survive is not a sweep's answer
         first = next(str(r.error).strip().splitlines()[-1] for r in results if r.error is not None)
         client.set_tag(parent, "ganflow.failure", f"{results.num_errors} trials failed")
@@ -355,9 +356,9 @@ def _mark_interrupted(client: Any, parent: str) -> None:
         client.set_terminated(run_id, status="KILLED")
 
 
-def summarise(cfg: Config, client: Any, parent: str, results: Any) -> Best:
-    """The pick: among the trials that ran the most epochs, the lowest fd_recent at the last
-    epoch; child-run statuses; the parent's record and plot."""
+def summarise(cfg: Config, client: Any, parent: str, results: Any, ticks: int) -> Best:
+    """The pick: among the trials that ran the most ticks (of ``ticks``), the lowest fd_recent at
+    the last; child-run statuses; the parent's record and plot."""
     trials = []
     for result in results:
         frame = result.metrics_dataframe
@@ -370,7 +371,7 @@ def summarise(cfg: Config, client: Any, parent: str, results: Any) -> Best:
                        "fd": float(np.mean(fds[-2:])) if fds and finite else None, "fd_history": fds,
                        "epoch": len(fds) if fds else None, "epochs": 0 if frame is None else len(frame),
                        "error": str(result.error).splitlines()[0] if result.error else None})
-    stopped = _close_trial_runs(cfg, client, parent, results)
+    stopped = _close_trial_runs(client, parent, results, ticks)
     scored = [t for t in trials if t["fd"] is not None]
     longest = max((t["epochs"] for t in scored), default=0)
     best = min((t for t in scored if t["epochs"] == longest), key=lambda t: t["fd"]) if scored else None
@@ -381,7 +382,7 @@ def summarise(cfg: Config, client: Any, parent: str, results: Any) -> Best:
         epoch=best["epoch"] if best else None,
         sweep_run_id=parent,
         trials=len(trials),
-        trial_epochs=sum(t["epochs"] for t in trials),
+        trial_ticks=sum(t["epochs"] for t in trials),
         stopped_early=stopped,
         tuned=True,
     )
@@ -389,17 +390,17 @@ def summarise(cfg: Config, client: Any, parent: str, results: Any) -> Best:
     client.log_param(parent, "best_lr_d", repr(summary.lr_d))
     if summary.fd_domain is not None:
         client.log_metric(parent, "best_fd_domain", summary.fd_domain)
-    client.log_metric(parent, "trial_epochs", summary.trial_epochs)
+    client.log_metric(parent, "trial_ticks", summary.trial_ticks)
     client.log_metric(parent, "trials_stopped_early", stopped)
     client.log_image(parent, _sweep_plot(trials), artifact_file="sweep_fd_domain.png")
     client.log_text(parent, json.dumps(trials, default=str, indent=2), "trials.json")
     return summary
 
 
-def _close_trial_runs(cfg: Config, client: Any, parent: str, results: Any) -> int:
+def _close_trial_runs(client: Any, parent: str, results: Any, ticks: int) -> int:
     """Trials that Tune ended were killed mid-fit, leaving their runs RUNNING: mark those ASHA
     stopped early KILLED (tag ganflow.trial_status = "stopped early (ASHA)"), those that ran
-    every epoch FINISHED. Returns how many were stopped early."""
+    every tick FINISHED. Returns how many were stopped early."""
     children = client.search_runs(
         [client.get_run(parent).info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'"
     )
@@ -413,7 +414,7 @@ def _close_trial_runs(cfg: Config, client: Any, parent: str, results: Any) -> in
         epochs = 0 if result.metrics_dataframe is None else len(result.metrics_dataframe)
         if result.error is not None:
             status, note = "FAILED", "error"
-        elif epochs < cfg.tune.epochs:
+        elif epochs < ticks:
             status, note = "KILLED", "stopped early (ASHA)"
             stopped += 1
         else:  # Tune ends a trial at its last report, before its fit() returns

@@ -23,9 +23,13 @@ def train(cfg: Config) -> None:
     lr_g, lr_d = read_best(cfg)  # tune/best.json: the sweep's winner, or train.lr_* passed through
     summary = run_training(cfg, lr_g, lr_d)
     best = f"fd_domain {summary.best_fd:.3f}" if summary.best_fd is not None else "not evaluated"
+    kimg = {r.get("epoch"): r.get("kimg") for r in summary.history}
+    p = summary.final.get("augment_p")
+    ada = f"; augmentation p {p:.2f} at the end" if p is not None else ""
     print(
-        f"trained {summary.epochs} epochs; exported the EMA generator of epoch {summary.best_epoch} "
-        f"({best}) -> {cfg.paths.generator}; MLflow run {summary.run_id}"
+        f"trained {kimg.get(summary.epochs, 0) or 0:g} kimg ({summary.epochs} epochs){ada}; exported the EMA "
+        f"generator of kimg {kimg.get(summary.best_epoch) or 0:g} ({best}, validation) -> {cfg.paths.generator}; "
+        f"MLflow run {summary.run_id}"
     )
 
 

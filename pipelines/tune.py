@@ -24,9 +24,9 @@ def tune(cfg: Config) -> None:
         print(f"tune.enabled is false: train.lr_g={best.lr_g:g}, train.lr_d={best.lr_d:g} -> {cfg.paths.tune_best}")
         return
     print(
-        f"best of {best.trials} trials ({best.stopped_early} stopped early, {best.trial_epochs} trial-epochs): "
+        f"best of {best.trials} trials ({best.stopped_early} stopped early, {best.trial_ticks} trial ticks of {cfg.tune.tick_kimg:g} kimg): "
         f"lr_g={best.lr_g:.3g} lr_d={best.lr_d:.3g}, fd_recent {best.fd_domain:.3f} (mean validation fd_domain of "
-        f"its last two epochs, to epoch {best.epoch}); "
+        f"its last two ticks, to tick {best.epoch}); "
         f"MLflow sweep run {best.sweep_run_id} -> {cfg.paths.tune_best}"
     )
 

@@ -108,3 +108,70 @@ def test_cutout_does_not_leak_into_samples(tmp_path):
     leaky = grey_blocks(train_briefly(cfg, real_all, leak=True))
     assert proper <= real_rate + 0.05, (proper, real_rate)
     assert leaky >= real_rate + 0.15, (leaky, real_rate)
+
+
+# ----------------------------------------------------------------- adaptive strength (augment: auto)
+
+
+def test_each_operation_is_applied_to_a_share_p_of_the_samples():
+    apply = augmenter(("cutout",), 0.125, 0.5)
+    x = torch.ones(2000, 1, 16, 16)
+    assert torch.equal(apply(x, torch.Generator().manual_seed(0), 0.0), x)  # p = 0: the identity
+    for p in (0.25, 0.7):
+        cut = (apply(x, torch.Generator().manual_seed(1), p) == 0).flatten(1).any(dim=1).float().mean()
+        assert abs(float(cut) - p) < 0.04, (p, float(cut))
+    assert bool((apply(x, torch.Generator().manual_seed(2), 1.0) == 0).flatten(1).any(dim=1).all())
+
+
+def test_the_controller_raises_p_while_d_overfits_and_lowers_it_after():
+    from ganflow.augment import AdaptiveP
+
+    ada = AdaptiveP(target=0.6, step=0.05, interval=4)
+    for _ in range(4 * 10):  # D sure of every real image: r_t = 1 > 0.6
+        ada.observe(1.0)
+    assert ada.p == pytest.approx(0.5) and ada.last_rt == pytest.approx(1.0)
+    for _ in range(3):  # within an interval nothing moves
+        ada.observe(0.0)
+    assert ada.p == pytest.approx(0.5)
+    saved = ada.state_dict()
+    for _ in range(4 * 20):  # D unsure: p falls to 0 and stays there
+        ada.observe(0.0)
+    assert ada.p == 0.0
+    resumed = AdaptiveP(target=0.6, step=0.05, interval=4)  # a restart mid-interval continues exactly
+    resumed.load_state_dict(saved)
+    resumed.observe(0.0)
+    assert resumed.p == pytest.approx(0.45) and resumed.seen == 0
+    ranks = AdaptiveP(target=0.6, step=0.05, interval=1)  # DDP: the mean over ranks decides
+    ranks.observe(1.0, reduce=lambda v: (v + 0.0) / 2)
+    assert ranks.p == 0.0 and ranks.last_rt == 0.5
+
+
+def test_overfitting_d_raises_p_in_the_loop_and_diffaugment_holds_it_at_one(tmp_path):
+    """A real G/D pair on 64 fixed images: D soon tells them from G's, r_t passes the target and
+    p rises; with augment none there is no p, with diffaugment it is 1."""
+    cfg = tiny(tmp_path, augment="auto", ada_kimg=0.5, ada_interval=1)
+    state = build_state(cfg, torch.device("cpu"), 2e-3, 2e-3)
+    assert state.ada is not None and state.augment_p == 0.0
+    real = torch.rand(64, 1, 16, 16) * 2 - 1
+    gen = torch.Generator().manual_seed(0)
+    rts = []
+    for _ in range(40):
+        diag = gan_step(state, cfg, real, gen, update_g=True)
+        state.ada.observe(float(diag["rt"]))
+        rts.append(float(diag["rt"]))
+    assert max(rts) > cfg.train.ada_target and state.augment_p > 0.0, (rts, state.augment_p)
+    assert build_state(tiny(tmp_path, augment="none"), torch.device("cpu"), 1e-3, 1e-3).augment_p == 0.0
+    assert build_state(tiny(tmp_path, augment="diffaugment"), torch.device("cpu"), 1e-3, 1e-3).augment_p == 1.0
+
+
+def test_lecam_adds_a_penalty_that_anchors_d_to_its_recent_outputs(tmp_path):
+    from ganflow.train_loop import lecam_penalty
+
+    ema = torch.tensor([1.0, -1.0])  # lately: real logits about +1, fake about -1
+    assert float(lecam_penalty(torch.full((4,), -2.0), torch.full((4,), 2.0), ema)) == 0.0  # nothing beyond
+    assert float(lecam_penalty(torch.full((4,), 1.0), torch.full((4,), -1.0), ema)) == pytest.approx(8.0)
+    cfg = tiny(tmp_path, lecam=0.3)
+    state = build_state(cfg, torch.device("cpu"), 1e-3, 1e-3)
+    gan_step(state, cfg, torch.rand(8, 1, 16, 16) * 2 - 1, torch.Generator().manual_seed(0), update_g=True)
+    assert state.lecam_ema is not None and bool(state.lecam_ema.ne(0).all())  # the EMAs moved
+    assert build_state(tiny(tmp_path), torch.device("cpu"), 1e-3, 1e-3).lecam_ema is None

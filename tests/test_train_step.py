@@ -112,7 +112,7 @@ def test_a_step_updates_both_networks(tmp_path, loss):
     g0, d0, ema0 = params_of(state.g), params_of(state.d), params_of(state.ema_g)
     diag = gan_step(state, cfg, torch.rand(8, 1, 16, 16) * 2 - 1, torch.Generator().manual_seed(0), update_g=True)
     assert changed(g0, state.g) and changed(d0, state.d) and changed(ema0, state.ema_g)
-    assert set(diag) == {"loss_d", "loss_g", "d_real", "d_fake"}
+    assert set(diag) == {"loss_d", "loss_g", "d_real", "d_fake", "rt"}
     assert all(torch.isfinite(v) for v in diag.values())
     assert 0 < diag["d_real"] < 1 and 0 < diag["d_fake"] < 1
     assert state.g_steps == 1
@@ -159,6 +159,7 @@ def test_ema_decay_warms_up_to_the_configured_value_within_the_default_run():
 
     from ganflow.config import load_config
     from ganflow.data import TRAIN, three_way_split
+    from ganflow.budget import schedule_of
     from ganflow.train_loop import EMA_RAMPUP
 
     assert ema_decay_at(0.99, 0) == 0.0  # the first update copies G
@@ -168,7 +169,8 @@ def test_ema_decay_warms_up_to_the_configured_value_within_the_default_run():
     # the exported EMA averages with it for a good part of the run
     cfg = load_config(REPO / "params.yaml")
     split = three_way_split(load_digits().target, cfg.data.validation_fraction, cfg.data.test_fraction)
-    steps = cfg.train.epochs * int((split == TRAIN).sum() // cfg.train.batch_size)
+    plan = schedule_of(cfg.train, int((split == TRAIN).sum()))
+    steps = plan.epochs * plan.images_per_epoch // cfg.train.batch_size
     assert ema_decay_at(cfg.train.ema_decay, steps) == pytest.approx(cfg.train.ema_decay)
     assert ema_decay_at(cfg.train.ema_decay, steps * 2 // 3) == pytest.approx(cfg.train.ema_decay)
 
@@ -270,7 +272,9 @@ def test_the_resume_key_follows_the_training_code_and_the_encoder(tmp_path):
     other.train.seed += 1
     assert run_name(other, 1e-3, 1e-3, code) != new_encoder
     other = cfg.model_copy(deep=True)  # how it runs, not what it computes: the same run, resumed
-    other.train.checkpoint_every, other.train.max_failures, other.train.epochs = 5, 0, cfg.train.epochs + 3
+    other.train.checkpoint_every, other.train.max_failures, other.train.kimg = 5, 0, cfg.train.kimg * 2
+    assert run_name(other, 1e-3, 1e-3, code) == new_encoder
+    other.train.epochs = 7  # the budget in the old unit: the same run too
     assert run_name(other, 1e-3, 1e-3, code) == new_encoder
 
     # the old run's checkpoint is kept and named; another params' run is not
