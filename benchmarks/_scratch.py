@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ganflow.data import prepare
@@ -44,3 +45,69 @@ def score_exported(cfg) -> dict:
             return g(z)
 
     return evaluate_generator(cfg, sample, generator_meta(cfg.paths.generator))[0]
+
+
+# --dataset of quality.py (and the other benchmarks that take one): real images this machine has
+# without a download. Each but "digits" is written as a .npz and prepared, with an encoder of its
+# own, into the benchmark's scratch folder.
+DATASETS = {
+    "digits": "the project's prepared digits and encoder (params.yaml's data:; `dvc repro encoder`)",
+    "digits-100": "100 images of the digit 3 from scikit-learn's digits, unlabelled: a 100-image set, "
+                  "trained unconditionally",
+    "digits-300": "300 of scikit-learn's digits, 30 per class, labelled",
+    "photo-crops-64": "300 RGB crops at 64 px, unlabelled, of the three photographs that ship with the "
+                      "installed packages (scikit-learn's china.jpg and flower.jpg, matplotlib's "
+                      "grace_hopper.jpg): random squares of 96-224 px side, resized",
+}
+
+
+def dataset_arrays(name: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """(images uint8 NHWC, labels or None, image_size) of a DATASETS entry (not "digits")."""
+    rng = np.random.default_rng(seed)
+    if name.startswith("digits-"):
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        gray = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+        if name == "digits-100":
+            index = rng.choice(np.flatnonzero(digits.target == 3), 100, replace=False)
+            return gray[np.sort(index)], None, 32
+        index = np.concatenate([rng.choice(np.flatnonzero(digits.target == c), 30, replace=False) for c in range(10)])
+        return gray[np.sort(index)], digits.target[np.sort(index)].astype(np.int64), 32
+    if name == "photo-crops-64":
+        import matplotlib
+        from PIL import Image
+        from sklearn.datasets import load_sample_images
+
+        photos = list(load_sample_images().images)
+        hopper = Path(matplotlib.__file__).parent / "mpl-data" / "sample_data" / "grace_hopper.jpg"
+        photos.append(np.asarray(Image.open(hopper).convert("RGB")))
+        crops = []
+        for i in range(300):
+            photo = photos[i % len(photos)]
+            side = int(rng.integers(96, 225))
+            top, left = (int(rng.integers(0, photo.shape[k] - side + 1)) for k in (0, 1))
+            square = Image.fromarray(photo[top: top + side, left: left + side])
+            crops.append(np.asarray(square.resize((64, 64), Image.Resampling.LANCZOS)))
+        return np.stack(crops), None, 64
+    raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+
+
+def dataset_cfg(cfg, name: str, workdir: Path):
+    """A copy of ``cfg`` on DATASETS[name], prepared (and its encoder fitted) in ``workdir``;
+    "digits" is ``cfg`` itself. model.conditional stays as the params say: auto trains the
+    labelled sets conditionally and the others not."""
+    if name == "digits":
+        return cfg
+    images, labels, size = dataset_arrays(name)
+    workdir.mkdir(parents=True, exist_ok=True)
+    arrays = {"images": images} if labels is None else {"images": images, "labels": labels}
+    np.savez(workdir / f"{name}.npz", **arrays)
+    out = cfg.model_copy(deep=True)
+    out._root, out._source = cfg.root, cfg._source
+    out.data.source, out.data.path = "npz", workdir / f"{name}.npz"
+    out.data.image_size, out.data.channels = size, images.shape[-1]
+    out.paths.prepared, out.paths.encoder = workdir / "prepared", workdir / "encoder"
+    prepare(out)
+    fit_encoder(out)
+    return out

@@ -1,19 +1,27 @@
-"""Sample quality of the training recipes, side by side, on held-out images, in one run.
+"""Sample quality of training recipes, side by side, on one or more data sets, in one run.
 
-    .venv/bin/python benchmarks/quality.py [--params params.yaml] [--epochs N | --budget-s S]
-                                           [--epochs-for recipe=N,...] [--seeds N] [--recipes a,b] [--smoke]
+    .venv/bin/python benchmarks/quality.py [--params params.yaml] [--dataset digits,digits-100,...]
+                                           [--rows default,before,...] [--kimg K | --budget-s S]
+                                           [--seeds N] [--smoke]
 
-Each row is one recipe of ganflow.recipes (a block of params on top of --params) trained by the
-real train stage's driver (ganflow.distributed.run_training: EMA generator, best epoch by held-out
-fd_domain, BatchNorm statistics recomputed) for the same number of epochs with the same fixed
-learning rates (train.lr_g / train.lr_d of --params: no sweep, so the rows differ by the recipe
-only), one after another on this machine. The exported generator is scored as the evaluate stage
-scores it: held-out fd_domain and its ratio to the real-vs-real floor, KID, precision, recall,
-class TV and reverse KL, the data-copying statistic. Rows train equal epochs (--epochs), or equal
-time (--budget-s: each recipe gets the epochs of GAN steps that fit in S seconds on this machine,
-timed by a probe of its own update before the row); the wall column says what each row cost. Needs the project's prepared data and encoder
-(`dvc repro encoder`); --smoke: a scratch folder of its own (16 px digits, a 1-epoch encoder),
-one recipe, 1 epoch, narrow networks (checks the script runs, not the figures).
+A row is either a variant of the params file (VARIANTS: "default" is the file as it is, "before"
+the recipe before the budget in images shown and adaptive augmentation: 60 epochs, no
+augmentation) or one recipe of ganflow.recipes (a block of params on top of it). Each is trained
+by the real train stage's driver (ganflow.distributed.run_training: EMA generator, exported tick
+chosen on the validation split) with the same fixed learning rates (train.lr_g / train.lr_d of
+--params: no sweep, so the rows differ by their recipe only), one after another on this machine,
+and its exported generator scored as the evaluate stage scores it: on the test split, each
+figure the mean over eval.draws latent draws, fd_domain over its real baseline, KID, precision,
+recall, the class figures, the copy detector. With --seeds N each row trains with train.seed
+0..N-1 and prints the mean over seeds and the sd of "/ real" over seeds.
+
+Budgets: the params' train.kimg (or the row's own, "before" 60 epochs), --kimg for every row, or
+--budget-s: equal wall clock, each row gets the kimg of GAN updates that fit in S seconds on this
+machine (timed by a probe of its own update before the row; evaluation not counted). The wall
+column says what each row cost. --dataset (benchmarks/_scratch.py DATASETS) prints one table per
+data set; all but "digits" are prepared, with an encoder of their own, in a scratch folder.
+--smoke: 16 px digits, a 1-epoch encoder, one row, a few steps, narrow networks (checks the
+script runs, not the figures).
 """
 
 from __future__ import annotations
@@ -26,12 +34,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _scratch import scratch, score_exported, smoke_data
-from ganflow.config import load_config
-from ganflow.data import PreparedDataset, class_prior
+from _scratch import DATASETS, dataset_cfg, scratch, score_exported, smoke_data
+from ganflow.config import Config, config_from_dict, load_config
+from ganflow.data import class_prior
 from ganflow.distributed import run_training
 from ganflow.recipes import RECIPES, apply_recipe
-from ganflow.train_loop import build_state, gan_step
+from ganflow.train_loop import amp_dtype, build_state, gan_step
+
+# rows that change the params file itself (not a ganflow.recipes block)
+VARIANTS: dict[str, dict[str, object]] = {
+    "default": {},  # the params as they are
+    # before issue 28: a budget of 60 epochs, whatever the data's size, and no augmentation
+    "before": {"train.epochs": 60, "train.augment": "none"},
+    "no-ada": {"train.augment": "none"},  # the default budget without the adaptive augmentation
+    "diffaugment": {"train.augment": "diffaugment"},  # every op on every image (p = 1)
+    "lecam": {"train.lecam": 0.3},  # LeCam at StudioGAN's weight
+}
 
 COLUMNS = [  # (metric, header, format)
     ("fd_domain", "fd_domain", "{:9.3f}"),
@@ -47,21 +65,22 @@ COLUMNS = [  # (metric, header, format)
 ]
 
 
-def parse_epochs(text: str | None) -> dict[str, int]:
-    """--epochs-for "resnet-sn-hinge-conditional=12,dcgan-bce=40" -> {recipe: epochs}."""
-    out: dict[str, int] = {}
-    for item in filter(None, (s.strip() for s in (text or "").split(","))):
-        name, _, value = item.partition("=")
-        if name not in RECIPES or not value.isdigit() or int(value) < 1:
-            raise ValueError(f"--epochs-for: {item!r} is not <known recipe>=<epochs >= 1>")
-        out[name] = int(value)
+def row_cfg(cfg: Config, name: str) -> Config:
+    """``cfg`` with the row's variant or recipe applied."""
+    if name in RECIPES:
+        return apply_recipe(cfg, name)
+    values = cfg.to_dict()
+    for dotted, value in VARIANTS[name].items():
+        section, key = dotted.split(".")
+        values[section][key] = value
+    out = config_from_dict(values, cfg.root)
+    out._source = cfg._source
     return out
 
 
-def seconds_per_epoch(cfg, steps: int = 8) -> float:
-    """Seconds one epoch of ``cfg``'s GAN updates takes here, evaluation not included: ``steps``
-    updates on random images of the data's shape, timed after two warm-up updates, times the
-    updates per epoch of the train split."""
+def seconds_per_kimg(cfg: Config, steps: int = 8) -> float:
+    """Seconds 1,000 images of ``cfg``'s GAN updates take here, evaluation not included:
+    ``steps`` updates on random images of the data's shape, timed after two warm-up updates."""
     classes = class_prior(cfg)
     state = build_state(cfg, torch.device("cpu"), cfg.train.lr_g, cfg.train.lr_d, classes[1] if classes else None)
     b = cfg.train.batch_size
@@ -72,8 +91,7 @@ def seconds_per_epoch(cfg, steps: int = 8) -> float:
         if i == 2:
             started = time.perf_counter()
         gan_step(state, cfg, real, z_gen, True, labels)
-    per_step = (time.perf_counter() - started) / steps
-    return per_step * (len(PreparedDataset(cfg.paths.prepared, None, part="train")) // b)
+    return (time.perf_counter() - started) / steps * 1000.0 / b
 
 
 def mean_row(metrics: list[dict]) -> dict:
@@ -88,81 +106,100 @@ def mean_row(metrics: list[dict]) -> dict:
     return out
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--epochs", type=int, help="epochs per row (default: train.epochs)")
-    parser.add_argument("--budget-s", type=float, help="equal wall clock: each row trains the epochs of GAN "
-                        "updates that fit in this many seconds (probed per recipe; evaluation not counted)")
-    parser.add_argument("--epochs-for", help="per-recipe epochs, e.g. resnet-sn-hinge-conditional=12 (equal wall "
-                        "clock: give a slower recipe fewer epochs; the wall column says what each row cost)")
-    parser.add_argument("--seeds", type=int, default=1, help="train each row with train.seed 0..N-1; the row is "
-                        "the mean, 'sd' the sd of fd_domain / real over the seeds")
-    parser.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated names (default: all)")
-    parser.add_argument("--smoke", action="store_true", help="tiny: checks the script runs")
-    args = parser.parse_args()
-    cfg = load_config(args.params)
-    names = [n.strip() for n in args.recipes.split(",") if n.strip()]
-    unknown = [n for n in names if n not in RECIPES]
-    if unknown:
-        print(f"error: unknown recipe {', '.join(unknown)}; known: {', '.join(RECIPES)}", file=sys.stderr)
-        return 2
-    try:
-        epochs_for = parse_epochs(args.epochs_for)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if args.seeds < 1:
-        print("error: --seeds must be >= 1", file=sys.stderr)
-        return 2
-    if args.budget_s is not None and (args.budget_s <= 0 or args.epochs):
-        print("error: --budget-s must be > 0 and cannot go with --epochs", file=sys.stderr)
-        return 2
-    with tempfile.TemporaryDirectory() as tmp:
-        if args.smoke:
-            names, epochs_for = names[:1], {}
-            cfg.train.epochs, args.epochs, args.budget_s = 1, None, 1e-3  # the probe runs; 1 epoch
-            smoke_data(cfg, Path(tmp))
-        elif not (cfg.paths.encoder / "encoder.json").is_file():
-            print(f"error: {cfg.paths.encoder}: no encoder; run `dvc repro encoder` first", file=sys.stderr)
-            return 1
-        if args.epochs:
-            cfg.train.epochs = args.epochs
-        if args.budget_s:  # equal time: the epochs each recipe's update speed allows
-            for name in names:
-                if name not in epochs_for:
-                    per_epoch = seconds_per_epoch(apply_recipe(cfg, name))
-                    epochs_for[name] = max(1, round(args.budget_s / per_epoch))
-                    print(f"{name}: {per_epoch:.2f} s per epoch of updates -> {epochs_for[name]} epochs", flush=True)
-        rows = []
-        for i, name in enumerate(names):
-            metrics, walls = [], []
-            for seed in range(args.seeds):
-                row_cfg = scratch(apply_recipe(cfg, name), Path(tmp) / f"row{i}-seed{seed}")
-                row_cfg.train.seed = seed
-                row_cfg.train.epochs = epochs_for.get(name, cfg.train.epochs)
-                started = time.perf_counter()
-                run_training(row_cfg, row_cfg.train.lr_g, row_cfg.train.lr_d)
-                walls.append(time.perf_counter() - started)
-                metrics.append(score_exported(row_cfg))
-                print(f"{name} seed {seed}: fd_domain / real {metrics[-1]['fd_domain_over_real']:.2f} "
-                      f"({walls[-1]:.0f} s)", flush=True)
-            ratios = [m["fd_domain_over_real"] for m in metrics]
-            spread = float(np.std(ratios, ddof=1)) if len(ratios) > 1 else float("nan")
-            rows.append((name, row_cfg.train.epochs, mean_row(metrics), spread, sum(walls) / len(walls)))
+def train_dtype(cfg: Config) -> str:
+    dtype = amp_dtype(cfg, torch.device("cpu"))
+    return "float32" if dtype is None else str(dtype).removeprefix("torch.")
 
-    print(f"\n{cfg.data.image_size}px, lr_g {cfg.train.lr_g:g}, lr_d {cfg.train.lr_d:g}, batch {cfg.train.batch_size}; "
-          f"test split, real baseline fd_domain {rows[0][2]['real_fd_domain']:.3f}; {rows[0][2]['draws']:.0f} latent "
-          f"draws of {rows[0][2]['sample_size']:.0f} samples; {args.seeds} seed(s) per row (mean; sd of / real over "
-          f"seeds; each seed's own ratio is a mean over the latent draws); evaluation in float32")
-    header = (f"{'recipe':28s} {'epochs':>6s} " + " ".join(f"{h:>{len(f.format(0))}s}" for _, h, f in COLUMNS)
-              + f" {'sd':>6s} {'wall s':>7s}")
+
+def budget_text(cfg: Config, kimg: float) -> str:
+    """What a row trained: kimg (and the epochs it was asked for, where the row counts epochs)."""
+    return f"{kimg:.1f} kimg" + (f" ({cfg.train.epochs} ep)" if cfg.train.epochs else "")
+
+
+def table(dataset: str, cfg: Config, rows: list, seeds: int) -> None:
+    first = rows[0][2]
+    print(f"\n{dataset}: {DATASETS[dataset]}")
+    print(f"{cfg.data.image_size}px x{cfg.data.channels}, lr_g {cfg.train.lr_g:g}, lr_d {cfg.train.lr_d:g}, batch "
+          f"{cfg.train.batch_size}; test split, real baseline fd_domain {first.get('real_fd_domain', float('nan')):.3f}; "
+          f"{first.get('draws', 0):.0f} latent draws of {first.get('sample_size', 0):.0f} samples; {seeds} seed(s) per "
+          f"row (mean; sd of / real over seeds); training {train_dtype(cfg)}, evaluation float32")
+    header = (f"{'row':20s} {'trained':>15s} " + " ".join(f"{h:>{len(f.format(0))}s}" for _, h, f in COLUMNS)
+              + f" {'sd':>6s} {'p end':>5s} {'wall s':>7s}")
     print(header)
-    for name, epochs, m, spread, wall in rows:
+    for name, budget, m, spread, wall, p_end in rows:
         cells = " ".join(f.format(m[k]) if m.get(k) is not None else f"{'-':>{len(f.format(0))}s}"
                          for k, _, f in COLUMNS)
         flag = "  COPYING" if m.get("copying_flagged") else ""
-        print(f"{name:28s} {epochs:6d} {cells} {spread:6.2f} {wall:7.0f}{flag}")
+        p_cell = f"{p_end:5.2f}" if p_end is not None else f"{'-':>5s}"
+        print(f"{name:20s} {budget:>15s} {cells} {spread:6.2f} {p_cell} {wall:7.0f}{flag}", flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--dataset", default="digits", help=f"comma-separated, of: {', '.join(DATASETS)}")
+    parser.add_argument("--rows", "--recipes", dest="rows", default="default,before",
+                        help=f"comma-separated variants ({', '.join(VARIANTS)}) or recipes ({', '.join(RECIPES)})")
+    parser.add_argument("--kimg", type=float, help="every row's budget in thousands of images shown")
+    parser.add_argument("--budget-s", type=float, help="equal wall clock: each row trains the kimg of GAN "
+                        "updates that fit in this many seconds (probed per row; evaluation not counted)")
+    parser.add_argument("--seeds", type=int, default=1, help="train each row with train.seed 0..N-1")
+    parser.add_argument("--smoke", action="store_true", help="tiny: checks the script runs")
+    args = parser.parse_args()
+    base = load_config(args.params)
+    names = [n.strip() for n in args.rows.split(",") if n.strip()]
+    datasets = [d.strip() for d in args.dataset.split(",") if d.strip()]
+    unknown = [n for n in names if n not in RECIPES and n not in VARIANTS] + [d for d in datasets if d not in DATASETS]
+    if unknown:
+        print(f"error: unknown row or dataset {', '.join(unknown)}; rows: {', '.join([*VARIANTS, *RECIPES])}; "
+              f"datasets: {', '.join(DATASETS)}", file=sys.stderr)
+        return 2
+    if args.seeds < 1 or (args.kimg is not None and args.kimg <= 0):
+        print("error: --seeds must be >= 1 and --kimg > 0", file=sys.stderr)
+        return 2
+    if args.budget_s is not None and (args.budget_s <= 0 or args.kimg):
+        print("error: --budget-s must be > 0 and cannot go with --kimg", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory() as tmp:
+        for dataset in datasets:
+            work = Path(tmp) / dataset
+            if args.smoke:
+                names, cfg = names[:1], base.model_copy(deep=True)
+                cfg._root, cfg._source = base.root, base._source
+                cfg.train.kimg, cfg.train.epochs, cfg.train.tick_kimg, args.kimg = 0.2, None, 0.1, 0.2
+                smoke_data(cfg, work)
+            elif dataset == "digits" and not (base.paths.encoder / "encoder.json").is_file():
+                print(f"error: {base.paths.encoder}: no encoder; run `dvc repro encoder` first", file=sys.stderr)
+                return 1
+            else:
+                cfg = dataset_cfg(base, dataset, work)
+            rows = []
+            for i, name in enumerate(names):
+                one = row_cfg(cfg, name)
+                if args.kimg:
+                    one.train.kimg, one.train.epochs = args.kimg, None
+                if args.budget_s:  # equal time: the kimg this row's update speed allows
+                    per_kimg = seconds_per_kimg(one)
+                    one.train.kimg, one.train.epochs = max(0.1, args.budget_s / per_kimg), None
+                    print(f"{dataset} {name}: {per_kimg:.2f} s per kimg of updates -> {one.train.kimg:.1f} kimg", flush=True)
+                metrics, walls, p_end, kimg = [], [], [], []
+                for seed in range(args.seeds):
+                    seeded = scratch(one, work / f"row{i}-seed{seed}")
+                    seeded.train.seed = seed
+                    started = time.perf_counter()
+                    summary = run_training(seeded, seeded.train.lr_g, seeded.train.lr_d)
+                    walls.append(time.perf_counter() - started)
+                    metrics.append(score_exported(seeded))
+                    p_end.append(summary.final.get("augment_p"))
+                    kimg.append(summary.final.get("kimg") or 0.0)
+                    print(f"{dataset} {name} seed {seed}: fd_domain / real {metrics[-1]['fd_domain_over_real']:.2f} "
+                          f"({walls[-1]:.0f} s)", flush=True)
+                ratios = [m["fd_domain_over_real"] for m in metrics]
+                spread = float(np.std(ratios, ddof=1)) if len(ratios) > 1 else float("nan")
+                ps = [p for p in p_end if p is not None]
+                rows.append((name, budget_text(one, float(np.mean(kimg))), mean_row(metrics), spread, sum(walls) / len(walls),
+                             float(np.mean(ps)) if ps else None))
+            table(dataset, cfg, rows, args.seeds)
     return 0
 
 

@@ -78,7 +78,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     from ganflow.atomic import write_file
     from ganflow.evaluation import score_images
-    from ganflow.report import summary_line
+    from ganflow.report import reading, summary_line
 
     cfg = load_config(args.params)
     path = Path(args.samples)
@@ -97,6 +97,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     if args.out:
         write_file(Path(args.out), text)
     print(summary_line(metrics) + (f" -> {args.out}" if args.out else ""))
+    print(reading(metrics))
     return 0
 
 

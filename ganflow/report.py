@@ -35,3 +35,32 @@ def summary_line(metrics: dict[str, Any]) -> str:
         f"{_pm(metrics, 'precision', 2)} (real {_pm(metrics, 'real_precision', 2)}), recall {_pm(metrics, 'recall', 2)} "
         f"(real {_pm(metrics, 'real_recall', 2)}){classes}; {copying}"
     )
+
+
+SMALL_REFERENCE = 100  # below this many reference images every figure is rough, and the reading says so
+
+
+def reading(metrics: dict[str, Any]) -> str:
+    """What the headline means at this data size, in words: the ratio to the real baseline against
+    its own spread (2 sd), the size of the reference, and what could not be computed."""
+    ratio, sd = metrics.get("fd_domain_over_real"), metrics.get("fd_domain_over_real_sd")
+    n = metrics.get("reference_size", 0)
+    if ratio is None:
+        verdict = "no ratio to the real baseline could be computed"
+    elif sd is None or not sd == sd:  # (sd is NaN)
+        verdict = f"{ratio:.2f}x the real baseline, with no spread to judge it by"
+    elif ratio > 1 + 2 * sd:
+        verdict = (f"the samples are {ratio:.1f}x farther from the {n} {metrics['split']} images than real images "
+                   f"are, beyond the noise of the measure ({ratio:.2f} > 1 + 2 sd = {1 + 2 * sd:.2f})")
+    elif ratio < 1 - 2 * sd:
+        verdict = (f"the samples are nearer to the {n} {metrics['split']} images than other real images are "
+                   f"({ratio:.2f} < 1 - 2 sd): a fluke of a small reference, or copies of training images; "
+                   f"look at the copy detector and the samples")
+    else:
+        verdict = (f"within 2 sd of the real baseline ({ratio:.2f} ± {sd:.2f}): by this measure the samples cannot be "
+                   f"told from real images at {n} reference images")
+    small = (f"; with only {n} reference images every figure is rough and two runs are only different when their "
+             f"ratios differ by more than about 2 sd" if n < SMALL_REFERENCE else "")
+    skipped = metrics.get("not_computed") or {}
+    missing = f"; not computed at this size: {', '.join(sorted(skipped))}" if skipped else ""
+    return f"reading: {verdict}{small}{missing}"

@@ -21,7 +21,7 @@ from ganflow.stage import stage_main
 from ganflow.config import Config
 from ganflow.evaluation import evaluate_generator, load_reference
 from ganflow.models import class_grid_codes
-from ganflow.report import summary_line
+from ganflow.report import reading, summary_line
 from ganflow.sampling import generator_meta, load_generator_dir, make_grid, to_uint8
 from ganflow.tracking import log_evaluation
 
@@ -61,6 +61,7 @@ def stage(cfg: Config) -> None:
     logged = log_evaluation(cfg, run_id, metrics, cfg.paths.plots / "samples.png")
     print(summary_line(metrics) + f" -> {cfg.paths.metrics / 'eval.json'}"
           + (f"; logged to MLflow run {run_id}" if logged else ""))
+    print(reading(metrics))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,7 +29,7 @@ EXPECTED = {
                          rf"pixel judge\s+8x8-pixel FD {NUMBER}", rf"cost\s+evaluation {NUMBER} s"],
     "scaling.py": [rf"1 worker, 1 node\s+{NUMBER}\s+1\.00", rf"2 workers, 2 nodes\s+{NUMBER}\s+{NUMBER}"],
     "tune_efficiency.py": [rf"old: min over epochs\s+{NUMBER}", rf"new: mean of last two\s+{NUMBER}"],
-    "quality.py": [rf"dcgan-bce: {NUMBER} s per epoch of updates -> 1 epochs", rf"dcgan-bce\s+{NUMBER}\s+{NUMBER}\s+-?{NUMBER}\s+{NUMBER}\s+{NUMBER}"],
+    "quality.py": [r"digits: the project's prepared digits", rf"default\s+{NUMBER} kimg\s+{NUMBER}\s+{NUMBER}\s+-?{NUMBER}\s+{NUMBER}\s+{NUMBER}"],
     "scale.py": [rf"600 parallel \(auto\)\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}",
                  rf"600 single process\s+{NUMBER}\s+1\.00\s+{NUMBER}", r"peak RSS growth 300 -> 600",
                  rf"the train stage, one epoch[^\n]*\n[^\n]*\n\s*600\s+{NUMBER}\s+{NUMBER}"],

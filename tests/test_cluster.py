@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 TINY = {
     "data": {"image_size": 16},
     "model": {"latent_dim": 16, "g_width": 16, "d_width": 16},
-    "train": {"epochs": 2, "batch_size": 64, "max_failures": 0},
+    "train": {"epochs": 2, "tick_kimg": 1.0, "batch_size": 64, "max_failures": 0},
     "eval": {"num_samples": 200, "encoder_epochs": 2, "kid_subsets": 5, "kid_subset_size": 100},
     "tune": {"enabled": False},
 }

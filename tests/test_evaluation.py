@@ -266,3 +266,16 @@ def test_near_duplicate_threshold_is_the_exact_exchangeable_null():
     p9 = p8 * 22 / 52
     assert p9 <= ALPHA < p8 and near_dup_threshold(30, 30) == pytest.approx(8 / 30)
     assert near_dup_threshold(538, 538) < 0.05  # at the digits' size a few per cent
+
+
+def test_the_reading_says_what_the_ratio_means_at_this_size():
+    from ganflow.report import reading
+
+    base = {"split": "test", "reference_size": 15, "fd_domain_over_real_sd": 0.5}
+    far = reading({**base, "fd_domain_over_real": 158.0, "not_computed": {"kid": "x", "precision": "y"}})
+    assert "158.0x farther from the 15 test images" in far and "only 15 reference images" in far
+    assert far.endswith("not computed at this size: kid, precision")
+    assert "cannot be told from real images at 15" in reading({**base, "fd_domain_over_real": 1.6})
+    assert "copies of training images" in reading({**base, "fd_domain_over_real": 0.2, "fd_domain_over_real_sd": 0.1})
+    large = reading({**base, "reference_size": 269, "fd_domain_over_real": 2.7, "fd_domain_over_real_sd": 0.6})
+    assert "farther" in large and "rough" not in large

@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
 def test_short_gpu_training_with_amp(tmp_path):
     root = tmp_path / "p"
-    params = make_project(root, cluster={"use_gpu": True}, train={"epochs": 2, "amp": "auto"})
+    params = make_project(root, cluster={"use_gpu": True}, train={"epochs": 2, "tick_kimg": 1.0, "amp": "auto"})
     proc = run([sys.executable, TRAIN, "--params", str(params)], cwd=root, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     meta = final_meta(root)

@@ -79,7 +79,7 @@ def test_interrupted_dvc_repro_leaves_a_clean_state_and_resumes(project):
         root / "params.yaml",
         data={"image_size": 32},
         model={"latent_dim": 32, "g_width": 32, "d_width": 32},
-        train={"epochs": 8, "batch_size": 64, "max_failures": 0},
+        train={"epochs": 8, "tick_kimg": 1.0, "batch_size": 64, "max_failures": 0},
         eval={"num_samples": 200, "encoder_epochs": 2, "kid_subsets": 5, "kid_subset_size": 100},
         tune={"enabled": False},
     )
@@ -163,7 +163,7 @@ def test_ctrl_c_during_the_sweep_fails_the_stage_and_writes_nothing(project):
         model={"latent_dim": 32, "g_width": 32, "d_width": 32},
         train={"batch_size": 64},
         eval={"encoder_epochs": 2},
-        tune={"enabled": True, "num_samples": 4, "epochs": 6, "grace_period": 6},
+        tune={"enabled": True, "num_samples": 4, "kimg": 7.2, "tick_kimg": 1.0, "grace_period": 6},
     )
     run([str(BIN / "dvc"), "repro", "encoder"], root, timeout=300, check=True)
     lock = (root / "dvc.lock").read_text()

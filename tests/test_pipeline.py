@@ -26,14 +26,14 @@ def test_prepare_stage_lists_exactly_the_keys_that_shape_its_output():
 def test_tune_and_train_depend_on_what_shapes_their_result_only(stage):
     """A train.* field added to the config must reach the DVC params of the stages that train (or
     be left out on purpose): all but the run-only keys (checkpointing, failure budget) and, for the
-    sweep, epochs (trials run tune.epochs); of cluster.*, what shapes the result, not where it runs."""
+    sweep, the budget (trials run tune.kimg); of cluster.*, what shapes the result, not where it runs."""
     from ganflow.config import TRAIN_RUN_ONLY_KEYS, ClusterConfig, TrainConfig
     from ganflow.storage import RUN_DATA_KEYS
 
     params = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]["params"]
     listed = {p.split(".", 1)[1] for p in params if isinstance(p, str) and p.startswith("train.")}
     assert "train" not in params and "cluster" not in params
-    expected = set(TrainConfig.model_fields) - set(TRAIN_RUN_ONLY_KEYS) - ({"epochs"} if stage == "tune" else set())
+    expected = set(TrainConfig.model_fields) - set(TRAIN_RUN_ONLY_KEYS) - ({"kimg", "epochs", "tick_kimg"} if stage == "tune" else set())
     assert listed == expected
     cluster = {p.split(".", 1)[1] for p in params if isinstance(p, str) and p.startswith("cluster.")}
     assert cluster == set(ClusterConfig.model_fields) - {"address", "storage_path"}
@@ -145,10 +145,10 @@ def test_dvc_repro_whole_pipeline(project):
         data={"source": "folder", "image_size": 64, "channels": 3},
         model={"arch": "resnet", "conditional": "auto", "spectral_norm": True, "latent_dim": 16,
                "g_width": 8, "d_width": 8},
-        train={"epochs": 2, "loss": "hinge", "batch_size": 32},
+        train={"epochs": 2, "tick_kimg": 0.1, "loss": "hinge", "batch_size": 32},
         eval={"num_samples": 200, "encoder_epochs": 2, "feature_dim": 16, "kid_subsets": 5, "kid_subset_size": 40,
               "draws": 3},
-        tune={"num_samples": 2, "epochs": 1, "grace_period": 1, "max_concurrent_trials": 2},
+        tune={"num_samples": 2, "kimg": 0.19, "tick_kimg": 0.1, "grace_period": 1, "max_concurrent_trials": 2},
     )
     first = run(["dvc", "repro"], project, timeout=1800)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -156,7 +156,7 @@ def test_dvc_repro_whole_pipeline(project):
     stages = ("prepare", "encoder", "tune", "train", "evaluate", "register")
     order = [first.stdout.index(f"Running stage '{s}'") for s in stages]
     assert order == sorted(order)
-    assert "trained 2 epochs" in first.stdout and "x the real baseline" in first.stdout
+    assert "kimg (2 epochs)" in first.stdout and "x the real baseline" in first.stdout
     for out in ("data/prepared/manifest.json", "models/encoder/encoder.safetensors",
                 "models/encoder/reference.safetensors", "models/generator/generator.safetensors",
                 "models/generator/generator.json", "metrics/train.json", "metrics/encoder.json",
@@ -201,7 +201,7 @@ def test_dvc_repro_whole_pipeline(project):
     diff = run(["dvc", "metrics", "diff", "--json"], project, check=True).stdout
     assert "fid_inception" in json.loads(diff)["metrics/eval.json"]
 
-    # training longer reruns train, not the sweep (trials run tune.epochs)
+    # training longer reruns train, not the sweep (trials run tune.kimg)
     edit_params(project / "params.yaml", train={"epochs": 3})
     stale = json.loads(run(["dvc", "status", "--json"], project, check=True).stdout)
     assert "train" in stale and "tune" not in stale, stale

@@ -122,7 +122,7 @@ def test_train_same_seed_same_weights_with_1_and_with_2_workers(tmp_path):
         root.mkdir()
         values = {k: dict(v) for k, v in TINY.items()}
         values.update(model={"latent_dim": 16, "g_width": 16, "d_width": 16},
-                      train={"epochs": 2, "batch_size": 64}, cluster={"num_workers": workers})
+                      train={"epochs": 2, "tick_kimg": 1.0, "batch_size": 64}, cluster={"num_workers": workers})
         (root / "params.yaml").write_text(yaml.safe_dump(values))
         cfg = load_config(root / "params.yaml")
         prepare(cfg)

@@ -31,7 +31,7 @@ def make_project(root: Path, **sections) -> Path:
     values = {
         "data": {"image_size": 16},
         "model": {"latent_dim": 16, "g_width": 16, "d_width": 16},
-        "train": {"epochs": 2, "batch_size": 64, "max_failures": 1},
+        "train": {"epochs": 2, "tick_kimg": 1.0, "batch_size": 64, "max_failures": 1},
         "eval": {"num_samples": 200, "encoder_epochs": 2, "kid_subsets": 5, "kid_subset_size": 100},
     }
     for section, keys in sections.items():
@@ -101,7 +101,7 @@ def test_two_workers_on_two_nodes_ddp_tracked_exported_and_sampled(tmp_path, two
     proc = start_training(params, RAY_ADDRESS=cluster.address)
     out, err = proc.communicate(timeout=1800)
     assert proc.returncode == 0, err[-3000:]
-    assert "trained 2 epochs" in out
+    assert "kimg (2 epochs)" in out
 
     # one worker per node (1 CPU each); the images streamed through Ray Data (data.ingest auto on
     # two nodes) from a copy of the shards on the training's storage, which both nodes read; the

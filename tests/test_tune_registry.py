@@ -20,7 +20,7 @@ from tests.test_training import make_project, mlflow_client
 
 # limits sized for a loaded 2-core machine: with a busy loop per core the 4-trial sweep outlasted 600 s
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
-TUNE = {"num_samples": 4, "epochs": 3, "grace_period": 1, "reduction_factor": 2, "max_concurrent_trials": 2, "seed": 2,
+TUNE = {"num_samples": 4, "kimg": 3.6, "tick_kimg": 1.0, "grace_period": 1, "reduction_factor": 2, "max_concurrent_trials": 2, "seed": 2,
         "lr_g_min": 1e-5, "lr_g_max": 1e-2, "lr_d_min": 1e-5, "lr_d_max": 1e-2}
 # seed 2 draws (lr_g, lr_d) = (6.1e-5, 7.9e-5), (2.8e-3, 1.9e-5), (6.3e-4, 1.5e-3), (3.7e-5, 1.5e-5): the last
 # learns far slower than the first three, so ASHA stops it at its first rung whatever the timing
@@ -49,8 +49,8 @@ def test_sweep_stops_trials_early_and_nests_them_in_mlflow(swept):
     best = json.loads((root / "tune" / "best.json").read_text())
     assert best["tuned"] is True and best["trials"] == 4
     assert TUNE["lr_g_min"] <= best["lr_g"] <= TUNE["lr_g_max"] and TUNE["lr_d_min"] <= best["lr_d"] <= TUNE["lr_d_max"]
-    assert best["stopped_early"] >= 1 and best["trial_epochs"] < 4 * TUNE["epochs"]
-    assert 1 <= best["epoch"] <= TUNE["epochs"] and np.isfinite(best["fd_domain"])
+    assert best["stopped_early"] >= 1 and best["trial_ticks"] < 4 * 3  # 3 ticks of 1.2 kimg each at most
+    assert 1 <= best["epoch"] <= 3 and np.isfinite(best["fd_domain"])
     # Tune ends each trial by killing its Train controller; Ray's warning about it is silenced
     assert "best of 4 trials" in outputs["tune console"]
     assert "is dead. Cleaning up placement group" not in outputs["tune console"]
@@ -221,7 +221,7 @@ def test_a_sweep_with_failed_trials_fails_and_writes_nothing(tmp_path, workers):
     import psutil
 
     target = "ray::ImplicitFunc" if workers == 1 else "ray::RayTrainWorker"
-    params = make_project(tmp_path / "p", tune={**TUNE, "num_samples": 2, "epochs": 2}, train={"max_failures": 0},
+    params = make_project(tmp_path / "p", tune={**TUNE, "num_samples": 2, "kimg": 2.4}, train={"max_failures": 0},
                           cluster={"num_workers": workers})
     (tmp_path / "p" / "tune" / "best.json").unlink()
     proc = subprocess.Popen([sys.executable, str(REPO / "pipelines" / "tune.py"), "--params", str(params)],

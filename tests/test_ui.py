@@ -28,6 +28,7 @@ import yaml
 from ganflow.config import load_config
 from ganflow.data import PreparedDataset, prepare
 from ganflow.tracking import RunLogger, connect, provenance, start_sweep_run, start_training_run, tracking_uri
+from ganflow.tuning import trial_config
 from ganflow.localcluster import start_mlflow_server
 from ganflow.localcluster import free_port
 
@@ -94,7 +95,7 @@ def build_store(root: Path) -> dict:
     params = root / "params.yaml"
     params.write_text(yaml.safe_dump({
         "data": {"image_size": 16}, "train": {"epochs": 3},
-        "tune": {"num_samples": len(TRIALS), "epochs": 2}, "cluster": {"num_workers": 2},
+        "tune": {"num_samples": len(TRIALS), "kimg": 2.4, "tick_kimg": 1.0}, "cluster": {"num_workers": 2},
         "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}"},  # never an inherited MLFLOW_TRACKING_URI
     }))
     cfg = load_config(params)
@@ -113,18 +114,16 @@ def _fill_store(cfg, params: Path) -> dict:
         client.set_terminated(run_id, status="FINISHED")
         trainings.append(run_id)
 
-    # as tuning.run_sweep and tuning._trial (trial_cfg: tune.epochs, fd_domain every epoch)
+    # as tuning.run_sweep and tuning._trial (trial_config: tune.kimg, fd_domain every tick)
     parent = start_sweep_run(client, experiment_id, cfg, {"ganflow.stage": "tune", **provenance(cfg, "tune")})
-    trial_cfg = cfg.model_copy(deep=True)
-    trial_cfg.train.epochs, trial_cfg.eval.every = cfg.tune.epochs, 1
-    trial_cfg._root = cfg.root
+    trial_cfg = trial_config(cfg)
     trials = []
     for k, ((lr_g, lr_d), fds) in enumerate(TRIALS, start=1):
         tags = {"mlflow.parentRunId": parent, "ganflow.stage": "tune-trial", "ganflow.trial_id": f"a1b2c_{k - 1:05d}",
                 "sweep_id": parent, **provenance(trial_cfg, "tune")}
         run_id = start_training_run(client, experiment_id, trial_cfg, lr_g, lr_d, tags, trial=k)
         log_training(trial_cfg, run_id, fds, seed=10 + k)
-        stopped = len(fds) < cfg.tune.epochs
+        stopped = len(fds) < 2  # a trial of 2.4 kimg: 2 ticks
         client.set_tag(run_id, "ganflow.trial_status", "stopped early (ASHA)" if stopped else "finished")
         client.set_terminated(run_id, status="KILLED" if stopped else "FINISHED")
         trials.append(run_id)
