@@ -207,6 +207,40 @@ def test_dvc_repro_whole_pipeline(project):
     assert "train" in stale and "tune" not in stale, stale
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_a_flat_folder_of_100_images_runs_every_stage_and_says_what_its_numbers_mean(project):
+    """A user's small set: 100 real images (scikit-learn's digit 3, as PNGs) in one flat folder,
+    data.* pointed at it and the budget made tiny (narrow networks, a 2-trial sweep of one tick):
+    every stage runs, the augmentation adapts, a model is registered, and evaluate prints what the
+    figures mean at 15 test images and which it could not compute."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    raw = project / "data" / "raw"
+    for i, image in enumerate(digits.images[digits.target == 3][:100]):
+        Image.fromarray(np.rint(image * 255 / 16).astype(np.uint8)).save(raw / f"{i:03d}.png")
+    edit_params(
+        project / "params.yaml",
+        data={"source": "folder", "image_size": 16},
+        model={"latent_dim": 16, "g_width": 16, "d_width": 16},
+        train={"kimg": 1.0, "tick_kimg": 0.25},
+        eval={"encoder_epochs": 2, "draws": 3},
+        tune={"num_samples": 2, "kimg": 0.13, "tick_kimg": 0.13, "grace_period": 1, "max_concurrent_trials": 2},
+    )
+    out = run(["dvc", "repro"], project, timeout=3000)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "prepared 100 images (16x16x1, unlabelled)" in out.stdout, out.stdout[-3000:]
+    assert "trained 1.024 kimg (16 epochs)" in out.stdout  # 70 training images: one batch of 64 an epoch
+    train = json.loads((project / "metrics" / "train.json").read_text())
+    assert train["kimg"] == pytest.approx(1.024) and 0.0 <= train["last"]["augment_p"] <= 1.0
+    evaluation = json.loads((project / "metrics" / "eval.json").read_text())
+    assert evaluation["reference_size"] == 15 and "fd_domain" in evaluation["not_computed"]  # 15 <= feature_dim 64
+    assert "reading: " in out.stdout and "only 15 reference images" in out.stdout
+    assert json.loads((project / "registry" / "model_version.json").read_text())["version"] == 1
+
+
 def test_an_edited_module_makes_dvc_rerun_exactly_the_stages_that_import_it(project):
     """Every stage recorded as up to date (outputs stood in by placeholder files: nothing runs),
     then one module edited at a time: `dvc status` names exactly the stages whose import closure
