@@ -70,15 +70,51 @@ def check_trainable(cfg: Config) -> int:
     return count
 
 
-def fit(cfg: Config, config: dict[str, Any], name: str, callbacks: list | None = None,
-        datasets: dict[str, Any] | None = None):
-    """Run one TorchTrainer; worker failures become a one-line TrainingError. ``datasets``:
-    Ray Data datasets to split across the workers (the ray_data ingest)."""
-    import ray.train
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
+def without_cleaner(callbacks: list) -> list:
+    """Ray Train's default controller callbacks less its placement-group cleaner (for a training
+    on a Ray that ganflow owns whole: the stage's own local Ray, see raycluster.own_local_ray).
+
+    The cleaner (Ray 2.60: PlacementGroupCleanerCallback, always added by
+    DataParallelTrainer._create_default_callbacks) is a detached actor that asks Ray's state API
+    every second whether the Train controller is alive, and removes the run's placement group,
+    killing its healthy workers, on the first answer that is not "alive". An empty answer counts
+    as dead (ray-project/ray#65447's review; registration races in #62753), and on a loaded
+    machine such answers come: a default `make run` beside the test suite lost its worker twice
+    this way. The cleaner is there for a controller that dies without cleaning up on a shared
+    cluster; on the stage's own local Ray nothing outlives the stage's process, whose exit takes
+    the placement group with it, so there it only adds a way to die. On a cluster ganflow joins it
+    is kept, and its warnings stay in the stage's log; a sweep's multi-worker trials keep it too
+    (Tune ends a trial by killing its controller, and the cleaner frees the trial's placement group). tests/test_training.py fails if Ray moves
+    or renames what this relies on."""
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    return [c for c in callbacks if not isinstance(c, PlacementGroupCleanerCallback)]
+
+
+def trainer_class(owns_ray: bool) -> type:
+    """ray.train.torch.TorchTrainer, without the placement-group cleaner when ``owns_ray``."""
     from ray.train.torch import TorchTrainer
 
-    trainer = TorchTrainer(
+    if not owns_ray:
+        return TorchTrainer
+
+    class OwnRayTrainer(TorchTrainer):
+        def _create_default_callbacks(self) -> list:
+            return without_cleaner(super()._create_default_callbacks())
+
+    return OwnRayTrainer
+
+
+def fit(cfg: Config, config: dict[str, Any], name: str, callbacks: list | None = None,
+        datasets: dict[str, Any] | None = None, owns_ray: bool | None = None):
+    """Run one TorchTrainer; worker failures become a one-line TrainingError. ``datasets``:
+    Ray Data datasets to split across the workers (the ray_data ingest). ``owns_ray``: whether
+    the stage runs on a Ray of its own (default: own_local_ray() in this process; a sweep's trial
+    is told by its driver)."""
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
+
+    trainer = trainer_class(own_local_ray() if owns_ray is None else owns_ray)(
         train_loop_per_worker,
         train_loop_config=config,
         scaling_config=scaling_config(cfg),

@@ -77,8 +77,7 @@ def init_ray(cfg: Config | None = None) -> None:
             # `ray start` head, or the stale address file of one that is gone). No dashboard: a
             # stage's own Ray serves no jobs, and the dashboard's processes held a quarter of the
             # train stage's memory and competed for its cores (benchmarks/README.md, scale.py)
-            ray.init(address="local", num_cpus=os.cpu_count(), logging_level="WARNING", include_dashboard=False,
-                     runtime_env={"worker_process_setup_hook": "ganflow.raycluster.quiet_ray_workers"})
+            ray.init(address="local", num_cpus=os.cpu_count(), logging_level="WARNING", include_dashboard=False)
             _OWN_RAY["local"] = True
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise TrainingError(f"cluster.address: cannot connect to Ray at {address or 'local'}: {first_line(exc)}") from None
@@ -87,15 +86,6 @@ def init_ray(cfg: Config | None = None) -> None:
             raise
         raise TrainingError(f"the stage's local Ray did not start ({first_line(exc)}); on a busy machine, "
                             "run the stage again when it is less loaded") from None
-
-
-def quiet_ray_workers() -> None:
-    """Run in each worker process of a local Ray: Tune ends every trial at its last report by
-    killing the trial's Train controller, and Ray's placement-group cleaner then warns, once per
-    trial, that the controller "is dead". The sweep's own summary says how each trial ended."""
-    import logging
-
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 def cpus_for_workers(cfg: Config, node_cpus: list[float]) -> float:

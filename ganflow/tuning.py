@@ -252,7 +252,8 @@ def _trial(config: dict[str, Any], *, base: dict[str, Any], root: str, parent_ru
         if trains_in_trial(cfg):
             outcome = run_loop(train_config, TrialSession(cfg.cluster.use_gpu))  # torch threads: cpus_per_worker
         else:
-            result = fit(cfg, train_config, f"{sweep}/{context.get_trial_name()}", callbacks=[TuneReportCallback()])
+            result = fit(cfg, train_config, f"{sweep}/{context.get_trial_name()}", callbacks=[TuneReportCallback()],
+                         owns_ray=False)  # Tune kills a trial's controller: its cleaner frees the placement group
             outcome = result.return_value or {}
     except Exception as exc:
         failure = exc if isinstance(exc, TrainingError) else TrainingError(f"training failed: {type(exc).__name__}: "
@@ -299,6 +300,7 @@ def run_sweep(cfg: Config) -> Best:
         _trial, base=trial_cfg.to_dict(), root=str(cfg.root), parent_run_id=parent,
         experiment_id=experiment_id, uri=tracking_uri(cfg), sweep=name,
         provenance_tags=provenance(trial_cfg, "tune"), inputs=worker_inputs(cfg, "local"),
+
     )
     space = {
         "lr_g": tune.loguniform(cfg.tune.lr_g_min, cfg.tune.lr_g_max),
