@@ -38,7 +38,8 @@ def write_params(root: Path, args: argparse.Namespace, name: str, workers: int, 
                   "ray_results": str(root / "ray_results")},
         "data": {"image_size": args.image_size},
         "model": {"g_width": args.width, "d_width": args.width},
-        "train": {"epochs": args.epochs, "batch_size": args.batch_size * (workers if args.weak else 1)},
+        "train": {"epochs": args.epochs, "tick_kimg": 0.001,  # every epoch a tick
+                  "batch_size": args.batch_size * (workers if args.weak else 1)},
         "eval": {"every": 1000, "encoder_epochs": 1, "num_samples": 200, "kid_subsets": 5, "kid_subset_size": 100},
         "cluster": {"num_workers": workers, "cpus_per_worker": 1, "use_gpu": gpu},
     }))

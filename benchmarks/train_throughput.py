@@ -45,7 +45,7 @@ def write_params(root: Path, args: argparse.Namespace, amp: str = "auto") -> Pat
     """The project's params.yaml with the paths in ``root``; tune off (the rates are given)."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["paths"] = {key: str(root / key) for key in params["paths"]}
-    params["train"].update(epochs=args.epochs, amp=amp)
+    params["train"].update(epochs=args.epochs, tick_kimg=0.001, amp=amp)  # every epoch a tick: an epoch_s each
     params["tune"]["enabled"] = False
     if args.smoke:
         params["data"]["image_size"] = 16

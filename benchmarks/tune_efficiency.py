@@ -55,8 +55,8 @@ def main() -> int:
     cfg = load_config(args.params)
     with tempfile.TemporaryDirectory() as tmp:
         if args.smoke:
-            cfg.tune.num_samples, cfg.tune.epochs, cfg.tune.grace_period = 2, 2, 1
-            cfg.train.epochs = 2
+            cfg.tune.num_samples, cfg.tune.kimg, cfg.tune.tick_kimg, cfg.tune.grace_period = 2, 2.4, 1.0, 1
+            cfg.train.epochs, cfg.train.tick_kimg = 2, 1.0
             smoke_data(cfg, Path(tmp))
         sweep_cfg = scratch(cfg, Path(tmp) / "sweep")
         started = time.perf_counter()
@@ -69,8 +69,9 @@ def main() -> int:
             if key not in scored:
                 scored[key] = train_and_score(scratch(cfg, Path(tmp) / f"train{len(scored)}"), *key)
             rows.append((rule, trial, scored[key]))
-    print(f"\nsweep: {best.trials} trials x {cfg.tune.epochs} epochs ({best.stopped_early} stopped early), "
-          f"{sweep_wall:.0f} s; each pick then trained {cfg.train.epochs} epochs, scored on held-out images")
+    budget = f"{cfg.train.epochs} epochs" if cfg.train.epochs else f"{cfg.train.kimg:g} kimg"
+    print(f"\nsweep: {best.trials} trials x {cfg.tune.kimg:g} kimg ({best.stopped_early} stopped early), "
+          f"{sweep_wall:.0f} s; each pick then trained {budget}, scored on the test split")
     print(f"{'rule':24s} {'lr_g':>9s} {'lr_d':>9s} {'sweep score':>11s} {'fd_domain':>10s} {'/ real':>8s} "
           f"{'recall':>7s} {'copied':>10s}")
     for rule, trial, m in rows:
