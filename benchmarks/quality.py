@@ -106,6 +106,17 @@ def mean_row(metrics: list[dict]) -> dict:
     return out
 
 
+def save_grid(cfg: Config, path: Path) -> None:
+    """64 samples of the exported generator (fixed latent draws) as a PNG grid."""
+    from PIL import Image
+
+    from ganflow.sampling import make_grid, sample
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid = make_grid(sample(str(cfg.paths.generator), 64, seed=0), cols=8)
+    Image.fromarray(grid).save(path)
+
+
 def train_dtype(cfg: Config) -> str:
     dtype = amp_dtype(cfg, torch.device("cpu"))
     return "float32" if dtype is None else str(dtype).removeprefix("torch.")
@@ -144,6 +155,7 @@ def main() -> int:
     parser.add_argument("--budget-s", type=float, help="equal wall clock: each row trains the kimg of GAN "
                         "updates that fit in this many seconds (probed per row; evaluation not counted)")
     parser.add_argument("--seeds", type=int, default=1, help="train each row with train.seed 0..N-1")
+    parser.add_argument("--samples", type=Path, help="write a 64-sample grid of each row and seed into this folder")
     parser.add_argument("--smoke", action="store_true", help="tiny: checks the script runs")
     args = parser.parse_args()
     base = load_config(args.params)
@@ -190,6 +202,8 @@ def main() -> int:
                     summary = run_training(seeded, seeded.train.lr_g, seeded.train.lr_d)
                     walls.append(time.perf_counter() - started)
                     metrics.append(score_exported(seeded))
+                    if args.samples:
+                        save_grid(seeded, args.samples / f"{dataset}-{name}-seed{seed}.png")
                     p_end.append(summary.final.get("augment_p"))
                     kimg.append(summary.final.get("kimg") or 0.0)
                     print(f"{dataset} {name} seed {seed}: fd_domain / real {metrics[-1]['fd_domain_over_real']:.2f} "

@@ -91,6 +91,37 @@ def without_cleaner(callbacks: list) -> list:
     return [c for c in callbacks if not isinstance(c, PlacementGroupCleanerCallback)]
 
 
+RESTARTS_TAG = "ganflow.worker_restarts"  # the run's worker-group failures, one cause per line
+
+
+def restart_recorder(tracking: str, run_id: str):
+    """A Ray Train callback, run in the Train controller, that records every worker-group failure
+    (each one a restart while train.max_failures lasts) in the MLflow run: metric
+    ``worker_restarts`` and tag RESTARTS_TAG with one line per failure, rank and cause. A failure
+    to record is never the run's failure."""
+    from ray.train import UserCallback
+
+    class RestartRecorder(UserCallback):
+        def __init__(self) -> None:
+            self.causes: list[str] = []
+
+        def after_exception(self, run_context, worker_exceptions) -> None:
+            for rank, error in sorted(worker_exceptions.items()):
+                lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+                cause = f"rank {rank}: {type(error).__name__}: {next((x for x in lines if 'exit detail' in x), lines[-1] if lines else '')}"
+                self.causes.append(cause[:300])
+            try:
+                from mlflow.tracking import MlflowClient
+
+                client = MlflowClient(tracking)
+                client.log_metric(run_id, "worker_restarts", len(self.causes))
+                client.set_tag(run_id, RESTARTS_TAG, "\n".join(self.causes)[-4000:])
+            except Exception:  # noqa: BLE001 - the store may be away; the run goes on
+                pass
+
+    return RestartRecorder()
+
+
 def trainer_class(owns_ray: bool) -> type:
     """ray.train.torch.TorchTrainer, without the placement-group cleaner when ``owns_ray``."""
     from ray.train.torch import TorchTrainer
@@ -188,9 +219,10 @@ def run_training(cfg: Config, lr_g: float, lr_d: float) -> TrainSummary:
         client.set_tag(run_id, "ganflow.failure", "interrupted")
         client.set_terminated(run_id, status="KILLED")
 
+    client.set_tag(run_id, RESTARTS_TAG, "")  # this stage run's restarts only (a resumed run had its own)
     with stop_on_signals(f"training (MLflow run {run_id})", on_deadline=mark_killed) as quiet:
         try:
-            result = fit(cfg, config, name, datasets=datasets)
+            result = fit(cfg, config, name, callbacks=[restart_recorder(tracking_uri(cfg), run_id)], datasets=datasets)
         except (KeyboardInterrupt, SystemExit):
             # Ctrl-C (Ray's handler aborts the run and exits) or SIGTERM: the run is not left RUNNING
             quiet()
@@ -217,7 +249,9 @@ def run_training(cfg: Config, lr_g: float, lr_d: float) -> TrainSummary:
         raise TrainingError(f"training diverged: {reason}: lower train.lr_g / train.lr_d{kept}")
 
     with result.checkpoint.as_directory() as directory:
-        summary = export(cfg, Path(directory), run_id, lr_g, lr_d, resumed_from)
+        recorded = client.get_run(run_id).data.tags.get(RESTARTS_TAG, "")
+        summary = export(cfg, Path(directory), run_id, lr_g, lr_d, resumed_from,
+                         restarts=[line for line in recorded.splitlines() if line])
     log_model(cfg, run_id)
     client.set_terminated(run_id, status="FINISHED")
     return summary

@@ -32,7 +32,8 @@ class TrainSummary:
     best_fd: float | None
 
 
-def export(cfg: Config, checkpoint: Path, run_id: str, lr_g: float, lr_d: float, resumed_from: int) -> TrainSummary:
+def export(cfg: Config, checkpoint: Path, run_id: str, lr_g: float, lr_d: float, resumed_from: int,
+           restarts: list[str] | None = None) -> TrainSummary:
     """Checkpoint -> paths.generator (EMA generator), metrics/train.json, plots/train.csv."""
     meta = read_checkpoint_meta(checkpoint)
     tensors = load_state_file(checkpoint / CHECKPOINT_STATE)
@@ -65,7 +66,9 @@ def export(cfg: Config, checkpoint: Path, run_id: str, lr_g: float, lr_d: float,
     best_row = next((r for r in history if r.get("epoch") == spec["best_epoch"]), history[-1])
     summary = {"epochs": meta["epoch"], "kimg": final.get("kimg"), "lr_g": lr_g, "lr_d": lr_d,
                "best_epoch": spec["best_epoch"], "best_kimg": best_row.get("kimg"),
-               "best_fd_domain": meta["best_fd"], "last": deterministic}
+               "best_fd_domain": meta["best_fd"], "last": deterministic,
+               # worker-group failures Ray restarted from a checkpoint in this stage run, with their causes
+               "worker_restarts": len(restarts or []), "worker_restart_causes": list(restarts or [])}
     write_file(cfg.paths.metrics / "train.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
     buf = io.StringIO()
     columns = ["epoch", "kimg", "loss_d", "loss_g", "d_real", "d_fake", "rt", "augment_p", "fd_domain", "kid"]

@@ -152,6 +152,7 @@ def test_two_workers_on_two_nodes_ddp_tracked_exported_and_sampled(tmp_path, two
                    if "running" in k)
     train_json = json.loads((root / "metrics" / "train.json").read_text())
     assert train_json["epochs"] == 2 and train_json["best_fd_domain"] == min(fds)
+    assert train_json["worker_restarts"] == 0 and train_json["worker_restart_causes"] == []
     assert (root / "plots" / "train.csv").read_text().splitlines()[0] == "epoch,loss_d,loss_g,d_real,d_fake,fd_domain,kid"
 
     # the MLflow run: params, per-step diagnostics, sample grids, tags, the model
@@ -228,8 +229,11 @@ def test_killed_worker_is_restarted_from_the_checkpoint(tmp_path):
     assert proc.returncode == 0, err[-3000:]
     meta = final_meta(root)
     assert meta["epoch"] == 6 and meta["starts"] == 2
+    train_json = json.loads((root / "metrics" / "train.json").read_text())
+    assert train_json["worker_restarts"] == 1 and train_json["worker_restart_causes"][0].startswith("rank 0: ")
+    assert "worker restarted from its last checkpoint after: rank 0: " in out
     client, r = only_run(root)
-    assert r.info.status == "FINISHED"
+    assert r.info.status == "FINISHED" and r.data.metrics["worker_restarts"] == 1
     assert steps(client, r.info.run_id, "epoch") == list(range(1, 7))
 
 
