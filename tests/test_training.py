@@ -153,7 +153,7 @@ def test_two_workers_on_two_nodes_ddp_tracked_exported_and_sampled(tmp_path, two
     train_json = json.loads((root / "metrics" / "train.json").read_text())
     assert train_json["epochs"] == 2 and train_json["best_fd_domain"] == min(fds)
     assert train_json["worker_restarts"] == 0 and train_json["worker_restart_causes"] == []
-    assert (root / "plots" / "train.csv").read_text().splitlines()[0] == "epoch,loss_d,loss_g,d_real,d_fake,fd_domain,kid"
+    assert (root / "plots" / "train.csv").read_text().splitlines()[0] == "epoch,kimg,loss_d,loss_g,d_real,d_fake,rt,augment_p,fd_domain,kid"
 
     # the MLflow run: params, per-step diagnostics, sample grids, tags, the model
     client, r = only_run(root)
