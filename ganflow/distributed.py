@@ -176,7 +176,7 @@ def run_training(cfg: Config, lr_g: float, lr_d: float) -> TrainSummary:
     planned = schedule_of(cfg.train, check_trainable(cfg), cfg.cluster.num_workers)
     check_storage_writable(cfg)
     client, experiment_id = connect(cfg)  # fails here, before Ray starts, if MLflow is unreachable
-    init_ray(cfg)
+    init_ray()
     cfg = with_resolved_ingest(with_resolved_cpus(cfg))
     check_resources(cfg)
 

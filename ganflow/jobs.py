@@ -220,15 +220,6 @@ def push_outputs(cfg: Config, stage: str, uri: str, submission_id: str) -> None:
                     {"stage": stage, "submission_id": submission_id, "files": hashes, "time": time.time()})
 
 
-def clear_outputs(cfg: Config, stage: str, uri: str) -> None:
-    """Submitter side, before a submission: no stale manifest can be taken for this job's."""
-    fs, manifest = _manifest_path(uri, stage)
-    try:
-        fs.delete_file(manifest)
-    except (FileNotFoundError, OSError):
-        pass
-
-
 def pull_outputs(cfg: Config, stage: str, uri: str | None = None, submission_id: str | None = None) -> dict:
     """Submitter side: the outputs of the last job of ``stage`` -> the workspace (checked
     against the manifest the job wrote). Returns the manifest."""

@@ -55,7 +55,7 @@ def own_local_ray() -> bool:
     return _OWN_RAY["local"] and ray.is_initialized()
 
 
-def init_ray(cfg: Config | None = None) -> None:
+def init_ray() -> None:
     """Join RAY_ADDRESS (set inside a Ray job, or by hand on a cluster node), or start a local
     Ray sized to this machine. (cluster.address is the job server the stages are submitted to:
     see ganflow.jobs.)"""

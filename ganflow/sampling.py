@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from ganflow.atomic import atomic_dir, file_sha256, write_bytes
 from ganflow.errors import GanflowError, first_line
-from ganflow.models import GENERATORS, Generator, allocate, one_hot
+from ganflow.models import GENERATORS, allocate, one_hot
 
 WEIGHTS = "generator.safetensors"
 SPEC = "generator.json"

@@ -279,7 +279,7 @@ def run_sweep(cfg: Config) -> Best:
     ticks = len(schedule_of(trial_cfg.train, check_trainable(trial_cfg), trial_cfg.cluster.num_workers).ticks)
     check_storage_writable(cfg)
     client, experiment_id = connect(cfg)  # the experiment exists before any trial logs
-    init_ray(cfg)
+    init_ray()
     check_resources(trial_cfg)
     concurrent = max_concurrent(trial_cfg)
     search = search_algorithm(cfg, concurrent)

@@ -91,7 +91,7 @@ from ganflow.config import load_config
 from ganflow.distributed import worker_inputs
 from ganflow.raycluster import init_ray
 cfg = load_config(sys.argv[1])
-init_ray(cfg)  # no RAY_ADDRESS: the stage's own local Ray
+init_ray()  # no RAY_ADDRESS: the stage's own local Ray
 print("inputs:", worker_inputs(cfg), worker_inputs(cfg, "local"))
 """
 

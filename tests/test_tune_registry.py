@@ -165,13 +165,11 @@ def test_placement_groups_of_dead_trial_controllers_are_released():
     import ray
     from ray.util.placement_group import placement_group, placement_group_table
 
+    from ganflow.raycluster import init_ray
     from ganflow.tuning import release_orphaned_placement_groups
 
-    from ganflow.config import from_dict
-    from ganflow.raycluster import init_ray
-
     assert not ray.is_initialized()
-    init_ray(from_dict({}))  # the local Ray a stage starts
+    init_ray()  # the local Ray a stage starts
     try:
         @ray.remote(num_cpus=0)
         class Controller:  # stands in for a trial's TrainController
