@@ -35,10 +35,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from _scratch import DATASETS, dataset_cfg, scratch, score_exported, smoke_data
-from ganflow.config import Config, config_from_dict, load_config
+from ganflow.config import Config, load_config
 from ganflow.data import class_prior
 from ganflow.distributed import run_training
-from ganflow.recipes import RECIPES, apply_recipe
+from ganflow.recipes import RECIPES, apply_recipe, with_params
 from ganflow.train_loop import amp_dtype, build_state, gan_step
 
 # rows that change the params file itself (not a ganflow.recipes block)
@@ -67,15 +67,7 @@ COLUMNS = [  # (metric, header, format)
 
 def row_cfg(cfg: Config, name: str) -> Config:
     """``cfg`` with the row's variant or recipe applied."""
-    if name in RECIPES:
-        return apply_recipe(cfg, name)
-    values = cfg.to_dict()
-    for dotted, value in VARIANTS[name].items():
-        section, key = dotted.split(".")
-        values[section][key] = value
-    out = config_from_dict(values, cfg.root)
-    out._source = cfg._source
-    return out
+    return apply_recipe(cfg, name) if name in RECIPES else with_params(cfg, VARIANTS[name])
 
 
 def seconds_per_kimg(cfg: Config, steps: int = 8) -> float:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +30,7 @@ class TrainSummary:
     resumed_from_epoch: int
     best_epoch: int
     best_fd: float | None
+    restarts: list[str] = field(default_factory=list)  # causes of the worker restarts of this stage run
 
 
 def export(cfg: Config, checkpoint: Path, run_id: str, lr_g: float, lr_d: float, resumed_from: int,
@@ -77,7 +78,8 @@ def export(cfg: Config, checkpoint: Path, run_id: str, lr_g: float, lr_d: float,
     writer.writerows(history)
     write_file(cfg.paths.plots / "train.csv", buf.getvalue())
     return TrainSummary(
-        run_id, meta["epoch"], final, history, lr_g, lr_d, resumed_from, spec["best_epoch"], meta["best_fd"]
+        run_id, meta["epoch"], final, history, lr_g, lr_d, resumed_from, spec["best_epoch"], meta["best_fd"],
+        list(restarts or []),
     )
 
 

@@ -44,8 +44,13 @@ for _recipe in RECIPES.values():  # every recipe names its architecture and its 
 
 def apply_recipe(cfg: Config, name: str) -> Config:
     """A validated copy of ``cfg`` with the recipe's params set."""
+    return with_params(cfg, RECIPES[name])
+
+
+def with_params(cfg: Config, block: dict[str, Any]) -> Config:
+    """A validated copy of ``cfg`` with a block of dotted params ("train.lr_g": ...) set."""
     values = cfg.to_dict()
-    for dotted, value in RECIPES[name].items():
+    for dotted, value in block.items():
         section, key = dotted.split(".")
         values[section][key] = value
     out = config_from_dict(values, cfg.root)

@@ -10,7 +10,6 @@ Ray job on that cluster and its outputs are brought back here (ganflow/jobs.py).
 
 from __future__ import annotations
 
-import json
 
 import sys
 
@@ -24,8 +23,7 @@ from ganflow.tuning import read_best
 def train(cfg: Config) -> None:
     lr_g, lr_d = read_best(cfg)  # tune/best.json: the sweep's winner, or train.lr_* passed through
     summary = run_training(cfg, lr_g, lr_d)
-    restarts = json.loads((cfg.paths.metrics / "train.json").read_text()).get("worker_restart_causes", [])
-    for cause in restarts:
+    for cause in summary.restarts:
         print(f"worker restarted from its last checkpoint after: {cause}")
     best = f"fd_domain {summary.best_fd:.3f}" if summary.best_fd is not None else "not evaluated"
     kimg = {r.get("epoch"): r.get("kimg") for r in summary.history}
