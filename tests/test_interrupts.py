@@ -155,7 +155,8 @@ def test_ctrl_c_during_the_sweep_fails_the_stage_and_writes_nothing(project):
     """Ray Tune's own Ctrl-C handler ends a sweep early and returns normally: the stage would
     then pick the best of a partial sweep, write tune/best.json, and DVC would record it. The
     Ctrl-C comes while trials train, on a loaded machine; the stage must end (exit 130) and take
-    the trials' processes with it."""
+    the trials' processes with it. DVC deletes the previous tune/best.json before the stage runs;
+    its cache keeps it, so `dvc checkout` restores it."""
     root = project
     edit_params(
         root / "params.yaml",
@@ -163,10 +164,13 @@ def test_ctrl_c_during_the_sweep_fails_the_stage_and_writes_nothing(project):
         model={"latent_dim": 32, "g_width": 32, "d_width": 32},
         train={"batch_size": 64},
         eval={"encoder_epochs": 2},
-        tune={"enabled": True, "num_samples": 4, "kimg": 7.2, "tick_kimg": 1.0, "grace_period": 6},
+        tune={"enabled": False, "num_samples": 4, "kimg": 7.2, "tick_kimg": 1.0, "grace_period": 6},
     )
-    run([str(BIN / "dvc"), "repro", "encoder"], root, timeout=300, check=True)
+    # the previous sweep's answer (here the rates passed through, which needs no Ray), recorded by DVC
+    run([str(BIN / "dvc"), "repro", "tune"], root, timeout=300, check=True)
+    previous = (root / "tune" / "best.json").read_text()
     lock = (root / "dvc.lock").read_text()
+    edit_params(root / "params.yaml", tune={"enabled": True})
 
     proc = start_repro(root, "tune")
     deadline = time.time() + 1200
@@ -188,8 +192,13 @@ def test_ctrl_c_during_the_sweep_fails_the_stage_and_writes_nothing(project):
     while alive := [w for w in workers if w.is_running()]:  # the trials end with the stage's local Ray
         assert time.time() < deadline, f"Ray processes left running: {[w.cmdline()[0] for w in alive]}"
         time.sleep(0.5)
-    assert not (root / "tune").exists() or not list((root / "tune").iterdir())
+    assert not (root / "tune" / "best.json").exists()  # DVC removed it before running the stage
     assert (root / "dvc.lock").read_text() == lock
+    # ... and kept it in its cache: checkout brings the previous sweep's answer back
+    run([str(BIN / "dvc"), "checkout", "tune"], root, timeout=300, check=True)
+    assert (root / "tune" / "best.json").read_text() == previous
+    status = json.loads(run([str(BIN / "dvc"), "status", "tune", "--json"], root, check=True).stdout)
+    assert status == {"tune": [{"changed deps": {"params.yaml": {"tune": "modified"}}}]}, status  # outs intact
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("ganflow").experiment_id
     sweeps = client.search_runs([experiment], "tags.`ganflow.stage` = 'tune'")

@@ -200,6 +200,19 @@ def test_dvc_repro_whole_pipeline(project):
     assert "Running stage 'train'" not in third.stdout and "Running stage 'encoder'" not in third.stdout
     diff = run(["dvc", "metrics", "diff", "--json"], project, check=True).stdout
     assert "fid_inception" in json.loads(diff)["metrics/eval.json"]
+    # metrics and plots are committed with dvc.lock: DVC compares commits, not just the workspace
+    run(["git", "add", "-A"], project, check=True)
+    run(["git", "-c", "user.email=t@e", "-c", "user.name=t", "commit", "-qm", "run 2"], project, check=True)
+    across = json.loads(run(["dvc", "metrics", "diff", "HEAD~1", "HEAD", "--all", "--json"], project,
+                            check=True).stdout)["metrics/eval.json"]
+    assert across["fid_inception"]["old"] is None and across["fid_inception"]["new"] > 0
+    assert across["fd_domain"]["old"] == across["fd_domain"]["new"] == evaluation["fd_domain"]
+    revisions = json.loads(run(["dvc", "exp", "show", "--json", "-n", "2"], project, check=True).stdout)
+    committed = [r for r in revisions if r["rev"] != "workspace"]
+    assert len(committed) == 2 and all(
+        r["data"]["metrics"]["metrics/eval.json"]["data"]["split"] == "test" for r in committed)
+    plots = json.loads(run(["dvc", "plots", "diff", "HEAD~1", "HEAD", "--json"], project, check=True).stdout)
+    assert plots["data"]["train_losses"][0]["revisions"] == ["HEAD~1", "HEAD"]
 
     # training longer reruns train, not the sweep (trials run tune.kimg)
     edit_params(project / "params.yaml", train={"epochs": 3})
