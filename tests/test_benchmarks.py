@@ -34,6 +34,7 @@ EXPECTED = {
                  rf"600 single process\s+{NUMBER}\s+1\.00\s+{NUMBER}", r"peak RSS growth 300 -> 600",
                  rf"the train stage, one epoch[^\n]*\n[^\n]*\n\s*600\s+{NUMBER}\s+{NUMBER}"],
     "prepare_speed.py": [rf"\s+0\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}"],
+    "soak.py": [rf"run-1: exit 0, {NUMBER} min, worker restarts 0 \(-\), cleaner/worker-group lines in the log 1", r"1 loaded runs: 0 worker restart\(s\) in all; all exited 0"],
     "cpu_share.py": [rf"other\s+{NUMBER}\s+{NUMBER}%", rf"training workers\s+{NUMBER}\s+{NUMBER}%"],
 }
 
