@@ -45,7 +45,8 @@ from ganflow.evaluation import detector as copy_detector
 from ganflow.evaluation import test_split
 from ganflow.metrics import fd
 from ganflow.models import build_generator
-from ganflow.sampling import generator_meta, load_generator_dir, to_uint8
+from ganflow.images import to_uint8
+from ganflow.sampling import generator_meta, load_generator_dir
 
 
 def features_of(reference: Reference, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:

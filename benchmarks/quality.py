@@ -7,7 +7,7 @@
 A row is either a variant of the params file (VARIANTS: "default" is the file as it is, "before"
 the recipe before the budget in images shown and adaptive augmentation: 60 epochs, no
 augmentation) or one recipe of ganflow.recipes (a block of params on top of it). Each is trained
-by the real train stage's driver (ganflow.distributed.run_training: EMA generator, exported tick
+by the real train stage's driver (ganflow.training.run_training: EMA generator, exported tick
 chosen on the validation split) with the same fixed learning rates (train.lr_g / train.lr_d of
 --params: no sweep, so the rows differ by their recipe only), one after another on this machine,
 and its exported generator scored as the evaluate stage scores it: on the test split, each
@@ -36,8 +36,8 @@ import numpy as np
 import torch
 from _scratch import DATASETS, dataset_cfg, scratch, score_exported, smoke_data
 from ganflow.config import Config, load_config
-from ganflow.data import class_prior
-from ganflow.distributed import run_training
+from ganflow.artifacts import class_prior
+from ganflow.training import run_training
 from ganflow.recipes import RECIPES, apply_recipe, with_params
 from ganflow.train_loop import amp_dtype, build_state, gan_step
 
@@ -102,7 +102,8 @@ def save_grid(cfg: Config, path: Path) -> None:
     """64 samples of the exported generator (fixed latent draws) as a PNG grid."""
     from PIL import Image
 
-    from ganflow.sampling import make_grid, sample
+    from ganflow.images import make_grid
+    from ganflow.sampling import sample
 
     path.parent.mkdir(parents=True, exist_ok=True)
     grid = make_grid(sample(str(cfg.paths.generator), 64, seed=0), cols=8)

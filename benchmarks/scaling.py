@@ -3,7 +3,7 @@ node and over two simulated nodes (ray.cluster_utils.Cluster), as ratios to 1 wo
 
     .venv/bin/python benchmarks/scaling.py [--epochs 3] [--image-size 32] [--width 64] [--batch-size 64] [--smoke]
 
-Every configuration is the real train stage's driver (ganflow.distributed.run_training: DDP,
+Every configuration is the real train stage's driver (ganflow.training.run_training: DDP,
 MLflow logging, EMA, checkpoints), each in a fresh process, on the same prepared digits, one
 after another on this machine. Images/s is the median over the epochs after the first (the
 loop's own measurement, whole global batches). The fixed start-up of fit() is not in it.
@@ -49,7 +49,7 @@ def write_params(root: Path, args: argparse.Namespace, name: str, workers: int, 
 def measure(params: Path) -> None:
     """In a child process: one training, its steady images/s as JSON on the last line."""
     from ganflow.config import load_config
-    from ganflow.distributed import run_training
+    from ganflow.training import run_training
 
     cfg = load_config(params)
     summary = run_training(cfg, cfg.train.lr_g, cfg.train.lr_d)

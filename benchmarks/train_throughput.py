@@ -34,7 +34,8 @@ import torch
 import yaml
 
 from ganflow.config import load_config
-from ganflow.data import PreparedDataset, class_prior, prepare
+from ganflow.artifacts import class_prior
+from ganflow.data import PreparedDataset, prepare
 from ganflow.encoder import fit_encoder
 from ganflow.train_loop import amp_dtype, build_state, gan_step, local_batches, noise_seed
 
@@ -80,7 +81,7 @@ def bare_run(params: Path, threads: int) -> float:
 
 
 def stage_run(params: Path) -> dict[str, float]:
-    from ganflow.distributed import run_training
+    from ganflow.training import run_training
 
     cfg = load_config(params)
     started = time.perf_counter()

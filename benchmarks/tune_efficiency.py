@@ -24,7 +24,7 @@ from pathlib import Path
 
 from _scratch import scratch, score_exported, smoke_data
 from ganflow.config import load_config
-from ganflow.distributed import run_training
+from ganflow.training import run_training
 from ganflow.tuning import run_sweep
 
 

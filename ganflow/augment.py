@@ -7,7 +7,7 @@ memorising without changing the distribution G learns. Each operation draws its 
 sample from the torch.Generator it is given (the train loop's noise generator, seeded per run,
 rank and epoch, so a resumed epoch augments as it did the first time).
 
-Policies (``train.augment_policy``): a comma-separated list of
+Policies (``train.augment_policy``, parsed by ganflow.config.policy_of): a comma-separated list of
   translation  shift by up to ``train.augment_translation`` of the side, integer pixels, the
                uncovered border filled with 0 (mid-grey in [-1, 1]);
   cutout       zero one square of ``train.augment_cutout`` of the side, at a random centre;
@@ -31,21 +31,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
-OPERATIONS = ("translation", "cutout", "color")
-
-
-def policy_of(policy: str, channels: int) -> tuple[str, ...]:
-    """The operations a policy string names, in a fixed order; raises ValueError on a bad name."""
-    if policy == "auto":
-        return ("translation", "cutout", "color") if channels == 3 else ("translation", "cutout")
-    names = tuple(p.strip() for p in policy.split(",") if p.strip())
-    unknown = [n for n in names if n not in OPERATIONS]
-    if unknown or not names:
-        raise ValueError(f"unknown augmentation {', '.join(unknown) or '(empty)'}; use auto or a comma-separated "
-                         f"list of {', '.join(OPERATIONS)}")
-    return names
-
 
 def _randint(low: int, high: int, shape: tuple[int, ...], gen: torch.Generator | None, device) -> torch.Tensor:
     where = gen.device if gen is not None else "cpu"

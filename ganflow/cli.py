@@ -36,7 +36,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
 
     from ganflow.atomic import write_file
-    from ganflow.sampling import make_grid, sample
+    from ganflow.images import make_grid
+    from ganflow.sampling import sample
 
     if args.n <= 0:
         raise GanflowError(f"-n: must be > 0, got {args.n}")
@@ -49,7 +50,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         # runs:/ and models:/ URIs resolve against the project's own store by default
         import mlflow
 
-        from ganflow.tracking import tracking_uri
+        from ganflow.endpoints import tracking_uri
 
         uri = tracking_uri(load_config(args.params))
         mlflow.set_tracking_uri(uri)
@@ -102,7 +103,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from ganflow.tracking import artifact_root, tracking_uri
+    from ganflow.endpoints import artifact_root, tracking_uri
 
     cfg = load_config(args.params)
     uri = tracking_uri(cfg)
@@ -138,7 +139,7 @@ def _experiment_page(uri: str, name: str) -> str | None:
 def cmd_runs(args: argparse.Namespace) -> int:
     """The latest runs of the project's MLflow experiment as a table."""
     from ganflow.runs import format_table, latest_runs
-    from ganflow.tracking import tracking_uri
+    from ganflow.endpoints import tracking_uri
 
     if args.limit <= 0:
         raise GanflowError(f"--limit: must be > 0, got {args.limit}")

@@ -179,10 +179,23 @@ class TrainConfig(Section):
     @field_validator("augment_policy")
     @classmethod
     def _known_policy(cls, v: str) -> str:
-        from ganflow.augment import policy_of
-
         policy_of(v, channels=1)  # raises ValueError with the known names
         return v
+
+
+AUGMENT_OPERATIONS = ("translation", "cutout", "color")  # what ganflow.augment implements
+
+
+def policy_of(policy: str, channels: int) -> tuple[str, ...]:
+    """The operations a policy string names, in a fixed order; raises ValueError on a bad name."""
+    if policy == "auto":
+        return ("translation", "cutout", "color") if channels == 3 else ("translation", "cutout")
+    names = tuple(p.strip() for p in policy.split(",") if p.strip())
+    unknown = [n for n in names if n not in AUGMENT_OPERATIONS]
+    if unknown or not names:
+        raise ValueError(f"unknown augmentation {', '.join(unknown) or '(empty)'}; use auto or a comma-separated "
+                         f"list of {', '.join(AUGMENT_OPERATIONS)}")
+    return names
 
 
 class TuneConfig(Section):

@@ -38,19 +38,15 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from ganflow.artifacts import FORMAT, LABELS, MANIFEST, SHARD_NAME, SPLIT, read_manifest
 from ganflow.atomic import atomic_dir, file_sha256, sha256_hex, write_bytes
 from ganflow.config import Config, DataConfig
 from ganflow.errors import DataError, first_line
 
-FORMAT = "ganflow-prepared/4"  # /2: the held-out split; /3: image shards; /4: validation and test
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-MANIFEST = "manifest.json"
 # the data.* keys that decide the prepared bytes; dvc.yaml's prepare stage lists exactly these
 PREPARE_KEYS = ("source", "path", "image_size", "channels", "resize", "max_bad_fraction", "max_image_pixels",
                 "validation_fraction", "test_fraction", "shard_mb")
-SHARD_NAME = "images-{:05d}.npy"
-LABELS = "labels.npy"
-SPLIT = "split.npy"
 TRAIN, VALIDATION, TEST = 0, 1, 2  # the values in SPLIT
 PARTS = {"all": None, "train": TRAIN, "validation": VALIDATION, "test": TEST}
 SPLIT_SEED = 20200  # fixed: the split is part of the data, not of a run
@@ -729,41 +725,6 @@ def _save_npy(path: Path, array: np.ndarray) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # loading the prepared dataset
-
-
-def class_prior(cfg: Config) -> tuple[list[str], list[float]] | None:
-    """(class names, their frequencies in the train split) for a conditional G, None for an
-    unconditional one (model.conditional false, or auto on unlabelled data)."""
-    manifest = read_manifest(cfg.paths.prepared)
-    if cfg.model.conditional is False:
-        return None
-    if not manifest["labelled"]:
-        if cfg.model.conditional is True:
-            raise DataError(f"model.conditional: true needs labelled data, and {cfg.paths.prepared} has no labels "
-                            "(set it to auto or false)")
-        return None
-    names = manifest["class_names"]
-    counts = [manifest["split"]["train_class_counts"][n] for n in names]
-    return names, [c / sum(counts) for c in counts]
-
-
-def read_manifest(path: Path) -> dict[str, Any]:
-    manifest_path = path / MANIFEST
-    if not manifest_path.is_file():
-        raise DataError(f"{path}: no prepared dataset here (missing {MANIFEST}); run `dvc repro prepare`")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{manifest_path}: not valid JSON ({exc.msg})") from None
-    if manifest.get("format") != FORMAT:
-        raise DataError(f"{manifest_path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
-    return manifest
-
-
-def prepared_hash(path: Path) -> str:
-    """The sha256 of the prepared images (from their manifest): the one data hash of ganflow,
-    in run tags, resume keys, the encoder's reference and registry versions."""
-    return read_manifest(path)["images_sha256"]
 
 
 def load_images(path: Path) -> np.ndarray:

@@ -28,13 +28,11 @@ from torch import nn
 
 from ganflow.atomic import atomic_dir, write_bytes
 from ganflow.config import Config
-from ganflow.data import PreparedDataset, prepared_hash
+from ganflow.artifacts import ENCODER_SPEC as SPEC, ENCODER_WEIGHTS, REFERENCE, prepared_hash
+from ganflow.data import PreparedDataset
 from ganflow.errors import GanflowError
 from ganflow.metrics import kmeans_cells
 
-ENCODER_WEIGHTS = "encoder.safetensors"
-SPEC = "encoder.json"
-REFERENCE = "reference.safetensors"  # validation and train features, the copy detector's cells
 TRAIN_FEATURES_MAX = 10_000  # train images (a seeded sample) kept for baselines and the copy detector
 CELL_SIZE = 25  # held-out images per cell of the copy detector (at most MAX_CELLS cells)
 MAX_CELLS = 20

@@ -21,6 +21,14 @@ class TrainingError(GanflowError):
     """Training could not run or did not finish."""
 
 
+class TrackingError(GanflowError):
+    """The tracking store cannot be used."""
+
+
+class TuneError(GanflowError):
+    """The sweep cannot run."""
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (its type name when it has none), for one-line errors."""
     text = str(exc).strip()

@@ -297,7 +297,7 @@ def evaluate_generator(cfg: Config, sample_fn: Callable[[torch.Tensor], torch.Te
 
     The latent draws use seeds from eval.seed + 1 on, never the vectors the training chose its
     epoch with."""
-    from ganflow.sampling import to_uint8
+    from ganflow.images import to_uint8
 
     reference = reference if reference is not None else load_reference(cfg)
     test, test_images = test_split(reference)

@@ -1,7 +1,7 @@
 """Shared storage as a pyarrow filesystem: a local (or mounted) path, or a URI (s3://, gs://).
 
 A module of its own so that what only moves files (the job exchange, the Ray Data copy) does not
-depend on the training code that storage.py names runs after."""
+depend on the training code that checkpoints.py names runs after."""
 
 from __future__ import annotations
 

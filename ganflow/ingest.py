@@ -73,9 +73,9 @@ def shards_root(cfg: Config) -> str:
         return str(cfg.paths.prepared.resolve())
     import pyarrow.fs
 
-    from ganflow.data import read_manifest
+    from ganflow.artifacts import read_manifest
     from ganflow.filesystems import storage_fs
-    from ganflow.storage import storage_path
+    from ganflow.checkpoints import storage_path
 
     manifest = read_manifest(cfg.paths.prepared)
     prefix = storage_path(cfg)
@@ -96,7 +96,8 @@ def shards_root(cfg: Config) -> str:
 def chunks(cfg: Config, root: str) -> list[dict[str, Any]]:
     """One item per CHUNK images of a shard that has training images: where its bytes are, and
     its images' labels and train mask (read here once: the read tasks need only the bytes)."""
-    from ganflow.data import TRAIN, ShardReader, read_manifest
+    from ganflow.artifacts import read_manifest
+    from ganflow.data import TRAIN, ShardReader
 
     manifest = read_manifest(cfg.paths.prepared)
     labels = np.load(cfg.paths.prepared / LABELS, allow_pickle=False)

@@ -266,7 +266,7 @@ def _own_submission_id() -> str:
 
 
 def _check_job_tracking(cfg: Config) -> None:
-    from ganflow.tracking import tracking_uri
+    from ganflow.endpoints import tracking_uri
 
     uri = tracking_uri(cfg)
     if uri.startswith("sqlite:") and uri.endswith(str(cfg.paths.mlflow_db)):
@@ -309,7 +309,7 @@ JOB_ENDPOINT_VARS = ("AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOI
 
 
 def job_runtime_env(cfg: Config, uri: str, submission_id: str) -> dict:
-    from ganflow.tracking import tracking_uri
+    from ganflow.endpoints import tracking_uri
 
     env = {**RAY_ENV_DEFAULTS, EXCHANGE_ENV: uri, SUBMISSION_ENV: submission_id}
     if not cfg.tracking.uri:
@@ -325,7 +325,7 @@ def job_runtime_env(cfg: Config, uri: str, submission_id: str) -> dict:
 def submit_stage(cfg: Config, stage: str) -> str:
     """Push inputs, submit ``python pipelines/<stage>.py``, stream its log, pull its outputs.
     Returns the submission id; a failed or stopped job raises JobError (Ctrl-C stops the job)."""
-    from ganflow.tracking import check_reachable, tracking_uri
+    from ganflow.endpoints import check_reachable, tracking_uri
 
     address = cfg.cluster.address
     if stage == "prepare":

@@ -20,11 +20,10 @@ import json
 import math
 from typing import Any
 
+from ganflow.artifacts import ENCODER_WEIGHTS, GENERATOR_SPEC as SPEC, GENERATOR_WEIGHTS as WEIGHTS, REFERENCE, prepared_hash
 from ganflow.atomic import file_sha256, write_file
 from ganflow.config import Config
-from ganflow.data import prepared_hash
 from ganflow.errors import GanflowError
-from ganflow.sampling import SPEC, WEIGHTS
 from ganflow.tracking import connect, git_commit, params_hash
 
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -41,8 +40,6 @@ def evaluation_key(cfg: Config) -> str:
     """What an fd_domain value is comparable under: the encoder's weights, its held-out
     reference statistics (held-out images, num_samples, feature_dim...) and eval.seed (the
     latent vectors the evaluate stage scores)."""
-    from ganflow.encoder import ENCODER_WEIGHTS, REFERENCE
-
     digest = hashlib.sha256()
     for file in (ENCODER_WEIGHTS, REFERENCE):
         path = cfg.paths.encoder / file

@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from ganflow.errors import first_line
-from ganflow.tracking import TrackingError, check_reachable, lr_text
+from ganflow.endpoints import check_reachable
+from ganflow.errors import TrackingError
+from ganflow.tracking import lr_text
 
 STOPPED_EARLY = "stopped early (ASHA)"  # the ganflow.trial_status tuning.py gives such trials
 COLUMNS = ("run", "stage", "status", "lr_g", "lr_d", "best fd_domain", "epochs", "started", "id", "")

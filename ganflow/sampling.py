@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -23,32 +22,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from ganflow.artifacts import GENERATOR_SPEC as SPEC, GENERATOR_WEIGHTS as WEIGHTS, WEIGHTS_SHA256
 from ganflow.atomic import atomic_dir, file_sha256, write_bytes
+from ganflow.images import to_uint8
 from ganflow.errors import GanflowError, first_line
 from ganflow.models import GENERATORS, allocate, one_hot
 
-WEIGHTS = "generator.safetensors"
-SPEC = "generator.json"
-WEIGHTS_SHA256 = "weights_sha256"  # the key in SPEC holding the sha256 of WEIGHTS
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(N, C, H, W) in [-1, 1] -> uint8 (N, H, W, C)."""
-    x = ((images.detach().float().cpu().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).numpy()
-
-
-def make_grid(images: np.ndarray, cols: int | None = None, pad: int = 2) -> np.ndarray:
-    """uint8 (N, H, W, C) -> one uint8 (rows*(H+pad)+pad, cols*(W+pad)+pad, C) image."""
-    n, h, w, c = images.shape
-    cols = cols or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    grid = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad, c), dtype=np.uint8)
-    for i in range(n):
-        r, k = divmod(i, cols)
-        top, left = pad + r * (h + pad), pad + k * (w + pad)
-        grid[top : top + h, left : left + w] = images[i]
-    return grid if c != 1 else grid[:, :, 0]
 
 
 def generator_meta(path: Path) -> dict[str, Any]:
@@ -151,7 +130,7 @@ def load_sampler(model: str) -> Sampler:
     import mlflow.pyfunc
     from mlflow.exceptions import MlflowException
 
-    from ganflow.tracking import check_reachable
+    from ganflow.endpoints import check_reachable
 
     uri = mlflow.get_registry_uri() if model.startswith("models:") else mlflow.get_tracking_uri()
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():

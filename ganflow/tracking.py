@@ -15,50 +15,14 @@ import os
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 from ganflow.config import Config
-from ganflow.errors import GanflowError, first_line
+from ganflow.endpoints import artifact_root, check_reachable, tracking_uri
+from ganflow.errors import first_line
 
 SAMPLES_KEY = "samples"  # every epoch's sample grid goes under this one image key
-
-
-class TrackingError(GanflowError):
-    """The tracking store cannot be used."""
-
-
-def tracking_uri(cfg: Config) -> str:
-    """tracking.uri, else MLFLOW_TRACKING_URI, else an absolute sqlite:/// path in the project.
-
-    The default must be absolute: Ray workers and jobs run in other working directories.
-    """
-    if cfg.tracking.uri:
-        return cfg.tracking.uri
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
-    return f"sqlite:///{cfg.paths.mlflow_db}"
-
-
-def artifact_root(cfg: Config) -> str:
-    """Absolute artifact location for experiments created in the local SQLite store."""
-    return cfg.paths.mlflow_artifacts.as_uri()
-
-
-def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Fail before any training when an MLflow server does not answer."""
-    if not uri.startswith(("http://", "https://")):
-        return
-    try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
-            if response.status != 200:
-                raise TrackingError(f"tracking.uri: MLflow server at {uri} answered HTTP {response.status}")
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise TrackingError(f"tracking.uri: MLflow server at {uri} is unreachable ({reason})") from None
 
 
 def connect(cfg: Config) -> tuple[Any, str]:
@@ -143,7 +107,7 @@ def lr_text(lr: float) -> str:
 
 def provenance(cfg: Config, dvc_stage: str) -> dict[str, str]:
     """The tags saying where a run came from: the code, the DVC stage, the data, the params."""
-    from ganflow.data import prepared_hash
+    from ganflow.artifacts import prepared_hash
 
     return {
         "git_commit": git_commit(cfg.root),
@@ -154,7 +118,7 @@ def provenance(cfg: Config, dvc_stage: str) -> dict[str, str]:
 
 
 def _data_text(cfg: Config) -> str:
-    from ganflow.data import read_manifest
+    from ganflow.artifacts import read_manifest
 
     data = cfg.data
     source = {
@@ -335,7 +299,7 @@ class RunLogger:
     def log_grid(self, images, step: int, cols: int | None = None) -> None:
         """images: (N, C, H, W) tensor in [-1, 1] -> one grid image (``cols`` wide, default
         square) under SAMPLES_KEY."""
-        from ganflow.sampling import make_grid, to_uint8
+        from ganflow.images import make_grid, to_uint8
 
         if step <= self._last_step("epoch"):
             return

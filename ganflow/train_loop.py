@@ -25,13 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ganflow.augment import AdaptiveP, Augment, augmenter, policy_of
-from ganflow.config import Config
+from ganflow.artifacts import CHECKPOINT_META, CHECKPOINT_STATE
+from ganflow.augment import AdaptiveP, Augment, augmenter
+from ganflow.config import Config, policy_of
 from ganflow.errors import GanflowError, first_line
 from ganflow.encoder import encode
 from ganflow.evaluation import Reference, codes_for, load_reference
 from ganflow.losses import LOSSES, r1_penalty
-from ganflow.storage import CHECKPOINT_META
 from ganflow.models import (
     build_discriminator,
     build_generator,
@@ -40,7 +40,6 @@ from ganflow.models import (
     recompute_batchnorm,
 )
 
-CHECKPOINT_STATE = "state.pt"
 DIAGNOSTICS = ("loss_d", "loss_g", "d_real", "d_fake", "rt")
 EVAL_METRICS = ("fd_domain", "kid", "kid_std", "fd_recent")
 # per-epoch speed: differ between identical runs, so never part of a reproducible result
@@ -501,7 +500,7 @@ def synced_batchnorm(world: int, device: torch.device) -> bool:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
-    """Entry point of each Ray Train worker. ``config`` is built by ganflow.distributed."""
+    """Entry point of each Ray Train worker. ``config`` is built by ganflow.training and ganflow.tuning."""
     return run_loop(config, RayTrainSession())
 
 
@@ -512,7 +511,8 @@ def run_loop(config: dict[str, Any], session: RayTrainSession | TrialSession) ->
 
     from ganflow.config import config_from_dict
     from ganflow.budget import schedule_of
-    from ganflow.data import build_train_transform, class_prior, read_manifest
+    from ganflow.artifacts import class_prior, read_manifest
+    from ganflow.data import build_train_transform
     from ganflow.tracking import RunLogger
 
     _quiet_ray_report_log()

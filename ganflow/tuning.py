@@ -21,19 +21,20 @@ import math
 import os
 import time
 import zlib
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from ganflow.atomic import check_storage_writable, write_file
+from ganflow.artifacts import Best
+from ganflow.atomic import check_storage_writable
 from ganflow.config import Config
 from ganflow.budget import schedule_of
-from ganflow.distributed import check_trainable, fit, worker_inputs
-from ganflow.errors import GanflowError, TrainingError, first_line
+from ganflow.errors import TrainingError, TuneError, first_line
 from ganflow.interrupts import Interrupted, stop_on_signals
 from ganflow.raycluster import check_resources, init_ray, scaling_config
-from ganflow.storage import delete_run, storage_path
+from ganflow.raytrain import (check_trainable, fit, release_orphaned_placement_groups,
+                              release_placement_groups_after_sweep, worker_inputs)
+from ganflow.checkpoints import delete_run, storage_path
 from ganflow.train_loop import TrialSession, run_loop
 from ganflow.tracking import (
     connect,
@@ -62,26 +63,6 @@ def trial_resources(cfg: Config) -> dict[str, float]:
     if not trains_in_trial(cfg):
         return TRIAL_DRIVER_RESOURCES
     return {"cpu": float(cfg.cluster.cpus_per_worker), "gpu": 1.0 if cfg.cluster.use_gpu else 0.0}
-
-
-class TuneError(GanflowError):
-    """The sweep cannot run."""
-
-
-@dataclass
-class Best:
-    lr_g: float
-    lr_d: float
-    fd_domain: float | None  # the pick's score: fd_recent at its last epoch (mean of its last two fd_domain)
-    epoch: int | None  # the epoch that score was reached at (the trial's last)
-    sweep_run_id: str | None
-    trials: int
-    trial_ticks: int  # the reports (ticks of tune.tick_kimg) all trials made together
-    stopped_early: int
-    tuned: bool
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 def trial_config(cfg: Config) -> Config:
@@ -121,67 +102,6 @@ def search_algorithm(cfg: Config, concurrent: int):
     except ImportError:
         raise TuneError("tune.search: optuna needs the optuna package: pip install 'ganflow[optuna]'") from None
     return ConcurrencyLimiter(OptunaSearch(seed=cfg.tune.seed), max_concurrent=concurrent)
-
-
-def release_orphaned_placement_groups() -> int:
-    """Remove this job's placement groups whose creating actor is dead. Returns how many.
-
-    Tune ends a Train-V2 trial by killing its driver, and with it the trial's TrainController;
-    the worker group's placement group was created by that controller (not detached), so Ray
-    keeps it until the whole job ends. Ray Train's detached PlacementGroupCleaner is meant to
-    remove it, but on a loaded machine its State-API call timed out ("Timed out while waiting
-    for GCS"), the cleaner died, the trial's CPU stayed reserved, and every later trial waited
-    out the worker-group start timeout and failed (6 of 8 trials of a default sweep). The sweep's
-    driver holds a GCS connection already, so it sweeps them itself. Placement groups created by
-    a driver (Tune's own, per trial) have no creating actor and are never touched.
-    """
-    return _release_dead(_actor_placement_groups())
-
-
-def _release_dead(groups: list[tuple[bytes, bool]]) -> int:
-    """Remove the groups of ``groups`` whose creating actor is dead; how many were removed."""
-    import ray
-    from ray.util.placement_group import PlacementGroup, remove_placement_group
-
-    released = 0
-    for pg_id, creator_dead in groups:
-        if not creator_dead:
-            continue
-        try:
-            remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg_id)))
-            released += 1
-        except Exception:  # noqa: BLE001 - removed meanwhile (by Ray's cleaner): nothing to do
-            pass
-    return released
-
-
-def _actor_placement_groups() -> list[tuple[bytes, bool]]:
-    """(id, creating actor dead?) of this job's live, non-detached placement groups made by an actor."""
-    import ray
-    from ray._private.state import state
-    from ray.core.generated import gcs_pb2
-
-    job = ray.get_runtime_context().get_job_id()
-    found = []
-    for raw in state._connect_and_get_accessor().get_placement_group_table():
-        pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
-        if (pg.state == gcs_pb2.PlacementGroupTableData.REMOVED or pg.is_detached
-                or ray.ActorID(pg.creator_actor_id).is_nil() or pg.creator_job_id.hex() != job):
-            continue
-        found.append((pg.placement_group_id, bool(pg.creator_actor_dead)))
-    return found
-
-
-def release_placement_groups_after_sweep(timeout_s: float = 60.0) -> None:
-    """After Tuner.fit: wait for the last trials' controllers to die and release their groups, so
-    that whatever this process runs next on the same Ray (a training) gets their CPUs."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        groups = _actor_placement_groups()  # one read of the table per round
-        _release_dead(groups)
-        if all(dead for _, dead in groups) or time.monotonic() > deadline:
-            return  # each group released now, or its controller still alive past the deadline
-        time.sleep(0.5)
 
 
 def _orphan_sweeper(every_s: float = 2.0):
@@ -449,16 +369,3 @@ def _sweep_plot(trials: list[dict[str, Any]]):
     fig.savefig(buf, format="png")
     plt.close(fig)
     return np.asarray(Image.open(buf).convert("RGB"))
-
-
-def write_best(cfg: Config, best: Best) -> None:
-    write_file(cfg.paths.tune_best, json.dumps(best.to_dict(), indent=2, sort_keys=True) + "\n")
-
-
-def read_best(cfg: Config) -> tuple[float, float]:
-    """The learning rates the train stage uses: tune/best.json, written by the tune stage."""
-    path = cfg.paths.tune_best
-    if not path.is_file():
-        raise TuneError(f"{path}: no tune result; run `dvc repro tune` (or set tune.enabled: false and rerun it)")
-    values = json.loads(path.read_text())
-    return float(values["lr_g"]), float(values["lr_d"])

@@ -22,7 +22,8 @@ from ganflow.config import Config
 from ganflow.evaluation import evaluate_generator, load_reference
 from ganflow.models import class_grid_codes
 from ganflow.report import reading, summary_line
-from ganflow.sampling import generator_meta, load_generator_dir, make_grid, to_uint8
+from ganflow.images import make_grid, to_uint8
+from ganflow.sampling import generator_meta, load_generator_dir
 from ganflow.tracking import log_evaluation
 
 

@@ -15,9 +15,9 @@ import sys
 
 from ganflow.stage import stage_main
 from ganflow.config import Config
-from ganflow.distributed import run_training
+from ganflow.training import run_training
 from ganflow.jobs import run_stage
-from ganflow.tuning import read_best
+from ganflow.artifacts import read_best
 
 
 def train(cfg: Config) -> None:

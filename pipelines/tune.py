@@ -14,7 +14,8 @@ import sys
 from ganflow.stage import stage_main
 from ganflow.config import Config
 from ganflow.jobs import run_stage
-from ganflow.tuning import run_sweep, write_best
+from ganflow.artifacts import write_best
+from ganflow.tuning import run_sweep
 
 
 def tune(cfg: Config) -> None:

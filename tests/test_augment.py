@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ganflow.augment import augmenter, cutout, policy_of, translate
+from ganflow.augment import augmenter, cutout, translate
+from ganflow.config import policy_of
 from ganflow.config import from_dict, resolve_paths
 from ganflow.data import PreparedDataset, prepare
 from ganflow.errors import GanflowError

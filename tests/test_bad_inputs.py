@@ -26,7 +26,8 @@ from PIL import Image
 
 from ganflow.atomic import check_storage_writable, check_writable_dir
 from ganflow.config import from_dict, load_config, resolve_paths
-from ganflow.data import decode_image, load_images, prepare, read_manifest
+from ganflow.artifacts import read_manifest
+from ganflow.data import decode_image, load_images, prepare
 from ganflow.errors import GanflowError
 from tests.conftest import REPO, run
 
@@ -185,7 +186,7 @@ def test_every_oversized_header_is_reported_as_too_many_pixels():
 
 
 def test_batch_larger_than_the_dataset_is_refused_before_ray(tmp_path):
-    from ganflow.distributed import check_trainable
+    from ganflow.raytrain import check_trainable
     from ganflow.errors import TrainingError
     from ganflow.encoder import fit_encoder
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from ganflow.config import from_dict, resolve_paths
-from ganflow.data import class_prior, prepare
+from ganflow.artifacts import class_prior
+from ganflow.data import prepare
 from ganflow.errors import GanflowError
 from ganflow.models import allocate, build_discriminator, build_generator, class_grid_codes, draw_codes
 from ganflow.sampling import export_generator, load_generator_dir, load_sampler, sample

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import json
 from pathlib import Path
 
@@ -10,74 +9,10 @@ import numpy as np
 import pytest
 import yaml
 
-from ganflow.data import PREPARE_KEYS
-from tests.conftest import REPO, edit_params, run
+from tests.conftest import edit_params, run
+from tests.test_layering import import_closure
 
 pytestmark = pytest.mark.slow
-
-
-def test_prepare_stage_lists_exactly_the_keys_that_shape_its_output():
-    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["prepare"]
-    assert stage["params"] == [f"data.{key}" for key in PREPARE_KEYS]
-    assert stage["outs"] == ["${paths.prepared}"]
-
-
-@pytest.mark.parametrize("stage", ["tune", "train"])
-def test_tune_and_train_depend_on_what_shapes_their_result_only(stage):
-    """A train.* field added to the config must reach the DVC params of the stages that train (or
-    be left out on purpose): all but the run-only keys (checkpointing, failure budget) and, for the
-    sweep, the budget (trials run tune.kimg); of cluster.*, what shapes the result, not where it runs."""
-    from ganflow.config import TRAIN_RUN_ONLY_KEYS, ClusterConfig, TrainConfig
-    from ganflow.storage import RUN_DATA_KEYS
-
-    params = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]["params"]
-    listed = {p.split(".", 1)[1] for p in params if isinstance(p, str) and p.startswith("train.")}
-    assert "train" not in params and "cluster" not in params
-    expected = set(TrainConfig.model_fields) - set(TRAIN_RUN_ONLY_KEYS) - ({"kimg", "epochs", "tick_kimg"} if stage == "tune" else set())
-    assert listed == expected
-    cluster = {p.split(".", 1)[1] for p in params if isinstance(p, str) and p.startswith("cluster.")}
-    assert cluster == set(ClusterConfig.model_fields) - {"address", "storage_path"}
-    data = {p.split(".", 1)[1] for p in params if isinstance(p, str) and p.startswith("data.")}
-    assert data == set(RUN_DATA_KEYS) - ({"ingest"} if stage == "tune" else set())
-
-
-def import_closure(script: Path) -> set[str]:
-    """The ganflow/ modules ``script`` imports, directly or through each other, at module level
-    or inside functions (a lazy import is still code the stage may run)."""
-    seen: set[str] = set()
-    todo = [script]
-    while todo:
-        tree = ast.parse(todo.pop().read_text())
-        for node in ast.walk(tree):
-            names = []
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-            for name in names:
-                rel = name.replace(".", "/") + ".py"
-                if name.startswith("ganflow.") and (REPO / rel).is_file() and rel not in seen:
-                    seen.add(rel)
-                    todo.append(REPO / rel)
-    return seen
-
-
-@pytest.mark.parametrize("name", ["prepare", "encoder", "tune", "train", "evaluate", "register"])
-def test_stage_code_deps_are_its_import_closure(name):
-    """A stage reruns when, and only when, code it runs changed: its dvc.yaml deps inside
-    ganflow/ are exactly the modules its entry point imports, transitively."""
-    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][name]
-    listed = {d for d in stage["deps"] if d.startswith(("ganflow/", "pipelines/"))}
-    expected = import_closure(REPO / "pipelines" / f"{name}.py") | {f"pipelines/{name}.py"}
-    assert listed == expected, f"missing: {sorted(expected - listed)}; not used: {sorted(listed - expected)}"
-
-
-def test_the_import_closure_sees_lazy_imports(tmp_path):
-    script = tmp_path / "s.py"
-    script.write_text("def f():\n    from ganflow.registry import register\n")
-    closure = import_closure(script)
-    assert "ganflow/registry.py" in closure and "ganflow/sampling.py" in closure  # registry's own import
-    assert "ganflow/tuning.py" not in closure
 
 
 def test_dvc_repro_prepare(project):

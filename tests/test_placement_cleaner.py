@@ -1,6 +1,6 @@
 """Ray Train's placement-group cleaner kills a healthy run when Ray's state API gives it an empty
 answer (ray-project/ray#65447); on the stage's own local Ray, ganflow trains without it
-(ganflow.distributed.without_cleaner). The injection: a sitecustomize module, on the PYTHONPATH of
+(ganflow.raytrain.without_cleaner). The injection: a sitecustomize module, on the PYTHONPATH of
 the driver and so of every Ray worker process it starts, patches the cleaner's module as it is
 imported, so that every liveness check gets the empty answer and is written to a log."""
 
@@ -79,7 +79,7 @@ DRIVER = textwrap.dedent("""
     import psutil
     from ray.train import FailureConfig, RunConfig, ScalingConfig
 
-    from ganflow.distributed import trainer_class
+    from ganflow.raytrain import trainer_class
     from ganflow.raycluster import init_ray, own_local_ray
 
     def read_log():
@@ -174,7 +174,7 @@ def test_what_the_fix_relies_on_in_ray_is_still_there():
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
-    from ganflow.distributed import without_cleaner
+    from ganflow.raytrain import without_cleaner
 
     assert "PlacementGroupCleanerCallback()" in inspect.getsource(DataParallelTrainer._create_default_callbacks)
     assert without_cleaner([PlacementGroupCleanerCallback(), "other"]) == ["other"]

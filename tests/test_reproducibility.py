@@ -93,7 +93,7 @@ TRAIN_TWICE = """
 import json, shutil, sys
 from pathlib import Path
 from ganflow.config import load_config
-from ganflow.distributed import run_training
+from ganflow.training import run_training
 from ganflow.train_loop import TIMINGS
 
 out = {}

@@ -16,7 +16,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from ganflow.tracking import INCOMPLETE_TAG, MISSING_GRIDS_TAG, RunLogger, TrackingError, check_reachable
+from ganflow.endpoints import check_reachable
+from ganflow.errors import TrackingError
+from ganflow.tracking import INCOMPLETE_TAG, MISSING_GRIDS_TAG, RunLogger
 from ganflow.localcluster import start_mlflow_server
 from ganflow.localcluster import free_port
 

@@ -243,8 +243,8 @@ def test_the_resume_key_follows_the_training_code_and_the_encoder(tmp_path):
     from pathlib import Path
 
     import ganflow
-    from ganflow.data import FORMAT
-    from ganflow.storage import TRAINING_CODE, run_name, stale_runs
+    from ganflow.artifacts import FORMAT
+    from ganflow.checkpoints import run_name, stale_runs
 
     cfg = tiny_cfg(tmp_path)
     cfg.paths.prepared.mkdir(parents=True)
@@ -254,9 +254,7 @@ def test_the_resume_key_follows_the_training_code_and_the_encoder(tmp_path):
     for name in ("encoder.safetensors", "reference.safetensors"):
         (cfg.paths.encoder / name).write_bytes(b"v1")
     code = tmp_path / "code"
-    code.mkdir()
-    for name in TRAINING_CODE:
-        shutil.copy(Path(ganflow.__file__).parent / name, code / name)
+    shutil.copytree(Path(ganflow.__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__"))
 
     first = run_name(cfg, 1e-3, 1e-3, code)
     assert first == run_name(cfg, 1e-3, 1e-3, code)  # deterministic: that is how resume finds it
@@ -266,6 +264,16 @@ def test_the_resume_key_follows_the_training_code_and_the_encoder(tmp_path):
     (cfg.paths.encoder / "reference.safetensors").write_bytes(b"v2")
     new_encoder = run_name(cfg, 1e-3, 1e-3, code)
     assert len({first, after_fix, new_encoder}) == 3
+    # metrics choose the best tick, and so what is exported: their code is in the key (the
+    # hand-kept list it replaced had left metrics.py out); the sweep's and the registry's are not
+    with open(code / "metrics.py", "a") as fh:
+        fh.write("\n# a fix\n")
+    new_encoder, before = run_name(cfg, 1e-3, 1e-3, code), new_encoder
+    assert new_encoder != before
+    for name in ("tuning.py", "registry.py", "cli.py"):
+        with open(code / name, "a") as fh:
+            fh.write("\n# an edit\n")
+    assert run_name(cfg, 1e-3, 1e-3, code) == new_encoder
     assert first.rsplit("-", 1)[0] == after_fix.rsplit("-", 1)[0] == new_encoder.rsplit("-", 1)[0]
     assert run_name(cfg, 2e-3, 1e-3, code).rsplit("-", 1)[0] != first.rsplit("-", 1)[0]  # other params
     other = cfg.model_copy(deep=True)

@@ -19,7 +19,8 @@ from mlflow.tracking import MlflowClient
 from ganflow.config import load_config
 from ganflow.data import prepare
 from ganflow.encoder import fit_encoder
-from ganflow.tuning import run_sweep, write_best
+from ganflow.artifacts import write_best
+from ganflow.tuning import run_sweep
 from tests.conftest import BIN, REPO, run
 
 pytestmark = pytest.mark.slow

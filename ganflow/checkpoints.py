@@ -12,11 +12,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ganflow.artifacts import CHECKPOINT_META, ENCODER_WEIGHTS, REFERENCE, prepared_hash
 from ganflow.atomic import named_sha256
 from ganflow.config import TRAIN_RUN_ONLY_KEYS, Config
 from ganflow.filesystems import storage_fs
 
-CHECKPOINT_META = "meta.json"  # in every checkpoint folder: epoch, run_id, history, best_fd...
 
 def storage_path(cfg: Config) -> str:
     return cfg.cluster.storage_path or str(cfg.paths.ray_results)
@@ -26,18 +26,25 @@ def storage_path(cfg: Config) -> str:
 # sweep's trials always read locally: data.ingest does not shape a sweep)
 RUN_DATA_KEYS = ("hflip", "loader_workers", "ingest")
 
-# the code a checkpoint's numbers depend on: a change to any of these starts a new run
-TRAINING_CODE = ("train_loop.py", "budget.py", "models.py", "losses.py", "augment.py", "data.py", "ingest.py", "evaluation.py",
-                 "encoder.py", "metrics.py", "copying.py", "config.py")
+# what every Ray Train worker runs: the code a checkpoint's numbers depend on is this module and
+# everything it imports (ganflow.closure), so a change to any of them starts a new run
+TRAINING_ENTRY = "train_loop.py"
+
+
+def training_code(package: Path | None = None) -> list[str]:
+    """The file names in ``package`` (default ganflow's own folder) of TRAINING_ENTRY and its
+    import closure, sorted: derived from the code, never a list kept by hand."""
+    from ganflow.closure import import_closure
+
+    package = package or Path(__file__).parent
+    return sorted({TRAINING_ENTRY} | {Path(rel).name for rel in import_closure(package / TRAINING_ENTRY, package)})
 
 
 def code_and_encoder_hash(cfg: Config, package: Path | None = None) -> str:
-    """Hash of the training code (TRAINING_CODE in ``package``, default ganflow's own folder) and
-    of the encoder (its weights and held-out reference statistics: what best_fd is measured with)."""
-    from ganflow.encoder import ENCODER_WEIGHTS, REFERENCE
-
+    """Hash of the training code (``training_code(package)``) and of the encoder (its weights and
+    held-out reference statistics: what best_fd is measured with)."""
     package = package or Path(__file__).parent
-    entries = {f"code/{name}": (package / name).read_bytes() for name in TRAINING_CODE}
+    entries = {f"code/{name}": (package / name).read_bytes() for name in training_code(package)}
     for name in (ENCODER_WEIGHTS, REFERENCE):
         path = cfg.paths.encoder / name
         entries[f"encoder/{name}"] = path.read_bytes() if path.is_file() else b"missing"
@@ -54,8 +61,6 @@ def run_name(cfg: Config, lr_g: float, lr_d: float, package: Path | None = None)
     key = {s: values[s] for s in ("model", "train")}
     key["train"] = {k: v for k, v in key["train"].items() if k not in ("kimg", "epochs") and k not in TRAIN_RUN_ONLY_KEYS}
     key["data"] = {k: values["data"][k] for k in RUN_DATA_KEYS}
-    from ganflow.data import prepared_hash  # (imports torch: only the training needs run_name)
-
     key["data_hash"] = prepared_hash(cfg.paths.prepared)
     key.update(num_workers=cfg.cluster.num_workers, lr_g=lr_g, lr_d=lr_d)
     params = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]

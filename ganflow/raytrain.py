@@ -1,30 +1,27 @@
-"""The training driver: starts or joins Ray, runs the TorchTrainer, tracks and exports the result.
+"""Ray Train plumbing shared by the train stage and the sweep, and the Ray internals ganflow leans on.
 
-Resume: the Ray Train run is named from the training params, so running the same training
-again (``dvc repro`` after a crash or Ctrl-C) finds the run in ``cluster.storage_path`` and
-Ray restarts the workers from its latest checkpoint; the MLflow run id travels in the
-checkpoint, so logging continues in the same run. A finished training is not resumed: it
-trains again (same params and seed, same result on CPU).
+What both drivers need to start a TorchTrainer (the inputs shipped to workers on other nodes,
+the refusal of a training that cannot run, ``fit`` with its one-line errors) and the two places
+where ganflow works around Ray Train's placement-group handling: no cleaner on a Ray that
+ganflow owns whole (``without_cleaner``), and a sweep that frees the placement groups of
+trials Tune ended (``release_orphaned_placement_groups``). Both use Ray's private API; the
+tests in tests/test_placement_cleaner.py and tests/test_tune_registry.py fail when it moves.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+import time
 from typing import Any
 
-from ganflow.atomic import check_storage_writable, named_sha256
+from ganflow.artifacts import class_prior, read_manifest
+from ganflow.atomic import named_sha256
 from ganflow.budget import schedule_of
 from ganflow.config import Config
-from ganflow.data import class_prior, read_manifest
-from ganflow.errors import GanflowError, TrainingError, first_line
+from ganflow.errors import TrainingError, first_line
 from ganflow.evaluation import load_reference
-from ganflow.export import TrainSummary, export, log_model
-from ganflow.ingest import data_config, shards_root, shipped_files, train_dataset, with_resolved_ingest
-from ganflow.interrupts import Interrupted, stop_on_signals
-from ganflow.raycluster import check_resources, init_ray, own_local_ray, scaling_config, with_resolved_cpus
-from ganflow.storage import delete_run, latest_checkpoint_meta, run_name, stale_runs, storage_path
-from ganflow.tracking import connect, provenance, start_training_run, tracking_uri
+from ganflow.ingest import data_config, shipped_files
+from ganflow.raycluster import own_local_ray, scaling_config
+from ganflow.checkpoints import storage_path
 from ganflow.train_loop import SHIPPED_INPUTS, train_loop_per_worker
 
 
@@ -171,87 +168,62 @@ def fit(cfg: Config, config: dict[str, Any], name: str, callbacks: list | None =
         raise TrainingError(f"training failed: {first_line(cause)}") from None
 
 
-def run_training(cfg: Config, lr_g: float, lr_d: float) -> TrainSummary:
-    """Train, export the EMA generator to paths.generator, log everything to one MLflow run."""
-    planned = schedule_of(cfg.train, check_trainable(cfg), cfg.cluster.num_workers)
-    check_storage_writable(cfg)
-    client, experiment_id = connect(cfg)  # fails here, before Ray starts, if MLflow is unreachable
-    init_ray()
-    cfg = with_resolved_ingest(with_resolved_cpus(cfg))
-    check_resources(cfg)
+def release_orphaned_placement_groups() -> int:
+    """Remove this job's placement groups whose creating actor is dead. Returns how many.
 
-    name = run_name(cfg, lr_g, lr_d)
-    storage = storage_path(cfg)
-    previous = latest_checkpoint_meta(storage, name)
-    resumed_from = 0
-    run_id = None
-    if previous is not None:
-        meta = previous[1]
-        if meta["epoch"] >= planned.epochs:  # finished before with as large a budget: train again
-            delete_run(storage, name)
-        else:
-            run_id, resumed_from = meta["run_id"], meta["epoch"]
-            client.update_run(run_id, status="RUNNING")
-            print(f"resuming {name} from epoch {resumed_from} (MLflow run {run_id})", flush=True)
-    else:
-        for stale, epoch in stale_runs(storage, name):
-            if epoch >= planned.epochs:
-                continue  # finished: nothing to resume either way
-            print(f"not resuming {stale} (checkpoint of epoch {epoch}, kept in {storage}): the training code or "
-                  f"the encoder changed since; starting {name}", flush=True)
-    if run_id is None:
-        tags = {"ganflow.stage": "train", "ganflow.ray_run": name, "ganflow.ingest": cfg.data.ingest,
-                **provenance(cfg, "train")}
-        run_id = start_training_run(client, experiment_id, cfg, lr_g, lr_d, tags)
+    Tune ends a Train-V2 trial by killing its driver, and with it the trial's TrainController;
+    the worker group's placement group was created by that controller (not detached), so Ray
+    keeps it until the whole job ends. Ray Train's detached PlacementGroupCleaner is meant to
+    remove it, but on a loaded machine its State-API call timed out ("Timed out while waiting
+    for GCS"), the cleaner died, the trial's CPU stayed reserved, and every later trial waited
+    out the worker-group start timeout and failed (6 of 8 trials of a default sweep). The sweep's
+    driver holds a GCS connection already, so it sweeps them itself. Placement groups created by
+    a driver (Tune's own, per trial) have no creating actor and are never touched.
+    """
+    return _release_dead(_actor_placement_groups())
 
-    config = {
-        "cfg": cfg.to_dict(),
-        "root": str(cfg.root),
-        "lr_g": lr_g,
-        "lr_d": lr_d,
-        "run_id": run_id,
-        "tracking_uri": tracking_uri(cfg),
-        "inputs": worker_inputs(cfg),
-        "ingest": cfg.data.ingest,
-    }
-    datasets = {"train": train_dataset(cfg, shards_root(cfg))} if cfg.data.ingest == "ray_data" else None
-    def mark_killed() -> None:
-        client.set_tag(run_id, "ganflow.failure", "interrupted")
-        client.set_terminated(run_id, status="KILLED")
 
-    client.set_tag(run_id, RESTARTS_TAG, "")  # this stage run's restarts only (a resumed run had its own)
-    with stop_on_signals(f"training (MLflow run {run_id})", on_deadline=mark_killed) as quiet:
+def _release_dead(groups: list[tuple[bytes, bool]]) -> int:
+    """Remove the groups of ``groups`` whose creating actor is dead; how many were removed."""
+    import ray
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    released = 0
+    for pg_id, creator_dead in groups:
+        if not creator_dead:
+            continue
         try:
-            result = fit(cfg, config, name, callbacks=[restart_recorder(tracking_uri(cfg), run_id)], datasets=datasets)
-        except (KeyboardInterrupt, SystemExit):
-            # Ctrl-C (Ray's handler aborts the run and exits) or SIGTERM: the run is not left RUNNING
-            quiet()
-            mark_killed()
-            raise Interrupted(
-                f"training interrupted; MLflow run {run_id} marked KILLED; the same command resumes "
-                f"from the last checkpoint in {storage}/{name}"
-            ) from None
-        except GanflowError as exc:
-            quiet()
-            client.set_tag(run_id, "ganflow.failure", str(exc))
-            client.set_terminated(run_id, status="FAILED")
-            raise
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg_id)))
+            released += 1
+        except Exception:  # noqa: BLE001 - removed meanwhile (by Ray's cleaner): nothing to do
+            pass
+    return released
 
-    outcome = result.return_value or {}
-    if outcome.get("workers"):  # rank, node and input source of each worker (the last attempt's)
-        client.set_tag(run_id, "ganflow.workers", json.dumps(outcome["workers"], sort_keys=True))
-    if outcome.get("diverged"):
-        reason = outcome["diverged"]
-        client.set_tag(run_id, "ganflow.failure", reason)
-        client.set_terminated(run_id, status="FAILED")
-        last = latest_checkpoint_meta(storage, name)
-        kept = f"; last good checkpoint: {last[0]} (epoch {last[1]['epoch']})" if last else ""
-        raise TrainingError(f"training diverged: {reason}: lower train.lr_g / train.lr_d{kept}")
 
-    with result.checkpoint.as_directory() as directory:
-        recorded = client.get_run(run_id).data.tags.get(RESTARTS_TAG, "")
-        summary = export(cfg, Path(directory), run_id, lr_g, lr_d, resumed_from,
-                         restarts=[line for line in recorded.splitlines() if line])
-    log_model(cfg, run_id)
-    client.set_terminated(run_id, status="FINISHED")
-    return summary
+def _actor_placement_groups() -> list[tuple[bytes, bool]]:
+    """(id, creating actor dead?) of this job's live, non-detached placement groups made by an actor."""
+    import ray
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+
+    job = ray.get_runtime_context().get_job_id()
+    found = []
+    for raw in state._connect_and_get_accessor().get_placement_group_table():
+        pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
+        if (pg.state == gcs_pb2.PlacementGroupTableData.REMOVED or pg.is_detached
+                or ray.ActorID(pg.creator_actor_id).is_nil() or pg.creator_job_id.hex() != job):
+            continue
+        found.append((pg.placement_group_id, bool(pg.creator_actor_dead)))
+    return found
+
+
+def release_placement_groups_after_sweep(timeout_s: float = 60.0) -> None:
+    """After Tuner.fit: wait for the last trials' controllers to die and release their groups, so
+    that whatever this process runs next on the same Ray (a training) gets their CPUs."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        groups = _actor_placement_groups()  # one read of the table per round
+        _release_dead(groups)
+        if all(dead for _, dead in groups) or time.monotonic() > deadline:
+            return  # each group released now, or its controller still alive past the deadline
+        time.sleep(0.5)
