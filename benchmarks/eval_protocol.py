@@ -36,16 +36,25 @@ from pathlib import Path
 import numpy as np
 import torch
 from _scratch import smoke_data
+
 from ganflow.config import load_config
 from ganflow.copying import build_detector
 from ganflow.data import PreparedDataset
 from ganflow.encoder import encode
-from ganflow.evaluation import Reference, Split, codes_for, draw_counts, evaluate_generator, load_reference, score
+from ganflow.evaluation import (
+    Reference,
+    Split,
+    codes_for,
+    draw_counts,
+    evaluate_generator,
+    load_reference,
+    score,
+    test_split,
+)
 from ganflow.evaluation import detector as copy_detector
-from ganflow.evaluation import test_split
+from ganflow.images import to_uint8
 from ganflow.metrics import fd
 from ganflow.models import build_generator
-from ganflow.images import to_uint8
 from ganflow.sampling import generator_meta, load_generator_dir
 
 

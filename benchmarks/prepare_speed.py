@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-import scale  # noqa: E402  (this folder's benchmark, for its folder generator and stage code)
+import scale
 
 CEILING = """
 import json, sys, time

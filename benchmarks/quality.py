@@ -34,12 +34,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _scratch import DATASETS, dataset_cfg, scratch, score_exported, smoke_data
-from ganflow.config import Config, load_config
+from _scratch import DATASETS, dataset_cfg, score_exported, scratch, smoke_data
+
 from ganflow.artifacts import class_prior
-from ganflow.training import run_training
+from ganflow.config import Config, load_config
 from ganflow.recipes import RECIPES, apply_recipe, with_params
 from ganflow.train_loop import amp_dtype, build_state, gan_step
+from ganflow.training import run_training
 
 # rows that change the params file itself (not a ganflow.recipes block)
 VARIANTS: dict[str, dict[str, object]] = {

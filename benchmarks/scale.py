@@ -211,7 +211,7 @@ def main() -> int:
 
     print(f"\n{image_size} px RGB PNGs, {os.cpu_count()} CPUs; prepare = decode, resize, split, write")
     print(f"{'images':>7s} {'mode':24s} {'img/s':>8s} {'x single':>8s} {'peak RSS MiB':>12s}")
-    for count, mode, kept, rate, peak in rows:
+    for count, mode, _kept, rate, peak in rows:
         single = next(r[3] for r in rows if r[0] == count and r[1] == 0)
         name = "parallel (auto)" if mode == "auto" else "single process"
         print(f"{count:7d} {name:24s} {rate:8.0f} {rate / single:8.2f} {peak:12.0f}")
@@ -222,7 +222,7 @@ def main() -> int:
     print("\ntwo training epochs of the train split, batches of 64 (float tensors), one reader;"
           " img/s of the second epoch (the first: with start-up)")
     print(f"{'images':>7s} {'ingest':24s} {'img/s':>8s} {'x local':>8s} {'1st epoch':>9s} {'peak RSS MiB':>12s}")
-    for count, mode, kept, rate, peak, first in reads:
+    for count, mode, _kept, rate, peak, first in reads:
         local = next(r[3] for r in reads if r[0] == count and r[1] == "local")
         print(f"{count:7d} {mode:24s} {rate:8.0f} {rate / local:8.2f} {first:9.0f} {peak:12.0f}")
     for mode in ("local", "ray_data"):

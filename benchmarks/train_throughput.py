@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from ganflow.config import load_config
 from ganflow.artifacts import class_prior
+from ganflow.config import load_config
 from ganflow.data import PreparedDataset, prepare
 from ganflow.encoder import fit_encoder
 from ganflow.train_loop import amp_dtype, build_state, gan_step, local_batches, noise_seed

@@ -22,7 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from _scratch import scratch, score_exported, smoke_data
+from _scratch import score_exported, scratch, smoke_data
+
 from ganflow.config import load_config
 from ganflow.training import run_training
 from ganflow.tuning import run_sweep

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+
 def _randint(low: int, high: int, shape: tuple[int, ...], gen: torch.Generator | None, device) -> torch.Tensor:
     where = gen.device if gen is not None else "cpu"
     return torch.randint(low, high, shape, generator=gen, device=where).to(device)

@@ -129,7 +129,7 @@ def _experiment_page(uri: str, name: str) -> str | None:
         from mlflow.tracking import MlflowClient
 
         experiment = MlflowClient(uri).get_experiment_by_name(name)
-    except Exception:
+    except Exception:  # noqa: BLE001 - the store may be away or unknown: no experiment
         return None
     if experiment is None:
         return None
@@ -138,8 +138,8 @@ def _experiment_page(uri: str, name: str) -> str | None:
 
 def cmd_runs(args: argparse.Namespace) -> int:
     """The latest runs of the project's MLflow experiment as a table."""
-    from ganflow.runs import format_table, latest_runs
     from ganflow.endpoints import tracking_uri
+    from ganflow.runs import format_table, latest_runs
 
     if args.limit <= 0:
         raise GanflowError(f"--limit: must be > 0, got {args.limit}")

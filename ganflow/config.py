@@ -24,6 +24,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import ErrorDetails
 
 from ganflow.errors import ConfigError
 
@@ -363,7 +364,7 @@ _REASONS = {
 }
 
 
-def _describe(error: dict[str, Any]) -> tuple[str, str]:
+def _describe(error: ErrorDetails) -> tuple[str, str]:
     """(dotted key, reason) for one pydantic error."""
     loc = [str(part) for part in error["loc"]]
     key = ".".join(loc)

@@ -26,9 +26,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ganflow.artifacts import ENCODER_SPEC as SPEC
+from ganflow.artifacts import ENCODER_WEIGHTS, REFERENCE, prepared_hash
 from ganflow.atomic import atomic_dir, write_bytes
 from ganflow.config import Config
-from ganflow.artifacts import ENCODER_SPEC as SPEC, ENCODER_WEIGHTS, REFERENCE, prepared_hash
 from ganflow.data import PreparedDataset
 from ganflow.errors import GanflowError
 from ganflow.metrics import kmeans_cells

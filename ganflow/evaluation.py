@@ -32,7 +32,16 @@ from ganflow.copying import Detector, build_detector
 from ganflow.data import PreparedDataset
 from ganflow.encoder import Encoder, EvaluationError, encode, load_encoder
 from ganflow.errors import first_line
-from ganflow.metrics import class_metrics, fd, feature_stats, frechet_distance, kid, kid_subset, per_class_fd, precision_recall
+from ganflow.metrics import (
+    class_metrics,
+    fd,
+    feature_stats,
+    frechet_distance,
+    kid,
+    kid_subset,
+    per_class_fd,
+    precision_recall,
+)
 
 HEADLINE = ("fd_domain", "kid", "precision", "recall")  # each with its sd and its real baseline
 

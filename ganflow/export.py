@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ganflow.artifacts import CHECKPOINT_STATE
 from ganflow.atomic import write_file
 from ganflow.config import Config
 from ganflow.models import build_generator, recompute_batchnorm
 from ganflow.sampling import export_generator
-from ganflow.artifacts import CHECKPOINT_STATE
 from ganflow.train_loop import TIMINGS, load_state_file, read_checkpoint_meta
 
 

@@ -74,8 +74,8 @@ def shards_root(cfg: Config) -> str:
     import pyarrow.fs
 
     from ganflow.artifacts import read_manifest
-    from ganflow.filesystems import storage_fs
     from ganflow.checkpoints import storage_path
+    from ganflow.filesystems import storage_fs
 
     manifest = read_manifest(cfg.paths.prepared)
     prefix = storage_path(cfg)

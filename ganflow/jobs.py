@@ -35,9 +35,9 @@ from pathlib import Path
 from ganflow.atomic import atomic_dir, file_sha256, write_file
 from ganflow.config import Config
 from ganflow.errors import GanflowError, first_line
+from ganflow.filesystems import storage_fs
 from ganflow.interrupts import Interrupted, stop_on_signals
 from ganflow.raycluster import RAY_ENV_DEFAULTS
-from ganflow.filesystems import storage_fs
 
 EXCHANGE_ENV = "GANFLOW_EXCHANGE"  # set by the submitter in the job's runtime env
 SUBMISSION_ENV = "GANFLOW_SUBMISSION_ID"
@@ -296,7 +296,7 @@ def job_client(address: str):
 
     try:
         return JobSubmissionClient(address)
-    except Exception as exc:  # ConnectionError, AuthenticationError, RuntimeError, ...
+    except Exception as exc:  # noqa: BLE001 - ConnectionError, AuthenticationError, RuntimeError, ...
         raise JobError(f"cluster.address: cannot reach the Ray job server at {address}: {first_line(exc)}") from None
 
 
@@ -391,7 +391,7 @@ def _submit(cfg: Config, stage: str, client, address: str, exchange: str, submis
                 metadata={"ganflow_stage": stage},
             )
             break
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - which errors Ray raises here is not documented
             if "No available agent" not in str(exc):
                 raise JobError(f"cluster.address: submitting {stage} to {address} failed: {first_line(exc)}") from None
             if time.monotonic() > deadline:
@@ -433,7 +433,7 @@ def _job_exists(client, submission_id: str) -> bool:
     try:
         client.get_job_info(submission_id)
         return True
-    except Exception:  # RuntimeError "does not exist", or the server not answering either
+    except Exception:  # noqa: BLE001 - RuntimeError "does not exist", or the server not answering either
         return False
 
 
@@ -449,7 +449,7 @@ def _follow(client, submission_id: str, log: list[str]) -> str:
 
     try:
         asyncio.run(tail())
-    except Exception as exc:  # the log stream broke; the job may still run: poll its status
+    except Exception as exc:  # noqa: BLE001 - the log stream broke; the job may still run: poll its status
         print(f"(log stream ended: {first_line(exc)}; polling the job's status)", file=sys.stderr)
     while True:
         status = client.get_job_status(submission_id)

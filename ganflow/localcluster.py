@@ -70,7 +70,7 @@ def _wait(check, what: str, timeout: float, proc: subprocess.Popen, log: Path) -
         try:
             if check():
                 return
-        except Exception:
+        except Exception:  # noqa: BLE001 - not up yet, whatever the error
             pass
         time.sleep(0.5)
     raise ClusterError(f"{what} did not come up within {timeout:.0f} s (log: {log})")
@@ -338,8 +338,8 @@ def jobs_stages() -> tuple[str, ...]:
 
 def _exchange_command(name: str):
     def run(args) -> int:
-        from ganflow.config import load_config
         from ganflow import jobs
+        from ganflow.config import load_config
 
         cfg = load_config(args.params)
         if name == "submit":

@@ -81,7 +81,7 @@ def init_ray() -> None:
             _OWN_RAY["local"] = True
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise TrainingError(f"cluster.address: cannot connect to Ray at {address or 'local'}: {first_line(exc)}") from None
-    except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception when its own node does not start
+    except Exception as exc:
         if address:
             raise
         raise TrainingError(f"the stage's local Ray did not start ({first_line(exc)}); on a busy machine, "

@@ -16,12 +16,12 @@ from typing import Any
 from ganflow.artifacts import class_prior, read_manifest
 from ganflow.atomic import named_sha256
 from ganflow.budget import schedule_of
+from ganflow.checkpoints import storage_path
 from ganflow.config import Config
 from ganflow.errors import TrainingError, first_line
 from ganflow.evaluation import load_reference
 from ganflow.ingest import data_config, shipped_files
 from ganflow.raycluster import own_local_ray, scaling_config
-from ganflow.checkpoints import storage_path
 from ganflow.train_loop import SHIPPED_INPUTS, train_loop_per_worker
 
 

@@ -20,7 +20,9 @@ import json
 import math
 from typing import Any
 
-from ganflow.artifacts import ENCODER_WEIGHTS, GENERATOR_SPEC as SPEC, GENERATOR_WEIGHTS as WEIGHTS, REFERENCE, prepared_hash
+from ganflow.artifacts import ENCODER_WEIGHTS, REFERENCE, prepared_hash
+from ganflow.artifacts import GENERATOR_SPEC as SPEC
+from ganflow.artifacts import GENERATOR_WEIGHTS as WEIGHTS
 from ganflow.atomic import file_sha256, write_file
 from ganflow.config import Config
 from ganflow.errors import GanflowError

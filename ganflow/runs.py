@@ -11,9 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ganflow.errors import first_line
 from ganflow.endpoints import check_reachable
-from ganflow.errors import TrackingError
+from ganflow.errors import TrackingError, first_line
 from ganflow.tracking import lr_text
 
 STOPPED_EARLY = "stopped early (ASHA)"  # the ganflow.trial_status tuning.py gives such trials

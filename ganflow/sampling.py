@@ -22,12 +22,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from ganflow.artifacts import GENERATOR_SPEC as SPEC, GENERATOR_WEIGHTS as WEIGHTS, WEIGHTS_SHA256
+from ganflow.artifacts import GENERATOR_SPEC as SPEC
+from ganflow.artifacts import GENERATOR_WEIGHTS as WEIGHTS
+from ganflow.artifacts import WEIGHTS_SHA256
 from ganflow.atomic import atomic_dir, file_sha256, write_bytes
-from ganflow.images import to_uint8
 from ganflow.errors import GanflowError, first_line
+from ganflow.images import to_uint8
 from ganflow.models import GENERATORS, allocate, one_hot
-
 
 
 def generator_meta(path: Path) -> dict[str, Any]:

@@ -227,7 +227,7 @@ class RunLogger:
         try:
             with _quick_requests():
                 result = fn(*args, **kwargs)
-        except Exception as exc:  # tracking must never stop training
+        except Exception as exc:  # noqa: BLE001 - tracking must never stop training
             low, high = self.BACKOFF_S
             self._backoff = min(high, max(low, 2 * self._backoff))
             self._retry_at = time.monotonic() + self._backoff
@@ -363,9 +363,8 @@ def log_evaluation(cfg: Config, run_id: str | None, metrics: dict[str, Any], gri
     record; a tracking store that fails here costs a warning, not the evaluation."""
     if not run_id:
         return False
-    from mlflow.tracking import MlflowClient
-
     from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
 
     numbers = {f"eval_{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
     # per-class figures (class_fd_over_real, class_freq) as eval_<key>_<class>: which class is weak

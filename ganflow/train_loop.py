@@ -28,8 +28,8 @@ from torch import nn
 from ganflow.artifacts import CHECKPOINT_META, CHECKPOINT_STATE
 from ganflow.augment import AdaptiveP, Augment, augmenter
 from ganflow.config import Config, policy_of
-from ganflow.errors import GanflowError, first_line
 from ganflow.encoder import encode
+from ganflow.errors import GanflowError, first_line
 from ganflow.evaluation import Reference, codes_for, load_reference
 from ganflow.losses import LOSSES, r1_penalty
 from ganflow.models import (
@@ -509,9 +509,9 @@ def run_loop(config: dict[str, Any], session: RayTrainSession | TrialSession) ->
     report at each tick."""
     import ray
 
-    from ganflow.config import config_from_dict
-    from ganflow.budget import schedule_of
     from ganflow.artifacts import class_prior, read_manifest
+    from ganflow.budget import schedule_of
+    from ganflow.config import config_from_dict
     from ganflow.data import build_train_transform
     from ganflow.tracking import RunLogger
 

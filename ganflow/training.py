@@ -24,6 +24,7 @@ from ganflow.raycluster import check_resources, init_ray, with_resolved_cpus
 from ganflow.raytrain import RESTARTS_TAG, check_trainable, fit, restart_recorder, worker_inputs
 from ganflow.tracking import connect, provenance, start_training_run, tracking_uri
 
+
 def run_training(cfg: Config, lr_g: float, lr_d: float) -> TrainSummary:
     """Train, export the EMA generator to paths.generator, log everything to one MLflow run."""
     planned = schedule_of(cfg.train, check_trainable(cfg), cfg.cluster.num_workers)

@@ -27,15 +27,19 @@ import numpy as np
 
 from ganflow.artifacts import Best
 from ganflow.atomic import check_storage_writable
-from ganflow.config import Config
 from ganflow.budget import schedule_of
+from ganflow.checkpoints import delete_run, storage_path
+from ganflow.config import Config
 from ganflow.errors import TrainingError, TuneError, first_line
 from ganflow.interrupts import Interrupted, stop_on_signals
 from ganflow.raycluster import check_resources, init_ray, scaling_config
-from ganflow.raytrain import (check_trainable, fit, release_orphaned_placement_groups,
-                              release_placement_groups_after_sweep, worker_inputs)
-from ganflow.checkpoints import delete_run, storage_path
-from ganflow.train_loop import TrialSession, run_loop
+from ganflow.raytrain import (
+    check_trainable,
+    fit,
+    release_orphaned_placement_groups,
+    release_placement_groups_after_sweep,
+    worker_inputs,
+)
 from ganflow.tracking import (
     connect,
     params_hash,
@@ -44,6 +48,7 @@ from ganflow.tracking import (
     start_training_run,
     tracking_uri,
 )
+from ganflow.train_loop import TrialSession, run_loop
 
 # a trial's own driver function needs (almost) nothing: the workers hold the CPUs/GPUs. A
 # non-empty bundle is required; a tiny CPU share would keep two 1-CPU trials off a 2-CPU box.
@@ -175,7 +180,7 @@ def _trial(config: dict[str, Any], *, base: dict[str, Any], root: str, parent_ru
             result = fit(cfg, train_config, f"{sweep}/{context.get_trial_name()}", callbacks=[TuneReportCallback()],
                          owns_ray=False)  # Tune kills a trial's controller: its cleaner frees the placement group
             outcome = result.return_value or {}
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure of a trial becomes its TrainingError
         failure = exc if isinstance(exc, TrainingError) else TrainingError(f"training failed: {type(exc).__name__}: "
                                                                            f"{first_line(exc)}")
         client.set_tag(run_id, "ganflow.failure", str(failure))

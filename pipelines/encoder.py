@@ -10,9 +10,9 @@ import json
 import sys
 
 from ganflow.atomic import write_file
-from ganflow.stage import stage_main
 from ganflow.config import Config
 from ganflow.encoder import fit_encoder
+from ganflow.stage import stage_main
 
 
 def stage(cfg: Config) -> None:

@@ -17,13 +17,13 @@ import sys
 import torch
 
 from ganflow.atomic import write_file
-from ganflow.stage import stage_main
 from ganflow.config import Config
 from ganflow.evaluation import evaluate_generator, load_reference
+from ganflow.images import make_grid, to_uint8
 from ganflow.models import class_grid_codes
 from ganflow.report import reading, summary_line
-from ganflow.images import make_grid, to_uint8
 from ganflow.sampling import generator_meta, load_generator_dir
+from ganflow.stage import stage_main
 from ganflow.tracking import log_evaluation
 
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import sys
 
-from ganflow.stage import stage_main
 from ganflow.config import Config
 from ganflow.data import prepare
 from ganflow.jobs import run_stage
+from ganflow.stage import stage_main
 
 
 def prepare_here(cfg: Config) -> None:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import sys
 
-from ganflow.stage import stage_main
 from ganflow.config import Config
 from ganflow.registry import register
+from ganflow.stage import stage_main
 
 
 def stage(cfg: Config) -> None:

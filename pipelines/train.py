@@ -10,14 +10,13 @@ Ray job on that cluster and its outputs are brought back here (ganflow/jobs.py).
 
 from __future__ import annotations
 
-
 import sys
 
-from ganflow.stage import stage_main
-from ganflow.config import Config
-from ganflow.training import run_training
-from ganflow.jobs import run_stage
 from ganflow.artifacts import read_best
+from ganflow.config import Config
+from ganflow.jobs import run_stage
+from ganflow.stage import stage_main
+from ganflow.training import run_training
 
 
 def train(cfg: Config) -> None:

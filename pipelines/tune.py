@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import sys
 
-from ganflow.stage import stage_main
+from ganflow.artifacts import write_best
 from ganflow.config import Config
 from ganflow.jobs import run_stage
-from ganflow.artifacts import write_best
+from ganflow.stage import stage_main
 from ganflow.tuning import run_sweep
 
 

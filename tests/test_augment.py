@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ganflow.augment import augmenter, cutout, translate
-from ganflow.config import policy_of
-from ganflow.config import from_dict, resolve_paths
+from ganflow.config import from_dict, policy_of, resolve_paths
 from ganflow.data import PreparedDataset, prepare
 from ganflow.errors import GanflowError
 from ganflow.train_loop import build_state, gan_step

@@ -24,9 +24,9 @@ import pytest
 import yaml
 from PIL import Image
 
+from ganflow.artifacts import read_manifest
 from ganflow.atomic import check_storage_writable, check_writable_dir
 from ganflow.config import from_dict, load_config, resolve_paths
-from ganflow.artifacts import read_manifest
 from ganflow.data import decode_image, load_images, prepare
 from ganflow.errors import GanflowError
 from tests.conftest import REPO, run
@@ -186,9 +186,9 @@ def test_every_oversized_header_is_reported_as_too_many_pixels():
 
 
 def test_batch_larger_than_the_dataset_is_refused_before_ray(tmp_path):
-    from ganflow.raytrain import check_trainable
-    from ganflow.errors import TrainingError
     from ganflow.encoder import fit_encoder
+    from ganflow.errors import TrainingError
+    from ganflow.raytrain import check_trainable
 
     rng = np.random.default_rng(0)
     # 160 images, 24 for validation and 24 for test: 112 to train on

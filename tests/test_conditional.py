@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from ganflow.config import from_dict, resolve_paths
 from ganflow.artifacts import class_prior
+from ganflow.config import from_dict, resolve_paths
 from ganflow.data import prepare
 from ganflow.errors import GanflowError
 from ganflow.models import allocate, build_discriminator, build_generator, class_grid_codes, draw_codes

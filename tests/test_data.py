@@ -14,6 +14,7 @@ import yaml
 from PIL import Image
 
 import ganflow.data as data_mod
+from ganflow.atomic import file_sha256
 from ganflow.config import from_dict, resolve_paths
 from ganflow.data import (
     PreparedDataset,
@@ -23,7 +24,6 @@ from ganflow.data import (
     prepare,
     read_manifest,
 )
-from ganflow.atomic import file_sha256
 from ganflow.errors import DataError
 from tests.conftest import REPO, run
 
@@ -56,7 +56,7 @@ def image_folder(tmp_path: Path) -> Path:
     save(root / "cats" / "pal.bmp", Image.fromarray(g).convert("P"))
     save(root / "dogs" / "wide.png", Image.fromarray(gradient(100, 20)))
     save(root / "dogs" / "deep" / "tiny.png", Image.fromarray(gradient(5, 7)))
-    save(root / "dogs" / "sixteen.png", Image.fromarray((gradient(24, 24).astype(np.uint16) * 200)))
+    save(root / "dogs" / "sixteen.png", Image.fromarray(gradient(24, 24).astype(np.uint16) * 200))
     save(root / "dogs" / "trans.png", Image.fromarray(g).convert("P"), transparency=0)
     # unreadable: truncated PNG, zero bytes, text with an image extension, and a non-image file
     full = root / "dogs" / "whole.png"

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from ganflow.config import from_dict, resolve_paths
 from ganflow.artifacts import SPLIT, read_manifest
+from ganflow.config import from_dict, resolve_paths
 from ganflow.data import TEST, PreparedDataset, prepare
 from ganflow.encoder import EvaluationError, fit_encoder
 from ganflow.evaluation import class_match, evaluate_generator, load_reference, score_images

@@ -415,7 +415,7 @@ def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
             continue
         logical.append(current + line)
         current = ""
-    return [(l.split(None, 1)[0].upper(), l.split(None, 1)[1].strip()) for l in logical]
+    return [(x.split(None, 1)[0].upper(), x.split(None, 1)[1].strip()) for x in logical]
 
 
 def copy_sources(path: Path) -> list[str]:
@@ -501,7 +501,7 @@ WORKING_DIR_CASES = [
 
 
 def test_rayignore_lists_what_must_stay_behind():
-    patterns = {l.strip() for l in (REPO / ".rayignore").read_text().splitlines() if l.strip() and l[0] != "#"}
+    patterns = {x.strip() for x in (REPO / ".rayignore").read_text().splitlines() if x.strip() and x[0] != "#"}
     for needed in ("/.venv", "/.git", "/.dvc/cache", "/.dvc/tmp", "/.dvc/config.local", "/mlflow.db",
                    "/mlartifacts", "/ray_results", "/.cluster", "__pycache__", ".pytest_cache", ".env"):
         assert needed in patterns, f".rayignore lacks {needed}"
@@ -727,10 +727,9 @@ def test_cluster_down_signals_only_the_processes_it_started(tmp_path):
     import dataclasses
     import subprocess
     import sys
+    import threading
 
     from ganflow import localcluster
-
-    import threading
 
     def sleeper():
         proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"], start_new_session=True)

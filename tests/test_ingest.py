@@ -10,8 +10,8 @@ import pytest
 
 from ganflow.config import Config, from_dict, resolve_paths
 from ganflow.data import PreparedDataset, prepare
-from ganflow.raytrain import input_files
 from ganflow.ingest import CHUNK, chunks, data_config, shards_root, train_dataset
+from ganflow.raytrain import input_files
 
 
 def make_cfg(root, **data) -> Config:

@@ -41,8 +41,8 @@ def test_tune_and_train_depend_on_what_shapes_their_result_only(stage):
     """A train.* field added to the config must reach the DVC params of the stages that train (or
     be left out on purpose): all but the run-only keys (checkpointing, failure budget) and, for the
     sweep, the budget (trials run tune.kimg); of cluster.*, what shapes the result, not where it runs."""
-    from ganflow.config import TRAIN_RUN_ONLY_KEYS, ClusterConfig, TrainConfig
     from ganflow.checkpoints import RUN_DATA_KEYS
+    from ganflow.config import TRAIN_RUN_ONLY_KEYS, ClusterConfig, TrainConfig
 
     params = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]["params"]
     listed = {p.split(".", 1)[1] for p in params if isinstance(p, str) and p.startswith("train.")}

@@ -199,7 +199,7 @@ def test_an_edited_module_makes_dvc_rerun_exactly_the_stages_that_import_it(proj
         for entry in stage.get("outs", []) + stage.get("metrics", []) + stage.get("plots", []):
             out = next(iter(entry)) if isinstance(entry, dict) else entry
             for key, value in paths.items():
-                out = out.replace("${paths.%s}" % key, value)
+                out = out.replace(f"${{paths.{key}}}", value)
             target = project / out
             if target.suffix:  # a file output
                 target.parent.mkdir(parents=True, exist_ok=True)

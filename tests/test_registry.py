@@ -131,7 +131,7 @@ def test_two_registers_racing_on_a_tracking_server_end_with_the_best_champion(tm
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for i, fd in enumerate(fds)]
         outputs = [p.communicate(timeout=600) for p in procs]
-        for p, (out, err) in zip(procs, outputs):
+        for p, (_out, err) in zip(procs, outputs):
             assert p.returncode == 0 and "Traceback" not in err, err[-2000:]
         from mlflow.tracking import MlflowClient
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 from mlflow.tracking import MlflowClient
 
-from ganflow.cli import main
 from ganflow.artifacts import read_manifest
+from ganflow.cli import main
 from ganflow.tracking import NOTE_TAG, SAMPLES_KEY, lr_text, tracking_uri
 from ganflow.tuning import trial_number
 from tests.test_ui import build_store

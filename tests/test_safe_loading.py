@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 import torch
 
+from ganflow.artifacts import CHECKPOINT_STATE
 from ganflow.config import from_dict, resolve_paths
 from ganflow.errors import GanflowError
 from ganflow.models import Generator
 from ganflow.sampling import SPEC, WEIGHTS, WEIGHTS_SHA256, export_generator, load_generator_dir, load_sampler
-from ganflow.artifacts import CHECKPOINT_STATE
 from ganflow.train_loop import CheckpointError, build_state, load_checkpoint, save_checkpoint
 from tests.conftest import REPO
 

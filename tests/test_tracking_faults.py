@@ -18,9 +18,8 @@ from mlflow.tracking import MlflowClient
 
 from ganflow.endpoints import check_reachable
 from ganflow.errors import TrackingError
+from ganflow.localcluster import free_port, start_mlflow_server
 from ganflow.tracking import INCOMPLETE_TAG, MISSING_GRIDS_TAG, RunLogger
-from ganflow.localcluster import start_mlflow_server
-from ganflow.localcluster import free_port
 
 STEPS_PER_EPOCH = 4
 KEYS = ("loss_d", "loss_g")

@@ -7,10 +7,10 @@ import copy
 import pytest
 import torch
 
+from ganflow import train_loop
 from ganflow.config import from_dict, resolve_paths
 from ganflow.losses import LOSSES
 from ganflow.models import build_discriminator, build_generator
-from ganflow import train_loop
 from ganflow.train_loop import (
     amp_dtype,
     build_state,
@@ -157,9 +157,9 @@ def test_ema_moves_toward_the_model():
 def test_ema_decay_warms_up_to_the_configured_value_within_the_default_run():
     from sklearn.datasets import load_digits
 
+    from ganflow.budget import schedule_of
     from ganflow.config import load_config
     from ganflow.data import TRAIN, three_way_split
-    from ganflow.budget import schedule_of
     from ganflow.train_loop import EMA_RAMPUP
 
     assert ema_decay_at(0.99, 0) == 0.0  # the first update copies G

@@ -16,10 +16,10 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
+from ganflow.artifacts import write_best
 from ganflow.config import load_config
 from ganflow.data import prepare
 from ganflow.encoder import fit_encoder
-from ganflow.artifacts import write_best
 from ganflow.tuning import run_sweep
 from tests.conftest import BIN, REPO, run
 

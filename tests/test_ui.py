@@ -27,10 +27,9 @@ import yaml
 
 from ganflow.config import load_config
 from ganflow.data import PreparedDataset, prepare
+from ganflow.localcluster import free_port, start_mlflow_server
 from ganflow.tracking import RunLogger, connect, provenance, start_sweep_run, start_training_run, tracking_uri
 from ganflow.tuning import trial_config
-from ganflow.localcluster import start_mlflow_server
-from ganflow.localcluster import free_port
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's chromium; `make test` installs it
 CHROMIUM_ARGS = [
