@@ -53,11 +53,11 @@ def score_exported(cfg) -> dict:
 DATASETS = {
     "digits": "the project's prepared digits and encoder (params.yaml's data:; `dvc repro encoder`)",
     "digits-100": "100 images of the digit 3 from scikit-learn's digits, unlabelled: a 100-image set, "
-                  "trained unconditionally",
+    "trained unconditionally",
     "digits-300": "300 of scikit-learn's digits, 30 per class, labelled",
     "photo-crops-64": "300 RGB crops at 64 px, unlabelled, of the three photographs that ship with the "
-                      "installed packages (scikit-learn's china.jpg and flower.jpg, matplotlib's "
-                      "grace_hopper.jpg): random squares of 96-224 px side, resized",
+    "installed packages (scikit-learn's china.jpg and flower.jpg, matplotlib's "
+    "grace_hopper.jpg): random squares of 96-224 px side, resized",
 }
 
 
@@ -87,7 +87,7 @@ def dataset_arrays(name: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray | N
             photo = photos[i % len(photos)]
             side = int(rng.integers(96, 225))
             top, left = (int(rng.integers(0, photo.shape[k] - side + 1)) for k in (0, 1))
-            square = Image.fromarray(photo[top: top + side, left: left + side])
+            square = Image.fromarray(photo[top : top + side, left : left + side])
             crops.append(np.asarray(square.resize((64, 64), Image.Resampling.LANCZOS)))
         return np.stack(crops), None, 64
     raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")

@@ -100,21 +100,29 @@ def main() -> int:
     parser.add_argument("command", nargs="*", help="default: dvc repro -f")
     args = parser.parse_args()
     if args.smoke:
-        command = [sys.executable, "-c", "import time; t = time.time(); [0 for _ in iter(lambda: time.time() - t < 2, False)]"]
+        command = [
+            sys.executable,
+            "-c",
+            "import time; t = time.time(); [0 for _ in iter(lambda: time.time() - t < 2, False)]",
+        ]
     else:
         command = args.command or [os.path.join(os.path.dirname(sys.executable), "dvc"), "repro", "-f"]
     totals, wall, status = measure(command, args.interval)
     used = sum(totals.values())
-    print(f"\n{' '.join(command)[:100]}: exit {status}, {wall:.0f} s wall, {used:.0f} CPU s on "
-          f"{os.cpu_count()} CPUs ({used / wall / (os.cpu_count() or 1):.0%} of the machine)")
+    print(
+        f"\n{' '.join(command)[:100]}: exit {status}, {wall:.0f} s wall, {used:.0f} CPU s on "
+        f"{os.cpu_count()} CPUs ({used / wall / (os.cpu_count() or 1):.0%} of the machine)"
+    )
     print(f"{'class':20s} {'CPU s':>8s} {'share':>6s}")
     for cls in CLASSES:
         print(f"{cls:20s} {totals.get(cls, 0.0):8.1f} {totals.get(cls, 0.0) / max(used, 1e-9):6.1%}")
     ray_side = sum(totals.get(c, 0.0) for c in ("Ray control actors", "Ray system"))
     training = totals.get("training workers", 0.0) + totals.get("trials", 0.0)
     if training > 0:
-        print(f"training (workers and trials) share of the CPU used: {training / used:.1%}; Ray's control "
-              f"actors and system per training CPU second: {ray_side / training:.3f}")
+        print(
+            f"training (workers and trials) share of the CPU used: {training / used:.1%}; Ray's control "
+            f"actors and system per training CPU second: {ray_side / training:.3f}"
+        )
     return 0 if status == 0 else 1
 
 

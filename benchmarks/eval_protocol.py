@@ -69,16 +69,24 @@ def shift(images: np.ndarray, px: int) -> np.ndarray:
     return padded[:, : images.shape[1], : images.shape[2]]
 
 
-def stratified_draws(labels: np.ndarray, counts: np.ndarray, draws: int, rng: np.random.Generator,
-                     labelled: bool, replace: bool = False) -> list[np.ndarray]:
+def stratified_draws(
+    labels: np.ndarray, counts: np.ndarray, draws: int, rng: np.random.Generator, labelled: bool, replace: bool = False
+) -> list[np.ndarray]:
     """``draws`` index sets into ``labels`` with the given class counts (without replacement in a
     draw unless a class has too few; ``replace``: as the real baseline does then)."""
     out = []
     for _ in range(draws):
         if labelled:
             members = [np.flatnonzero(labels == c) for c in range(len(counts))]
-            out.append(np.concatenate([rng.choice(members[c], int(n), replace=replace and int(n) > len(members[c]))
-                                       for c, n in enumerate(counts) if n > 0]))
+            out.append(
+                np.concatenate(
+                    [
+                        rng.choice(members[c], int(n), replace=replace and int(n) > len(members[c]))
+                        for c, n in enumerate(counts)
+                        if n > 0
+                    ]
+                )
+            )
         else:
             out.append(rng.choice(len(labels), int(counts[0]), replace=replace and int(counts[0]) > len(labels)))
     return out
@@ -86,10 +94,13 @@ def stratified_draws(labels: np.ndarray, counts: np.ndarray, draws: int, rng: np
 
 def row(name: str, m: dict, expect: str) -> None:
     ratio = m.get("fd_domain_over_real", float("nan"))
-    print(f"{name:18s} fd_domain {m['fd_domain']:7.3f} ± {m['fd_domain_sd']:.3f}  real {m['real_fd_domain']:7.3f} ± "
-          f"{m['real_fd_domain_sd']:.3f}  ratio {ratio:5.2f} ± {m.get('fd_domain_over_real_sd', float('nan')):.2f}  "
-          f"KID {m['kid']:+.4f} (real {m['real_kid']:+.4f})  flagged {m.get('copying_flagged', float('nan')):.0f}  "
-          f"[expected: {expect}]", flush=True)
+    print(
+        f"{name:18s} fd_domain {m['fd_domain']:7.3f} ± {m['fd_domain_sd']:.3f}  real {m['real_fd_domain']:7.3f} ± "
+        f"{m['real_fd_domain_sd']:.3f}  ratio {ratio:5.2f} ± {m.get('fd_domain_over_real_sd', float('nan')):.2f}  "
+        f"KID {m['kid']:+.4f} (real {m['real_kid']:+.4f})  flagged {m.get('copying_flagged', float('nan')):.0f}  "
+        f"[expected: {expect}]",
+        flush=True,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,8 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     train_images = train.images.read_many(train.indices[reference.train_index])
     train_feats = reference.train_features
     labelled = reference.labelled
-    print(f"{cfg.data.image_size}px {cfg.data.source}: train {len(train)}, validation {len(val)}, test "
-          f"{len(test.features)}; draws of {test.draw_size} against test; eval.draws {cfg.eval.draws}; float32")
+    print(
+        f"{cfg.data.image_size}px {cfg.data.source}: train {len(train)}, validation {len(val)}, test "
+        f"{len(test.features)}; draws of {test.draw_size} against test; eval.draws {cfg.eval.draws}; float32"
+    )
 
     def scored(ref: Reference, images: np.ndarray, index: list[np.ndarray], check: bool = True) -> dict:
         feats, probs = features_of(ref, images)
@@ -124,16 +137,34 @@ def main(argv: list[str] | None = None) -> int:
     # real vs real: halves A (baseline) and B (samples) of the train split, disjoint, stratified
     pool = np.arange(len(reference.train_labels))
     order = rng.permutation(pool)
-    half_a = np.sort(np.concatenate([order[reference.train_labels[order] == c][::2]
-                                     for c in np.unique(reference.train_labels[pool])]))
+    half_a = np.sort(
+        np.concatenate(
+            [order[reference.train_labels[order] == c][::2] for c in np.unique(reference.train_labels[pool])]
+        )
+    )
     half_b = np.setdiff1d(pool, half_a)
     classes = len(reference.class_names)
-    split_ab = Split("test", test.features, test.labels,
-                     draw_counts(reference.train_labels[half_a], test.labels, classes, cfg.eval.num_samples))
-    ref_a = Reference(reference.encoder, reference.spec, split_ab, reference.train_features[half_a],
-                      reference.train_labels[half_a], reference.train_index[half_a], reference.cells, reference.class_freq, reference.class_names, cfg)
-    index_b = stratified_draws(reference.train_labels[half_b], split_ab.draw_counts, cfg.eval.draws, rng, labelled,
-                               replace=True)
+    split_ab = Split(
+        "test",
+        test.features,
+        test.labels,
+        draw_counts(reference.train_labels[half_a], test.labels, classes, cfg.eval.num_samples),
+    )
+    ref_a = Reference(
+        reference.encoder,
+        reference.spec,
+        split_ab,
+        reference.train_features[half_a],
+        reference.train_labels[half_a],
+        reference.train_index[half_a],
+        reference.cells,
+        reference.class_freq,
+        reference.class_names,
+        cfg,
+    )
+    index_b = stratified_draws(
+        reference.train_labels[half_b], split_ab.draw_counts, cfg.eval.draws, rng, labelled, replace=True
+    )
     m = score(ref_a, [(train_feats[half_b][i], None) for i in index_b], cfg.eval.seed + 7)
     row("real vs real", m, "ratio 1 within 2 sd")
 
@@ -145,20 +176,33 @@ def main(argv: list[str] | None = None) -> int:
     for px in (1, 2):
         row(f"shifted {px} px copy", scored(ref_test, shift(train_images, px), index), "flagged")
 
-    held_detector = build_detector(reference.train_features, train_images, reference.split.features,
-                                   val.images.read_many(val.indices), reference.cells, cfg.eval.seed)
+    held_detector = build_detector(
+        reference.train_features,
+        train_images,
+        reference.split.features,
+        val.images.read_many(val.indices),
+        reference.cells,
+        cfg.eval.seed,
+    )
     feats, _ = features_of(reference, test_images)
     verdict = held_detector.check(feats, test_images)
-    print(f"{'held-out real':18s} test images against a validation-calibrated detector: flagged "
-          f"{verdict['copying_flagged']:.0f} (near-dup pixel {verdict['copying_near_dup_pixel']:.3f} / "
-          f"{verdict['copying_near_dup_pixel_threshold']:.3f}, feature {verdict['copying_near_dup_feature']:.3f} / "
-          f"{verdict['copying_near_dup_feature_threshold']:.3f}, min cell Z {verdict['copying_min_cell_z']:.2f} / "
-          f"{verdict['copying_min_cell_z_threshold']:.2f}) [expected: not flagged]")
+    print(
+        f"{'held-out real':18s} test images against a validation-calibrated detector: flagged "
+        f"{verdict['copying_flagged']:.0f} (near-dup pixel {verdict['copying_near_dup_pixel']:.3f} / "
+        f"{verdict['copying_near_dup_pixel_threshold']:.3f}, feature {verdict['copying_near_dup_feature']:.3f} / "
+        f"{verdict['copying_near_dup_feature_threshold']:.3f}, min cell Z {verdict['copying_min_cell_z']:.2f} / "
+        f"{verdict['copying_min_cell_z_threshold']:.2f}) [expected: not flagged]"
+    )
 
     # shifted held-out: test images (k = 1: the validation split's own counts) against validation
-    k1 = Split("validation", reference.split.features, reference.split.labels,
-               np.bincount(reference.split.labels, minlength=classes) if labelled
-               else np.asarray([len(reference.split.labels)]))
+    k1 = Split(
+        "validation",
+        reference.split.features,
+        reference.split.labels,
+        np.bincount(reference.split.labels, minlength=classes)
+        if labelled
+        else np.asarray([len(reference.split.labels)]),
+    )
     ref_k1 = reference.with_split(k1)
     test_index = stratified_draws(test.labels, k1.draw_counts, 1, rng, labelled)
     base = scored(ref_k1, test_images, test_index * cfg.eval.draws, check=False)
@@ -186,8 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     eval_s = time.perf_counter() - started
     row("generator (test)", metrics, "not flagged")
     v = metrics["validation"]
-    print(f"{'generator (val)':18s} fd_domain {v['fd_domain']:.3f} ± {v['fd_domain_sd']:.3f}, ratio "
-          f"{v['fd_domain_over_real']:.2f} ± {v['fd_domain_over_real_sd']:.2f}")
+    print(
+        f"{'generator (val)':18s} fd_domain {v['fd_domain']:.3f} ± {v['fd_domain_sd']:.3f}, ratio "
+        f"{v['fd_domain_over_real']:.2f} ± {v['fd_domain_over_real_sd']:.2f}"
+    )
     for px in (1, 2):
         part = 0.3
         codes = codes_for(test, meta["latent_dim"], bool(meta["class_prior"]), torch.Generator().manual_seed(5))
@@ -212,18 +258,24 @@ def main(argv: list[str] | None = None) -> int:
     test_px = pixels(test_images)
     g_fd, r_fd = [], []
     for i, idx in enumerate(index):
-        codes = codes_for(test, meta["latent_dim"], bool(meta["class_prior"]),
-                          torch.Generator().manual_seed(cfg.eval.seed + 1 + i))
+        codes = codes_for(
+            test, meta["latent_dim"], bool(meta["class_prior"]), torch.Generator().manual_seed(cfg.eval.seed + 1 + i)
+        )
         g_fd.append(fd(pixels(to_uint8(sample(codes))), test_px))
         r_fd.append(fd(pixels(train_images[idx]), test_px))
     ratio = np.mean(g_fd) / np.mean(r_fd)
     rel = np.hypot(np.std(g_fd, ddof=1) / np.mean(g_fd), np.std(r_fd, ddof=1) / np.mean(r_fd))
-    print(f"{'pixel judge':18s} 8x8-pixel FD {np.mean(g_fd):.4f} ± {np.std(g_fd, ddof=1):.4f}, real "
-          f"{np.mean(r_fd):.4f} ± {np.std(r_fd, ddof=1):.4f}: ratio {ratio:.2f} ± {ratio * rel:.2f} "
-          f"(encoder: {metrics['fd_domain_over_real']:.2f} ± {metrics['fd_domain_over_real_sd']:.2f})")
+    print(
+        f"{'pixel judge':18s} 8x8-pixel FD {np.mean(g_fd):.4f} ± {np.std(g_fd, ddof=1):.4f}, real "
+        f"{np.mean(r_fd):.4f} ± {np.std(r_fd, ddof=1):.4f}: ratio {ratio:.2f} ± {ratio * rel:.2f} "
+        f"(encoder: {metrics['fd_domain_over_real']:.2f} ± {metrics['fd_domain_over_real_sd']:.2f})"
+    )
 
-    run_id = json.loads((cfg.paths.generator / "generator.json").read_text()).get("mlflow_run_id") if not args.smoke \
+    run_id = (
+        json.loads((cfg.paths.generator / "generator.json").read_text()).get("mlflow_run_id")
+        if not args.smoke
         else None
+    )
     train_s = 0.0
     if run_id:
         from mlflow.tracking import MlflowClient
@@ -233,8 +285,10 @@ def main(argv: list[str] | None = None) -> int:
         info = MlflowClient(tracking_uri(cfg)).get_run(run_id).info
         train_s = ((info.end_time or 0) - info.start_time) / 1000 if info.start_time else 0.0
     if train_s > 0:
-        print(f"{'cost':18s} evaluation {eval_s:.1f} s = {eval_s / train_s:.1%} of the training's {train_s:.0f} s "
-              "(its MLflow run, start to end)")
+        print(
+            f"{'cost':18s} evaluation {eval_s:.1f} s = {eval_s / train_s:.1%} of the training's {train_s:.0f} s "
+            "(its MLflow run, start to end)"
+        )
     else:
         print(f"{'cost':18s} evaluation {eval_s:.1f} s")
     return 0

@@ -65,20 +65,31 @@ def main() -> int:
             root = Path(tmp) / f"p-{mode}"
             root.mkdir()
             params[mode] = root / "params.yaml"
-            params[mode].write_text(f"data:\n  source: folder\n  path: {folder}\n  image_size: {size}\n"
-                                    f"  channels: 3\n  prepare_workers: {mode}\n")
+            params[mode].write_text(
+                f"data:\n  source: folder\n  path: {folder}\n  image_size: {size}\n"
+                f"  channels: 3\n  prepare_workers: {mode}\n"
+            )
         print(f"{count} images of {size} px; img/s per round")
-        print(f"{'round':>5s} {'parallel':>9s} {'single':>8s} {'x single':>8s} {'loop 1':>8s} {'loop 2':>8s} {'x loop 1':>8s}")
+        print(
+            f"{'round':>5s} {'parallel':>9s} {'single':>8s} {'x single':>8s} {'loop 1':>8s} {'loop 2':>8s} {'x loop 1':>8s}"
+        )
         for r in range(rounds):
             seconds = {}
-            for mode in (("auto", 0) if r % 2 == 0 else (0, "auto")):
+            for mode in ("auto", 0) if r % 2 == 0 else (0, "auto"):
                 seconds[mode] = timed(scale.STAGE, str(params[mode]))["seconds"]
             one = timed(CEILING, str(params[0]), "0", "1")["seconds"]
-            procs = [subprocess.Popen([sys.executable, "-c", CEILING, str(params[0]), str(k), "2"],
-                                      stdout=subprocess.PIPE, text=True) for k in range(2)]
+            procs = [
+                subprocess.Popen(
+                    [sys.executable, "-c", CEILING, str(params[0]), str(k), "2"], stdout=subprocess.PIPE, text=True
+                )
+                for k in range(2)
+            ]
             two = max(report(p, p.communicate()[0])["seconds"] for p in procs)
-            print(f"{r:5d} {count / seconds['auto']:9.0f} {count / seconds[0]:8.0f} {seconds[0] / seconds['auto']:8.2f} "
-                  f"{count / one:8.0f} {count / two:8.0f} {one / two:8.2f}", flush=True)
+            print(
+                f"{r:5d} {count / seconds['auto']:9.0f} {count / seconds[0]:8.0f} {seconds[0] / seconds['auto']:8.2f} "
+                f"{count / one:8.0f} {count / two:8.0f} {one / two:8.2f}",
+                flush=True,
+            )
     return 0
 
 

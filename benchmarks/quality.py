@@ -124,16 +124,22 @@ def budget_text(cfg: Config, kimg: float) -> str:
 def table(dataset: str, cfg: Config, rows: list, seeds: int) -> None:
     first = rows[0][2]
     print(f"\n{dataset}: {DATASETS[dataset]}")
-    print(f"{cfg.data.image_size}px x{cfg.data.channels}, lr_g {cfg.train.lr_g:g}, lr_d {cfg.train.lr_d:g}, batch "
-          f"{cfg.train.batch_size}; test split, real baseline fd_domain {first.get('real_fd_domain', float('nan')):.3f}; "
-          f"{first.get('draws', 0):.0f} latent draws of {first.get('sample_size', 0):.0f} samples; {seeds} seed(s) per "
-          f"row (mean; sd of / real over seeds); training {train_dtype(cfg)}, evaluation float32")
-    header = (f"{'row':20s} {'trained':>15s} " + " ".join(f"{h:>{len(f.format(0))}s}" for _, h, f in COLUMNS)
-              + f" {'sd':>6s} {'p end':>5s} {'wall s':>7s}")
+    print(
+        f"{cfg.data.image_size}px x{cfg.data.channels}, lr_g {cfg.train.lr_g:g}, lr_d {cfg.train.lr_d:g}, batch "
+        f"{cfg.train.batch_size}; test split, real baseline fd_domain {first.get('real_fd_domain', float('nan')):.3f}; "
+        f"{first.get('draws', 0):.0f} latent draws of {first.get('sample_size', 0):.0f} samples; {seeds} seed(s) per "
+        f"row (mean; sd of / real over seeds); training {train_dtype(cfg)}, evaluation float32"
+    )
+    header = (
+        f"{'row':20s} {'trained':>15s} "
+        + " ".join(f"{h:>{len(f.format(0))}s}" for _, h, f in COLUMNS)
+        + f" {'sd':>6s} {'p end':>5s} {'wall s':>7s}"
+    )
     print(header)
     for name, budget, m, spread, wall, p_end in rows:
-        cells = " ".join(f.format(m[k]) if m.get(k) is not None else f"{'-':>{len(f.format(0))}s}"
-                         for k, _, f in COLUMNS)
+        cells = " ".join(
+            f.format(m[k]) if m.get(k) is not None else f"{'-':>{len(f.format(0))}s}" for k, _, f in COLUMNS
+        )
         flag = "  COPYING" if m.get("copying_flagged") else ""
         p_cell = f"{p_end:5.2f}" if p_end is not None else f"{'-':>5s}"
         print(f"{name:20s} {budget:>15s} {cells} {spread:6.2f} {p_cell} {wall:7.0f}{flag}", flush=True)
@@ -143,11 +149,20 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--dataset", default="digits", help=f"comma-separated, of: {', '.join(DATASETS)}")
-    parser.add_argument("--rows", "--recipes", dest="rows", default="default,before",
-                        help=f"comma-separated variants ({', '.join(VARIANTS)}) or recipes ({', '.join(RECIPES)})")
+    parser.add_argument(
+        "--rows",
+        "--recipes",
+        dest="rows",
+        default="default,before",
+        help=f"comma-separated variants ({', '.join(VARIANTS)}) or recipes ({', '.join(RECIPES)})",
+    )
     parser.add_argument("--kimg", type=float, help="every row's budget in thousands of images shown")
-    parser.add_argument("--budget-s", type=float, help="equal wall clock: each row trains the kimg of GAN "
-                        "updates that fit in this many seconds (probed per row; evaluation not counted)")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        help="equal wall clock: each row trains the kimg of GAN "
+        "updates that fit in this many seconds (probed per row; evaluation not counted)",
+    )
     parser.add_argument("--seeds", type=int, default=1, help="train each row with train.seed 0..N-1")
     parser.add_argument("--samples", type=Path, help="write a 64-sample grid of each row and seed into this folder")
     parser.add_argument("--smoke", action="store_true", help="tiny: checks the script runs")
@@ -157,8 +172,11 @@ def main() -> int:
     datasets = [d.strip() for d in args.dataset.split(",") if d.strip()]
     unknown = [n for n in names if n not in RECIPES and n not in VARIANTS] + [d for d in datasets if d not in DATASETS]
     if unknown:
-        print(f"error: unknown row or dataset {', '.join(unknown)}; rows: {', '.join([*VARIANTS, *RECIPES])}; "
-              f"datasets: {', '.join(DATASETS)}", file=sys.stderr)
+        print(
+            f"error: unknown row or dataset {', '.join(unknown)}; rows: {', '.join([*VARIANTS, *RECIPES])}; "
+            f"datasets: {', '.join(DATASETS)}",
+            file=sys.stderr,
+        )
         return 2
     if args.seeds < 1 or (args.kimg is not None and args.kimg <= 0):
         print("error: --seeds must be >= 1 and --kimg > 0", file=sys.stderr)
@@ -187,7 +205,10 @@ def main() -> int:
                 if args.budget_s:  # equal time: the kimg this row's update speed allows
                     per_kimg = seconds_per_kimg(one)
                     one.train.kimg, one.train.epochs = max(0.1, args.budget_s / per_kimg), None
-                    print(f"{dataset} {name}: {per_kimg:.2f} s per kimg of updates -> {one.train.kimg:.1f} kimg", flush=True)
+                    print(
+                        f"{dataset} {name}: {per_kimg:.2f} s per kimg of updates -> {one.train.kimg:.1f} kimg",
+                        flush=True,
+                    )
                 metrics, walls, p_end, kimg = [], [], [], []
                 for seed in range(args.seeds):
                     seeded = scratch(one, work / f"row{i}-seed{seed}")
@@ -200,13 +221,24 @@ def main() -> int:
                         save_grid(seeded, args.samples / f"{dataset}-{name}-seed{seed}.png")
                     p_end.append(summary.final.get("augment_p"))
                     kimg.append(summary.final.get("kimg") or 0.0)
-                    print(f"{dataset} {name} seed {seed}: fd_domain / real {metrics[-1]['fd_domain_over_real']:.2f} "
-                          f"({walls[-1]:.0f} s)", flush=True)
+                    print(
+                        f"{dataset} {name} seed {seed}: fd_domain / real {metrics[-1]['fd_domain_over_real']:.2f} "
+                        f"({walls[-1]:.0f} s)",
+                        flush=True,
+                    )
                 ratios = [m["fd_domain_over_real"] for m in metrics]
                 spread = float(np.std(ratios, ddof=1)) if len(ratios) > 1 else float("nan")
                 ps = [p for p in p_end if p is not None]
-                rows.append((name, budget_text(one, float(np.mean(kimg))), mean_row(metrics), spread, sum(walls) / len(walls),
-                             float(np.mean(ps)) if ps else None))
+                rows.append(
+                    (
+                        name,
+                        budget_text(one, float(np.mean(kimg))),
+                        mean_row(metrics),
+                        spread,
+                        sum(walls) / len(walls),
+                        float(np.mean(ps)) if ps else None,
+                    )
+                )
             table(dataset, cfg, rows, args.seeds)
     return 0
 

@@ -137,15 +137,23 @@ def train_stage(root: Path) -> tuple[float, float, dict[str, float]]:
     """Fit a 1-epoch encoder in the prepared project ``root`` (not measured), then run one epoch
     of the train stage there: (wall seconds, peak RSS MiB of its process tree, by process kind)."""
     params = root / "params.yaml"
-    params.write_text(params.read_text() + (
-        "model:\n  g_width: 16\n  d_width: 16\n"
-        "train:\n  epochs: 1\n  batch_size: 64\n"
-        "tune:\n  enabled: false\n"
-        "eval:\n  encoder_epochs: 1\n  feature_dim: 16\n  num_samples: 200\n  kid_subsets: 5\n  kid_subset_size: 100\n"
-        "cluster:\n  num_workers: 1\n"))
+    params.write_text(
+        params.read_text()
+        + (
+            "model:\n  g_width: 16\n  d_width: 16\n"
+            "train:\n  epochs: 1\n  batch_size: 64\n"
+            "tune:\n  enabled: false\n"
+            "eval:\n  encoder_epochs: 1\n  feature_dim: 16\n  num_samples: 200\n  kid_subsets: 5\n  kid_subset_size: 100\n"
+            "cluster:\n  num_workers: 1\n"
+        )
+    )
     repo = Path(__file__).resolve().parents[1]
-    encoder = subprocess.run([sys.executable, str(repo / "pipelines" / "encoder.py"), "--params", str(params)],
-                             cwd=root, capture_output=True, text=True)
+    encoder = subprocess.run(
+        [sys.executable, str(repo / "pipelines" / "encoder.py"), "--params", str(params)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    )
     if encoder.returncode != 0:
         raise SystemExit(f"encoder fit failed on {root}: {encoder.stderr.strip()[-500:]}")
     (root / "tune").mkdir(exist_ok=True)
@@ -192,7 +200,8 @@ def main() -> int:
                 params = root / "params.yaml"
                 params.write_text(
                     f"data:\n  source: folder\n  path: {folder}\n  image_size: {image_size}\n  channels: 3\n"
-                    f"  prepare_workers: {mode}\n")
+                    f"  prepare_workers: {mode}\n"
+                )
                 report, peak, _ = run_stage(params)
                 rows.append((count, mode, report["count"], report["count"] / report["seconds"], peak))
                 prepared = root / "data" / "prepared"
@@ -203,8 +212,16 @@ def main() -> int:
             # --smoke: Ray Data at the last size only (each read starts a local Ray)
             for mode in ("local", "ray_data") if not args.smoke or count == sizes[-1] else ("local",):
                 report, peak, _ = run_stage(Path(tmp) / f"p-{count}-auto" / "params.yaml", INGEST, mode)
-                reads.append((count, mode, report["count"], report["count"] / report["seconds"], peak,
-                              report["count"] / report["first"]))
+                reads.append(
+                    (
+                        count,
+                        mode,
+                        report["count"],
+                        report["count"] / report["seconds"],
+                        peak,
+                        report["count"] / report["first"],
+                    )
+                )
             if not args.smoke or count == sizes[-1]:
                 seconds, peak, parts = train_stage(Path(tmp) / f"p-{count}-auto")
                 trains.append((count, seconds, peak, parts))
@@ -217,10 +234,14 @@ def main() -> int:
         print(f"{count:7d} {name:24s} {rate:8.0f} {rate / single:8.2f} {peak:12.0f}")
     for mode in ("auto", 0):
         peaks = [r[4] for r in rows if r[1] == mode]
-        print(f"peak RSS growth {sizes[0]} -> {sizes[-1]} images, {'parallel' if mode == 'auto' else 'single'}: "
-              f"{peaks[-1] / peaks[0] - 1:+.0%}")
-    print("\ntwo training epochs of the train split, batches of 64 (float tensors), one reader;"
-          " img/s of the second epoch (the first: with start-up)")
+        print(
+            f"peak RSS growth {sizes[0]} -> {sizes[-1]} images, {'parallel' if mode == 'auto' else 'single'}: "
+            f"{peaks[-1] / peaks[0] - 1:+.0%}"
+        )
+    print(
+        "\ntwo training epochs of the train split, batches of 64 (float tensors), one reader;"
+        " img/s of the second epoch (the first: with start-up)"
+    )
     print(f"{'images':>7s} {'ingest':24s} {'img/s':>8s} {'x local':>8s} {'1st epoch':>9s} {'peak RSS MiB':>12s}")
     for count, mode, _kept, rate, peak, first in reads:
         local = next(r[3] for r in reads if r[0] == count and r[1] == "local")
@@ -230,15 +251,19 @@ def main() -> int:
         if len(peaks) < 2:
             continue
         print(f"peak RSS growth {sizes[0]} -> {sizes[-1]} images, {mode} epoch: {peaks[-1] / peaks[0] - 1:+.0%}")
-    print("\nthe train stage, one epoch (local Ray, 1 worker with every core, widths 16; wall includes"
-          " Ray's start-up, evaluation, export)")
+    print(
+        "\nthe train stage, one epoch (local Ray, 1 worker with every core, widths 16; wall includes"
+        " Ray's start-up, evaluation, export)"
+    )
     kinds = ("stage", "ray workers", "ray system", "other")
     print(f"{'images':>7s} {'wall s':>8s} {'peak RSS MiB':>12s}   at the peak, MiB: " + " / ".join(kinds))
     for count, seconds, peak, parts in trains:
         print(f"{count:7d} {seconds:8.1f} {peak:12.0f}   " + " / ".join(f"{parts.get(k, 0):.0f}" for k in kinds))
     if len(trains) > 1:
-        print(f"peak RSS growth {trains[0][0]} -> {trains[-1][0]} images, train stage: "
-              f"{trains[-1][2] / trains[0][2] - 1:+.0%}")
+        print(
+            f"peak RSS growth {trains[0][0]} -> {trains[-1][0]} images, train stage: "
+            f"{trains[-1][2] / trains[0][2] - 1:+.0%}"
+        )
     return 0
 
 

@@ -31,18 +31,36 @@ HERE = Path(__file__).resolve()
 
 def write_params(root: Path, args: argparse.Namespace, name: str, workers: int, gpu: bool) -> Path:
     params = root / f"params-{name}.yaml"
-    params.write_text(yaml.safe_dump({
-        "paths": {"prepared": str(root / "prepared"), "encoder": str(root / "encoder"),
-                  "generator": str(root / f"gen-{name}"), "metrics": str(root / f"metrics-{name}"),
-                  "plots": str(root / f"plots-{name}"), "mlflow_db": str(root / "mlflow.db"),
-                  "ray_results": str(root / "ray_results")},
-        "data": {"image_size": args.image_size},
-        "model": {"g_width": args.width, "d_width": args.width},
-        "train": {"epochs": args.epochs, "tick_kimg": 0.001,  # every epoch a tick
-                  "batch_size": args.batch_size * (workers if args.weak else 1)},
-        "eval": {"every": 1000, "encoder_epochs": 1, "num_samples": 200, "kid_subsets": 5, "kid_subset_size": 100},
-        "cluster": {"num_workers": workers, "cpus_per_worker": 1, "use_gpu": gpu},
-    }))
+    params.write_text(
+        yaml.safe_dump(
+            {
+                "paths": {
+                    "prepared": str(root / "prepared"),
+                    "encoder": str(root / "encoder"),
+                    "generator": str(root / f"gen-{name}"),
+                    "metrics": str(root / f"metrics-{name}"),
+                    "plots": str(root / f"plots-{name}"),
+                    "mlflow_db": str(root / "mlflow.db"),
+                    "ray_results": str(root / "ray_results"),
+                },
+                "data": {"image_size": args.image_size},
+                "model": {"g_width": args.width, "d_width": args.width},
+                "train": {
+                    "epochs": args.epochs,
+                    "tick_kimg": 0.001,  # every epoch a tick
+                    "batch_size": args.batch_size * (workers if args.weak else 1),
+                },
+                "eval": {
+                    "every": 1000,
+                    "encoder_epochs": 1,
+                    "num_samples": 200,
+                    "kid_subsets": 5,
+                    "kid_subset_size": 100,
+                },
+                "cluster": {"num_workers": workers, "cpus_per_worker": 1, "use_gpu": gpu},
+            }
+        )
+    )
     return params
 
 
@@ -62,8 +80,9 @@ def run_one(params: Path, address: str | None) -> float:
     env.pop("RAY_ADDRESS", None)
     if address:
         env["RAY_ADDRESS"] = address
-    proc = subprocess.run([sys.executable, str(HERE), "--measure", str(params)], env=env,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, str(HERE), "--measure", str(params)], env=env, capture_output=True, text=True
+    )
     if proc.returncode != 0:
         raise SystemExit(f"{params.name}: training failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])["imgs_per_sec"]
@@ -117,16 +136,17 @@ def main() -> int:
         cluster.wait_for_nodes()
         try:
             if not args.smoke:
-                rows.append(("1 worker, 2 nodes",
-                             run_one(write_params(root, args, "n2w1", 1, False), cluster.address)))
+                rows.append(("1 worker, 2 nodes", run_one(write_params(root, args, "n2w1", 1, False), cluster.address)))
             rows.append(("2 workers, 2 nodes", run_one(write_params(root, args, "n2w2", 2, False), cluster.address)))
         finally:
             cluster.shutdown()
 
     baseline = rows[0][1]
-    print(f"machine: {os.cpu_count()} CPUs, {gpus} GPU(s), torch {torch.__version__}; {args.image_size}px, "
-          f"widths {args.width}, batch {args.batch_size}{' per worker' if args.weak else ' global'}, "
-          f"{args.epochs} epochs")
+    print(
+        f"machine: {os.cpu_count()} CPUs, {gpus} GPU(s), torch {torch.__version__}; {args.image_size}px, "
+        f"widths {args.width}, batch {args.batch_size}{' per worker' if args.weak else ' global'}, "
+        f"{args.epochs} epochs"
+    )
     print(f"{'configuration':28s} {'img/s':>9s}  {'vs 1 worker, 1 node':>20s}")
     for name, rate in rows:
         print(f"{name:28s} {rate:9.1f}  {rate / baseline:20.2f}")

@@ -38,8 +38,11 @@ from pathlib import Path
 
 # Log lines that say a worker group was lost or Ray's cleaner acted (ganflow's restart recorder
 # names the cause in metrics/train.json; these are the raw traces in the stage's output).
-TRACES = re.compile(r"PlacementGroupCleaner|placement group.*(removed|cleaned)|WorkerGroupError|"
-                    r"worker group .*(failed|died)|restarting the worker group|ActorDiedError", re.IGNORECASE)
+TRACES = re.compile(
+    r"PlacementGroupCleaner|placement group.*(removed|cleaned)|WorkerGroupError|"
+    r"worker group .*(failed|died)|restarting the worker group|ActorDiedError",
+    re.IGNORECASE,
+)
 
 
 def clone(repo: Path, dest: Path) -> None:
@@ -70,17 +73,26 @@ def run_once(name: str, repo: Path, workdir: Path, smoke: bool) -> dict:
     log = workdir / f"{name}.log"
     if smoke:  # stands in for the pipeline: writes the two files the report reads
         (root / "Makefile").write_text(
-            ".venv/.ganflow-run:\n\ttrue\nrun:\n\t@mkdir -p metrics && echo '{\"worker_restarts\": 0, \"worker_restart_causes\": []}' "
-            "> metrics/train.json && echo '{\"fd_domain_over_real\": 1.0, \"fd_domain_over_real_sd\": 0.1}' "
-            "> metrics/eval.json && echo '(PlacementGroupCleaner pid=1) a line the report must find'\n")
+            '.venv/.ganflow-run:\n\ttrue\nrun:\n\t@mkdir -p metrics && echo \'{"worker_restarts": 0, "worker_restart_causes": []}\' '
+            '> metrics/train.json && echo \'{"fd_domain_over_real": 1.0, "fd_domain_over_real_sd": 0.1}\' '
+            "> metrics/eval.json && echo '(PlacementGroupCleaner pid=1) a line the report must find'\n"
+        )
     install_rc, install_s = make(".venv/.ganflow-run", root, workdir / f"{name}-install.log")  # the venv, untimed below
     rc, wall = make("run", root, log) if install_rc == 0 else (install_rc, 0.0)
     train, evaluation = read_json(root / "metrics" / "train.json"), read_json(root / "metrics" / "eval.json")
     traces = [line.strip()[:200] for line in log.read_text(errors="replace").splitlines() if TRACES.search(line)]
-    return {"run": name, "rc": rc, "install_s": round(install_s, 1), "wall_s": round(wall, 1), "worker_restarts": train.get("worker_restarts"),
-            "causes": train.get("worker_restart_causes", []), "log_traces": traces[:20],
-            "over_real": evaluation.get("fd_domain_over_real"), "over_real_sd": evaluation.get("fd_domain_over_real_sd"),
-            "log": str(log)}
+    return {
+        "run": name,
+        "rc": rc,
+        "install_s": round(install_s, 1),
+        "wall_s": round(wall, 1),
+        "worker_restarts": train.get("worker_restarts"),
+        "causes": train.get("worker_restart_causes", []),
+        "log_traces": traces[:20],
+        "over_real": evaluation.get("fd_domain_over_real"),
+        "over_real_sd": evaluation.get("fd_domain_over_real_sd"),
+        "log": str(log),
+    }
 
 
 class Suite(threading.Thread):
@@ -99,16 +111,25 @@ class Suite(threading.Thread):
             log = self.workdir / f"suite-{n}.log"
             start = time.monotonic()
             with log.open("w") as out:
-                self.proc = subprocess.Popen(["make", "test"], cwd=self.root, stdout=out, stderr=subprocess.STDOUT,
-                                             start_new_session=True)
+                self.proc = subprocess.Popen(
+                    ["make", "test"], cwd=self.root, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                )
                 rc = self.proc.wait()
             text = log.read_text(errors="replace").strip().splitlines()
             summary = next((line for line in reversed(text) if re.search(r"\b(passed|failed|error)", line)), "")
-            done = {"pass": n, "rc": rc, "wall_s": round(time.monotonic() - start, 1), "summary": summary.strip("= "),
-                    "complete": not self.stopping.is_set()}
+            done = {
+                "pass": n,
+                "rc": rc,
+                "wall_s": round(time.monotonic() - start, 1),
+                "summary": summary.strip("= "),
+                "complete": not self.stopping.is_set(),
+            }
             self.passes.append(done)
-            print(f"suite pass {n}: exit {rc}, {done['wall_s'] / 60:.1f} min: {done['summary']}"
-                  + ("" if done["complete"] else " (stopped: the runs had ended)"), flush=True)
+            print(
+                f"suite pass {n}: exit {rc}, {done['wall_s'] / 60:.1f} min: {done['summary']}"
+                + ("" if done["complete"] else " (stopped: the runs had ended)"),
+                flush=True,
+            )
 
     def stop(self) -> None:
         self.stopping.set()
@@ -124,9 +145,11 @@ def fmt(result: dict, idle: dict | None) -> str:
         spread = (result["over_real_sd"] or 0) + (idle.get("fd_domain_over_real_sd") or 0)
         ratio += f" (idle {idle['fd_domain_over_real']:.2f}: {'within' if gap <= spread else 'outside'} the spreads)"
     causes = "; ".join(result["causes"]) or "-"
-    return (f"{result['run']}: exit {result['rc']}, {result['wall_s'] / 60:.1f} min, worker restarts "
-            f"{result['worker_restarts']} ({causes}), cleaner/worker-group lines in the log {len(result['log_traces'])}, "
-            f"test fd_domain / real {ratio}")
+    return (
+        f"{result['run']}: exit {result['rc']}, {result['wall_s'] / 60:.1f} min, worker restarts "
+        f"{result['worker_restarts']} ({causes}), cleaner/worker-group lines in the log {len(result['log_traces'])}, "
+        f"test fd_domain / real {ratio}"
+    )
 
 
 def main() -> int:
@@ -151,11 +174,15 @@ def main() -> int:
         print(f"error: --repo {args.repo} is not a git repository", file=sys.stderr)
         return 2
     args.workdir.mkdir(parents=True, exist_ok=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=args.repo, capture_output=True,
-                            text=True).stdout.strip()
-    print(f"soak of {args.repo} at {commit}: {args.runs} fresh make runs beside "
-          f"{'no suite' if args.no_suite else 'the test suite (make test, looped)'} and {args.hogs} busy loop(s); "
-          f"in {args.workdir}", flush=True)
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=args.repo, capture_output=True, text=True
+    ).stdout.strip()
+    print(
+        f"soak of {args.repo} at {commit}: {args.runs} fresh make runs beside "
+        f"{'no suite' if args.no_suite else 'the test suite (make test, looped)'} and {args.hogs} busy loop(s); "
+        f"in {args.workdir}",
+        flush=True,
+    )
 
     idle = read_json(args.idle_eval) if args.idle_eval else None
     report: dict = {"commit": commit, "hogs": args.hogs, "runs": [], "suite": []}
@@ -186,8 +213,10 @@ def main() -> int:
     (args.workdir / "soak.json").write_text(json.dumps(report, indent=2) + "\n")
     restarts = sum(r["worker_restarts"] or 0 for r in report["runs"])
     failed = [r["run"] for r in report["runs"] if r["rc"] != 0]
-    print(f"{len(report['runs'])} loaded runs: {restarts} worker restart(s) in all; "
-          f"{'all exited 0' if not failed else 'failed: ' + ', '.join(failed)} -> {args.workdir / 'soak.json'}")
+    print(
+        f"{len(report['runs'])} loaded runs: {restarts} worker restart(s) in all; "
+        f"{'all exited 0' if not failed else 'failed: ' + ', '.join(failed)} -> {args.workdir / 'soak.json'}"
+    )
     return 1 if failed else 0
 
 

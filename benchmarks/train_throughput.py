@@ -120,15 +120,23 @@ def main() -> int:
         bare = max(bare_before, bare_after)
 
     precision = str(dtype).replace("torch.", "") if dtype else "float32"
-    print(f"machine: {cores} CPUs, torch {torch.__version__}; the default recipe, {cfg.data.image_size} px, "
-          f"batch {cfg.train.batch_size}, {args.epochs} epochs, {precision} (train.amp: {cfg.train.amp})")
-    print(f"bare loop, 1 process, {cores} threads        {bare:9.1f} img/s   "
-          f"(best of {bare_before:.1f} before and {bare_after:.1f} after)")
-    print(f"bare loop, {cores} threads, float32 (amp off) {bare_fp32:9.1f} img/s   "
-          f"x{bare / bare_fp32:.2f} for {precision}")
+    print(
+        f"machine: {cores} CPUs, torch {torch.__version__}; the default recipe, {cfg.data.image_size} px, "
+        f"batch {cfg.train.batch_size}, {args.epochs} epochs, {precision} (train.amp: {cfg.train.amp})"
+    )
+    print(
+        f"bare loop, 1 process, {cores} threads        {bare:9.1f} img/s   "
+        f"(best of {bare_before:.1f} before and {bare_after:.1f} after)"
+    )
+    print(
+        f"bare loop, {cores} threads, float32 (amp off) {bare_fp32:9.1f} img/s   "
+        f"x{bare / bare_fp32:.2f} for {precision}"
+    )
     print(f"train stage, steps only                {stage['steps']:9.1f} img/s   x{stage['steps'] / bare:.3f} bare")
-    print(f"train stage, whole epochs              {stage['epochs']:9.1f} img/s   x{stage['epochs'] / bare:.3f} bare"
-          f"   (goal >= 0.9)")
+    print(
+        f"train stage, whole epochs              {stage['epochs']:9.1f} img/s   x{stage['epochs'] / bare:.3f} bare"
+        f"   (goal >= 0.9)"
+    )
     print(f"train stage, fixed cost (start-up, export) {stage['fixed']:6.1f} s")
     return 0
 

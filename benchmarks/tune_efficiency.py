@@ -34,12 +34,13 @@ def picks(cfg, sweep_run_id: str) -> dict[str, dict]:
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{cfg.paths.mlflow_db}")
-    trials = [t for t in json.loads(mlflow.artifacts.load_text(f"runs:/{sweep_run_id}/trials.json"))
-              if t["fd_history"]]
+    trials = [t for t in json.loads(mlflow.artifacts.load_text(f"runs:/{sweep_run_id}/trials.json")) if t["fd_history"]]
     old = min(trials, key=lambda t: min(t["fd_history"]))
     longest = max(len(t["fd_history"]) for t in trials)
-    new = min((t for t in trials if len(t["fd_history"]) == longest),
-              key=lambda t: sum(t["fd_history"][-2:]) / len(t["fd_history"][-2:]))
+    new = min(
+        (t for t in trials if len(t["fd_history"]) == longest),
+        key=lambda t: sum(t["fd_history"][-2:]) / len(t["fd_history"][-2:]),
+    )
     return {"old: min over epochs": old, "new: mean of last two": new}
 
 
@@ -71,14 +72,20 @@ def main() -> int:
                 scored[key] = train_and_score(scratch(cfg, Path(tmp) / f"train{len(scored)}"), *key)
             rows.append((rule, trial, scored[key]))
     budget = f"{cfg.train.epochs} epochs" if cfg.train.epochs else f"{cfg.train.kimg:g} kimg"
-    print(f"\nsweep: {best.trials} trials x {cfg.tune.kimg:g} kimg ({best.stopped_early} stopped early), "
-          f"{sweep_wall:.0f} s; each pick then trained {budget}, scored on the test split")
-    print(f"{'rule':24s} {'lr_g':>9s} {'lr_d':>9s} {'sweep score':>11s} {'fd_domain':>10s} {'/ real':>8s} "
-          f"{'recall':>7s} {'copied':>10s}")
+    print(
+        f"\nsweep: {best.trials} trials x {cfg.tune.kimg:g} kimg ({best.stopped_early} stopped early), "
+        f"{sweep_wall:.0f} s; each pick then trained {budget}, scored on the test split"
+    )
+    print(
+        f"{'rule':24s} {'lr_g':>9s} {'lr_d':>9s} {'sweep score':>11s} {'fd_domain':>10s} {'/ real':>8s} "
+        f"{'recall':>7s} {'copied':>10s}"
+    )
     for rule, trial, m in rows:
         score = min(trial["fd_history"]) if rule.startswith("old") else trial["fd"]
-        print(f"{rule:24s} {trial['lr_g']:9.3g} {trial['lr_d']:9.3g} {score:11.3f} {m['fd_domain']:10.3f} "
-              f"{m['fd_domain_over_real']:8.2f} {m['recall']:7.2f} {m['copying_flagged']:10.0f}")
+        print(
+            f"{rule:24s} {trial['lr_g']:9.3g} {trial['lr_d']:9.3g} {score:11.3f} {m['fd_domain']:10.3f} "
+            f"{m['fd_domain_over_real']:8.2f} {m['recall']:7.2f} {m['copying_flagged']:10.0f}"
+        )
     if rows[0][1] is rows[1][1] or (rows[0][1]["lr_g"], rows[0][1]["lr_d"]) == (rows[1][1]["lr_g"], rows[1][1]["lr_d"]):
         print("both rules picked the same trial")
     return 0

@@ -53,17 +53,26 @@ def main() -> int:
     sweep = newest(client, eid, "tags.`ganflow.stage` = 'tune'")  # the parent; trials are 'tune-trial'
     trials = [r.info.run_id for r in client.search_runs([eid], f"tags.`mlflow.parentRunId` = '{sweep.info.run_id}'")]
     train = newest(client, eid, "tags.`ganflow.stage` = 'train'")
-    grids = sorted((a.path for a in client.list_artifacts(train.info.run_id, "images")
-                    if a.path.split("/")[-1].startswith(f"{SAMPLES_KEY}+step+") and a.path.endswith(".png")),
-                   key=lambda p: int(p.split("/")[-1].split("+")[2]))
+    grids = sorted(
+        (
+            a.path
+            for a in client.list_artifacts(train.info.run_id, "images")
+            if a.path.split("/")[-1].startswith(f"{SAMPLES_KEY}+step+") and a.path.endswith(".png")
+        ),
+        key=lambda p: int(p.split("/")[-1].split("+")[2]),
+    )
     out = Path(args.out)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as tmp:
-        server = start_mlflow_server(uri, port, Path(tmp) / "server.log",
-                                     ["--default-artifact-root", cfg.paths.mlflow_artifacts.as_uri()],
-                                     env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+        server = start_mlflow_server(
+            uri,
+            port,
+            Path(tmp) / "server.log",
+            ["--default-artifact-root", cfg.paths.mlflow_artifacts.as_uri()],
+            env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        )
         try:
             shoot(f"http://127.0.0.1:{port}", eid, trials, train.info.run_id, grids[-1], out)
         finally:

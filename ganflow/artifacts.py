@@ -70,8 +70,10 @@ def class_prior(cfg: Config) -> tuple[list[str], list[float]] | None:
         return None
     if not manifest["labelled"]:
         if cfg.model.conditional is True:
-            raise DataError(f"model.conditional: true needs labelled data, and {cfg.paths.prepared} has no labels "
-                            "(set it to auto or false)")
+            raise DataError(
+                f"model.conditional: true needs labelled data, and {cfg.paths.prepared} has no labels "
+                "(set it to auto or false)"
+            )
         return None
     names = manifest["class_names"]
     counts = [manifest["split"]["train_class_counts"][n] for n in names]

@@ -56,14 +56,15 @@ def images_per_epoch(n_train: int, batch_size: int, world: int = 1) -> int:
     return world * per_rank * ((n_train // world) // per_rank) if per_rank else 0
 
 
-def plan(kimg: float, tick_kimg: float, epochs: int | None, n_train: int, batch_size: int,
-         world: int = 1) -> Schedule:
+def plan(kimg: float, tick_kimg: float, epochs: int | None, n_train: int, batch_size: int, world: int = 1) -> Schedule:
     """The schedule of a run of ``kimg`` thousand images (or ``epochs`` epochs when given) with a
     tick every ``tick_kimg`` thousand. Raises ValueError when an epoch holds no full batch."""
     per_epoch = images_per_epoch(n_train, batch_size, world)
     if per_epoch <= 0:
-        raise ValueError(f"train.batch_size: {batch_size} is larger than the prepared dataset allows "
-                         f"({n_train} training images over {world} worker(s))")
+        raise ValueError(
+            f"train.batch_size: {batch_size} is larger than the prepared dataset allows "
+            f"({n_train} training images over {world} worker(s))"
+        )
     total = epochs if epochs is not None else max(1, math.ceil(kimg * 1000.0 / per_epoch - 1e-9))
     tick_images = tick_kimg * 1000.0
     ticks, next_at = [], tick_images

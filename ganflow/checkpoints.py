@@ -59,7 +59,9 @@ def run_name(cfg: Config, lr_g: float, lr_d: float, package: Path | None = None)
     # the budget is left out: raising train.kimg (or epochs) continues a finished run instead of
     # starting over
     key = {s: values[s] for s in ("model", "train")}
-    key["train"] = {k: v for k, v in key["train"].items() if k not in ("kimg", "epochs") and k not in TRAIN_RUN_ONLY_KEYS}
+    key["train"] = {
+        k: v for k, v in key["train"].items() if k not in ("kimg", "epochs") and k not in TRAIN_RUN_ONLY_KEYS
+    }
     key["data"] = {k: values["data"][k] for k in RUN_DATA_KEYS}
     key["data_hash"] = prepared_hash(cfg.paths.prepared)
     key.update(num_workers=cfg.cluster.num_workers, lr_g=lr_g, lr_d=lr_d)
@@ -90,7 +92,8 @@ def latest_checkpoint_meta(storage: str, name: str) -> tuple[str, dict[str, Any]
     fs, base = storage_fs(storage)
     selector = pyarrow.fs.FileSelector(f"{base}/{name}", allow_not_found=True)
     found = sorted(
-        info.path for info in fs.get_file_info(selector)
+        info.path
+        for info in fs.get_file_info(selector)
         if info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith("checkpoint_")
     )
     for path in reversed(found):

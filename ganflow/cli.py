@@ -90,7 +90,9 @@ def cmd_score(args: argparse.Namespace) -> int:
             images = archive["images"]
             labels = archive["labels"].astype(np.int64) if "labels" in archive else None
     except (OSError, ValueError) as exc:
-        raise GanflowError(f"{path}: not a readable .npz file ({str(exc).splitlines()[0] if str(exc) else exc})") from None
+        raise GanflowError(
+            f"{path}: not a readable .npz file ({str(exc).splitlines()[0] if str(exc) else exc})"
+        ) from None
     if images.ndim == 3 and cfg.data.channels == 1:
         images = images[..., None]
     metrics = score_images(cfg, images, labels, args.split)
@@ -167,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
 
     p = sub.add_parser(
-        "check-config", help="validate a params file and print the resolved config",
+        "check-config",
+        help="validate a params file and print the resolved config",
         description="Validate a params file without running anything: print every key as it resolves "
         "(defaults filled in, paths absolute), or one error line naming the file and key (exit 2).",
     )
@@ -175,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_check_config)
 
     p = sub.add_parser(
-        "outputs", help="list where the pipeline's artifacts are and which exist",
+        "outputs",
+        help="list where the pipeline's artifacts are and which exist",
         description="List every path of the params file's `paths:` section and whether the pipeline "
         "has produced it yet.",
     )
@@ -183,20 +187,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_outputs)
 
     p = sub.add_parser(
-        "sample", help="draw images from a trained generator",
+        "sample",
+        help="draw images from a trained generator",
         description="Draw N images from a generator: the exported one (models/generator), a training "
         "run's (runs:/RUN_ID/generator) or a registered one (models:/NAME@ALIAS). The same seed gives "
         "the same images.",
     )
     p.add_argument(
-        "--model", default="models/generator",
+        "--model",
+        default="models/generator",
         help="a generator directory, runs:/RUN_ID/generator or models:/NAME@ALIAS (default: models/generator)",
     )
     p.add_argument("-n", type=int, default=64, help="number of images (default: 64)")
     p.add_argument("--seed", type=int, default=0, help="latent noise seed (default: 0)")
-    p.add_argument("--class", dest="class_name", metavar="CLASS",
-                   help="a class-conditional generator: draw only this class (name or index); by default "
-                        "its classes at their training frequencies")
+    p.add_argument(
+        "--class",
+        dest="class_name",
+        metavar="CLASS",
+        help="a class-conditional generator: draw only this class (name or index); by default "
+        "its classes at their training frequencies",
+    )
     p.add_argument("--out", required=True, help="output .npz; 'images' is uint8 (N, H, W, C)")
     p.add_argument("--grid", help="also write a PNG grid of the images")
     p.add_argument("--params", default=DEFAULT_PARAMS, help="params file naming the tracking store")
@@ -204,23 +214,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_sample)
 
     p = sub.add_parser(
-        "score", help="score a set of images (e.g. another codebase's samples) like the evaluate stage",
+        "score",
+        help="score a set of images (e.g. another codebase's samples) like the evaluate stage",
         description="Score the images of an .npz file against the project's reference split with exactly "
         "the metrics, real baseline and copy detector of the evaluate stage. The samples are cut into as "
         "many draws of the split's draw size (with its class counts, when 'labels' gives the class each "
         "sample was drawn for) as they fill; every figure is the mean and sd over those draws.",
     )
-    p.add_argument("--samples", required=True, metavar="FILE.npz",
-                   help="'images': uint8 (N, H, W, C) at data.image_size and data.channels; optional "
-                        "'labels': int (N,) class indices")
-    p.add_argument("--split", choices=("validation", "test"), default="test",
-                   help="the reference split (default: test, what reports)")
+    p.add_argument(
+        "--samples",
+        required=True,
+        metavar="FILE.npz",
+        help="'images': uint8 (N, H, W, C) at data.image_size and data.channels; optional "
+        "'labels': int (N,) class indices",
+    )
+    p.add_argument(
+        "--split",
+        choices=("validation", "test"),
+        default="test",
+        help="the reference split (default: test, what reports)",
+    )
     p.add_argument("--out", metavar="FILE.json", help="write every metric here as JSON")
     p.add_argument("--params", default=DEFAULT_PARAMS, help="params file (default: params.yaml)")
     p.set_defaults(fn=cmd_score)
 
     p = sub.add_parser(
-        "runs", help="list the latest tracked runs: trainings and sweeps",
+        "runs",
+        help="list the latest tracked runs: trainings and sweeps",
         description="The latest runs of the project's MLflow experiment, newest first: name, stage, "
         "status, learning rates, best fd_domain (lower is better), epochs, start time, run id. A sweep "
         "is one row with its best trial's rates; --trials lists its trials under it. "
@@ -234,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_runs)
 
     p = sub.add_parser(
-        "ui", help="start the MLflow UI on the project's tracking store",
+        "ui",
+        help="start the MLflow UI on the project's tracking store",
         description="Start the MLflow UI (mlflow ui) over the project's tracking store and print its "
         "URL; Ctrl-C stops it. In the UI, choose 'Model training' in the sidebar (MLflow 3 opens on "
         "GenAI traces), open the experiment, tick runs and press Compare.",

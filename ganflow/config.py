@@ -194,8 +194,10 @@ def policy_of(policy: str, channels: int) -> tuple[str, ...]:
     names = tuple(p.strip() for p in policy.split(",") if p.strip())
     unknown = [n for n in names if n not in AUGMENT_OPERATIONS]
     if unknown or not names:
-        raise ValueError(f"unknown augmentation {', '.join(unknown) or '(empty)'}; use auto or a comma-separated "
-                         f"list of {', '.join(AUGMENT_OPERATIONS)}")
+        raise ValueError(
+            f"unknown augmentation {', '.join(unknown) or '(empty)'}; use auto or a comma-separated "
+            f"list of {', '.join(AUGMENT_OPERATIONS)}"
+        )
     return names
 
 
@@ -247,8 +249,9 @@ class ClusterConfig(Section):
     def _shared_storage(self) -> ClusterConfig:
         if self.address and not self.storage_path:
             raise _FieldError(
-                "storage_path", "must be set when cluster.address is: shared storage every node sees "
-                "(a shared path, or an s3:// / gs:// URI) for checkpoints and stage files"
+                "storage_path",
+                "must be set when cluster.address is: shared storage every node sees "
+                "(a shared path, or an s3:// / gs:// URI) for checkpoints and stage files",
             )
         return self
 

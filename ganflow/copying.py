@@ -61,8 +61,9 @@ def _nearest_k(a: np.ndarray, b: np.ndarray, k: int) -> np.ndarray:
     return np.argpartition(sq, k - 1, axis=1)[:, :k]
 
 
-def shifted_nearest(points: np.ndarray, train: np.ndarray, point_features: np.ndarray,
-                    train_features: np.ndarray, chunk: int = 256) -> np.ndarray:
+def shifted_nearest(
+    points: np.ndarray, train: np.ndarray, point_features: np.ndarray, train_features: np.ndarray, chunk: int = 256
+) -> np.ndarray:
     """Shift-tolerant distance (N,) of each view (N, C, s, s) to its nearest training view.
 
     Candidates: the CANDIDATES nearest training images in a view pooled by 2 x SHIFT (where a
@@ -76,8 +77,13 @@ def shifted_nearest(points: np.ndarray, train: np.ndarray, point_features: np.nd
     out = np.empty(len(points), dtype=np.float64)
     for start in range(0, len(points), chunk):
         p = points[start : start + chunk]
-        nearest = np.concatenate([_nearest_k(_pool(p, factor).reshape(len(p), -1), coarse_train, k),
-                                  _nearest_k(point_features[start : start + chunk], train_features, k)], axis=1)
+        nearest = np.concatenate(
+            [
+                _nearest_k(_pool(p, factor).reshape(len(p), -1), coarse_train, k),
+                _nearest_k(point_features[start : start + chunk], train_features, k),
+            ],
+            axis=1,
+        )
         cand = train[nearest]  # (n, 2k, C, s, s)
         best = np.full(len(p), np.inf)
         for dy in range(-SHIFT, SHIFT + 1):
@@ -166,9 +172,11 @@ class Detector:
 
     def distances(self, features: np.ndarray, images: np.ndarray) -> Distances:
         """features (N, D), images uint8 (N, H, W, C) -> their Distances."""
-        return Distances(nearest_distance(features, self.train_features),
-                         shifted_nearest(pixel_view(images), self.train_pixels, features, self.train_features),
-                         nearest_distance_index(features, self.centres))
+        return Distances(
+            nearest_distance(features, self.train_features),
+            shifted_nearest(pixel_view(images), self.train_pixels, features, self.train_features),
+            nearest_distance_index(features, self.centres),
+        )
 
     def check(self, features: np.ndarray, images: np.ndarray) -> dict[str, object]:
         """The statistics of a sample set, its thresholds, and whether (and why) it is flagged."""
@@ -178,11 +186,15 @@ class Detector:
         reasons = []
         for key in ("near_dup_pixel", "near_dup_feature"):
             if stats[key] > thresholds[key]:
-                reasons.append(f"{stats[key]:.0%} of samples are near-duplicates of training images in "
-                               f"{key.split('_')[-1]}s (real images: at most {thresholds[key]:.0%})")
+                reasons.append(
+                    f"{stats[key]:.0%} of samples are near-duplicates of training images in "
+                    f"{key.split('_')[-1]}s (real images: at most {thresholds[key]:.0%})"
+                )
         if np.isfinite(stats["min_cell_z"]) and stats["min_cell_z"] < thresholds["min_cell_z"]:
-            reasons.append(f"in one region samples sit closer to training images than held-out images do "
-                           f"(cell Z {stats['min_cell_z']:.1f} < {thresholds['min_cell_z']:.1f})")
+            reasons.append(
+                f"in one region samples sit closer to training images than held-out images do "
+                f"(cell Z {stats['min_cell_z']:.1f} < {thresholds['min_cell_z']:.1f})"
+            )
         out: dict[str, object] = {f"copying_{k}": v for k, v in stats.items()}
         out.update({f"copying_{k}_threshold": v for k, v in thresholds.items()})
         out["copying_flagged"] = float(bool(reasons))
@@ -190,8 +202,14 @@ class Detector:
         return out
 
 
-def build_detector(train_features: np.ndarray, train_images: np.ndarray, heldout_features: np.ndarray,
-                   heldout_images: np.ndarray, centres: np.ndarray, seed: int) -> Detector:
+def build_detector(
+    train_features: np.ndarray,
+    train_images: np.ndarray,
+    heldout_features: np.ndarray,
+    heldout_images: np.ndarray,
+    centres: np.ndarray,
+    seed: int,
+) -> Detector:
     """A Detector for these training and held-out images. The cell Z's threshold comes from a
     permutation null: NULL_PERMUTATIONS random halves A, B of the held-out images, A scored against
     B as samples are against all held-out images; the NULL_QUANTILE tail, less one unit so that a

@@ -45,8 +45,18 @@ from ganflow.errors import DataError, first_line
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # the data.* keys that decide the prepared bytes; dvc.yaml's prepare stage lists exactly these
-PREPARE_KEYS = ("source", "path", "image_size", "channels", "resize", "max_bad_fraction", "max_image_pixels",
-                "validation_fraction", "test_fraction", "shard_mb")
+PREPARE_KEYS = (
+    "source",
+    "path",
+    "image_size",
+    "channels",
+    "resize",
+    "max_bad_fraction",
+    "max_image_pixels",
+    "validation_fraction",
+    "test_fraction",
+    "shard_mb",
+)
 TRAIN, VALIDATION, TEST = 0, 1, 2  # the values in SPLIT
 PARTS = {"all": None, "train": TRAIN, "validation": VALIDATION, "test": TEST}
 SPLIT_SEED = 20200  # fixed: the split is part of the data, not of a run
@@ -196,10 +206,12 @@ def load_folder_source(data: DataConfig) -> RawSource:
     class_names = sorted({f.split("/")[0] for f in nested}) if labelled else []
     class_index = {name: i for i, name in enumerate(class_names)}
 
-    raw = RawSource(images=[], labels=None, class_names=class_names, content_hash="",
-                    files_total=len(files), resized=True)
-    raw.write_shards = functools.partial(_write_folder_shards, raw, root, files,
-                                         class_index if labelled else None, data)
+    raw = RawSource(
+        images=[], labels=None, class_names=class_names, content_hash="", files_total=len(files), resized=True
+    )
+    raw.write_shards = functools.partial(
+        _write_folder_shards, raw, root, files, class_index if labelled else None, data
+    )
     return raw
 
 
@@ -214,8 +226,9 @@ def shard_ranges(files: int, data: DataConfig) -> list[tuple[int, int]]:
     return [(i, min(i + step, files)) for i in range(0, files, step)]
 
 
-def _write_folder_shards(raw: RawSource, root: Path, files: list[str], class_index: dict[str, int] | None,
-                         data: DataConfig, folder: Path) -> list[dict[str, Any]]:
+def _write_folder_shards(
+    raw: RawSource, root: Path, files: list[str], class_index: dict[str, int] | None, data: DataConfig, folder: Path
+) -> list[dict[str, Any]]:
     """Decode the folder's usable images to the training shape and write them into ``folder`` as
     shards (one per shard_ranges range that has any), in parallel; fills ``raw``'s labels, content
     hash and skipped-file report, and refuses the folder at the end when too many image files
@@ -238,7 +251,7 @@ def _write_folder_shards(raw: RawSource, root: Path, files: list[str], class_ind
         reasons = dict(skipped)
         for i in range(b - a):
             rel = files[a + i]
-            digest.update(rel.encode() + b"\0" + digests[32 * i: 32 * (i + 1)])
+            digest.update(rel.encode() + b"\0" + digests[32 * i : 32 * (i + 1)])
             if i in reasons:
                 raw.skipped.append({"file": rel, "reason": reasons[i]})
                 continue
@@ -266,8 +279,9 @@ def _write_folder_shards(raw: RawSource, root: Path, files: list[str], class_ind
     return shards
 
 
-def _decode_shard(root: str, files: list[str], data: DataConfig
-                  ) -> tuple[bytes, list[tuple[int, str]], np.ndarray | None]:
+def _decode_shard(
+    root: str, files: list[str], data: DataConfig
+) -> tuple[bytes, list[tuple[int, str]], np.ndarray | None]:
     """Read, hash, decode and resize one range of files (paths relative to ``root``). Returns the
     files' sha256s (32 bytes each, concatenated), (index, reason) per skipped file, and the usable
     images as one (N, H, W, C) uint8 array (None when no file was usable)."""
@@ -288,8 +302,9 @@ def _decode_shard(root: str, files: list[str], data: DataConfig
     return bytes(digests), skipped, np.stack(images) if images else None
 
 
-def _shard_result(digests: bytes, skipped: list[tuple[int, str]], images: np.ndarray | None, out: str
-                  ) -> tuple[bytes, list[tuple[int, str]], dict[str, Any] | None]:
+def _shard_result(
+    digests: bytes, skipped: list[tuple[int, str]], images: np.ndarray | None, out: str
+) -> tuple[bytes, list[tuple[int, str]], dict[str, Any] | None]:
     """A decoded range written to ``out`` as one .npy shard (nothing when it has no usable image):
     (sha256s, skipped, {"count", "sha256"} of the shard or None)."""
     if images is None:
@@ -297,8 +312,9 @@ def _shard_result(digests: bytes, skipped: list[tuple[int, str]], images: np.nda
     return digests, skipped, {"count": len(images), "sha256": _save_npy(Path(out), images)}
 
 
-def _write_shard(root: str, files: list[str], out: str, data: DataConfig
-                 ) -> tuple[bytes, list[tuple[int, str]], dict[str, Any] | None]:
+def _write_shard(
+    root: str, files: list[str], out: str, data: DataConfig
+) -> tuple[bytes, list[tuple[int, str]], dict[str, Any] | None]:
     """_decode_shard, then the shard written to ``out`` by the process that decoded it."""
     return _shard_result(*_decode_shard(root, files, data), out)
 
@@ -333,8 +349,9 @@ def _decoder_started() -> None:
     cv2.setNumThreads(0)
 
 
-def _run_shard_tasks(tasks: list[tuple[str, list[str], str]], data: DataConfig,
-                     progress: Callable[[int], None]) -> list[Any]:
+def _run_shard_tasks(
+    tasks: list[tuple[str, list[str], str]], data: DataConfig, progress: Callable[[int], None]
+) -> list[Any]:
     """_write_shard over every task; results in task order. The worker processes take tasks from
     the front while this process takes them from the back, and the two ends meet without a long
     tail. Each worker has one task at a time, and a finished one is replaced at once from the
@@ -356,8 +373,9 @@ def _run_shard_tasks(tasks: list[tuple[str, list[str], str]], data: DataConfig,
     import concurrent.futures
     import threading
 
-    pool = concurrent.futures.ProcessPoolExecutor(processes, mp_context=_decoder_context(),
-                                                  initializer=_decoder_started)
+    pool = concurrent.futures.ProcessPoolExecutor(
+        processes, mp_context=_decoder_context(), initializer=_decoder_started
+    )
     lock = threading.Lock()
     ends = {"front": 0, "back": len(tasks), "open": True}  # tasks front..back-1 are not taken yet
     submitted: dict[concurrent.futures.Future, int] = {}
@@ -409,8 +427,9 @@ def _run_shard_tasks(tasks: list[tuple[str, list[str], str]], data: DataConfig,
 NO_CPU_NOTICE_S = 30.0  # no shard decoded for this long on a cluster without CPUs: say what it waits for
 
 
-def _run_shard_tasks_on_ray(tasks: list[tuple[str, list[str], str]], data: DataConfig,
-                            progress: Callable[[int], None]) -> list[Any]:
+def _run_shard_tasks_on_ray(
+    tasks: list[tuple[str, list[str], str]], data: DataConfig, progress: Callable[[int], None]
+) -> list[Any]:
     """The shard tasks as Ray tasks on the cluster this process joins (RAY_ADDRESS: set by hand,
     or by Ray for a job's driver, which is how prepare runs when cluster.address is set;
     data.prepare_workers does not apply: the cluster's CPUs are the workers), one
@@ -443,9 +462,12 @@ def _run_shard_tasks_on_ray(tasks: list[tuple[str, list[str], str]], data: DataC
             if not ready:
                 if not said_no_cpu and not ray.cluster_resources().get("CPU", 0):
                     # e.g. a head with num-cpus 0 (infra/ray) before the autoscaler adds a worker
-                    print("prepare: the Ray cluster has no CPU for the decoding tasks yet; waiting for a node "
-                          "to join (an autoscaler adds one; without one, add a node or stop the job)",
-                          file=sys.stderr, flush=True)
+                    print(
+                        "prepare: the Ray cluster has no CPU for the decoding tasks yet; waiting for a node "
+                        "to join (an autoscaler adds one; without one, add a node or stop the job)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     said_no_cpu = True
                 continue
             (done,) = ready
@@ -455,8 +477,9 @@ def _run_shard_tasks_on_ray(tasks: list[tuple[str, list[str], str]], data: DataC
             except ray.exceptions.RayError as exc:
                 cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) else exc
                 hint = " (every node must see data.path at the same path)" if isinstance(cause, OSError) else ""
-                raise DataError(f"data.path: decoding {tasks[k][0]} on the Ray cluster failed: "
-                                f"{first_line(cause)}{hint}") from None
+                raise DataError(
+                    f"data.path: decoding {tasks[k][0]} on the Ray cluster failed: {first_line(cause)}{hint}"
+                ) from None
             nodes.add(node)
             results[k] = _shard_result(digests, skipped, images, tasks[k][2])
             del done, images
@@ -464,13 +487,17 @@ def _run_shard_tasks_on_ray(tasks: list[tuple[str, list[str], str]], data: DataC
     finally:
         for ref in inflight:
             ray.cancel(ref, force=True)
-    print(f"prepare: decoded {len(tasks)} shards with Ray tasks on {len(nodes)} node(s) of the cluster",
-          file=sys.stderr, flush=True)
+    print(
+        f"prepare: decoded {len(tasks)} shards with Ray tasks on {len(nodes)} node(s) of the cluster",
+        file=sys.stderr,
+        flush=True,
+    )
     return results
 
 
-def _decode_shard_on_node(root: str, files: list[str], data: DataConfig
-                          ) -> tuple[str, bytes, list[tuple[int, str]], np.ndarray | None]:
+def _decode_shard_on_node(
+    root: str, files: list[str], data: DataConfig
+) -> tuple[str, bytes, list[tuple[int, str]], np.ndarray | None]:
     """_decode_shard in a Ray task, with the id of the node it ran on."""
     import ray
 
@@ -512,9 +539,7 @@ def load_npz_source(data: DataConfig) -> RawSource:
         if "class_names" in arrays:
             class_names = [str(n) for n in arrays["class_names"]]
             if values[0] < 0 or values[-1] >= len(class_names):
-                raise DataError(
-                    f"data.path: {path}: labels must index class_names (0..{len(class_names) - 1})"
-                )
+                raise DataError(f"data.path: {path}: labels must index class_names (0..{len(class_names) - 1})")
             labels = labels.astype(np.int64)
         else:
             class_names = [str(v) for v in values]
@@ -621,9 +646,7 @@ def prepare(cfg: Config) -> PrepareSummary:
             "files": files,
             "labelled": raw.labels is not None,
             "class_names": raw.class_names,
-            "class_counts": {
-                name: int((labels == i).sum()) for i, name in enumerate(raw.class_names)
-            },
+            "class_counts": {name: int((labels == i).sum()) for i, name in enumerate(raw.class_names)},
             "files_total": raw.files_total,
             "skipped_count": len(raw.skipped),
             "skipped": raw.skipped,
@@ -756,8 +779,9 @@ class ShardReader:
         try:
             with open(file, "rb") as fh:
                 version = np.lib.format.read_magic(fh)
-                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                               else np.lib.format.read_array_header_2_0)
+                read_header = (
+                    np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                )
                 shape, fortran, dtype = read_header(fh)
                 offset = fh.tell()
         except (OSError, ValueError) as exc:

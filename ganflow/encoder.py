@@ -54,10 +54,14 @@ class Encoder(nn.Module):
         self.channels, self.image_size = channels, image_size
         self.feature_dim, self.num_classes = feature_dim, num_classes
         self.body = nn.Sequential(
-            nn.Conv2d(channels, 32, 3, 2, 1), nn.ReLU(inplace=True),  # (B, 32, S/2, S/2)
-            nn.Conv2d(32, 64, 3, 2, 1), nn.ReLU(inplace=True),  # (B, 64, S/4, S/4)
-            nn.Conv2d(64, 128, 3, 2, 1), nn.ReLU(inplace=True),  # (B, 128, S/8, S/8)
-            nn.AdaptiveAvgPool2d(2), nn.Flatten(),  # (B, 512)
+            nn.Conv2d(channels, 32, 3, 2, 1),
+            nn.ReLU(inplace=True),  # (B, 32, S/2, S/2)
+            nn.Conv2d(32, 64, 3, 2, 1),
+            nn.ReLU(inplace=True),  # (B, 64, S/4, S/4)
+            nn.Conv2d(64, 128, 3, 2, 1),
+            nn.ReLU(inplace=True),  # (B, 128, S/8, S/8)
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),  # (B, 512)
             nn.Linear(512, feature_dim),
         )
         # one factor for all feature dimensions, set after training so the real features have
@@ -70,11 +74,15 @@ class Encoder(nn.Module):
             # autoencoder: features -> (B, C, S, S) reconstruction in [-1, 1]
             side = image_size // 8
             self.head = nn.Sequential(
-                nn.Linear(feature_dim, 128 * side * side), nn.ReLU(inplace=True),
+                nn.Linear(feature_dim, 128 * side * side),
+                nn.ReLU(inplace=True),
                 nn.Unflatten(1, (128, side, side)),
-                nn.ConvTranspose2d(128, 64, 4, 2, 1), nn.ReLU(inplace=True),
-                nn.ConvTranspose2d(64, 32, 4, 2, 1), nn.ReLU(inplace=True),
-                nn.ConvTranspose2d(32, channels, 4, 2, 1), nn.Tanh(),
+                nn.ConvTranspose2d(128, 64, 4, 2, 1),
+                nn.ReLU(inplace=True),
+                nn.ConvTranspose2d(64, 32, 4, 2, 1),
+                nn.ReLU(inplace=True),
+                nn.ConvTranspose2d(32, channels, 4, 2, 1),
+                nn.Tanh(),
             )
 
     @property
@@ -106,11 +114,14 @@ def fit_encoder(cfg: Config) -> dict[str, Any]:
     manifest = train.manifest
     labelled = bool(manifest["labelled"]) and len(manifest["class_names"]) >= 2
     if len(train) < 8:
-        raise EvaluationError(f"{cfg.paths.prepared}: {len(train)} training images are too few to fit an encoder "
-                              "(need 8)")
+        raise EvaluationError(
+            f"{cfg.paths.prepared}: {len(train)} training images are too few to fit an encoder (need 8)"
+        )
     if len(val) < 2:
-        raise EvaluationError(f"{cfg.paths.prepared}: the validation split has {len(val)} images (need 2); "
-                              "raise data.validation_fraction or add images")
+        raise EvaluationError(
+            f"{cfg.paths.prepared}: the validation split has {len(val)} images (need 2); "
+            "raise data.validation_fraction or add images"
+        )
     x_train, y_train = train.tensors()  # (N, C, S, S) in [-1, 1], (N,)
     x_val, y_val = val.tensors()
 
@@ -129,8 +140,10 @@ def fit_encoder(cfg: Config) -> dict[str, Any]:
             outs = [encoder.head(f) for f in feats]
             # classifier: cross-entropy on the labels; autoencoder: reconstruct the unshifted image
             # (its features need not say where the image was moved to)
-            loss = sum(nn.functional.cross_entropy(o, y_train[batch]) if labelled else nn.functional.mse_loss(o, x)
-                       for o in outs)
+            loss = sum(
+                nn.functional.cross_entropy(o, y_train[batch]) if labelled else nn.functional.mse_loss(o, x)
+                for o in outs
+            )
             loss = loss + INVARIANCE * (feats[0] - feats[1]).pow(2).mean()
             if len(batch) > 1:
                 loss = loss + SPREAD * sum(torch.relu(1.0 - f.std(dim=0)).mean() for f in feats)
@@ -174,11 +187,14 @@ def fit_encoder(cfg: Config) -> dict[str, Any]:
     with atomic_dir(cfg.paths.encoder) as tmp:
         save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, str(tmp / ENCODER_WEIGHTS))
         save_file(
-            {"validation_features": torch.from_numpy(feats_val),
-             "validation_labels": torch.as_tensor(val.labels, dtype=torch.long),
-             "train_features": torch.from_numpy(feats_train),
-             "train_labels": torch.as_tensor(train.labels[train_index], dtype=torch.long),
-             "train_index": torch.from_numpy(train_index), "cells": torch.from_numpy(cells)},
+            {
+                "validation_features": torch.from_numpy(feats_val),
+                "validation_labels": torch.as_tensor(val.labels, dtype=torch.long),
+                "train_features": torch.from_numpy(feats_train),
+                "train_labels": torch.as_tensor(train.labels[train_index], dtype=torch.long),
+                "train_index": torch.from_numpy(train_index),
+                "cells": torch.from_numpy(cells),
+            },
             str(tmp / REFERENCE),
         )
         write_bytes(tmp / SPEC, (json.dumps(spec, indent=2, sort_keys=True) + "\n").encode())

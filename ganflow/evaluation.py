@@ -85,13 +85,24 @@ class Reference:
 
     def quick(self, features: np.ndarray) -> dict[str, float]:
         """The in-training metrics on the validation split: fd_domain and KID."""
-        kid_mean, kid_std = kid(self.split.features, features, self.cfg.eval.kid_subsets,
-                                self.cfg.eval.kid_subset_size, self.cfg.eval.seed)
+        kid_mean, kid_std = kid(
+            self.split.features, features, self.cfg.eval.kid_subsets, self.cfg.eval.kid_subset_size, self.cfg.eval.seed
+        )
         return {"fd_domain": fd(self.split.features, features), "kid": kid_mean, "kid_std": kid_std}
 
     def with_split(self, split: Split) -> Reference:
-        return Reference(self.encoder, self.spec, split, self.train_features, self.train_labels, self.train_index,
-                         self.cells, self.class_freq, self.class_names, self.cfg)
+        return Reference(
+            self.encoder,
+            self.spec,
+            split,
+            self.train_features,
+            self.train_labels,
+            self.train_index,
+            self.cells,
+            self.class_freq,
+            self.class_names,
+            self.cfg,
+        )
 
 
 def draw_counts(train_labels: np.ndarray, ref_labels: np.ndarray, classes: int, cap: int) -> np.ndarray:
@@ -109,8 +120,9 @@ def draw_counts(train_labels: np.ndarray, ref_labels: np.ndarray, classes: int, 
     return ref * k
 
 
-def make_split(name: str, features: np.ndarray, labels: np.ndarray, reference_train_labels: np.ndarray,
-               classes: int, cfg: Config) -> Split:
+def make_split(
+    name: str, features: np.ndarray, labels: np.ndarray, reference_train_labels: np.ndarray, classes: int, cfg: Config
+) -> Split:
     return Split(name, features, labels, draw_counts(reference_train_labels, labels, classes, cfg.eval.num_samples))
 
 
@@ -118,10 +130,21 @@ def load_reference(cfg: Config) -> Reference:
     """The encoder and the validation reference (the encoder stage's outputs; no test images)."""
     encoder, spec, arrays = load_encoder(cfg)
     classes = int(spec["num_classes"])
-    split = make_split("validation", arrays["validation_features"], arrays["validation_labels"],
-                       arrays["train_labels"], classes, cfg)
-    return Reference(encoder, spec, split, arrays["train_features"], arrays["train_labels"], arrays["train_index"],
-                     arrays["cells"], np.asarray(spec["class_freq"]), list(spec["class_names"]), cfg)
+    split = make_split(
+        "validation", arrays["validation_features"], arrays["validation_labels"], arrays["train_labels"], classes, cfg
+    )
+    return Reference(
+        encoder,
+        spec,
+        split,
+        arrays["train_features"],
+        arrays["train_labels"],
+        arrays["train_index"],
+        arrays["cells"],
+        np.asarray(spec["class_freq"]),
+        list(spec["class_names"]),
+        cfg,
+    )
 
 
 def test_split(reference: Reference) -> tuple[Split, np.ndarray]:
@@ -129,12 +152,15 @@ def test_split(reference: Reference) -> tuple[Split, np.ndarray]:
     evaluate stage and `ganflow score`."""
     data = PreparedDataset(reference.cfg.paths.prepared, part="test")
     if len(data) < 2:
-        raise EvaluationError(f"{reference.cfg.paths.prepared}: the test split has {len(data)} images (need 2); "
-                              "raise data.test_fraction or add images")
+        raise EvaluationError(
+            f"{reference.cfg.paths.prepared}: the test split has {len(data)} images (need 2); "
+            "raise data.test_fraction or add images"
+        )
     images, labels = data.tensors()
     features, _ = encode(reference.encoder, images)
-    split = make_split("test", features, labels.numpy(), reference.train_labels, len(reference.class_names),
-                       reference.cfg)
+    split = make_split(
+        "test", features, labels.numpy(), reference.train_labels, len(reference.class_names), reference.cfg
+    )
     return split, data.images.read_many(data.indices)
 
 
@@ -144,8 +170,9 @@ def test_split(reference: Reference) -> tuple[Split, np.ndarray]:
 def draw_metrics(reference: Reference, features: np.ndarray, probs: np.ndarray | None) -> dict[str, Any]:
     """Every metric of one drawn set (generated or real) against reference.split."""
     split, cfg = reference.split, reference.cfg
-    out: dict[str, Any] = {"fd_domain": fd(split.features, features) if min(len(features), len(split.features)) >= 2
-                           else float("nan")}
+    out: dict[str, Any] = {
+        "fd_domain": fd(split.features, features) if min(len(features), len(split.features)) >= 2 else float("nan")
+    }
     out["kid"], _ = kid(split.features, features, cfg.eval.kid_subsets, cfg.eval.kid_subset_size, cfg.eval.seed)
     out["precision"], out["recall"] = precision_recall(split.features, features, cfg.eval.pr_k)
     if probs is not None and reference.labelled:
@@ -165,9 +192,13 @@ def summarize(draws: list[dict[str, Any]], prefix: str = "") -> dict[str, Any]:
             out[prefix + key + "_sd"] = float(values.std(ddof=1)) if len(values) > 1 else float("nan")
     if "class_fd" in draws[0]:
         out[prefix + "class_fd"] = {
-            name: (float(np.mean([d["class_fd"][name] for d in draws]))
-                   if all(d["class_fd"][name] is not None for d in draws) else None)
-            for name in draws[0]["class_fd"]}
+            name: (
+                float(np.mean([d["class_fd"][name] for d in draws]))
+                if all(d["class_fd"][name] is not None for d in draws)
+                else None
+            )
+            for name in draws[0]["class_fd"]
+        }
     return out
 
 
@@ -185,15 +216,24 @@ def real_draws(reference: Reference, draws: int, seed: int) -> list[dict[str, An
     out = []
     for _ in range(draws):
         if reference.labelled:
-            index = np.concatenate([
-                rng.choice(np.flatnonzero(reference.train_labels == c), int(n),
-                           replace=int(n) > int((reference.train_labels == c).sum()))
-                for c, n in enumerate(counts) if n > 0])
+            index = np.concatenate(
+                [
+                    rng.choice(
+                        np.flatnonzero(reference.train_labels == c),
+                        int(n),
+                        replace=int(n) > int((reference.train_labels == c).sum()),
+                    )
+                    for c, n in enumerate(counts)
+                    if n > 0
+                ]
+            )
         else:
-            index = rng.choice(len(reference.train_features), int(counts[0]),
-                               replace=int(counts[0]) > len(reference.train_features))
-        out.append(draw_metrics(reference, reference.train_features[index],
-                                None if probs_all is None else probs_all[index]))
+            index = rng.choice(
+                len(reference.train_features), int(counts[0]), replace=int(counts[0]) > len(reference.train_features)
+            )
+        out.append(
+            draw_metrics(reference, reference.train_features[index], None if probs_all is None else probs_all[index])
+        )
     return out
 
 
@@ -208,8 +248,10 @@ def compare(generated: dict[str, Any], real: dict[str, Any]) -> dict[str, Any]:
         rel = np.hypot(generated["fd_domain_sd"] / g if g > 0 else 0.0, real["fd_domain_sd"] / r)
         out["fd_domain_over_real_sd"] = float(g / r * rel)
     if "class_fd" in generated and "class_fd" in real:
-        ratios = {name: (v / real["class_fd"][name] if v is not None and real["class_fd"].get(name) else None)
-                  for name, v in generated["class_fd"].items()}
+        ratios = {
+            name: (v / real["class_fd"][name] if v is not None and real["class_fd"].get(name) else None)
+            for name, v in generated["class_fd"].items()
+        }
         out["class_fd_over_real"] = ratios
         known = [r for r in ratios.values() if r is not None]
         # the weakest class; null when a class is never drawn (classes_covered says which are)
@@ -222,8 +264,10 @@ def not_computed(split: Split, cfg: Config) -> dict[str, str]:
     m, d = len(split.features), split.features.shape[1]
     out = {}
     if m <= d:
-        out["fd_domain"] = (f"{split.name} has {m} images, no more than eval.feature_dim={d}: the covariance is "
-                            "rank-deficient, so fd_domain is dominated by estimator bias (computed, read with care)")
+        out["fd_domain"] = (
+            f"{split.name} has {m} images, no more than eval.feature_dim={d}: the covariance is "
+            "rank-deficient, so fd_domain is dominated by estimator bias (computed, read with care)"
+        )
     if min(m, split.draw_size) < 4:
         out["kid"] = f"{split.name} has {m} images: KID needs at least 4"
     if min(m, split.draw_size) <= cfg.eval.pr_k:
@@ -251,10 +295,17 @@ def score(reference: Reference, draws: list[tuple[np.ndarray, np.ndarray | None]
     generated = summarize([draw_metrics(reference, f, p) for f, p in draws])
     real = summarize(real_draws(reference, len(draws), seed))
     out = compare(generated, real)
-    out.update({"split": reference.split.name, "draws": len(draws), "sample_size": reference.split.draw_size,
-                "reference_size": len(reference.split.features),
-                "kid_subset_size": kid_subset(reference.cfg.eval.kid_subset_size, len(reference.split.features),
-                                              reference.split.draw_size)})
+    out.update(
+        {
+            "split": reference.split.name,
+            "draws": len(draws),
+            "sample_size": reference.split.draw_size,
+            "reference_size": len(reference.split.features),
+            "kid_subset_size": kid_subset(
+                reference.cfg.eval.kid_subset_size, len(reference.split.features), reference.split.draw_size
+            ),
+        }
+    )
     skipped = not_computed(reference.split, reference.cfg)
     if skipped:
         out["not_computed"] = skipped
@@ -269,8 +320,9 @@ def detector(reference: Reference, test: Split, test_images: np.ndarray) -> Dete
     train_images = train.images.read_many(train.indices[reference.train_index])
     held_images = np.concatenate([val.images.read_many(val.indices), test_images])
     held_features = np.concatenate([reference.split.features, test.features])
-    return build_detector(reference.train_features, train_images, held_features, held_images, reference.cells,
-                          cfg.eval.seed)
+    return build_detector(
+        reference.train_features, train_images, held_features, held_images, reference.cells, cfg.eval.seed
+    )
 
 
 def codes_for(split: Split, latent_dim: int, conditional: bool, generator: torch.Generator) -> torch.Tensor:
@@ -297,8 +349,12 @@ def class_match(probs: np.ndarray, asked: np.ndarray, spec: dict[str, Any]) -> d
     return out
 
 
-def evaluate_generator(cfg: Config, sample_fn: Callable[[torch.Tensor], torch.Tensor], meta: dict[str, Any],
-                       reference: Reference | None = None) -> tuple[dict[str, Any], np.ndarray]:
+def evaluate_generator(
+    cfg: Config,
+    sample_fn: Callable[[torch.Tensor], torch.Tensor],
+    meta: dict[str, Any],
+    reference: Reference | None = None,
+) -> tuple[dict[str, Any], np.ndarray]:
     """Every metric of ``sample_fn(codes) -> images (N, C, S, S) in [-1, 1]`` on the test split
     (the top level of the result) and on the validation split (``validation``: what the registry
     chooses the champion by), each over eval.draws latent draws next to its real baseline, and
@@ -338,7 +394,7 @@ def evaluate_generator(cfg: Config, sample_fn: Callable[[torch.Tensor], torch.Te
         counts = np.bincount(probs.argmax(1), minlength=len(reference.class_names))
         metrics["class_freq"] = {name: float(c / len(probs)) for name, c in zip(reference.class_names, counts)}
         if conditional:  # does it draw the class it is asked for?
-            metrics.update(class_match(probs, codes[:, meta["latent_dim"]:].argmax(1).numpy(), reference.spec))
+            metrics.update(class_match(probs, codes[:, meta["latent_dim"] :].argmax(1).numpy(), reference.spec))
     if cfg.eval.inception_weights is not None:
         real = torch.from_numpy(test_images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
         metrics["fid_inception"] = inception_fid(cfg.eval.inception_weights, real, images)
@@ -353,20 +409,26 @@ def score_images(cfg: Config, images: np.ndarray, labels: np.ndarray | None, spl
     reference = load_reference(cfg)
     size, channels = cfg.data.image_size, cfg.data.channels
     if images.ndim != 4 or images.shape[1:] != (size, size, channels) or images.dtype != np.uint8:
-        raise EvaluationError(f"samples: expected uint8 images of shape (N, {size}, {size}, {channels}) as "
-                              f"data.* prepares them, got {images.dtype} {tuple(images.shape)}")
+        raise EvaluationError(
+            f"samples: expected uint8 images of shape (N, {size}, {size}, {channels}) as "
+            f"data.* prepares them, got {images.dtype} {tuple(images.shape)}"
+        )
     test, test_images = test_split(reference)
     split = test if split_name == "test" else reference.split
     rng = np.random.default_rng(cfg.eval.seed)
     by_class = labels is not None and reference.labelled
     if by_class:
         if labels.shape != (len(images),) or labels.min() < 0 or labels.max() >= len(reference.class_names):
-            raise EvaluationError(f"samples: labels must be {len(images)} class indices in "
-                                  f"0..{len(reference.class_names) - 1}")
+            raise EvaluationError(
+                f"samples: labels must be {len(images)} class indices in 0..{len(reference.class_names) - 1}"
+            )
     # fewer samples than a draw: draws (and the real baseline's) at the largest multiple they fill
     k = split.draw_size // len(split.features)
-    own = (np.bincount(split.labels, minlength=len(reference.class_names)) if reference.labelled
-           else np.asarray([len(split.features)]))
+    own = (
+        np.bincount(split.labels, minlength=len(reference.class_names))
+        if reference.labelled
+        else np.asarray([len(split.features)])
+    )
     if by_class:
         have = np.bincount(labels, minlength=len(own))
         fill = int(min(have[c] // own[c] for c in range(len(own)) if own[c] > 0))
@@ -378,15 +440,19 @@ def score_images(cfg: Config, images: np.ndarray, labels: np.ndarray | None, spl
         pools = [rng.permutation(np.flatnonzero(labels == c)) for c in range(len(split.draw_counts))]
         fills = [len(p) // n for p, n in zip(pools, split.draw_counts) if n > 0]
         count = min(fills)
-        index = [np.concatenate([p[i * n : (i + 1) * n] for p, n in zip(pools, split.draw_counts) if n > 0])
-                 for i in range(count)]
+        index = [
+            np.concatenate([p[i * n : (i + 1) * n] for p, n in zip(pools, split.draw_counts) if n > 0])
+            for i in range(count)
+        ]
     else:
         order = rng.permutation(len(images))
         count = len(images) // split.draw_size
         index = [order[i * split.draw_size : (i + 1) * split.draw_size] for i in range(count)]
     if count < 1:
-        raise EvaluationError(f"samples: {len(images)} images fill no draw of {split.draw_size} "
-                              f"(the {split.name} split's class counts x {split.draw_size // len(split.features)})")
+        raise EvaluationError(
+            f"samples: {len(images)} images fill no draw of {split.draw_size} "
+            f"(the {split.name} split's class counts x {split.draw_size // len(split.features)})"
+        )
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
     features, probs = encode(reference.encoder, x)
     draws = [(features[i], None if probs is None else probs[i]) for i in index]
@@ -420,8 +486,8 @@ def inception_fid(weights: Path, real: torch.Tensor, fake: torch.Tensor) -> floa
     try:
         model = torch.jit.load(str(weights), map_location="cpu").eval()
     except (RuntimeError, ValueError) as exc:
-        raise EvaluationError(f"eval.inception_weights: {weights} is not a TorchScript model ({first_line(exc)})") from None
+        raise EvaluationError(
+            f"eval.inception_weights: {weights} is not a TorchScript model ({first_line(exc)})"
+        ) from None
     fr, ff = inception_features(model, real), inception_features(model, fake)
     return frechet_distance(*feature_stats(fr), *feature_stats(ff))
-
-

@@ -34,8 +34,15 @@ class TrainSummary:
     restarts: list[str] = field(default_factory=list)  # causes of the worker restarts of this stage run
 
 
-def export(cfg: Config, checkpoint: Path, run_id: str, lr_g: float, lr_d: float, resumed_from: int,
-           restarts: list[str] | None = None) -> TrainSummary:
+def export(
+    cfg: Config,
+    checkpoint: Path,
+    run_id: str,
+    lr_g: float,
+    lr_d: float,
+    resumed_from: int,
+    restarts: list[str] | None = None,
+) -> TrainSummary:
     """Checkpoint -> paths.generator (EMA generator), metrics/train.json, plots/train.csv."""
     meta = read_checkpoint_meta(checkpoint)
     tensors = load_state_file(checkpoint / CHECKPOINT_STATE)
@@ -60,17 +67,27 @@ def export(cfg: Config, checkpoint: Path, run_id: str, lr_g: float, lr_d: float,
     spec.update(best_epoch=meta["best_epoch"] if best else meta["epoch"], fd_domain=meta["best_fd"])
     g = build_generator(cfg, spec["num_classes"])
     g.load_state_dict(tensors["best_ema_g" if best else "ema_g"])
-    recompute_batchnorm(g, seed=cfg.train.seed, prior=spec["class_prior"])  # statistics of the exported weights, not of the live G
+    recompute_batchnorm(
+        g, seed=cfg.train.seed, prior=spec["class_prior"]
+    )  # statistics of the exported weights, not of the live G
     export_generator(g.state_dict(), spec, cfg.paths.generator)
     history = meta["history"]
     final = {k: v for k, v in history[-1].items() if k != "epoch"}
     deterministic = {k: v for k, v in final.items() if k not in TIMINGS}
     best_row = next((r for r in history if r.get("epoch") == spec["best_epoch"]), history[-1])
-    summary = {"epochs": meta["epoch"], "kimg": final.get("kimg"), "lr_g": lr_g, "lr_d": lr_d,
-               "best_epoch": spec["best_epoch"], "best_kimg": best_row.get("kimg"),
-               "best_fd_domain": meta["best_fd"], "last": deterministic,
-               # worker-group failures Ray restarted from a checkpoint in this stage run, with their causes
-               "worker_restarts": len(restarts or []), "worker_restart_causes": list(restarts or [])}
+    summary = {
+        "epochs": meta["epoch"],
+        "kimg": final.get("kimg"),
+        "lr_g": lr_g,
+        "lr_d": lr_d,
+        "best_epoch": spec["best_epoch"],
+        "best_kimg": best_row.get("kimg"),
+        "best_fd_domain": meta["best_fd"],
+        "last": deterministic,
+        # worker-group failures Ray restarted from a checkpoint in this stage run, with their causes
+        "worker_restarts": len(restarts or []),
+        "worker_restart_causes": list(restarts or []),
+    }
     write_file(cfg.paths.metrics / "train.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
     buf = io.StringIO()
     columns = ["epoch", "kimg", "loss_d", "loss_g", "d_real", "d_fake", "rt", "augment_p", "fd_domain", "kid"]
@@ -79,7 +96,15 @@ def export(cfg: Config, checkpoint: Path, run_id: str, lr_g: float, lr_d: float,
     writer.writerows(history)
     write_file(cfg.paths.plots / "train.csv", buf.getvalue())
     return TrainSummary(
-        run_id, meta["epoch"], final, history, lr_g, lr_d, resumed_from, spec["best_epoch"], meta["best_fd"],
+        run_id,
+        meta["epoch"],
+        final,
+        history,
+        lr_g,
+        lr_d,
+        resumed_from,
+        spec["best_epoch"],
+        meta["best_fd"],
         list(restarts or []),
     )
 

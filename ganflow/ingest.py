@@ -112,14 +112,16 @@ def chunks(cfg: Config, root: str) -> list[dict[str, Any]]:
             mask = train[start + offset : start + offset + count]
             if not mask.any():
                 continue
-            items.append({
-                "path": f"{root}/{shard['file']}",
-                "offset": reader.offsets[k],
-                "first": offset,
-                "count": count,
-                "labels": json.dumps(labels[start + offset : start + offset + count].tolist()),
-                "train": json.dumps(mask.astype(int).tolist()),
-            })
+            items.append(
+                {
+                    "path": f"{root}/{shard['file']}",
+                    "offset": reader.offsets[k],
+                    "first": offset,
+                    "count": count,
+                    "labels": json.dumps(labels[start + offset : start + offset + count].tolist()),
+                    "train": json.dumps(mask.astype(int).tolist()),
+                }
+            )
     reader.close()
     return items
 
@@ -159,8 +161,9 @@ def train_dataset(cfg: Config, root: str):
     ds = ds.randomize_block_order(seed=RandomSeedConfig(seed=cfg.train.seed, reseed_after_execution=True))
     # num_cpus=0: the training workers may hold every CPU (cpus_per_worker auto); a read is I/O
     # (without a cap, zero-CPU tasks start a worker process each, all at once)
-    return ds.map_batches(read_chunks, fn_args=(shape,), batch_size=1, num_cpus=0,
-                          compute=TaskPoolStrategy(size=READ_TASKS))
+    return ds.map_batches(
+        read_chunks, fn_args=(shape,), batch_size=1, num_cpus=0, compute=TaskPoolStrategy(size=READ_TASKS)
+    )
 
 
 def data_config():
@@ -191,8 +194,11 @@ class StreamedBatches:
         if self.transform is not None:
             self.transform.set_random_seed(seed)
         for batch in self.shard.iter_batches(
-            batch_size=self.batch_size, drop_last=True, batch_format="numpy",
-            local_shuffle_buffer_size=SHUFFLE_BUFFER_BATCHES * self.batch_size, local_shuffle_seed=seed,
+            batch_size=self.batch_size,
+            drop_last=True,
+            batch_format="numpy",
+            local_shuffle_buffer_size=SHUFFLE_BUFFER_BATCHES * self.batch_size,
+            local_shuffle_seed=seed,
         ):
             images = batch["image"]  # (B, H, W, C) uint8
             if self.transform is not None:

@@ -44,8 +44,9 @@ class Interrupted(GanflowError):
 
 
 @contextlib.contextmanager
-def stop_on_signals(what: str, on_deadline: Callable[[], object] | None = None,
-                    deadline_s: float | None = None) -> Iterator[Callable[[], None]]:
+def stop_on_signals(
+    what: str, on_deadline: Callable[[], object] | None = None, deadline_s: float | None = None
+) -> Iterator[Callable[[], None]]:
     """Run the body with SIGINT/SIGTERM raising ``KeyboardInterrupt`` once, and a hard deadline.
 
     Yields ``quiet()``: the caller's clean-up calls it first, so that a second signal cannot cut
@@ -77,7 +78,9 @@ def stop_on_signals(what: str, on_deadline: Callable[[], object] | None = None,
         signal.signal(signal.SIGINT, interrupt)
     previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
     watcher = threading.Thread(
-        target=_watch, args=(read_fd, what, on_deadline, deadline_s, state), daemon=True,
+        target=_watch,
+        args=(read_fd, what, on_deadline, deadline_s, state),
+        daemon=True,
         name="ganflow-stop-deadline",
     )
     watcher.start()
@@ -101,8 +104,7 @@ def stop_on_signals(what: str, on_deadline: Callable[[], object] | None = None,
         os.close(write_fd)  # the watcher reads end-of-file: it returns, or keeps its deadline
 
 
-def _watch(read_fd: int, what: str, on_deadline: Callable[[], object] | None, deadline_s: float,
-           state: dict) -> None:
+def _watch(read_fd: int, what: str, on_deadline: Callable[[], object] | None, deadline_s: float, state: dict) -> None:
     stops = (signal.SIGINT, signal.SIGTERM)
     first_at: float | None = None
     open_pipe = True

@@ -132,7 +132,7 @@ def _download(cfg: Config, uri: str, path: Path, expected: dict[str, str] | None
     def fetch(remote: str) -> bytes:
         with fs.open_input_stream(remote) as stream:
             data = stream.read()
-        rel = remote[len(base) + 1:]
+        rel = remote[len(base) + 1 :]
         if expected is not None and hashlib.sha256(data).hexdigest() != expected.get(rel):
             raise JobError(f"{rel}: the copy in {uri} does not match the manifest written with it (incomplete upload?)")
         return data
@@ -145,7 +145,7 @@ def _download(cfg: Config, uri: str, path: Path, expected: dict[str, str] | None
         for entry in fs.get_file_info(selector):
             if entry.type != pyarrow.fs.FileType.File:
                 continue
-            target = _inside(tmp, entry.path[len(base) + len(key) + 2:], uri)
+            target = _inside(tmp, entry.path[len(base) + len(key) + 2 :], uri)
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(fetch(entry.path))
 
@@ -216,8 +216,9 @@ def fetch_inputs(cfg: Config, stage: str, uri: str) -> None:
 def push_outputs(cfg: Config, stage: str, uri: str, submission_id: str) -> None:
     """Job side: outputs -> the exchange, then the manifest (written last: it marks them complete)."""
     hashes = _upload_all(cfg, uri, stage_files(cfg, stage)[1])
-    _write_manifest(uri, stage, "outputs",
-                    {"stage": stage, "submission_id": submission_id, "files": hashes, "time": time.time()})
+    _write_manifest(
+        uri, stage, "outputs", {"stage": stage, "submission_id": submission_id, "files": hashes, "time": time.time()}
+    )
 
 
 def pull_outputs(cfg: Config, stage: str, uri: str | None = None, submission_id: str | None = None) -> dict:
@@ -228,9 +229,7 @@ def pull_outputs(cfg: Config, stage: str, uri: str | None = None, submission_id:
     if record is None:
         raise JobError(f"{stage}: no finished job's outputs in {uri} (the job failed, or never ran)")
     if submission_id and record.get("submission_id") != submission_id:
-        raise JobError(
-            f"{stage}: the outputs in {uri} are from job {record.get('submission_id')}, not {submission_id}"
-        )
+        raise JobError(f"{stage}: the outputs in {uri} are from job {record.get('submission_id')}, not {submission_id}")
     for path in stage_files(cfg, stage)[1]:
         _download(cfg, uri, path, expected=record["files"])
     return record
@@ -397,22 +396,25 @@ def _submit(cfg: Config, stage: str, client, address: str, exchange: str, submis
             if time.monotonic() > deadline:
                 raise JobError(
                     f"cluster.address: the Ray head at {address} still has no job agent after {AGENT_WAIT_S:.0f} s "
-                    "(\"No available agent to submit job\"): its dashboard agent runs without its HTTP server; "
+                    '("No available agent to submit job"): its dashboard agent runs without its HTTP server; '
                     "see dashboard_agent.log in the head's Ray logs (usually its port, 52365 unless "
                     "--dashboard-agent-listen-port says otherwise, is taken by another Ray on that machine)"
                 ) from None
             if _job_exists(client, submission_id):
                 break
             if not waiting:
-                print(f"{stage}: the Ray job agent on {address} is not up yet; waiting up to {AGENT_WAIT_S:.0f} s",
-                      flush=True)
+                print(
+                    f"{stage}: the Ray job agent on {address} is not up yet; waiting up to {AGENT_WAIT_S:.0f} s",
+                    flush=True,
+                )
                 waiting = True
             time.sleep(2.0)
     print(f"{stage}: submitted Ray job {submission_id} to {address} ({entrypoint})", flush=True)
     log: list[str] = []
     # Ctrl-C, or SIGTERM (a killed `dvc repro`), stops the job: it would go on, orphaned, on the cluster
-    with stop_on_signals(f"{stage} (Ray job {submission_id})",
-                         on_deadline=lambda: client.stop_job(submission_id)) as quiet:
+    with stop_on_signals(
+        f"{stage} (Ray job {submission_id})", on_deadline=lambda: client.stop_job(submission_id)
+    ) as quiet:
         try:
             status = _follow(client, submission_id, log)
         except KeyboardInterrupt:

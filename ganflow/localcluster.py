@@ -66,7 +66,9 @@ def _wait(check, what: str, timeout: float, proc: subprocess.Popen, log: Path) -
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             tail = log.read_text(errors="replace").strip().splitlines()[-1:] if log.exists() else []
-            raise ClusterError(f"{what} exited with status {proc.returncode}: {' '.join(tail) or 'no output'} (log: {log})")
+            raise ClusterError(
+                f"{what} exited with status {proc.returncode}: {' '.join(tail) or 'no output'} (log: {log})"
+            )
         try:
             if check():
                 return
@@ -76,28 +78,61 @@ def _wait(check, what: str, timeout: float, proc: subprocess.Popen, log: Path) -
     raise ClusterError(f"{what} did not come up within {timeout:.0f} s (log: {log})")
 
 
-def _spawn(command: list[str], log: Path, env: dict[str, str] | None = None,
-           cwd: Path | None = None) -> subprocess.Popen:
+def _spawn(
+    command: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.Popen:
     with open(log, "ab") as out:
         # a session of its own: `down` stops the whole process group, and a Ctrl-C in the
         # terminal that started it does not reach it
         return subprocess.Popen(
-            command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, env={**os.environ, **(env or {})}, cwd=cwd,
+            command,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env={**os.environ, **(env or {})},
+            cwd=cwd,
         )
 
 
-def start_mlflow_server(backend_uri: str, port: int, log: Path, artifact_args: list[str],
-                        timeout: float = 120.0, env: dict[str, str] | None = None,
-                        cwd: Path | None = None) -> subprocess.Popen:
+def start_mlflow_server(
+    backend_uri: str,
+    port: int,
+    log: Path,
+    artifact_args: list[str],
+    timeout: float = 120.0,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> subprocess.Popen:
     """`mlflow server` on 127.0.0.1:``port`` in a process group of its own; returns once /health
     answers. ``artifact_args``: e.g. ["--artifacts-destination", path] or ["--default-artifact-root", uri]."""
     url = f"http://127.0.0.1:{port}"
-    proc = _spawn([tool("mlflow"), "server", "--backend-store-uri", backend_uri, *artifact_args,
-                   "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], log, env, cwd)
+    proc = _spawn(
+        [
+            tool("mlflow"),
+            "server",
+            "--backend-store-uri",
+            backend_uri,
+            *artifact_args,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        log,
+        env,
+        cwd,
+    )
     try:
-        _wait(lambda: urllib.request.urlopen(f"{url}/health", timeout=2).status == 200,
-              f"mlflow server on {url}", timeout, proc, log)
+        _wait(
+            lambda: urllib.request.urlopen(f"{url}/health", timeout=2).status == 200,
+            f"mlflow server on {url}",
+            timeout,
+            proc,
+            log,
+        )
     except BaseException:
         _stop(proc.pid)
         raise
@@ -171,8 +206,14 @@ def _ours(pid: int, started: str | None) -> bool:
     return started is None or _started(pid) == started  # a state file from before start times: trust the pid
 
 
-def up(root: Path, ray_port: int = 6379, dashboard_port: int = 8265, mlflow_port: int = 5001,
-       num_cpus: int | None = None, timeout: float = 120.0) -> LocalCluster:
+def up(
+    root: Path,
+    ray_port: int = 6379,
+    dashboard_port: int = 8265,
+    mlflow_port: int = 5001,
+    num_cpus: int | None = None,
+    timeout: float = 120.0,
+) -> LocalCluster:
     """Start the head and the MLflow server; returns what is running (idempotent)."""
     root = Path(root).resolve()
     state = read_state(root)
@@ -202,10 +243,23 @@ def up(root: Path, ray_port: int = 6379, dashboard_port: int = 8265, mlflow_port
     # every job submission is refused with "No available agent". The Ray Client server (default
     # 10001; ganflow never uses ray://, and `ray start` cannot leave it out) takes a port free now:
     # a taken one kills the whole head.
-    command = [tool("ray"), "start", "--head", "--block", "--port", str(ray_port),
-               "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
-               "--dashboard-agent-listen-port", "0", "--ray-client-server-port", str(free_port()),
-               "--disable-usage-stats"]
+    command = [
+        tool("ray"),
+        "start",
+        "--head",
+        "--block",
+        "--port",
+        str(ray_port),
+        "--dashboard-host",
+        "127.0.0.1",
+        "--dashboard-port",
+        str(dashboard_port),
+        "--dashboard-agent-listen-port",
+        "0",
+        "--ray-client-server-port",
+        str(free_port()),
+        "--disable-usage-stats",
+    ]
     if num_cpus is not None:
         command += ["--num-cpus", str(num_cpus)]
     auth_mode = os.environ.get("RAY_AUTH_MODE", "token")
@@ -213,8 +267,13 @@ def up(root: Path, ray_port: int = 6379, dashboard_port: int = 8265, mlflow_port
         ensure_auth_token(timeout)
     ray_proc = _spawn(command, ray_log, env={"RAY_AUTH_MODE": auth_mode, "RAY_worker_niceness": "0"})
     try:
-        mlflow_proc = start_mlflow_server(db, mlflow_port, state_dir / "mlflow.log",
-                                          ["--artifacts-destination", str(state_dir / "mlartifacts")], timeout)
+        mlflow_proc = start_mlflow_server(
+            db,
+            mlflow_port,
+            state_dir / "mlflow.log",
+            ["--artifacts-destination", str(state_dir / "mlartifacts")],
+            timeout,
+        )
         try:
             _wait(lambda: _job_server_ready(address), f"Ray head (job server {address})", timeout, ray_proc, ray_log)
         except BaseException:
@@ -223,8 +282,17 @@ def up(root: Path, ray_port: int = 6379, dashboard_port: int = 8265, mlflow_port
     except BaseException:
         _stop(ray_proc.pid, RAY_GRACE_S)
         raise
-    state = LocalCluster(str(root), ray_proc.pid, mlflow_proc.pid, address, ray_port, tracking, str(storage),
-                         _started(ray_proc.pid), _started(mlflow_proc.pid))
+    state = LocalCluster(
+        str(root),
+        ray_proc.pid,
+        mlflow_proc.pid,
+        address,
+        ray_port,
+        tracking,
+        str(storage),
+        _started(ray_proc.pid),
+        _started(mlflow_proc.pid),
+    )
     (state_dir / "cluster.json").write_text(json.dumps(asdict(state), indent=2) + "\n")
     return state
 
@@ -232,8 +300,13 @@ def up(root: Path, ray_port: int = 6379, dashboard_port: int = 8265, mlflow_port
 def ensure_auth_token(timeout: float = 120.0) -> None:
     """`ray start` refuses to start without a token (unlike ray.init, it never makes one): on a
     machine where no local Ray ever ran, ~/.ray/auth_token does not exist yet."""
-    subprocess.run([tool("ray"), "get-auth-token", "--generate"], env={**os.environ, "RAY_AUTH_MODE": "token"},
-                   capture_output=True, check=True, timeout=timeout)
+    subprocess.run(
+        [tool("ray"), "get-auth-token", "--generate"],
+        env={**os.environ, "RAY_AUTH_MODE": "token"},
+        capture_output=True,
+        check=True,
+        timeout=timeout,
+    )
 
 
 def _job_server_ready(address: str) -> bool:
@@ -249,13 +322,16 @@ def down(root: Path) -> LocalCluster | None:
     state = read_state(root)
     if state is None:
         return None
-    for what, pid, started, grace in (("Ray head", state.ray_pid, state.ray_started, RAY_GRACE_S),
-                                      ("MLflow server", state.mlflow_pid, state.mlflow_started, 30.0)):
+    for what, pid, started, grace in (
+        ("Ray head", state.ray_pid, state.ray_started, RAY_GRACE_S),
+        ("MLflow server", state.mlflow_pid, state.mlflow_started, 30.0),
+    ):
         if _ours(pid, started):
             _stop(pid, grace)
         elif _alive(pid):  # the pid now names another process: never signal it
-            print(f"cluster down: pid {pid} is no longer the {what} this project started; left it alone",
-                  file=sys.stderr)
+            print(
+                f"cluster down: pid {pid} is no longer the {what} this project started; left it alone", file=sys.stderr
+            )
     # the head's address file, which `ray.init()` and `ray status` would otherwise try to join
     current = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "ray_current_cluster"
     try:
@@ -294,12 +370,16 @@ def cmd_cluster(args) -> int:
         print(describe(state))
     elif args.action == "down":
         state = down(root)
-        print("stopped the local Ray head and MLflow server (stores kept in .cluster/)" if state
-              else "no local cluster is running here")
+        print(
+            "stopped the local Ray head and MLflow server (stores kept in .cluster/)"
+            if state
+            else "no local cluster is running here"
+        )
     else:
         state = read_state(root)
-        if state is None or not (_ours(state.ray_pid, state.ray_started)
-                                 and _ours(state.mlflow_pid, state.mlflow_started)):
+        if state is None or not (
+            _ours(state.ray_pid, state.ray_started) and _ours(state.mlflow_pid, state.mlflow_started)
+        ):
             print("no local cluster is running here (make cluster-up starts one)")
             return 1
         print(describe(state))

@@ -14,22 +14,26 @@ import numpy as np
 # train images drawn with the reference's class counts, as often); see ganflow.evaluation.
 METRICS: dict[str, tuple[str, str]] = {
     "fd_domain": ("Fréchet distance between the reference split's real features and the generated ones", "lower"),
-    "fd_domain_over_real": ("fd_domain / real_fd_domain: the generator's distance in units of real images' own",
-                            "lower; ≈ 1 = as close to the reference as real train images are"),
+    "fd_domain_over_real": (
+        "fd_domain / real_fd_domain: the generator's distance in units of real images' own",
+        "lower; ≈ 1 = as close to the reference as real train images are",
+    ),
     "kid": ("kernel (MMD²) distance, unbiased (can be < 0); subsets of at most half of either set", "lower"),
     "precision": ("share of generated samples inside the reference's real manifold (k-NN balls)", "higher"),
     "recall": ("share of reference images inside the generated manifold; low = mode collapse", "higher"),
     "classes_covered": ("classes the encoder's classifier sees in the generated samples", "all"),
     "class_kl": ("KL(generated class frequencies ‖ real ones)", "lower, ≈ 0"),
-    "class_kl_reverse": ("KL(real class frequencies ‖ generated ones): large when a class is dropped",
-                         "lower, ≈ 0"),
-    "class_tv": ("total-variation distance of the class frequencies (share of samples in the wrong class)",
-                 "lower, ≈ 0"),
+    "class_kl_reverse": ("KL(real class frequencies ‖ generated ones): large when a class is dropped", "lower, ≈ 0"),
+    "class_tv": (
+        "total-variation distance of the class frequencies (share of samples in the wrong class)",
+        "lower, ≈ 0",
+    ),
     "class_max_rel_dev": ("largest relative deviation of a class's frequency", "lower"),
     "class_fd_over_real": ("per class: its Fréchet distance / the real baseline's; names the weak classes", "lower"),
     "is_domain": ("Inception-Score analogue with the domain classifier", "higher, up to the number of classes"),
     "copying_flagged": ("1 when the copy detector (ganflow.copying) flags the samples: never champion", "0"),
 }
+
 
 def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean (D,) and covariance (D, D) of features (N, D)."""
@@ -64,8 +68,9 @@ def kid_subset(subset_size: int, n_real: int, n_fake: int) -> int:
     return max(2, min(subset_size, n_real // 2, n_fake // 2))
 
 
-def kid(real: np.ndarray, fake: np.ndarray, subsets: int = 50, subset_size: int = 500,
-        seed: int = 0) -> tuple[float, float]:
+def kid(
+    real: np.ndarray, fake: np.ndarray, subsets: int = 50, subset_size: int = 500, seed: int = 0
+) -> tuple[float, float]:
     """Kernel Inception Distance: the unbiased MMD^2 with kernel (x.y / D + 1)^3, averaged over
     random subsets of ``kid_subset(...)`` samples each. Returns (mean, standard deviation over
     subsets); nan when either set has fewer than 4 samples."""
@@ -147,8 +152,9 @@ def class_metrics(probs: np.ndarray, real_freq: np.ndarray) -> dict[str, float]:
     }
 
 
-def per_class_fd(real: np.ndarray, real_labels: np.ndarray, fake: np.ndarray, fake_labels: np.ndarray,
-                 names: list[str]) -> dict[str, float | None]:
+def per_class_fd(
+    real: np.ndarray, real_labels: np.ndarray, fake: np.ndarray, fake_labels: np.ndarray, names: list[str]
+) -> dict[str, float | None]:
     """Fréchet distance per class between real features of that class and the generated features
     the classifier assigns to it. None where either side has fewer than 2 samples (a covariance
     needs two)."""

@@ -96,8 +96,7 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    def __init__(self, channels: int, image_size: int, width: int, spectral_norm: bool = False,
-                 num_classes: int = 0):
+    def __init__(self, channels: int, image_size: int, width: int, spectral_norm: bool = False, num_classes: int = 0):
         super().__init__()
         self.num_classes = num_classes
         # spectral norm bounds D's Lipschitz constant; BatchNorm would undo that, so it goes
@@ -219,15 +218,14 @@ class ResnetDiscriminator(nn.Module):
     sum pooling, a linear logit; the class projection of a conditional D on the pooled features.
     No BatchNorm; spectral norm on every layer when model.spectral_norm."""
 
-    def __init__(self, channels: int, image_size: int, width: int, spectral_norm: bool = False,
-                 num_classes: int = 0):
+    def __init__(self, channels: int, image_size: int, width: int, spectral_norm: bool = False, num_classes: int = 0):
         super().__init__()
         self.num_classes = num_classes
         wrap = _sn if spectral_norm else (lambda m: m)
         n = _upsamplings(image_size)
         blocks, ch = [], channels
         for i in range(n):
-            cout = width * 2 ** i
+            cout = width * 2**i
             blocks.append(_DBlock(ch, cout, wrap, first=i == 0))
             ch = cout
         self.blocks = nn.Sequential(*blocks)
@@ -322,8 +320,9 @@ def class_grid_codes(latent_dim: int, num_classes: int, per_class: int, generato
 
 
 @torch.no_grad()
-def recompute_batchnorm(g: Generator, seed: int = 0, batches: int = 16, batch_size: int = 64,
-                        prior: Sequence[float] | None = None) -> None:
+def recompute_batchnorm(
+    g: Generator, seed: int = 0, batches: int = 16, batch_size: int = 64, prior: Sequence[float] | None = None
+) -> None:
     """Give G's BatchNorm layers running statistics computed for G's own weights.
 
     The EMA generator is an average of weights; statistics copied from the live G belong to
@@ -350,14 +349,16 @@ def recompute_batchnorm(g: Generator, seed: int = 0, batches: int = 16, batch_si
 
 
 def build_generator(cfg: Config, num_classes: int = 0) -> nn.Module:
-    g = GENERATORS[cfg.model.arch](cfg.model.latent_dim, cfg.data.channels, cfg.data.image_size, cfg.model.g_width,
-                                   num_classes)
+    g = GENERATORS[cfg.model.arch](
+        cfg.model.latent_dim, cfg.data.channels, cfg.data.image_size, cfg.model.g_width, num_classes
+    )
     (dcgan_init if cfg.model.arch == "dcgan" else resnet_init)(g)
     return g
 
 
 def build_discriminator(cfg: Config, num_classes: int = 0) -> nn.Module:
-    d = DISCRIMINATORS[cfg.model.arch](cfg.data.channels, cfg.data.image_size, cfg.model.d_width,
-                                       cfg.model.spectral_norm, num_classes)
+    d = DISCRIMINATORS[cfg.model.arch](
+        cfg.data.channels, cfg.data.image_size, cfg.model.d_width, cfg.model.spectral_norm, num_classes
+    )
     (dcgan_init if cfg.model.arch == "dcgan" else resnet_init)(d)
     return d

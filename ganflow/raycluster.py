@@ -29,7 +29,6 @@ RAY_ENV_DEFAULTS = {
 }
 
 
-
 def set_ray_env() -> None:
     """RAY_ENV_DEFAULTS into this process's environment (a variable already set wins): read by
     Ray Train here and by every raylet started from here (a local Ray, a simulated cluster)."""
@@ -80,12 +79,16 @@ def init_ray() -> None:
             ray.init(address="local", num_cpus=os.cpu_count(), logging_level="WARNING", include_dashboard=False)
             _OWN_RAY["local"] = True
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise TrainingError(f"cluster.address: cannot connect to Ray at {address or 'local'}: {first_line(exc)}") from None
+        raise TrainingError(
+            f"cluster.address: cannot connect to Ray at {address or 'local'}: {first_line(exc)}"
+        ) from None
     except Exception as exc:
         if address:
             raise
-        raise TrainingError(f"the stage's local Ray did not start ({first_line(exc)}); on a busy machine, "
-                            "run the stage again when it is less loaded") from None
+        raise TrainingError(
+            f"the stage's local Ray did not start ({first_line(exc)}); on a busy machine, "
+            "run the stage again when it is less loaded"
+        ) from None
 
 
 def cpus_for_workers(cfg: Config, node_cpus: list[float]) -> float:

@@ -44,7 +44,11 @@ def ship_inputs(cfg: Config, ingest: str = "local") -> dict[str, Any]:
     import ray
 
     files = input_files(cfg, ingest)
-    return {"node_id": ray.get_runtime_context().get_node_id(), "key": named_sha256(files)[:16], "files": ray.put(files)}
+    return {
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "key": named_sha256(files)[:16],
+        "files": ray.put(files),
+    }
 
 
 def worker_inputs(cfg: Config, ingest: str | None = None) -> dict[str, Any] | None:
@@ -133,8 +137,14 @@ def trainer_class(owns_ray: bool) -> type:
     return OwnRayTrainer
 
 
-def fit(cfg: Config, config: dict[str, Any], name: str, callbacks: list | None = None,
-        datasets: dict[str, Any] | None = None, owns_ray: bool | None = None):
+def fit(
+    cfg: Config,
+    config: dict[str, Any],
+    name: str,
+    callbacks: list | None = None,
+    datasets: dict[str, Any] | None = None,
+    owns_ray: bool | None = None,
+):
     """Run one TorchTrainer; worker failures become a one-line TrainingError. ``datasets``:
     Ray Data datasets to split across the workers (the ray_data ingest). ``owns_ray``: whether
     the stage runs on a Ray of its own (default: own_local_ray() in this process; a sweep's trial
@@ -210,8 +220,12 @@ def _actor_placement_groups() -> list[tuple[bytes, bool]]:
     found = []
     for raw in state._connect_and_get_accessor().get_placement_group_table():
         pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
-        if (pg.state == gcs_pb2.PlacementGroupTableData.REMOVED or pg.is_detached
-                or ray.ActorID(pg.creator_actor_id).is_nil() or pg.creator_job_id.hex() != job):
+        if (
+            pg.state == gcs_pb2.PlacementGroupTableData.REMOVED
+            or pg.is_detached
+            or ray.ActorID(pg.creator_actor_id).is_nil()
+            or pg.creator_job_id.hex() != job
+        ):
             continue
         found.append((pg.placement_group_id, bool(pg.creator_actor_dead)))
     return found

@@ -13,29 +13,63 @@ from ganflow.config import Config, config_from_dict
 
 RECIPES: dict[str, dict[str, Any]] = {
     # the baseline: BatchNorm in D, non-saturating BCE
-    "dcgan-bce": {"model.spectral_norm": False, "model.conditional": False, "train.loss": "bce",
-                  "train.augment": "none"},
+    "dcgan-bce": {
+        "model.spectral_norm": False,
+        "model.conditional": False,
+        "train.loss": "bce",
+        "train.augment": "none",
+    },
     # spectral norm on D (no BatchNorm there), hinge loss (Miyato et al. 2018)
-    "sn-hinge": {"model.spectral_norm": True, "model.conditional": False, "train.loss": "hinge",
-                 "train.augment": "none"},
+    "sn-hinge": {
+        "model.spectral_norm": True,
+        "model.conditional": False,
+        "train.loss": "hinge",
+        "train.augment": "none",
+    },
     # + differentiable augmentation of every D input (Zhao et al. 2020), for small data sets
-    "sn-hinge-diffaugment": {"model.spectral_norm": True, "model.conditional": False, "train.loss": "hinge",
-                             "train.augment": "diffaugment"},
+    "sn-hinge-diffaugment": {
+        "model.spectral_norm": True,
+        "model.conditional": False,
+        "train.loss": "hinge",
+        "train.augment": "diffaugment",
+    },
     # DiffAugment alone on the baseline
-    "dcgan-bce-diffaugment": {"model.spectral_norm": False, "model.conditional": False, "train.loss": "bce",
-                              "train.augment": "diffaugment"},
+    "dcgan-bce-diffaugment": {
+        "model.spectral_norm": False,
+        "model.conditional": False,
+        "train.loss": "bce",
+        "train.augment": "diffaugment",
+    },
     # class-conditional G (conditional BatchNorm) and projection D when the data has labels
-    "dcgan-bce-conditional": {"model.spectral_norm": False, "model.conditional": "auto", "train.loss": "bce",
-                              "train.augment": "none"},
+    "dcgan-bce-conditional": {
+        "model.spectral_norm": False,
+        "model.conditional": "auto",
+        "train.loss": "bce",
+        "train.augment": "none",
+    },
     # + the mode-seeking term on G (Mao et al. 2019), which keeps the conditional G's samples of
     # one class apart: the project's params.yaml
-    "dcgan-bce-conditional-ms": {"model.spectral_norm": False, "model.conditional": "auto", "train.loss": "bce",
-                                 "train.augment": "none", "train.mode_seeking": 0.5},
-    "sn-hinge-conditional": {"model.spectral_norm": True, "model.conditional": "auto", "train.loss": "hinge",
-                             "train.augment": "none"},
+    "dcgan-bce-conditional-ms": {
+        "model.spectral_norm": False,
+        "model.conditional": "auto",
+        "train.loss": "bce",
+        "train.augment": "none",
+        "train.mode_seeking": 0.5,
+    },
+    "sn-hinge-conditional": {
+        "model.spectral_norm": True,
+        "model.conditional": "auto",
+        "train.loss": "hinge",
+        "train.augment": "none",
+    },
     # residual G and D (SNGAN/BigGAN-style blocks), spectral norm and hinge, conditional on labels
-    "resnet-sn-hinge-conditional": {"model.arch": "resnet", "model.spectral_norm": True, "model.conditional": "auto",
-                                    "train.loss": "hinge", "train.augment": "none"},
+    "resnet-sn-hinge-conditional": {
+        "model.arch": "resnet",
+        "model.spectral_norm": True,
+        "model.conditional": "auto",
+        "train.loss": "hinge",
+        "train.augment": "none",
+    },
 }
 for _recipe in RECIPES.values():  # every recipe names its architecture and its mode-seeking weight
     _recipe.setdefault("model.arch", "dcgan")

@@ -105,8 +105,10 @@ def register(cfg: Config) -> dict[str, Any]:
     if not run_id:
         raise RegistryError(f"{spec_path}: no MLflow run id: the generator was not logged")
     if "copying_flagged" not in metrics or "validation" not in metrics:
-        raise RegistryError(f"{eval_path}: written by an older evaluate (no validation scores or copy "
-                            "detector); run `dvc repro evaluate`")
+        raise RegistryError(
+            f"{eval_path}: written by an older evaluate (no validation scores or copy "
+            "detector); run `dvc repro evaluate`"
+        )
     name = cfg.registry.model_name
     sha = file_sha256(cfg.paths.generator / WEIGHTS)
     key = evaluation_key(cfg)
@@ -116,10 +118,11 @@ def register(cfg: Config) -> dict[str, Any]:
     except MlflowException:
         try:
             client.create_registered_model(
-                name, description="ganflow generator: z (N, latent) [+ one-hot class] float32 -> images "
+                name,
+                description="ganflow generator: z (N, latent) [+ one-hot class] float32 -> images "
                 "(N, C, H, W) in [-1, 1]. `champion`: the lowest validation fd_domain (mean over latent draws) "
                 "among unflagged versions measured like the newest (tag eval_key), replaced only when beaten by "
-                "more than the two versions' combined spread."
+                "more than the two versions' combined spread.",
             )
         except MlflowException as exc:  # another register created it meanwhile
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
@@ -128,7 +131,8 @@ def register(cfg: Config) -> dict[str, Any]:
     # the same weights measured the same way reuse their version; measured with another encoder
     # or held-out set they are a new version (its fd_domain is another scale)
     existing = client.search_model_versions(
-        f"name='{name}' and tags.generator_sha256='{sha}' and tags.{EVAL_KEY}='{key}'")
+        f"name='{name}' and tags.generator_sha256='{sha}' and tags.{EVAL_KEY}='{key}'"
+    )
     if existing:
         version = existing[0]
         created = False
@@ -144,12 +148,17 @@ def register(cfg: Config) -> dict[str, Any]:
             "lr_d": repr(spec.get("lr_d")),
         }
         tags.update({k: repr(float(v)) for k, v in metrics.items() if isinstance(v, (int, float))})
-        tags.update({f"validation_{k}": repr(float(v)) for k, v in metrics["validation"].items()
-                     if isinstance(v, (int, float))})
+        tags.update(
+            {f"validation_{k}": repr(float(v)) for k, v in metrics["validation"].items() if isinstance(v, (int, float))}
+        )
         model_id = _logged_model_id(client, run_id)
         # model_id too: a tracking server refuses a models:/ source without it (a SQLite store does not)
         version = client.create_model_version(
-            name, source=f"models:/{model_id}", run_id=run_id, model_id=model_id, tags=tags,
+            name,
+            source=f"models:/{model_id}",
+            run_id=run_id,
+            model_id=model_id,
+            tags=tags,
             description=(
                 f"EMA generator of epoch {spec.get('best_epoch')} (lr_g={spec.get('lr_g'):.3g}, "
                 f"lr_d={spec.get('lr_d'):.3g}); test fd_domain {metrics['fd_domain']:.4g} ± "
@@ -167,8 +176,9 @@ def register(cfg: Config) -> dict[str, Any]:
     fd = float(metrics["validation"]["fd_domain"])
     copying = bool(metrics["copying_flagged"])
     elected = _elect_champion(client, name, key)
-    promoted = elected is not None and str(elected.version) == number and (
-        champion is None or str(champion.version) != number)
+    promoted = (
+        elected is not None and str(elected.version) == number and (champion is None or str(champion.version) != number)
+    )
     aliases = sorted(client.get_model_version(name, number).aliases)
     record = {
         "name": name,

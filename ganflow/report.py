@@ -17,17 +17,27 @@ def summary_line(metrics: dict[str, Any]) -> str:
     """The headline of an evaluation: the split, fd_domain against its real baseline, KID,
     precision/recall, the classes, and the copy detector's verdict."""
     ratio = metrics.get("fd_domain_over_real")
-    ratio_text = (f" = {ratio:.2f} ± {metrics.get('fd_domain_over_real_sd') or float('nan'):.2f}x the real baseline"
-                  if ratio is not None else "")
+    ratio_text = (
+        f" = {ratio:.2f} ± {metrics.get('fd_domain_over_real_sd') or float('nan'):.2f}x the real baseline"
+        if ratio is not None
+        else ""
+    )
     classes = ""
     if "classes_covered" in metrics:
-        classes = (f"; {metrics['classes_covered']:.1f} classes covered, class TV {metrics['class_tv']:.3f}, "
-                   f"reverse KL {metrics['class_kl_reverse']:.3f}")
+        classes = (
+            f"; {metrics['classes_covered']:.1f} classes covered, class TV {metrics['class_tv']:.3f}, "
+            f"reverse KL {metrics['class_kl_reverse']:.3f}"
+        )
     if "class_match" in metrics:
-        classes += (f"; drawn as asked {metrics['class_match']:.2f} "
-                    f"(the classifier on real images: {metrics.get('real_class_match') or float('nan'):.2f})")
-    copying = ("FLAGGED as copying: " + "; ".join(metrics.get("copying_reasons", []))
-               if metrics.get("copying_flagged") else "copy detector: not flagged")
+        classes += (
+            f"; drawn as asked {metrics['class_match']:.2f} "
+            f"(the classifier on real images: {metrics.get('real_class_match') or float('nan'):.2f})"
+        )
+    copying = (
+        "FLAGGED as copying: " + "; ".join(metrics.get("copying_reasons", []))
+        if metrics.get("copying_flagged")
+        else "copy detector: not flagged"
+    )
     return (
         f"{metrics['split']} split ({metrics['reference_size']} images; {metrics['draws']} draws of "
         f"{metrics['sample_size']}): fd_domain {_pm(metrics, 'fd_domain')} (real {_pm(metrics, 'real_fd_domain')})"
@@ -50,17 +60,27 @@ def reading(metrics: dict[str, Any]) -> str:
     elif sd is None or not sd == sd:  # (sd is NaN)
         verdict = f"{ratio:.2f}x the real baseline, with no spread to judge it by"
     elif ratio > 1 + 2 * sd:
-        verdict = (f"the samples are {ratio:.1f}x farther from the {n} {metrics['split']} images than real images "
-                   f"are, beyond the noise of the measure ({ratio:.2f} > 1 + 2 sd = {1 + 2 * sd:.2f})")
+        verdict = (
+            f"the samples are {ratio:.1f}x farther from the {n} {metrics['split']} images than real images "
+            f"are, beyond the noise of the measure ({ratio:.2f} > 1 + 2 sd = {1 + 2 * sd:.2f})"
+        )
     elif ratio < 1 - 2 * sd:
-        verdict = (f"the samples are nearer to the {n} {metrics['split']} images than other real images are "
-                   f"({ratio:.2f} < 1 - 2 sd): a fluke of a small reference, or copies of training images; "
-                   f"look at the copy detector and the samples")
+        verdict = (
+            f"the samples are nearer to the {n} {metrics['split']} images than other real images are "
+            f"({ratio:.2f} < 1 - 2 sd): a fluke of a small reference, or copies of training images; "
+            f"look at the copy detector and the samples"
+        )
     else:
-        verdict = (f"within 2 sd of the real baseline ({ratio:.2f} ± {sd:.2f}): by this measure the samples cannot be "
-                   f"told from real images at {n} reference images")
-    small = (f"; with only {n} reference images every figure is rough and two runs are only different when their "
-             f"ratios differ by more than about 2 sd" if n < SMALL_REFERENCE else "")
+        verdict = (
+            f"within 2 sd of the real baseline ({ratio:.2f} ± {sd:.2f}): by this measure the samples cannot be "
+            f"told from real images at {n} reference images"
+        )
+    small = (
+        f"; with only {n} reference images every figure is rough and two runs are only different when their "
+        f"ratios differ by more than about 2 sd"
+        if n < SMALL_REFERENCE
+        else ""
+    )
     skipped = metrics.get("not_computed") or {}
     missing = f"; not computed at this size: {', '.join(sorted(skipped))}" if skipped else ""
     return f"reading: {verdict}{small}{missing}"

@@ -38,12 +38,16 @@ class Row:
         name = ("  " * self.depth + self.name)[:NAME_WIDTH]
         started = dt.datetime.fromtimestamp(self.start_ms / 1000).strftime("%Y-%m-%d %H:%M") if self.start_ms else ""
         return (
-            name, self.stage, self.status,
+            name,
+            self.stage,
+            self.status,
             "" if self.lr_g is None else lr_text(self.lr_g),
             "" if self.lr_d is None else lr_text(self.lr_d),
             "" if self.fd_domain is None else f"{self.fd_domain:.4g}",
             "" if self.epochs is None else str(self.epochs),
-            started, self.run_id[:8], self.note,
+            started,
+            self.run_id[:8],
+            self.note,
         )
 
 
@@ -94,18 +98,26 @@ def _stage(tags: dict[str, str]) -> str:
 def _training_row(client: Any, run: Any, depth: int = 0) -> Row:
     params, metrics = run.data.params, run.data.metrics
     return Row(
-        name=run.info.run_name or "", stage=_stage(run.data.tags), status=run.info.status,
-        lr_g=_float(params.get("lr_g")), lr_d=_float(params.get("lr_d")), fd_domain=_best_fd(client, run),
+        name=run.info.run_name or "",
+        stage=_stage(run.data.tags),
+        status=run.info.status,
+        lr_g=_float(params.get("lr_g")),
+        lr_d=_float(params.get("lr_d")),
+        fd_domain=_best_fd(client, run),
         epochs=int(metrics["epoch"]) if "epoch" in metrics else None,
-        start_ms=run.info.start_time or 0, run_id=run.info.run_id, depth=depth,
+        start_ms=run.info.start_time or 0,
+        run_id=run.info.run_id,
+        depth=depth,
     )
 
 
 def _sweep_rows(client: Any, experiment_id: str, run: Any, trials: bool) -> list[Row]:
     """The sweep's row (the best trial's rates and fd_domain) and, with ``trials``, its trials'."""
     children = client.search_runs(
-        [experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{run.info.run_id}'",
-        order_by=["attributes.start_time ASC"], max_results=1000,
+        [experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{run.info.run_id}'",
+        order_by=["attributes.start_time ASC"],
+        max_results=1000,
     )
     child_rows = [_training_row(client, c, depth=1) for c in children]
     scored = [r for r in child_rows if r.fd_domain is not None]
@@ -116,11 +128,16 @@ def _sweep_rows(client: Any, experiment_id: str, run: Any, trials: bool) -> list
         note += f"; best: {best.name.split(' lr_g=')[0]} ({best.run_id[:8]})"
     params = run.data.params
     row = Row(
-        name=run.info.run_name or "", stage=_stage(run.data.tags), status=run.info.status,
+        name=run.info.run_name or "",
+        stage=_stage(run.data.tags),
+        status=run.info.status,
         lr_g=_float(params.get("best_lr_g")) or (best.lr_g if best else None),
         lr_d=_float(params.get("best_lr_d")) or (best.lr_d if best else None),
         fd_domain=run.data.metrics.get("best_fd_domain", best.fd_domain if best else None),
-        epochs=None, start_ms=run.info.start_time or 0, run_id=run.info.run_id, note=note,
+        epochs=None,
+        start_ms=run.info.start_time or 0,
+        run_id=run.info.run_id,
+        note=note,
     )
     return [row, *child_rows] if trials else [row]
 
@@ -129,8 +146,10 @@ def latest_runs(uri: str, experiment: str, limit: int = 20, trials: bool = False
     """The ``limit`` latest top-level runs (trainings and sweeps), newest first."""
     client, experiment_id = open_experiment(uri, experiment)
     top = client.search_runs(
-        [experiment_id], filter_string="tags.`mlflow.parentRunId` IS NULL",
-        order_by=["attributes.start_time DESC"], max_results=limit,
+        [experiment_id],
+        filter_string="tags.`mlflow.parentRunId` IS NULL",
+        order_by=["attributes.start_time DESC"],
+        max_results=limit,
     )
     rows: list[Row] = []
     for run in top:

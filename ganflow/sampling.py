@@ -35,8 +35,12 @@ def generator_meta(path: Path) -> dict[str, Any]:
     """What a sampler needs besides the weights: latent_dim, num_classes (0: unconditional) and,
     for a conditional G, its class names and their training frequencies."""
     spec = json.loads((Path(path) / SPEC).read_text())
-    return {"latent_dim": int(spec["latent_dim"]), "num_classes": int(spec.get("num_classes") or 0),
-            "class_names": spec.get("class_names"), "class_prior": spec.get("class_prior")}
+    return {
+        "latent_dim": int(spec["latent_dim"]),
+        "num_classes": int(spec.get("num_classes") or 0),
+        "class_names": spec.get("class_names"),
+        "class_prior": spec.get("class_prior"),
+    }
 
 
 def export_generator(weights: dict[str, torch.Tensor], spec: dict[str, Any], out: Path) -> None:
@@ -64,8 +68,9 @@ def load_generator_dir(path: Path) -> torch.nn.Module:
     arch = spec.get("arch", "dcgan")  # exported before model.arch existed: DCGAN
     if arch not in GENERATORS:
         raise GanflowError(f"{path / SPEC}: unknown arch {arch!r} (known: {', '.join(GENERATORS)})")
-    g = GENERATORS[arch](spec["latent_dim"], spec["channels"], spec["image_size"], spec["g_width"],
-                         int(spec.get("num_classes") or 0))
+    g = GENERATORS[arch](
+        spec["latent_dim"], spec["channels"], spec["image_size"], spec["g_width"], int(spec.get("num_classes") or 0)
+    )
     try:
         g.load_state_dict(load_file(str(path / WEIGHTS)))
     except RuntimeError as exc:  # shapes or keys of another version of the architecture
@@ -93,8 +98,10 @@ class Sampler:
     def class_index(self, name: str) -> int:
         """The index of class ``name`` (its name, or its index as a number)."""
         if not self.num_classes:
-            raise GanflowError("--class: this generator is not class-conditional (trained with model.conditional "
-                               "false or on unlabelled data)")
+            raise GanflowError(
+                "--class: this generator is not class-conditional (trained with model.conditional "
+                "false or on unlabelled data)"
+            )
         names = self.class_names or [str(i) for i in range(self.num_classes)]
         if name in names:
             return names.index(name)
@@ -149,8 +156,13 @@ def load_sampler(model: str) -> Sampler:
     width = int(pyfunc.metadata.get_input_schema().inputs[0].shape[-1])
     meta = pyfunc.metadata.metadata or {}  # models logged before conditional G: no metadata, unconditional
     latent_dim = int(meta.get("latent_dim", width))
-    return Sampler(lambda code: np.asarray(pyfunc.predict(code)), latent_dim, int(meta.get("num_classes") or 0),
-                   meta.get("class_names"), meta.get("class_prior"))
+    return Sampler(
+        lambda code: np.asarray(pyfunc.predict(code)),
+        latent_dim,
+        int(meta.get("num_classes") or 0),
+        meta.get("class_names"),
+        meta.get("class_prior"),
+    )
 
 
 @contextlib.contextmanager

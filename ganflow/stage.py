@@ -68,8 +68,9 @@ def stop_with_dvc() -> None:
     if name in SHELLS and grandparent > 1:
         import threading
 
-        threading.Thread(target=_watch_shell_parent, args=(parent, grandparent), daemon=True,
-                         name="ganflow-stop-with-dvc").start()
+        threading.Thread(
+            target=_watch_shell_parent, args=(parent, grandparent), daemon=True, name="ganflow-stop-with-dvc"
+        ).start()
 
 
 def _watch_shell_parent(shell: int, caller: int, every: float = 0.5) -> None:

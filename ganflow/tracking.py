@@ -139,7 +139,12 @@ def _workers_text(cfg: Config) -> str:
 
 
 def start_training_run(
-    client: Any, experiment_id: str, cfg: Config, lr_g: float, lr_d: float, tags: dict[str, str],
+    client: Any,
+    experiment_id: str,
+    cfg: Config,
+    lr_g: float,
+    lr_d: float,
+    tags: dict[str, str],
     trial: int | None = None,
 ) -> str:
     """Create the run of one training (``trial`` None) or of one sweep trial (``trial`` k, with
@@ -152,11 +157,15 @@ def start_training_run(
         what = f"GAN training with {lrs}: {budget}"
     else:
         name = f"trial {trial} {lrs}"
-        what = (f"Trial {trial} of {cfg.tune.num_samples} of a learning-rate sweep (parent run "
-                f"{tags.get('sweep_id', '?')}), {lrs}: up to {budget} (ASHA may stop it early)")
-    note = (f"{what}, {_workers_text(cfg)}, {cfg.train.loss} loss, augment {cfg.train.augment}; fd_domain "
-            f"scored every {cfg.eval.every} tick(s) of {cfg.train.tick_kimg:g} kimg, a sample grid (`samples`) every "
-            f"tick; metric steps of per-tick values are epochs, of per-step values D steps.\n\n{_data_text(cfg)}")
+        what = (
+            f"Trial {trial} of {cfg.tune.num_samples} of a learning-rate sweep (parent run "
+            f"{tags.get('sweep_id', '?')}), {lrs}: up to {budget} (ASHA may stop it early)"
+        )
+    note = (
+        f"{what}, {_workers_text(cfg)}, {cfg.train.loss} loss, augment {cfg.train.augment}; fd_domain "
+        f"scored every {cfg.eval.every} tick(s) of {cfg.train.tick_kimg:g} kimg, a sample grid (`samples`) every "
+        f"tick; metric steps of per-tick values are epochs, of per-step values D steps.\n\n{_data_text(cfg)}"
+    )
     run_id = start_run(client, experiment_id, cfg, name, {**tags, NOTE_TAG: note})
     # the learning rates this run used (train.lr_* in the params may be overridden by tune)
     client.log_param(run_id, "lr_g", repr(lr_g))
@@ -368,8 +377,15 @@ def log_evaluation(cfg: Config, run_id: str | None, metrics: dict[str, Any], gri
 
     numbers = {f"eval_{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
     # per-class figures (class_fd_over_real, class_freq) as eval_<key>_<class>: which class is weak
-    numbers.update({f"eval_{k}_{name}": float(v) for k, d in metrics.items() if isinstance(d, dict)
-                    for name, v in d.items() if isinstance(v, (int, float))})
+    numbers.update(
+        {
+            f"eval_{k}_{name}": float(v)
+            for k, d in metrics.items()
+            if isinstance(d, dict)
+            for name, v in d.items()
+            if isinstance(v, (int, float))
+        }
+    )
     numbers = {k: v for k, v in numbers.items() if math.isfinite(v)}
     stamp = _now_ms()
     try:

@@ -125,8 +125,9 @@ class GanState:
         return self.ada.p if self.ada is not None else (1.0 if self.augment is not None else 0.0)
 
 
-def build_state(cfg: Config, device: torch.device, lr_g: float, lr_d: float,
-                prior: list[float] | None = None) -> GanState:
+def build_state(
+    cfg: Config, device: torch.device, lr_g: float, lr_d: float, prior: list[float] | None = None
+) -> GanState:
     """``prior``: the class frequencies of a conditional G (None: unconditional)."""
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts)
     classes = len(prior) if prior else 0
@@ -146,8 +147,15 @@ def build_state(cfg: Config, device: torch.device, lr_g: float, lr_d: float,
         scaler_d=torch.amp.GradScaler(device.type, enabled=fp16),
         device=device,
         dtype=dtype,
-        augment=(augmenter(policy_of(cfg.train.augment_policy, cfg.data.channels), cfg.train.augment_translation,
-                           cfg.train.augment_cutout) if cfg.train.augment != "none" else None),
+        augment=(
+            augmenter(
+                policy_of(cfg.train.augment_policy, cfg.data.channels),
+                cfg.train.augment_translation,
+                cfg.train.augment_cutout,
+            )
+            if cfg.train.augment != "none"
+            else None
+        ),
         ada=ada_controller(cfg),
         prior=list(prior) if prior else None,
         lecam_ema=torch.zeros(2, device=device) if cfg.train.lecam > 0 else None,
@@ -191,7 +199,11 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 
 def gan_step(
-    state: GanState, cfg: Config, real: torch.Tensor, z_gen: torch.Generator, update_g: bool,
+    state: GanState,
+    cfg: Config,
+    real: torch.Tensor,
+    z_gen: torch.Generator,
+    update_g: bool,
     labels: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """One D update, then (if update_g) one G update. real: (B, C, H, W) in [-1, 1]; labels:
@@ -209,7 +221,7 @@ def gan_step(
         c = c_fake = one_hot(labels, len(state.prior)).to(state.device)  # (B, K)
         if seeking:  # a pair shares its class
             c_fake = c.clone()
-            c_fake[b // 2: 2 * (b // 2)] = c[: b // 2]
+            c_fake[b // 2 : 2 * (b // 2)] = c[: b // 2]
         z = torch.cat([z, c_fake], dim=1)
     # D sees every image through the same random augmentation, real and generated, in both steps
     p = state.augment_p
@@ -230,7 +242,9 @@ def gan_step(
         loss_d = d_loss_fn(real_logits.float(), fake_logits.float())  # the diagnostic: without the penalty
         total_d = loss_d
         if state.lecam_ema is not None:
-            total_d = total_d + cfg.train.lecam * lecam_penalty(real_logits.float(), fake_logits.float(), state.lecam_ema)
+            total_d = total_d + cfg.train.lecam * lecam_penalty(
+                real_logits.float(), fake_logits.float(), state.lecam_ema
+            )
         if r1:
             total_d = loss_d + 0.5 * cfg.train.r1_gamma * cfg.train.r1_every * r1_penalty(real_logits, real_seen)
     state.opt_d.zero_grad(set_to_none=True)
@@ -281,8 +295,8 @@ def mode_seeking_penalty(fake: torch.Tensor, z: torch.Tensor, eps: float = 1e-5)
     al. 2019): large when two codes give nearly the same image. A conditional batch pairs equal
     classes (gan_step), so the pairs differ by their codes only."""
     half = fake.shape[0] // 2
-    image_gap = (fake[:half] - fake[half: 2 * half]).float().abs().mean()
-    code_gap = (z[:half] - z[half: 2 * half]).float().abs().mean()
+    image_gap = (fake[:half] - fake[half : 2 * half]).float().abs().mean()
+    code_gap = (z[:half] - z[half : 2 * half]).float().abs().mean()
     return 1.0 / (image_gap / code_gap + eps)
 
 
@@ -468,7 +482,9 @@ def local_batches(cfg: Config, rank: int, world: int, batch_size: int, device: t
     from ganflow.data import PreparedDataset, TransformSeeder, build_train_transform
 
     dataset = PreparedDataset(cfg.paths.prepared, build_train_transform(cfg.data), part="train")
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.train.seed, drop_last=True)
+    sampler = DistributedSampler(
+        dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.train.seed, drop_last=True
+    )
     seeder = TransformSeeder(cfg.train.seed, rank)
     loader = DataLoader(
         dataset,
@@ -520,8 +536,11 @@ def run_loop(config: dict[str, Any], session: RayTrainSession | TrialSession) ->
     cfg = materialize_inputs(base_cfg, config.get("inputs"))
     lr_g, lr_d = config["lr_g"], config["lr_d"]
     rank, world = session.rank, session.world
-    placement = {"rank": rank, "node": ray.get_runtime_context().get_node_id(),
-                 "inputs": "local" if cfg is base_cfg else "shipped"}
+    placement = {
+        "rank": rank,
+        "node": ray.get_runtime_context().get_node_id(),
+        "inputs": "local" if cfg is base_cfg else "shipped",
+    }
     device = session.device
     torch.set_num_threads(max(1, int(cfg.cluster.cpus_per_worker)))
 
@@ -538,7 +557,10 @@ def run_loop(config: dict[str, Any], session: RayTrainSession | TrialSession) ->
     workers = _gather_objects(placement, world)  # where each rank runs: recorded in every checkpoint
     batchnorm = "sync" if synced_batchnorm(world, device) else "per-rank"
     if batchnorm == "sync":
-        state.g, state.d = nn.SyncBatchNorm.convert_sync_batchnorm(state.g), nn.SyncBatchNorm.convert_sync_batchnorm(state.d)
+        state.g, state.d = (
+            nn.SyncBatchNorm.convert_sync_batchnorm(state.g),
+            nn.SyncBatchNorm.convert_sync_batchnorm(state.d),
+        )
     state.g = session.prepare(state.g)
     state.d = session.prepare(state.d, broadcast_buffers=False)
 
@@ -550,7 +572,9 @@ def run_loop(config: dict[str, Any], session: RayTrainSession | TrialSession) ->
         from ganflow.ingest import StreamedBatches
 
         shard = ray.train.get_dataset_shard("train")
-        epoch_batches = StreamedBatches(shard, cfg.train.seed, rank, per_rank_batch, build_train_transform(cfg.data)).epoch
+        epoch_batches = StreamedBatches(
+            shard, cfg.train.seed, rank, per_rank_batch, build_train_transform(cfg.data)
+        ).epoch
     else:
         epoch_batches = local_batches(cfg, rank, world, per_rank_batch, device)
     reference = load_reference(cfg) if rank == 0 else None  # the encoder: rank 0 evaluates
@@ -651,11 +675,19 @@ def run_loop(config: dict[str, Any], session: RayTrainSession | TrialSession) ->
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0 and session.checkpoints and (last or tick % cfg.train.checkpoint_every == 0):
-                meta = {"run_id": config["run_id"], "lr_g": lr_g, "lr_d": lr_d, "world_size": world,
-                        "per_rank_batch": per_rank_batch, "device": str(device), "amp": str(state.dtype),
-                        "batchnorm": batchnorm,
-                        "workers": workers, "class_names": classes[0] if classes else None,
-                        "class_prior": state.prior}
+                meta = {
+                    "run_id": config["run_id"],
+                    "lr_g": lr_g,
+                    "lr_d": lr_d,
+                    "world_size": world,
+                    "per_rank_batch": per_rank_batch,
+                    "device": str(device),
+                    "amp": str(state.dtype),
+                    "batchnorm": batchnorm,
+                    "workers": workers,
+                    "class_names": classes[0] if classes else None,
+                    "class_prior": state.prior,
+                }
                 save_checkpoint(state, cfg, Path(tmp), meta)
                 ckpt = tmp
             session.report({**row, "diverged": ""}, ckpt)
@@ -667,7 +699,11 @@ def run_loop(config: dict[str, Any], session: RayTrainSession | TrialSession) ->
 
 def _clock(seconds: float) -> str:
     seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
+    return (
+        f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+        if seconds >= 3600
+        else f"{seconds // 60}:{seconds % 60:02d}"
+    )
 
 
 def _gather_objects(value: Any, world: int) -> list[Any]:
@@ -682,7 +718,9 @@ def evaluate_ema(state: GanState, cfg: Config, reference: Reference) -> dict[str
     """fd_domain and KID of the EMA generator against the validation split, on one draw of its
     size and class counts, from latent vectors fixed by eval.seed (so epochs are compared on the
     same z)."""
-    z = codes_for(reference.split, cfg.model.latent_dim, bool(state.prior), torch.Generator().manual_seed(cfg.eval.seed))
+    z = codes_for(
+        reference.split, cfg.model.latent_dim, bool(state.prior), torch.Generator().manual_seed(cfg.eval.seed)
+    )
     with torch.no_grad():
         images = torch.cat([state.ema_g(chunk.to(state.device)).float().cpu() for chunk in z.split(500)])
     features, _ = encode(reference.encoder, images)

@@ -51,11 +51,18 @@ def run_training(cfg: Config, lr_g: float, lr_d: float) -> TrainSummary:
         for stale, epoch in stale_runs(storage, name):
             if epoch >= planned.epochs:
                 continue  # finished: nothing to resume either way
-            print(f"not resuming {stale} (checkpoint of epoch {epoch}, kept in {storage}): the training code or "
-                  f"the encoder changed since; starting {name}", flush=True)
+            print(
+                f"not resuming {stale} (checkpoint of epoch {epoch}, kept in {storage}): the training code or "
+                f"the encoder changed since; starting {name}",
+                flush=True,
+            )
     if run_id is None:
-        tags = {"ganflow.stage": "train", "ganflow.ray_run": name, "ganflow.ingest": cfg.data.ingest,
-                **provenance(cfg, "train")}
+        tags = {
+            "ganflow.stage": "train",
+            "ganflow.ray_run": name,
+            "ganflow.ingest": cfg.data.ingest,
+            **provenance(cfg, "train"),
+        }
         run_id = start_training_run(client, experiment_id, cfg, lr_g, lr_d, tags)
 
     config = {
@@ -69,6 +76,7 @@ def run_training(cfg: Config, lr_g: float, lr_d: float) -> TrainSummary:
         "ingest": cfg.data.ingest,
     }
     datasets = {"train": train_dataset(cfg, shards_root(cfg))} if cfg.data.ingest == "ray_data" else None
+
     def mark_killed() -> None:
         client.set_tag(run_id, "ganflow.failure", "interrupted")
         client.set_terminated(run_id, status="KILLED")
@@ -104,8 +112,15 @@ def run_training(cfg: Config, lr_g: float, lr_d: float) -> TrainSummary:
 
     with result.checkpoint.as_directory() as directory:
         recorded = client.get_run(run_id).data.tags.get(RESTARTS_TAG, "")
-        summary = export(cfg, Path(directory), run_id, lr_g, lr_d, resumed_from,
-                         restarts=[line for line in recorded.splitlines() if line])
+        summary = export(
+            cfg,
+            Path(directory),
+            run_id,
+            lr_g,
+            lr_d,
+            resumed_from,
+            restarts=[line for line in recorded.splitlines() if line],
+        )
     log_model(cfg, run_id)
     client.set_terminated(run_id, status="FINISHED")
     return summary

@@ -144,9 +144,18 @@ def trial_number(trial_id: str) -> int | None:
     return int(counter) + 1 if prefix and len(counter) == 5 and counter.isdigit() else None
 
 
-def _trial(config: dict[str, Any], *, base: dict[str, Any], root: str, parent_run_id: str,
-           experiment_id: str, uri: str, sweep: str, provenance_tags: dict[str, str],
-           inputs: dict[str, Any] | None = None) -> None:
+def _trial(
+    config: dict[str, Any],
+    *,
+    base: dict[str, Any],
+    root: str,
+    parent_run_id: str,
+    experiment_id: str,
+    uri: str,
+    sweep: str,
+    provenance_tags: dict[str, str],
+    inputs: dict[str, Any] | None = None,
+) -> None:
     """One trial, run by Tune: a child MLflow run, and the training loop run here (a single
     worker) or by one TorchTrainer fit (DDP over cluster.num_workers)."""
     import ray.tune
@@ -171,18 +180,33 @@ def _trial(config: dict[str, Any], *, base: dict[str, Any], root: str, parent_ru
     run_id = start_training_run(
         client, experiment_id, cfg, lr_g, lr_d, tags, trial=trial_number(context.get_trial_id())
     )
-    train_config = {"cfg": base, "root": root, "lr_g": lr_g, "lr_d": lr_d, "run_id": run_id, "tracking_uri": uri,
-                    "inputs": inputs}
+    train_config = {
+        "cfg": base,
+        "root": root,
+        "lr_g": lr_g,
+        "lr_d": lr_d,
+        "run_id": run_id,
+        "tracking_uri": uri,
+        "inputs": inputs,
+    }
     try:
         if trains_in_trial(cfg):
             outcome = run_loop(train_config, TrialSession(cfg.cluster.use_gpu))  # torch threads: cpus_per_worker
         else:
-            result = fit(cfg, train_config, f"{sweep}/{context.get_trial_name()}", callbacks=[TuneReportCallback()],
-                         owns_ray=False)  # Tune kills a trial's controller: its cleaner frees the placement group
+            result = fit(
+                cfg,
+                train_config,
+                f"{sweep}/{context.get_trial_name()}",
+                callbacks=[TuneReportCallback()],
+                owns_ray=False,
+            )  # Tune kills a trial's controller: its cleaner frees the placement group
             outcome = result.return_value or {}
     except Exception as exc:  # noqa: BLE001 - any failure of a trial becomes its TrainingError
-        failure = exc if isinstance(exc, TrainingError) else TrainingError(f"training failed: {type(exc).__name__}: "
-                                                                           f"{first_line(exc)}")
+        failure = (
+            exc
+            if isinstance(exc, TrainingError)
+            else TrainingError(f"training failed: {type(exc).__name__}: {first_line(exc)}")
+        )
         client.set_tag(run_id, "ganflow.failure", str(failure))
         client.set_terminated(run_id, status="FAILED")
         raise failure from None
@@ -222,50 +246,67 @@ def run_sweep(cfg: Config) -> Best:
     delete_run(storage, name)  # a sweep always starts fresh; DVC decides when it reruns
     parent = start_sweep_run(client, experiment_id, cfg, {"ganflow.stage": "tune", **provenance(cfg, "tune")})
     trainable = tune.with_parameters(
-        _trial, base=trial_cfg.to_dict(), root=str(cfg.root), parent_run_id=parent,
-        experiment_id=experiment_id, uri=tracking_uri(cfg), sweep=name,
-        provenance_tags=provenance(trial_cfg, "tune"), inputs=worker_inputs(cfg, "local"),
-
+        _trial,
+        base=trial_cfg.to_dict(),
+        root=str(cfg.root),
+        parent_run_id=parent,
+        experiment_id=experiment_id,
+        uri=tracking_uri(cfg),
+        sweep=name,
+        provenance_tags=provenance(trial_cfg, "tune"),
+        inputs=worker_inputs(cfg, "local"),
     )
     space = {
         "lr_g": tune.loguniform(cfg.tune.lr_g_min, cfg.tune.lr_g_max),
         "lr_d": tune.loguniform(cfg.tune.lr_d_min, cfg.tune.lr_d_max),
     }
     scheduler = tune.schedulers.ASHAScheduler(
-        time_attr="training_iteration", max_t=ticks,  # one iteration = one report = one tick
-        grace_period=min(cfg.tune.grace_period, ticks), reduction_factor=cfg.tune.reduction_factor,
+        time_attr="training_iteration",
+        max_t=ticks,  # one iteration = one report = one tick
+        grace_period=min(cfg.tune.grace_period, ticks),
+        reduction_factor=cfg.tune.reduction_factor,
     )
     tuner = tune.Tuner(
         tune.with_resources(trainable, trial_resources(trial_cfg)),
         param_space=space,
         tune_config=tune.TuneConfig(
-            metric="fd_recent", mode="min", num_samples=cfg.tune.num_samples, scheduler=scheduler,
+            metric="fd_recent",
+            mode="min",
+            num_samples=cfg.tune.num_samples,
+            scheduler=scheduler,
             search_alg=search,
         ),
         run_config=ray.tune.RunConfig(name=name, storage_path=storage, verbose=0, callbacks=[_orphan_sweeper()]),
     )
-    with stop_on_signals(f"tune (MLflow sweep run {parent})",
-                         on_deadline=lambda: _mark_interrupted(client, parent)) as quiet:
+    with stop_on_signals(
+        f"tune (MLflow sweep run {parent})", on_deadline=lambda: _mark_interrupted(client, parent)
+    ) as quiet:
         try:
             results = tuner.fit()
         except (KeyboardInterrupt, SystemExit):
             quiet()
             _mark_interrupted(client, parent)
-            raise Interrupted(f"tune interrupted; MLflow sweep run {parent} marked KILLED; nothing written, "
-                              "the same command runs the sweep again") from None
+            raise Interrupted(
+                f"tune interrupted; MLflow sweep run {parent} marked KILLED; nothing written, "
+                "the same command runs the sweep again"
+            ) from None
     release_placement_groups_after_sweep()
     ended = results.num_terminated + results.num_errors
     if len(results) < cfg.tune.num_samples or ended < len(results):  # stopped from outside (e.g. SIGUSR1)
         _mark_interrupted(client, parent)
-        raise Interrupted(f"tune: the sweep ended early ({ended} of {cfg.tune.num_samples} trials ended); "
-                          f"MLflow sweep run {parent} marked KILLED; nothing written")
+        raise Interrupted(
+            f"tune: the sweep ended early ({ended} of {cfg.tune.num_samples} trials ended); "
+            f"MLflow sweep run {parent} marked KILLED; nothing written"
+        )
     best = summarise(cfg, client, parent, results, ticks)
     if results.num_errors:  # a pick from the trials that happened to survive is not a sweep's answer
         first = next(str(r.error).strip().splitlines()[-1] for r in results if r.error is not None)
         client.set_tag(parent, "ganflow.failure", f"{results.num_errors} trials failed")
         client.set_terminated(parent, status="FAILED")
-        raise TuneError(f"tune: {results.num_errors} of {len(results)} trials failed ({first[:300]}); nothing "
-                        f"written, see MLflow sweep run {parent}")
+        raise TuneError(
+            f"tune: {results.num_errors} of {len(results)} trials failed ({first[:300]}); nothing "
+            f"written, see MLflow sweep run {parent}"
+        )
     client.set_terminated(parent, status="FINISHED" if best.fd_domain is not None else "FAILED")
     if best.fd_domain is None:
         raise TuneError(f"tune: no trial of {best.trials} produced an fd_domain (see MLflow run {parent})")
@@ -293,11 +334,17 @@ def summarise(cfg: Config, client: Any, parent: str, results: Any, ticks: int) -
         finite = all(math.isfinite(v) for v in fds[-2:])
         # a trial whose process died before its first report has no recorded config
         config = result.config or {}
-        trials.append({"lr_g": float(config["lr_g"]) if "lr_g" in config else None,
-                       "lr_d": float(config["lr_d"]) if "lr_d" in config else None,
-                       "fd": float(np.mean(fds[-2:])) if fds and finite else None, "fd_history": fds,
-                       "epoch": len(fds) if fds else None, "epochs": 0 if frame is None else len(frame),
-                       "error": str(result.error).splitlines()[0] if result.error else None})
+        trials.append(
+            {
+                "lr_g": float(config["lr_g"]) if "lr_g" in config else None,
+                "lr_d": float(config["lr_d"]) if "lr_d" in config else None,
+                "fd": float(np.mean(fds[-2:])) if fds and finite else None,
+                "fd_history": fds,
+                "epoch": len(fds) if fds else None,
+                "epochs": 0 if frame is None else len(frame),
+                "error": str(result.error).splitlines()[0] if result.error else None,
+            }
+        )
     stopped = _close_trial_runs(client, parent, results, ticks)
     scored = [t for t in trials if t["fd"] is not None]
     longest = max((t["epochs"] for t in scored), default=0)
@@ -334,8 +381,9 @@ def _close_trial_runs(client: Any, parent: str, results: Any, ticks: int) -> int
     stopped = 0
     for result in results:
         # Tune names a trial's directory after its trial id, which the child run carries as a tag
-        run = next((r for r in children if result.path and r.data.tags.get("ganflow.trial_id", "?") in result.path),
-                   None)
+        run = next(
+            (r for r in children if result.path and r.data.tags.get("ganflow.trial_id", "?") in result.path), None
+        )
         if run is None or run.info.status != "RUNNING":
             continue
         epochs = 0 if result.metrics_dataframe is None else len(result.metrics_dataframe)
@@ -363,8 +411,13 @@ def _sweep_plot(trials: list[dict[str, Any]]):
     fig, ax = plt.subplots(figsize=(5, 4), dpi=100)
     scored = [t for t in trials if t["fd"] is not None]
     if scored:
-        dots = ax.scatter([t["lr_g"] for t in scored], [t["lr_d"] for t in scored], c=[t["fd"] for t in scored],
-                          cmap="viridis_r", s=60)
+        dots = ax.scatter(
+            [t["lr_g"] for t in scored],
+            [t["lr_d"] for t in scored],
+            c=[t["fd"] for t in scored],
+            cmap="viridis_r",
+            s=60,
+        )
         fig.colorbar(dots, label="fd_recent (mean of the last two fd_domain)")
     unscored = [t for t in trials if t["fd"] is None and t["lr_g"] is not None]
     ax.scatter([t["lr_g"] for t in unscored], [t["lr_d"] for t in unscored], marker="x", c="red")

@@ -19,7 +19,8 @@ def stage(cfg: Config) -> None:
     metrics = fit_encoder(cfg)
     write_file(cfg.paths.metrics / "encoder.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     quality = (
-        f"validation accuracy {metrics['validation_accuracy']:.3f}" if "validation_accuracy" in metrics
+        f"validation accuracy {metrics['validation_accuracy']:.3f}"
+        if "validation_accuracy" in metrics
         else f"validation reconstruction MSE {metrics['validation_reconstruction_mse']:.4f}"
     )
     print(

@@ -42,8 +42,9 @@ def stage(cfg: Config) -> None:
 
     grid = io.BytesIO()
     if generator.num_classes:  # a row of 8 per class, row k = class k
-        codes = class_grid_codes(generator.latent_dim, generator.num_classes, 8,
-                                 torch.Generator().manual_seed(cfg.eval.seed + 1))
+        codes = class_grid_codes(
+            generator.latent_dim, generator.num_classes, 8, torch.Generator().manual_seed(cfg.eval.seed + 1)
+        )
         picture = make_grid(to_uint8(sample(codes)), cols=8)
     else:
         picture = make_grid(images[:64])
@@ -54,14 +55,18 @@ def stage(cfg: Config) -> None:
     writer.writerow(["class", "real", "generated", "fd_over_real"])
     for i, name in enumerate(reference.class_names):
         ratio = metrics.get("class_fd_over_real", {}).get(name)
-        writer.writerow([name, float(reference.class_freq[i]), metrics["class_freq"][name],
-                         "" if ratio is None else ratio])
+        writer.writerow(
+            [name, float(reference.class_freq[i]), metrics["class_freq"][name], "" if ratio is None else ratio]
+        )
     write_file(cfg.paths.plots / "eval_classes.csv", table.getvalue())
 
     run_id = json.loads((cfg.paths.generator / "generator.json").read_text()).get("mlflow_run_id")
     logged = log_evaluation(cfg, run_id, metrics, cfg.paths.plots / "samples.png")
-    print(summary_line(metrics) + f" -> {cfg.paths.metrics / 'eval.json'}"
-          + (f"; logged to MLflow run {run_id}" if logged else ""))
+    print(
+        summary_line(metrics)
+        + f" -> {cfg.paths.metrics / 'eval.json'}"
+        + (f"; logged to MLflow run {run_id}" if logged else "")
+    )
     print(reading(metrics))
 
 

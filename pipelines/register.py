@@ -24,9 +24,11 @@ def stage(cfg: Config) -> None:
     elif "champion" in record["aliases"]:
         verdict = "already the champion"
     elif record["champion_version"] is not None:
-        verdict = (f"challenger only (champion: version {record['champion_version']}, validation fd_domain "
-                   f"{record['champion_fd_domain']:.4g}, measured the same way; a challenger must beat it by more "
-                   "than the two versions' combined spread)")
+        verdict = (
+            f"challenger only (champion: version {record['champion_version']}, validation fd_domain "
+            f"{record['champion_fd_domain']:.4g}, measured the same way; a challenger must beat it by more "
+            "than the two versions' combined spread)"
+        )
     else:
         verdict = "challenger only (every version measured this way is flagged by the copy detector)"
     again = "" if record["created"] else " (already registered: same weights)"

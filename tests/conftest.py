@@ -15,8 +15,9 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin: dvc, ganflow, python
 
 
-def run(cmd: list[str], cwd: Path, timeout: float = 300, check: bool = False,
-        env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run(
+    cmd: list[str], cwd: Path, timeout: float = 300, check: bool = False, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """Run a command with the venv's tools first on PATH (in ``env``, default this process's
     environment); output captured as text."""
     env = {**(env or os.environ), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
@@ -30,7 +31,10 @@ def tracked_files() -> list[str]:
     """The files a clone would have: tracked plus untracked-but-not-ignored."""
     out = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO, capture_output=True, text=True, check=True,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     return [line for line in out.splitlines() if line and (REPO / line).is_file()]
 

@@ -57,6 +57,7 @@ def test_replacing_a_directory_never_leaves_the_target_missing(tmp_path, monkeyp
             result = step(*args, **kwargs)
             seen.append((target / "w.bin").read_bytes() if target.exists() else None)
             return result
+
         return call
 
     monkeypatch.setattr(atomic, "_exchange", watched(atomic._exchange))

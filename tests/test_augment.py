@@ -19,8 +19,12 @@ def test_translation_shifts_each_image_and_fills_with_zero():
     y = translate(x, 0.25, torch.Generator().manual_seed(0))
     for a, b in zip(x, y):
         # every output pixel is either filler (0) or the input's pixel at one common offset
-        found = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
-                 if torch.equal(b[(b != 0)], torch.roll(a, (-dy, -dx), (1, 2))[(b != 0)])]
+        found = [
+            (dy, dx)
+            for dy in range(-2, 3)
+            for dx in range(-2, 3)
+            if torch.equal(b[(b != 0)], torch.roll(a, (-dy, -dx), (1, 2))[(b != 0)])
+        ]
         assert found, (a, b)
         dy, dx = found[0]
         assert int((b == 0).sum()) == 64 - (8 - abs(dy)) * (8 - abs(dx))
@@ -54,10 +58,16 @@ def test_policies_and_their_errors():
 
 
 def tiny(tmp_path, **train):
-    return resolve_paths(from_dict({
-        "data": {"image_size": 16}, "model": {"latent_dim": 32, "g_width": 16, "d_width": 16},
-        "train": {"batch_size": 64, "lr_g": 1e-3, "lr_d": 1e-3, **train},
-    }), tmp_path)
+    return resolve_paths(
+        from_dict(
+            {
+                "data": {"image_size": 16},
+                "model": {"latent_dim": 32, "g_width": 16, "d_width": 16},
+                "train": {"batch_size": 64, "lr_g": 1e-3, "lr_d": 1e-3, **train},
+            }
+        ),
+        tmp_path,
+    )
 
 
 def test_the_g_step_reaches_g_through_the_augmentation(tmp_path):

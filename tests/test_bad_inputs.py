@@ -62,6 +62,7 @@ def gradient(w: int = 20, h: int = 20) -> np.ndarray:
 
 def png_header_only(width: int, height: int) -> bytes:
     """A tiny PNG whose header claims width x height pixels (a decompression bomb's shape)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -90,8 +91,9 @@ def test_prepare_stage_refuses_each_bad_input_and_keeps_the_earlier_output(tmp_p
     good.mkdir()
     for i in range(4):
         Image.fromarray(np.roll(gradient(), i, axis=1)).save(good / f"{i}.png")
-    ok = stage(PREPARE, write_params(tmp_path / "params.yaml", data={"source": "folder", "path": "good",
-                                                                     "image_size": 16}))
+    ok = stage(
+        PREPARE, write_params(tmp_path / "params.yaml", data={"source": "folder", "path": "good", "image_size": 16})
+    )
     assert ok.returncode == 0, ok.stderr
     prepared = tmp_path / "data" / "prepared"
     before = tree_bytes(prepared)
@@ -114,19 +116,30 @@ def test_prepare_stage_refuses_each_bad_input_and_keeps_the_earlier_output(tmp_p
 
     data = {"source": "folder", "image_size": 16}
     cases = {  # params -> (exit code, what the error line must name)
-        "broken": ({"data": {**data, "path": "broken"}}, 1,
-                   ["no usable images", "truncated.png", "zero.png (empty file)", "text.jpg (not a readable image)"]),
-        "mostly_bad": ({"data": {**data, "path": "mostly_bad"}}, 1,
-                       ["2 of 4 image files", "data.max_bad_fraction=0.1", "bad0.webp"]),
+        "broken": (
+            {"data": {**data, "path": "broken"}},
+            1,
+            ["no usable images", "truncated.png", "zero.png (empty file)", "text.jpg (not a readable image)"],
+        ),
+        "mostly_bad": (
+            {"data": {**data, "path": "mostly_bad"}},
+            1,
+            ["2 of 4 image files", "data.max_bad_fraction=0.1", "bad0.webp"],
+        ),
         "no_images": ({"data": {**data, "path": "no_images"}}, 1, ["no image files", "(2 other files)"]),
         "bomb": ({"data": {**data, "path": "bomb"}}, 1, ["no usable images", "bomb.png (more than"]),
         "unknown_key": ({"data": {**data, "path": "good", "sourse": "folder"}}, 2, ["data.sourse: unknown key"]),
         "lr_zero": ({"data": {**data, "path": "good"}, "train": {"lr_g": 0}}, 2, ["train.lr_g: must be > 0"]),
         # prepare as a Ray job: its nodes do not have the project's data folder (refused before
         # any connection: nothing listens at this address)
-        "in_project_for_a_job": ({"data": {**data, "path": "good"},
-                                  "cluster": {"address": "http://127.0.0.1:9", "storage_path": str(tmp_path)}}, 1,
-                                 ["data.path: good is relative to the project", "http://127.0.0.1:9", "absolute path"]),
+        "in_project_for_a_job": (
+            {
+                "data": {**data, "path": "good"},
+                "cluster": {"address": "http://127.0.0.1:9", "storage_path": str(tmp_path)},
+            },
+            1,
+            ["data.path: good is relative to the project", "http://127.0.0.1:9", "absolute path"],
+        ),
     }
     params = {name: write_params(tmp_path / f"{name}.yaml", **values) for name, (values, _, _) in cases.items()}
     with ThreadPoolExecutor(2) as pool:  # two at a time, all against the same earlier output
@@ -144,8 +157,9 @@ def test_one_image_prepares_then_the_encoder_stage_refuses_it(tmp_path):
     summary = prepare(load_config(params))
     assert summary.count == 1 and summary.skipped == 0
     proc = stage(ENCODER, params)
-    one_error_line(proc, str(tmp_path / "data" / "prepared"), "1 training images are too few to fit an encoder (need 8)",
-                   code=1)
+    one_error_line(
+        proc, str(tmp_path / "data" / "prepared"), "1 training images are too few to fit an encoder (need 8)", code=1
+    )
     assert not (tmp_path / "models").exists()
 
 
@@ -164,8 +178,9 @@ def test_mixed_image_modes_in_one_folder_give_the_same_pixels(tmp_path, channels
     Image.fromarray(g).convert("P").save(root / "e_palette.png")
     Image.fromarray(g).convert("P").save(root / "f_palette.gif")  # not an accepted extension: skipped
     Image.fromarray(np.dstack([g, g, g, np.zeros_like(g)])).save(root / "g_transparent.png")
-    cfg = resolve_paths(from_dict({"data": {"source": "folder", "path": "mixed", "image_size": 16,
-                                            "channels": channels}}), tmp_path)
+    cfg = resolve_paths(
+        from_dict({"data": {"source": "folder", "path": "mixed", "image_size": 16, "channels": channels}}), tmp_path
+    )
     summary = prepare(cfg)
     images = load_images(summary.path)
     assert images.shape == (6, 16, 16, channels)
@@ -193,12 +208,16 @@ def test_batch_larger_than_the_dataset_is_refused_before_ray(tmp_path):
     rng = np.random.default_rng(0)
     # 160 images, 24 for validation and 24 for test: 112 to train on
     np.savez(tmp_path / "small.npz", images=rng.integers(0, 256, (160, 16, 16), dtype=np.uint8))
-    values = {"data": {"source": "npz", "path": "small.npz", "image_size": 16},
-              "eval": {"num_samples": 10, "encoder_epochs": 1, "feature_dim": 8}}
+    values = {
+        "data": {"source": "npz", "path": "small.npz", "image_size": 16},
+        "eval": {"num_samples": 10, "encoder_epochs": 1, "feature_dim": 8},
+    }
 
     def cfg_with(batch_size: int, num_workers: int = 1):
-        return resolve_paths(from_dict({**values, "train": {"batch_size": batch_size},
-                                        "cluster": {"num_workers": num_workers}}), tmp_path)
+        return resolve_paths(
+            from_dict({**values, "train": {"batch_size": batch_size}, "cluster": {"num_workers": num_workers}}),
+            tmp_path,
+        )
 
     prepare(cfg_with(8))
     fit_encoder(cfg_with(8))
@@ -206,8 +225,9 @@ def test_batch_larger_than_the_dataset_is_refused_before_ray(tmp_path):
     assert check_trainable(cfg_with(112, num_workers=2)) == 112  # 56 per rank, 56 images each
     with pytest.raises(TrainingError) as info:
         check_trainable(cfg_with(120))
-    assert str(info.value) == ("train.batch_size: 120 is larger than the prepared dataset allows "
-                               "(112 training images over 1 worker(s))")
+    assert str(info.value) == (
+        "train.batch_size: 120 is larger than the prepared dataset allows (112 training images over 1 worker(s))"
+    )
     with pytest.raises(TrainingError, match=r"train\.batch_size: 114 .* \(112 training images over 2 worker\(s\)\)"):
         check_trainable(cfg_with(114, num_workers=2))
 
@@ -217,9 +237,21 @@ def test_too_small_a_validation_split_is_refused_with_the_key(tmp_path):
 
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "small.npz", images=rng.integers(0, 256, (12, 16, 16), dtype=np.uint8))
-    cfg = resolve_paths(from_dict({"data": {"source": "npz", "path": "small.npz", "image_size": 16,
-                                            "validation_fraction": 0.01, "test_fraction": 0.1},
-                                   "eval": {"encoder_epochs": 1}}), tmp_path)
+    cfg = resolve_paths(
+        from_dict(
+            {
+                "data": {
+                    "source": "npz",
+                    "path": "small.npz",
+                    "image_size": 16,
+                    "validation_fraction": 0.01,
+                    "test_fraction": 0.1,
+                },
+                "eval": {"encoder_epochs": 1},
+            }
+        ),
+        tmp_path,
+    )
     prepare(cfg)  # 12 images: round(0.12) = 0 validation, but one kept on every side of a class of 3+
     manifest = json.loads((cfg.paths.prepared / "manifest.json").read_text())
     assert manifest["split"]["validation"] == 1
@@ -282,8 +314,9 @@ def test_sample_from_a_model_that_does_not_exist(tmp_path):
 
     def sample(item):
         cwd, args = item
-        return run(["ganflow", "sample", *args, "-n", "2", "--out", "x.npz", "--params", "params.yaml"],
-                   cwd=cwd, timeout=300)  # a hang fails here; how fast is not this test's business
+        return run(
+            ["ganflow", "sample", *args, "-n", "2", "--out", "x.npz", "--params", "params.yaml"], cwd=cwd, timeout=300
+        )  # a hang fails here; how fast is not this test's business
 
     with ThreadPoolExecutor(2) as pool:
         procs = dict(zip(commands, pool.map(sample, commands.values())))

@@ -24,17 +24,31 @@ EXPECTED = {
         rf"train stage, whole epochs\s+{NUMBER} img/s\s+x{NUMBER} bare",
         rf"fixed cost \(start-up, export\)\s+-?{NUMBER} s",
     ],
-    "eval_protocol.py": [rf"real vs real\s+fd_domain\s+{NUMBER} ± {NUMBER}", r"verbatim copies .* flagged 1",
-                         r"30 % copies .* flagged 1", r"held-out real .*: flagged 0",
-                         rf"pixel judge\s+8x8-pixel FD {NUMBER}", rf"cost\s+evaluation {NUMBER} s"],
+    "eval_protocol.py": [
+        rf"real vs real\s+fd_domain\s+{NUMBER} ± {NUMBER}",
+        r"verbatim copies .* flagged 1",
+        r"30 % copies .* flagged 1",
+        r"held-out real .*: flagged 0",
+        rf"pixel judge\s+8x8-pixel FD {NUMBER}",
+        rf"cost\s+evaluation {NUMBER} s",
+    ],
     "scaling.py": [rf"1 worker, 1 node\s+{NUMBER}\s+1\.00", rf"2 workers, 2 nodes\s+{NUMBER}\s+{NUMBER}"],
     "tune_efficiency.py": [rf"old: min over epochs\s+{NUMBER}", rf"new: mean of last two\s+{NUMBER}"],
-    "quality.py": [r"digits: the project's prepared digits", rf"default\s+{NUMBER} kimg\s+{NUMBER}\s+{NUMBER}\s+-?{NUMBER}\s+{NUMBER}\s+{NUMBER}"],
-    "scale.py": [rf"600 parallel \(auto\)\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}",
-                 rf"600 single process\s+{NUMBER}\s+1\.00\s+{NUMBER}", r"peak RSS growth 300 -> 600",
-                 rf"the train stage, one epoch[^\n]*\n[^\n]*\n\s*600\s+{NUMBER}\s+{NUMBER}"],
+    "quality.py": [
+        r"digits: the project's prepared digits",
+        rf"default\s+{NUMBER} kimg\s+{NUMBER}\s+{NUMBER}\s+-?{NUMBER}\s+{NUMBER}\s+{NUMBER}",
+    ],
+    "scale.py": [
+        rf"600 parallel \(auto\)\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}",
+        rf"600 single process\s+{NUMBER}\s+1\.00\s+{NUMBER}",
+        r"peak RSS growth 300 -> 600",
+        rf"the train stage, one epoch[^\n]*\n[^\n]*\n\s*600\s+{NUMBER}\s+{NUMBER}",
+    ],
     "prepare_speed.py": [rf"\s+0\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}"],
-    "soak.py": [rf"run-1: exit 0, {NUMBER} min, worker restarts 0 \(-\), cleaner/worker-group lines in the log 1", r"1 loaded runs: 0 worker restart\(s\) in all; all exited 0"],
+    "soak.py": [
+        rf"run-1: exit 0, {NUMBER} min, worker restarts 0 \(-\), cleaner/worker-group lines in the log 1",
+        r"1 loaded runs: 0 worker restart\(s\) in all; all exited 0",
+    ],
     "cpu_share.py": [rf"other\s+{NUMBER}\s+{NUMBER}%", rf"training workers\s+{NUMBER}\s+{NUMBER}%"],
 }
 
@@ -49,8 +63,7 @@ def test_every_benchmark_script_is_covered():
 def test_benchmark_runs_in_smoke_mode(script: str, tmp_path: Path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # each script starts its own Ray
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")  # the scripts' default --params, as in the repo
-    proc = run([str(BIN / "python"), str(REPO / "benchmarks" / script), "--smoke"], tmp_path, timeout=1500,
-               env=env)
+    proc = run([str(BIN / "python"), str(REPO / "benchmarks" / script), "--smoke"], tmp_path, timeout=1500, env=env)
     assert proc.returncode == 0, f"{script} --smoke exited {proc.returncode}:\n{proc.stderr[-3000:]}"
     for pattern in EXPECTED[script]:
         assert re.search(pattern, proc.stdout), f"{script}: no line matching {pattern!r} in:\n{proc.stdout}"

@@ -40,9 +40,25 @@ def cluster(tmp_path_factory):
     held = hold_ports(DEFAULT_RAY_PORTS)
     state = None
     try:
-        proc = run([str(BIN / "ganflow"), "cluster", "up", "--root", str(root), "--ray-port", str(free_port()),
-                    "--dashboard-port", str(free_port()), "--mlflow-port", str(free_port()), "--num-cpus", "2"],
-                   root, timeout=240)
+        proc = run(
+            [
+                str(BIN / "ganflow"),
+                "cluster",
+                "up",
+                "--root",
+                str(root),
+                "--ray-port",
+                str(free_port()),
+                "--dashboard-port",
+                str(free_port()),
+                "--mlflow-port",
+                str(free_port()),
+                "--num-cpus",
+                "2",
+            ],
+            root,
+            timeout=240,
+        )
         assert proc.returncode == 0, proc.stderr
         state = localcluster.read_state(root)
         yield state
@@ -110,8 +126,13 @@ def test_local_cluster_listens_on_loopback_with_token_auth(cluster):
         urllib.request.urlopen(f"{cluster.address}/api/jobs/", timeout=10)
     assert refused.value.code in (401, 403)
     # ...and answers one that carries it (what ganflow's job client sends)
-    status = subprocess.run([str(BIN / "ray"), "job", "list", "--address", cluster.address],
-                            env=job_env(), capture_output=True, text=True, timeout=60)
+    status = subprocess.run(
+        [str(BIN / "ray"), "job", "list", "--address", cluster.address],
+        env=job_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert status.returncode == 0, status.stderr[-2000:]
 
 
@@ -124,13 +145,36 @@ def test_train_stage_submitted_with_ray_job_submit(cluster, tmp_path):
     run([str(BIN / "ganflow"), "push", "train"], root, check=True)
     submission = f"test-train-{os.getpid()}"
     proc = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", cluster.address, "--submission-id", submission,
-         "--working-dir", ".", "--", "python", "pipelines/train.py", "--params", "params.yaml"],
-        cwd=root, env=job_env(), capture_output=True, text=True, timeout=400,
+        [
+            str(BIN / "ray"),
+            "job",
+            "submit",
+            "--address",
+            cluster.address,
+            "--submission-id",
+            submission,
+            "--working-dir",
+            ".",
+            "--",
+            "python",
+            "pipelines/train.py",
+            "--params",
+            "params.yaml",
+        ],
+        cwd=root,
+        env=job_env(),
+        capture_output=True,
+        text=True,
+        timeout=400,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    status = subprocess.run([str(BIN / "ray"), "job", "status", "--address", cluster.address, submission],
-                            env=job_env(), capture_output=True, text=True, timeout=60)
+    status = subprocess.run(
+        [str(BIN / "ray"), "job", "status", "--address", cluster.address, submission],
+        env=job_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert f"Job '{submission}' succeeded" in status.stdout, status.stdout + status.stderr
     assert not (root / "models" / "generator").exists()  # the job ran in its own copy
 
@@ -171,8 +215,15 @@ def test_dvc_repro_submits_train_as_a_ray_job(cluster, tmp_path):
     edit_params(root / "params.yaml", train={"batch_size": 64})
     before = {r.info.run_id for r in train_runs(cluster)}
     # dvc killed by SIGTERM once the job is submitted: the stage stops the job, not orphans it
-    proc = subprocess.Popen([str(BIN / "dvc"), "repro", "train"], cwd=root, env={**job_env(), "SHELL": "/bin/sh"},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [str(BIN / "dvc"), "repro", "train"],
+        cwd=root,
+        env={**job_env(), "SHELL": "/bin/sh"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     submitted = None
     for line in proc.stdout:
         if "submitted Ray job " in line:
@@ -185,8 +236,13 @@ def test_dvc_repro_submits_train_as_a_ray_job(cluster, tmp_path):
     rest = proc.communicate(timeout=120)[0]
     deadline = time.time() + 90
     while True:
-        status = subprocess.run([str(BIN / "ray"), "job", "status", submitted, "--address", cluster.address],
-                                env=job_env(), capture_output=True, text=True, timeout=60).stdout
+        status = subprocess.run(
+            [str(BIN / "ray"), "job", "status", submitted, "--address", cluster.address],
+            env=job_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
         if "stopped" in status.lower() or time.time() > deadline:
             break
         time.sleep(1)
@@ -208,8 +264,11 @@ def test_dvc_repro_submits_train_as_a_ray_job(cluster, tmp_path):
     new = [r for r in train_runs(cluster) if r.info.run_id not in before]
     finished = [r for r in new if r.info.status == "FINISHED"]
     assert len(finished) == 1, [(r.info.status, r.data.tags.get("ganflow.failure")) for r in new]
-    assert all(r.info.status == "KILLED" and r.data.tags.get("ganflow.failure") == "interrupted"
-               for r in new if r not in finished), [(r.info.status, r.data.tags.get("ganflow.failure")) for r in new]
+    assert all(
+        r.info.status == "KILLED" and r.data.tags.get("ganflow.failure") == "interrupted"
+        for r in new
+        if r not in finished
+    ), [(r.info.status, r.data.tags.get("ganflow.failure")) for r in new]
     spec = json.loads((root / "models" / "generator" / "generator.json").read_text())
     assert spec["mlflow_run_id"] == finished[0].info.run_id
 
@@ -231,8 +290,13 @@ def test_dvc_repro_submits_prepare_as_a_ray_job_that_decodes_with_ray_tasks(clus
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
     (images / "b" / "broken.png").write_bytes(b"\x89PNG not really")
-    data = {"source": "folder", "path": str(images), "image_size": 16, "channels": 3,
-            "shard_mb": 8 * 16 * 16 * 3 / 2**20}  # 8 images per shard: 6 shard ranges
+    data = {
+        "source": "folder",
+        "path": str(images),
+        "image_size": 16,
+        "channels": 3,
+        "shard_mb": 8 * 16 * 16 * 3 / 2**20,
+    }  # 8 images per shard: 6 shard ranges
     root = cluster_project(tmp_path, cluster, data=data)
     done = run([str(BIN / "dvc"), "repro", "prepare"], root, timeout=600)
     output = done.stdout + done.stderr
@@ -245,7 +309,8 @@ def test_dvc_repro_submits_prepare_as_a_ray_job_that_decodes_with_ray_tasks(clus
     pulled = root / "data" / "prepared"
     assert {p.name: p.read_bytes() for p in pulled.iterdir()} == {p.name: p.read_bytes() for p in here.iterdir()}
     assert json.loads((pulled / "manifest.json").read_text())["skipped"] == [
-        {"file": "b/broken.png", "reason": "not a readable image"}]
+        {"file": "b/broken.png", "reason": "not a readable image"}
+    ]
     status = run([str(BIN / "dvc"), "status", "prepare"], root, check=True)
     assert "changed" not in status.stdout, status.stdout
 
@@ -266,11 +331,28 @@ def test_a_head_whose_job_agent_has_no_http_is_one_error_line(tmp_path, monkeypa
     address = f"http://127.0.0.1:{dashboard}"
     log = tmp_path / "ray.log"
     head = localcluster._spawn(
-        [localcluster.tool("ray"), "start", "--head", "--block", "--port", str(localcluster.free_port()),
-         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-         "--dashboard-agent-listen-port", str(taken.getsockname()[1]),
-         "--ray-client-server-port", str(localcluster.free_port()), "--num-cpus", "1", "--disable-usage-stats"],
-        log, env={"RAY_AUTH_MODE": "token"})
+        [
+            localcluster.tool("ray"),
+            "start",
+            "--head",
+            "--block",
+            "--port",
+            str(localcluster.free_port()),
+            "--dashboard-host",
+            "127.0.0.1",
+            "--dashboard-port",
+            str(dashboard),
+            "--dashboard-agent-listen-port",
+            str(taken.getsockname()[1]),
+            "--ray-client-server-port",
+            str(localcluster.free_port()),
+            "--num-cpus",
+            "1",
+            "--disable-usage-stats",
+        ],
+        log,
+        env={"RAY_AUTH_MODE": "token"},
+    )
     try:
         localcluster._wait(lambda: localcluster._job_server_ready(address), "Ray head", 240, head, log)
         root = copy_project(tmp_path / "project")

@@ -19,8 +19,11 @@ from ganflow.train_loop import build_state, gan_step
 
 
 def tiny_cfg(tmp_path, **model):
-    values = {"data": {"image_size": 16}, "model": {"latent_dim": 8, "g_width": 8, "d_width": 8, **model},
-              "train": {"batch_size": 8}}
+    values = {
+        "data": {"image_size": 16},
+        "model": {"latent_dim": 8, "g_width": 8, "d_width": 8, **model},
+        "train": {"batch_size": 8},
+    }
     return resolve_paths(from_dict(values), tmp_path)
 
 
@@ -87,8 +90,12 @@ def test_conditional_true_on_unlabelled_data_is_refused(tmp_path):
     folder.mkdir()
     for i in range(40):
         Image.fromarray(np.full((16, 16), i * 5, dtype=np.uint8)).save(folder / f"{i}.png")
-    cfg = resolve_paths(from_dict({"data": {"image_size": 16, "source": "folder", "path": str(folder)},
-                                   "model": {"conditional": True}}), tmp_path)
+    cfg = resolve_paths(
+        from_dict(
+            {"data": {"image_size": 16, "source": "folder", "path": str(folder)}, "model": {"conditional": True}}
+        ),
+        tmp_path,
+    )
     prepare(cfg)
     with pytest.raises(GanflowError, match="model.conditional: true needs labelled data"):
         class_prior(cfg)
@@ -99,8 +106,15 @@ def test_conditional_true_on_unlabelled_data_is_refused(tmp_path):
 def test_exported_conditional_generator_samples_by_class(tmp_path):
     cfg = tiny_cfg(tmp_path)
     g = build_generator(cfg, 3).eval()
-    spec = {"latent_dim": 8, "channels": 1, "image_size": 16, "g_width": 8, "num_classes": 3,
-            "class_names": ["cat", "dog", "owl"], "class_prior": [0.5, 0.25, 0.25]}
+    spec = {
+        "latent_dim": 8,
+        "channels": 1,
+        "image_size": 16,
+        "g_width": 8,
+        "num_classes": 3,
+        "class_names": ["cat", "dog", "owl"],
+        "class_prior": [0.5, 0.25, 0.25],
+    }
     export_generator(g.state_dict(), spec, tmp_path / "gen")
     assert load_generator_dir(tmp_path / "gen").num_classes == 3
     sampler = load_sampler(str(tmp_path / "gen"))
@@ -113,8 +127,11 @@ def test_exported_conditional_generator_samples_by_class(tmp_path):
     owls = sample(str(tmp_path / "gen"), 4, seed=1, class_name="owl")
     with torch.no_grad():
         expected = g(torch.from_numpy(sampler.codes(4, 1, 2)))
-    assert owls.shape == (4, 16, 16, 1) and np.abs(owls.astype(int) - ((expected.clamp(-1, 1) + 1) * 127.5)
-                                                   .round().permute(0, 2, 3, 1).numpy()).max() <= 1
+    assert (
+        owls.shape == (4, 16, 16, 1)
+        and np.abs(owls.astype(int) - ((expected.clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).numpy()).max()
+        <= 1
+    )
 
 
 def test_a_conditional_generator_of_the_old_layout_is_refused_in_one_line(tmp_path):
@@ -122,8 +139,15 @@ def test_a_conditional_generator_of_the_old_layout_is_refused_in_one_line(tmp_pa
     weight was (latent_dim, ...)) cannot load into this version: a clear refusal, not a traceback."""
     cfg = tiny_cfg(tmp_path)
     old = {k: v[:8] if k == "net.0.weight" else v for k, v in build_generator(cfg, 3).state_dict().items()}
-    spec = {"latent_dim": 8, "channels": 1, "image_size": 16, "g_width": 8, "num_classes": 3,
-            "class_names": ["a", "b", "c"], "class_prior": [0.4, 0.3, 0.3]}
+    spec = {
+        "latent_dim": 8,
+        "channels": 1,
+        "image_size": 16,
+        "g_width": 8,
+        "num_classes": 3,
+        "class_names": ["a", "b", "c"],
+        "class_prior": [0.4, 0.3, 0.3],
+    }
     export_generator(old, spec, tmp_path / "gen")
     with pytest.raises(GanflowError, match="do not fit this version's dcgan generator .*export it again") as info:
         load_generator_dir(tmp_path / "gen")
@@ -132,8 +156,11 @@ def test_a_conditional_generator_of_the_old_layout_is_refused_in_one_line(tmp_pa
 
 def test_class_option_on_an_unconditional_generator_is_refused(tmp_path):
     cfg = tiny_cfg(tmp_path)
-    export_generator(build_generator(cfg).state_dict(),
-                     {"latent_dim": 8, "channels": 1, "image_size": 16, "g_width": 8}, tmp_path / "gen")
+    export_generator(
+        build_generator(cfg).state_dict(),
+        {"latent_dim": 8, "channels": 1, "image_size": 16, "g_width": 8},
+        tmp_path / "gen",
+    )
     with pytest.raises(GanflowError, match="--class: this generator is not class-conditional"):
         sample(str(tmp_path / "gen"), 2, seed=0, class_name="3")
 
@@ -150,8 +177,16 @@ def test_an_exported_resnet_generator_loads_as_one(tmp_path):
 
     cfg = tiny_cfg(tmp_path, arch="resnet")
     g = build_generator(cfg, 2).eval()
-    spec = {"latent_dim": 8, "channels": 1, "image_size": 16, "g_width": 8, "num_classes": 2, "arch": "resnet",
-            "class_names": ["a", "b"], "class_prior": [0.5, 0.5]}
+    spec = {
+        "latent_dim": 8,
+        "channels": 1,
+        "image_size": 16,
+        "g_width": 8,
+        "num_classes": 2,
+        "arch": "resnet",
+        "class_names": ["a", "b"],
+        "class_prior": [0.5, 0.5],
+    }
     export_generator(g.state_dict(), spec, tmp_path / "gen")
     loaded = load_generator_dir(tmp_path / "gen")
     assert isinstance(loaded, ResnetGenerator)

@@ -102,11 +102,13 @@ def test_three_way_split_is_stratified_deterministic_and_recorded(tmp_path):
     assert len(set().union(*(set(p.indices) for p in parts))) == 1797
     assert np.array_equal(parts[2].labels, labels[split == 2])
     # deterministic: another folder, the same split; another fraction, another split
-    again = prepare(make_cfg(tmp_path / "again", source="digits", image_size=16, validation_fraction=0.2,
-                             test_fraction=0.1))
+    again = prepare(
+        make_cfg(tmp_path / "again", source="digits", image_size=16, validation_fraction=0.2, test_fraction=0.1)
+    )
     assert np.array_equal(np.load(again.path / "split.npy"), split)
-    other = prepare(make_cfg(tmp_path / "other", source="digits", image_size=16, validation_fraction=0.1,
-                             test_fraction=0.1))
+    other = prepare(
+        make_cfg(tmp_path / "other", source="digits", image_size=16, validation_fraction=0.1, test_fraction=0.1)
+    )
     assert (np.load(other.path / "split.npy") == 1).sum() < val.sum()
 
 
@@ -128,8 +130,13 @@ def test_digits_in_rgb(tmp_path):
 @pytest.mark.parametrize("resize", ["crop", "pad", "stretch"])
 def test_folder_source_labelled_with_skips(tmp_path, image_folder, resize):
     cfg = make_cfg(
-        tmp_path, source="folder", path=str(image_folder), channels=3, image_size=16,
-        resize=resize, max_bad_fraction=0.5,
+        tmp_path,
+        source="folder",
+        path=str(image_folder),
+        channels=3,
+        image_size=16,
+        resize=resize,
+        max_bad_fraction=0.5,
     )
     summary = prepare(cfg)
     manifest = read_manifest(summary.path)
@@ -279,13 +286,21 @@ def many_shards(image_folder: Path) -> dict:
     data params that read it."""
     rng = np.random.default_rng(1)
     for i in range(200):
-        save(image_folder / ("cats", "dogs")[i % 2] / f"n{i:03d}.png",
-             Image.fromarray(rng.integers(0, 255, (int(rng.integers(8, 40)), 33, 3), dtype=np.uint8)))
+        save(
+            image_folder / ("cats", "dogs")[i % 2] / f"n{i:03d}.png",
+            Image.fromarray(rng.integers(0, 255, (int(rng.integers(8, 40)), 33, 3), dtype=np.uint8)),
+        )
     (image_folder / "cats" / "n100.png").write_bytes(b"\x89PNG broken")
     for i in range(25):  # the folder's last files, the last two shard ranges only these: no shard for
         (image_folder / "dogs" / f"z{i:02d}.png").write_bytes(b"junk")  # them, and no gap in the names
-    return dict(source="folder", path=str(image_folder), max_bad_fraction=0.5, channels=3, image_size=16,
-                shard_mb=10 * 16 * 16 * 3 / 2**20)  # 10 images per shard
+    return dict(
+        source="folder",
+        path=str(image_folder),
+        max_bad_fraction=0.5,
+        channels=3,
+        image_size=16,
+        shard_mb=10 * 16 * 16 * 3 / 2**20,
+    )  # 10 images per shard
 
 
 def test_parallel_decoding_writes_the_same_bytes(tmp_path, image_folder):
@@ -330,8 +345,9 @@ def test_a_ray_cluster_decodes_the_folder_on_its_nodes(tmp_path, image_folder, t
     root.mkdir()
     (root / "params.yaml").write_text(yaml.safe_dump({"data": common}))
     env = {**os.environ, "RAY_ADDRESS": cluster.address}
-    proc = run(["python", str(REPO / "pipelines" / "prepare.py"), "--params", "params.yaml"], root, env=env,
-               timeout=600)
+    proc = run(
+        ["python", str(REPO / "pipelines" / "prepare.py"), "--params", "params.yaml"], root, env=env, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "prepare: decoded 24 shards with Ray tasks on 2 node(s) of the cluster" in proc.stderr
     assert folder_bytes(root / "data" / "prepared") == local
@@ -372,9 +388,14 @@ def test_prepare_on_a_ray_cluster_without_cpus_says_it_waits_for_a_node(tmp_path
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     proc = None
     try:
-        proc = subprocess.Popen([str(BIN / "python"), "-c", PREPARE_SOON_NOTICE, str(REPO / "pipelines" / "prepare.py")],
-                                cwd=root, env={**os.environ, "RAY_ADDRESS": cluster.address},
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            [str(BIN / "python"), "-c", PREPARE_SOON_NOTICE, str(REPO / "pipelines" / "prepare.py")],
+            cwd=root,
+            env={**os.environ, "RAY_ADDRESS": cluster.address},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         lines: list[str] = []
         notice = threading.Event()
 
@@ -388,8 +409,10 @@ def test_prepare_on_a_ray_cluster_without_cpus_says_it_waits_for_a_node(tmp_path
         threading.Thread(target=read, daemon=True).start()
         notice.wait(600)
         assert proc.poll() is None, "".join(lines)[-3000:]  # still waiting for a CPU
-        assert any(line.startswith("prepare: the Ray cluster has no CPU for the decoding tasks yet; waiting for a node")
-                   for line in lines), "".join(lines)[-3000:]
+        assert any(
+            line.startswith("prepare: the Ray cluster has no CPU for the decoding tasks yet; waiting for a node")
+            for line in lines
+        ), "".join(lines)[-3000:]
         cluster.add_node(num_cpus=1)
         assert proc.wait(600) == 0, "".join(lines)[-3000:]
     finally:

@@ -50,8 +50,9 @@ def serving(images: np.ndarray, labels: np.ndarray | None = None):
             index = np.arange(state["at"], state["at"] + len(z)) % len(images)
             state["at"] += len(z)
         else:
-            index = np.array([pools[int(c)][(state["at"] + i) % len(pools[int(c)])]
-                              for i, c in enumerate(z[:, 8:].argmax(1))])
+            index = np.array(
+                [pools[int(c)][(state["at"] + i) % len(pools[int(c)])] for i, c in enumerate(z[:, 8:].argmax(1))]
+            )
             state["at"] += len(z)
         return as_tensor(images[index])
 
@@ -106,7 +107,10 @@ def test_unseen_real_images_score_at_the_real_baseline_and_are_not_flagged(fitte
     assert samples.dtype == np.uint8 and samples.shape[1:] == (16, 16, 1)
     assert m["split"] == "test" and m["draws"] == 3 and m["validation"]["draws"] == 3
     assert m["fd_domain_sd"] >= 0 and m["real_fd_domain_sd"] > 0  # real draws differ
-    assert abs(m["fd_domain"] - m["real_fd_domain"]) < 3 * np.hypot(m["fd_domain_sd"], m["real_fd_domain_sd"]) + 0.25 * m["real_fd_domain"]
+    assert (
+        abs(m["fd_domain"] - m["real_fd_domain"])
+        < 3 * np.hypot(m["fd_domain_sd"], m["real_fd_domain_sd"]) + 0.25 * m["real_fd_domain"]
+    )
     assert m["copying_flagged"] == 0.0, m["copying_reasons"]
     assert m["classes_covered"] == 10 and m["class_match"] > 0.6
     assert m["kid_subset_size"] <= m["sample_size"] // 2 and m["kid_subset_size"] <= m["reference_size"] // 2
@@ -127,8 +131,12 @@ def test_copies_are_flagged(fitted, kind):
         for i in np.flatnonzero(rng.random(len(val)) < 0.3):  # a training image of the same class
             val[i] = train[rng.choice(np.flatnonzero(labels == val_labels[i]))]
         train, labels = val, val_labels
-    m = score_images(cfg, np.repeat(train, 2, axis=0) if len(train) < 600 else train,
-                     np.repeat(labels, 2) if len(train) < 600 else labels, "test")
+    m = score_images(
+        cfg,
+        np.repeat(train, 2, axis=0) if len(train) < 600 else train,
+        np.repeat(labels, 2) if len(train) < 600 else labels,
+        "test",
+    )
     assert m["copying_flagged"] == 1.0, m
     if kind == "verbatim":  # fd alone cannot tell a copy: it sits at the real baseline
         assert m["fd_domain_over_real"] < 1.5
@@ -181,10 +189,15 @@ def test_a_hundred_unlabelled_images_are_scored_and_what_cannot_be_computed_is_n
     for i, (r, c) in enumerate(rng.integers(3, 13, (100, 2))):
         blobs[i, r - 3 : r + 3, c - 3 : c + 3] = 255  # a bright square somewhere
     np.savez(tmp_path / "blobs.npz", images=blobs)  # no labels
-    cfg = resolve_paths(from_dict({
-        "data": {"source": "npz", "path": "blobs.npz", "image_size": 16},
-        "eval": {**TINY_EVAL, "feature_dim": 16},
-    }), tmp_path)
+    cfg = resolve_paths(
+        from_dict(
+            {
+                "data": {"source": "npz", "path": "blobs.npz", "image_size": 16},
+                "eval": {**TINY_EVAL, "feature_dim": 16},
+            }
+        ),
+        tmp_path,
+    )
     prepare(cfg)
     metrics = fit_encoder(cfg)
     assert metrics["kind"] == "autoencoder" and metrics["validation_count"] == 15
@@ -218,8 +231,12 @@ def test_ganflow_score_command_writes_the_numbers_and_refuses_bad_files_in_one_l
     images, labels = part(cfg, "train")
     np.savez(tmp_path / "copies.npz", images=images, labels=labels)
     ganflow = [sys.executable, "-m", "ganflow.cli", "score", "--params", str(params)]
-    done = subprocess.run([*ganflow, "--samples", str(tmp_path / "copies.npz"), "--out", str(tmp_path / "s.json")],
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [*ganflow, "--samples", str(tmp_path / "copies.npz"), "--out", str(tmp_path / "s.json")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "test split" in done.stdout and "FLAGGED as copying" in done.stdout
     scored = json.loads((tmp_path / "s.json").read_text())
@@ -227,10 +244,11 @@ def test_ganflow_score_command_writes_the_numbers_and_refuses_bad_files_in_one_l
 
     np.savez(tmp_path / "rgb.npz", images=np.zeros((600, 16, 16, 3), np.uint8))
     (tmp_path / "broken.npz").write_bytes(b"not a zip")
-    for name, message in (("rgb.npz", "expected uint8 images of shape (N, 16, 16, 1)"),
-                          ("broken.npz", "not a readable .npz file")):
-        bad = subprocess.run([*ganflow, "--samples", str(tmp_path / name)], capture_output=True, text=True,
-                             timeout=600)
+    for name, message in (
+        ("rgb.npz", "expected uint8 images of shape (N, 16, 16, 1)"),
+        ("broken.npz", "not a readable .npz file"),
+    ):
+        bad = subprocess.run([*ganflow, "--samples", str(tmp_path / name)], capture_output=True, text=True, timeout=600)
         assert bad.returncode != 0 and message in bad.stderr and "Traceback" not in bad.stderr
         assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
 

@@ -41,13 +41,15 @@ SECRET_NAME = re.compile(r"(?i)(password|passwd|secret|token|access_key|private_
 URI_WITH_PASSWORD = re.compile(r"\w+://[^\s:/@]+:(?!\$)[^\s@/]+@")
 
 
-
 def project_files(under: str) -> list[Path]:
     """The files a clone has under a folder: tracked or new, never git-ignored ones such as the
     filled-in infra/mlflow/.env."""
     out = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard", "--", under],
-        cwd=REPO, capture_output=True, text=True, check=True,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     return sorted(REPO / line for line in out.splitlines() if (REPO / line).is_file())
 
@@ -112,7 +114,9 @@ def _missing_node_config(c):
     del c["available_node_types"]["gpu"]["node_config"]
 
 
-@pytest.mark.parametrize("breaks", [_wrong_type, _unknown_field, _unknown_docker_option, _docker_flag_as_string, _missing_node_config])
+@pytest.mark.parametrize(
+    "breaks", [_wrong_type, _unknown_field, _unknown_docker_option, _docker_flag_as_string, _missing_node_config]
+)
 def test_launcher_validator_rejects_a_broken_copy(breaks):
     config = load(LAUNCHER)
     breaks(config)
@@ -141,10 +145,7 @@ def crd_validator(kind: str) -> jsonschema.Draft202012Validator:
 
 
 def crd_errors(doc: dict) -> list[str]:
-    return [
-        f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
-        for e in crd_validator(doc["kind"]).iter_errors(doc)
-    ]
+    return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in crd_validator(doc["kind"]).iter_errors(doc)]
 
 
 def test_crd_schema_is_a_valid_json_schema():
@@ -175,11 +176,11 @@ BROKEN_MANIFESTS = {
     "gpu count not a quantity": lambda d: gpu_group(d)["template"]["spec"]["containers"][0]["resources"][
         "limits"
     ].update({"nvidia.com/gpu": "one"}),
-    "env value not a string": lambda d: head_container(d).setdefault("env", []).append(
-        {"name": "OMP_NUM_THREADS", "value": 4}
+    "env value not a string": lambda d: (
+        head_container(d).setdefault("env", []).append({"name": "OMP_NUM_THREADS", "value": 4})
     ),
-    "secretKeyRef without key": lambda d: head_container(d).setdefault("env", []).append(
-        {"name": "X", "valueFrom": {"secretKeyRef": {"name": "s"}}}
+    "secretKeyRef without key": lambda d: (
+        head_container(d).setdefault("env", []).append({"name": "X", "valueFrom": {"secretKeyRef": {"name": "s"}}})
     ),
     "unknown container field": lambda d: head_container(d).update(imagePullPolcy="Always"),
     "containerPort as a string": lambda d: head_container(d)["ports"][0].update(containerPort="6379"),
@@ -280,10 +281,40 @@ def test_versions_and_image_agree_across_infra():
 COMPOSE_TOP = {"name", "services", "volumes", "networks", "secrets", "configs", "include", "version"}
 # the compose-spec service keys this project may use; extend when a new one is needed
 COMPOSE_SERVICE_KEYS = {
-    "image", "build", "command", "entrypoint", "environment", "env_file", "ports", "expose", "volumes",
-    "depends_on", "healthcheck", "restart", "user", "working_dir", "networks", "read_only", "security_opt",
-    "cap_drop", "cap_add", "tmpfs", "labels", "logging", "deploy", "profiles", "secrets", "configs",
-    "container_name", "hostname", "init", "stop_grace_period", "ulimits", "shm_size", "platform", "pull_policy",
+    "image",
+    "build",
+    "command",
+    "entrypoint",
+    "environment",
+    "env_file",
+    "ports",
+    "expose",
+    "volumes",
+    "depends_on",
+    "healthcheck",
+    "restart",
+    "user",
+    "working_dir",
+    "networks",
+    "read_only",
+    "security_opt",
+    "cap_drop",
+    "cap_add",
+    "tmpfs",
+    "labels",
+    "logging",
+    "deploy",
+    "profiles",
+    "secrets",
+    "configs",
+    "container_name",
+    "hostname",
+    "init",
+    "stop_grace_period",
+    "ulimits",
+    "shm_size",
+    "platform",
+    "pull_policy",
 }
 DEPENDS_CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
 ENV_REF = re.compile(r"\$\{(\w+)(:?[-?][^}]*)?\}")
@@ -291,7 +322,8 @@ ENV_REF = re.compile(r"\$\{(\w+)(:?[-?][^}]*)?\}")
 
 def env_example_vars() -> dict[str, str]:
     pairs = [
-        line.split("=", 1) for line in ENV_EXAMPLE.read_text().splitlines()
+        line.split("=", 1)
+        for line in ENV_EXAMPLE.read_text().splitlines()
         if line.strip() and not line.lstrip().startswith("#")
     ]
     return {k.strip(): v.strip() for k, v in pairs}
@@ -305,7 +337,9 @@ def compose_problems(doc: dict, example: dict[str, str]) -> list[str]:
     declared_volumes = set(doc.get("volumes") or {})
     for name, svc in services.items():
         where = f"services.{name}"
-        problems += [f"{where}: unknown key {k}" for k in svc if k not in COMPOSE_SERVICE_KEYS and not k.startswith("x-")]
+        problems += [
+            f"{where}: unknown key {k}" for k in svc if k not in COMPOSE_SERVICE_KEYS and not k.startswith("x-")
+        ]
         if "image" not in svc and "build" not in svc:
             problems.append(f"{where}: neither image nor build")
         for port in svc.get("ports", []):
@@ -385,8 +419,16 @@ def test_compose_mlflow_server_is_authenticated_and_proxies_s3_artifacts():
         ),
         lambda d: d["services"]["minio"]["environment"].update(MINIO_ROOT_PASSWORD="${MINIO_PASSWORD_TYPO:?x}"),
     ],
-    ids=["port-all-interfaces", "port-0.0.0.0", "literal-password", "defaulted-password", "unknown-dependency",
-         "misspelled-key", "password-in-uri", "undocumented-variable"],
+    ids=[
+        "port-all-interfaces",
+        "port-0.0.0.0",
+        "literal-password",
+        "defaulted-password",
+        "unknown-dependency",
+        "misspelled-key",
+        "password-in-uri",
+        "undocumented-variable",
+    ],
 )
 def test_compose_check_catches_a_broken_copy(breakage):
     doc = load(COMPOSE)
@@ -395,9 +437,7 @@ def test_compose_check_catches_a_broken_copy(breakage):
 
 
 def test_compose_env_file_is_ignored_by_git():
-    out = subprocess.run(
-        ["git", "check-ignore", "-q", "infra/mlflow/.env"], cwd=REPO, capture_output=True
-    )
+    out = subprocess.run(["git", "check-ignore", "-q", "infra/mlflow/.env"], cwd=REPO, capture_output=True)
     assert out.returncode == 0, "infra/mlflow/.env must be git-ignored"
 
 
@@ -494,7 +534,7 @@ WORKING_DIR_CASES = [
     ("ray_results/train/checkpoint_000001/state.pt", False, False),
     ("ganflow/__pycache__/config.cpython-311.pyc", False, False),
     (".pytest_cache/v/cache/lastfailed", False, False),
-    ("data/raw/cat.png", False, False),   # only the prepare stage reads it, locally
+    ("data/raw/cat.png", False, False),  # only the prepare stage reads it, locally
     ("infra/mlflow/.env", False, False),
     (".cluster/storage/exchange/ganflow/data/prepared/images-00000.npy", False, False),
 ]
@@ -502,8 +542,20 @@ WORKING_DIR_CASES = [
 
 def test_rayignore_lists_what_must_stay_behind():
     patterns = {x.strip() for x in (REPO / ".rayignore").read_text().splitlines() if x.strip() and x[0] != "#"}
-    for needed in ("/.venv", "/.git", "/.dvc/cache", "/.dvc/tmp", "/.dvc/config.local", "/mlflow.db",
-                   "/mlartifacts", "/ray_results", "/.cluster", "__pycache__", ".pytest_cache", ".env"):
+    for needed in (
+        "/.venv",
+        "/.git",
+        "/.dvc/cache",
+        "/.dvc/tmp",
+        "/.dvc/config.local",
+        "/mlflow.db",
+        "/mlartifacts",
+        "/ray_results",
+        "/.cluster",
+        "__pycache__",
+        ".pytest_cache",
+        ".env",
+    ):
         assert needed in patterns, f".rayignore lacks {needed}"
 
 
@@ -521,8 +573,9 @@ def test_ray_packs_the_working_dir_as_intended(tmp_path, honour_gitignore):
         (project / path).parent.mkdir(parents=True, exist_ok=True)
         (project / path).write_text("x")
     package = tmp_path / "package.zip"
-    create_package(str(project), package, include_gitignore=honour_gitignore,
-                   excludes=get_runtime_env_default_excludes())
+    create_package(
+        str(project), package, include_gitignore=honour_gitignore, excludes=get_runtime_env_default_excludes()
+    )
     uploaded = set(zipfile.ZipFile(package).namelist())
     column = 1 if honour_gitignore else 2
     wrong = [(case[0], case[column]) for case in WORKING_DIR_CASES if (case[0] in uploaded) != case[column]]
@@ -593,7 +646,7 @@ def test_secret_scanner_finds_planted_secrets(text):
         "POSTGRES_PASSWORD: ${POSTGRES_PASSWORD:?set it}",
         "MLFLOW_TRACKING_PASSWORD=",
         'export RAY_AUTH_TOKEN="$(cat ~/.ray/auth_token)"',
-        "--from-literal=password=\"$MLFLOW_TRACKING_PASSWORD\"",
+        '--from-literal=password="$MLFLOW_TRACKING_PASSWORD"',
         "- name: RAY_AUTH_TOKEN",
         "RAY_AUTH_MODE: token",
         "# the token comes from the Secret ganflow-ray-token",
@@ -609,9 +662,14 @@ def test_a_jobs_runtime_env_carries_no_credentials_of_the_submitter(tmp_path, mo
     from ganflow.config import from_dict, resolve_paths
     from ganflow.jobs import job_runtime_env
 
-    secrets = {"AWS_ACCESS_KEY_ID": "AKIAEXAMPLEEXAMPLE00", "AWS_SECRET_ACCESS_KEY": "s3cr3t-value",
-               "AWS_SESSION_TOKEN": "session-token", "MLFLOW_TRACKING_USERNAME": "alice",
-               "MLFLOW_TRACKING_PASSWORD": "hunter2", "MLFLOW_TRACKING_TOKEN": "tok"}
+    secrets = {
+        "AWS_ACCESS_KEY_ID": "AKIAEXAMPLEEXAMPLE00",
+        "AWS_SECRET_ACCESS_KEY": "s3cr3t-value",
+        "AWS_SESSION_TOKEN": "session-token",
+        "MLFLOW_TRACKING_USERNAME": "alice",
+        "MLFLOW_TRACKING_PASSWORD": "hunter2",
+        "MLFLOW_TRACKING_TOKEN": "tok",
+    }
     for name, value in {**secrets, "AWS_ENDPOINT_URL": "http://minio:9000", "AWS_DEFAULT_REGION": "eu-west-1"}.items():
         monkeypatch.setenv(name, value)
     cfg = resolve_paths(from_dict({"tracking": {"uri": "http://mlflow.example:5000"}}), tmp_path)
@@ -658,15 +716,20 @@ def test_push_and_pull_run_without_torch(tmp_path):
     root = tmp_path / "project"
     root.mkdir()
     (root / "params.yaml").write_text(f"cluster:\n  storage_path: {tmp_path / 'shared'}\n")
-    inputs = {"data/prepared/manifest.json": b"{}", "data/prepared/images-00000.npy": b"\x93NUMPY" + bytes(range(256)),
-              "models/encoder/encoder.json": b"{}", "tune/best.json": b'{"lr_g": 0.001}'}
+    inputs = {
+        "data/prepared/manifest.json": b"{}",
+        "data/prepared/images-00000.npy": b"\x93NUMPY" + bytes(range(256)),
+        "models/encoder/encoder.json": b"{}",
+        "tune/best.json": b'{"lr_g": 0.001}',
+    }
     for rel, data in inputs.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(data)
 
     def cli(*argv):
-        proc = subprocess.run([sys.executable, "-c", NO_TORCH, *argv], cwd=root, capture_output=True, text=True,
-                              timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-c", NO_TORCH, *argv], cwd=root, capture_output=True, text=True, timeout=300
+        )
         assert proc.returncode == 0, proc.stdout + proc.stderr
         return proc.stdout
 
@@ -676,8 +739,12 @@ def test_push_and_pull_run_without_torch(tmp_path):
         assert (exchange / rel).read_bytes() == data
 
     job = tmp_path / "job"  # the job's copy of the project writes its outputs
-    outputs = {"models/generator/generator.json": b'{"epoch": 1}', "models/generator/weights.safetensors": b"w" * 999,
-               "metrics/train.json": b"{}", "plots/train.csv": b"epoch\n1\n"}
+    outputs = {
+        "models/generator/generator.json": b'{"epoch": 1}',
+        "models/generator/weights.safetensors": b"w" * 999,
+        "metrics/train.json": b"{}",
+        "plots/train.csv": b"epoch\n1\n",
+    }
     for rel, data in outputs.items():
         (job / rel).parent.mkdir(parents=True, exist_ok=True)
         (job / rel).write_bytes(data)
@@ -699,12 +766,24 @@ def test_a_job_working_dir_left_by_an_earlier_job_gets_the_inputs_just_pushed(tm
     from ganflow.jobs import fetch_inputs, push_inputs
 
     params = f"cluster:\n  storage_path: {tmp_path / 'shared'}\n"
-    inputs = {"data/prepared/manifest.json": b'{"count": 2}', "data/prepared/images-00000.npy": b"new images",
-              "models/encoder/encoder.json": b"{}", "tune/best.json": b'{"lr_g": 0.001}'}
+    inputs = {
+        "data/prepared/manifest.json": b'{"count": 2}',
+        "data/prepared/images-00000.npy": b"new images",
+        "models/encoder/encoder.json": b"{}",
+        "tune/best.json": b'{"lr_g": 0.001}',
+    }
     root, job = tmp_path / "project", tmp_path / "job"
-    for folder, files in ((root, inputs),
-                          (job, {**inputs, "data/prepared/images-00000.npy": b"old images",  # an earlier job's data
-                                 "data/prepared/images-00001.npy": b"old second shard"})):
+    for folder, files in (
+        (root, inputs),
+        (
+            job,
+            {
+                **inputs,
+                "data/prepared/images-00000.npy": b"old images",  # an earlier job's data
+                "data/prepared/images-00001.npy": b"old second shard",
+            },
+        ),
+    ):
         (folder).mkdir()
         (folder / "params.yaml").write_text(params)
         for rel, data in files.items():
@@ -740,10 +819,17 @@ def test_cluster_down_signals_only_the_processes_it_started(tmp_path):
     try:
         state_dir = tmp_path / localcluster.STATE_DIR
         state_dir.mkdir()
-        state = localcluster.LocalCluster(str(tmp_path), stranger.pid, own_mlflow.pid, "http://127.0.0.1:1", 1,
-                                          "http://127.0.0.1:2", str(state_dir),
-                                          ray_started="1",  # not the stranger's start time: another process
-                                          mlflow_started=localcluster._started(own_mlflow.pid))
+        state = localcluster.LocalCluster(
+            str(tmp_path),
+            stranger.pid,
+            own_mlflow.pid,
+            "http://127.0.0.1:1",
+            1,
+            "http://127.0.0.1:2",
+            str(state_dir),
+            ray_started="1",  # not the stranger's start time: another process
+            mlflow_started=localcluster._started(own_mlflow.pid),
+        )
         (state_dir / "cluster.json").write_text(json.dumps(dataclasses.asdict(state)))
         assert localcluster.down(tmp_path) is not None
         assert not localcluster._alive(own_mlflow.pid)  # ours: stopped

@@ -68,7 +68,7 @@ def test_ray_data_streams_the_train_split_reshuffled_each_epoch_reproducibly(tmp
     assert [by_row[r] for r in first] == first_labels.tolist()
     # another order each epoch, the same first order in another run with the same train.seed
     assert first != second
-    (again, _), = epochs(train_dataset(cfg, root), 1)
+    ((again, _),) = epochs(train_dataset(cfg, root), 1)
     assert again == first
 
 
@@ -80,8 +80,12 @@ def test_workers_on_other_nodes_get_no_images_with_ray_data(tmp_path):
     local = input_files(cfg, "local")
     streamed = input_files(cfg, "ray_data")
     assert {k for k in local if k.startswith("prepared/images-")} == {f"prepared/images-{i:05d}.npy" for i in range(5)}
-    assert set(streamed) == {"prepared/manifest.json", "prepared/labels.npy", "prepared/split.npy",
-                             "encoder/encoder.json"}
+    assert set(streamed) == {
+        "prepared/manifest.json",
+        "prepared/labels.npy",
+        "prepared/split.npy",
+        "encoder/encoder.json",
+    }
     assert sum(map(len, streamed.values())) < 0.05 * sum(map(len, local.values()))
 
 
@@ -111,7 +115,8 @@ def test_the_stage_own_local_ray_gets_no_copy_of_the_data(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"data": {"source": "digits", "image_size": 16, "shard_mb": 0.1}}))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run([sys.executable, "-c", OWN_RAY, str(params)], capture_output=True, text=True,
-                          cwd=tmp_path, env=env, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", OWN_RAY, str(params)], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "inputs: None None" in proc.stdout

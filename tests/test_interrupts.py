@@ -26,8 +26,13 @@ def start_repro(root: Path, stage: str = "train") -> subprocess.Popen:
     # stage, the harder case (tests/test_stop_with_dvc.py covers both)
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "SHELL": "/bin/sh"}
     return subprocess.Popen(
-        [str(BIN / "dvc"), "repro", stage], cwd=root, env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True, start_new_session=True,  # its own process group, like a shell job
+        [str(BIN / "dvc"), "repro", stage],
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, like a shell job
         # as from a terminal: Ctrl-C not ignored. A test runner started in the background of a
         # script inherits SIGINT ignored, and so would dvc and the stage: a Ctrl-C test would then
         # only see Ray's own processes in the group die of it (this hid a stage that went on)
@@ -58,8 +63,9 @@ def stage_process(proc: subprocess.Popen) -> psutil.Process:
 
 def the_run(root: Path):
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("ganflow").experiment_id],
-                              "tags.`ganflow.stage` = 'train'")
+    runs = client.search_runs(
+        [client.get_experiment_by_name("ganflow").experiment_id], "tags.`ganflow.stage` = 'train'"
+    )
     assert len(runs) == 1, [r.info.run_name for r in runs]
     return client, runs[0]
 

@@ -47,7 +47,11 @@ def test_tune_and_train_depend_on_what_shapes_their_result_only(stage):
     params = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]["params"]
     listed = {p.split(".", 1)[1] for p in params if isinstance(p, str) and p.startswith("train.")}
     assert "train" not in params and "cluster" not in params
-    expected = set(TrainConfig.model_fields) - set(TRAIN_RUN_ONLY_KEYS) - ({"kimg", "epochs", "tick_kimg"} if stage == "tune" else set())
+    expected = (
+        set(TrainConfig.model_fields)
+        - set(TRAIN_RUN_ONLY_KEYS)
+        - ({"kimg", "epochs", "tick_kimg"} if stage == "tune" else set())
+    )
     assert listed == expected
     cluster = {p.split(".", 1)[1] for p in params if isinstance(p, str) and p.startswith("cluster.")}
     assert cluster == set(ClusterConfig.model_fields) - {"address", "storage_path"}
@@ -92,15 +96,35 @@ def test_each_stage_imports_no_code_of_another_stage_it_does_not_run(stage):
 
 
 # modules imported by every stage, or read for a file name or a JSON: they must not pull in torch
-BASE = ("errors", "config", "atomic", "artifacts", "images", "endpoints", "closure", "budget", "checkpoints",
-        "filesystems", "interrupts", "stage", "jobs", "raycluster", "tracking", "registry", "report")
+BASE = (
+    "errors",
+    "config",
+    "atomic",
+    "artifacts",
+    "images",
+    "endpoints",
+    "closure",
+    "budget",
+    "checkpoints",
+    "filesystems",
+    "interrupts",
+    "stage",
+    "jobs",
+    "raycluster",
+    "tracking",
+    "registry",
+    "report",
+)
 
 
 def test_the_base_modules_import_no_torch():
-    code = (f"import sys; import {', '.join(f'ganflow.{m}' for m in BASE)}; "
-            "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'albumentations', 'cv2'))))")
-    out = subprocess.run([sys.executable, "-c", "import json; " + code], capture_output=True, text=True, check=True,
-                         cwd=REPO).stdout
+    code = (
+        f"import sys; import {', '.join(f'ganflow.{m}' for m in BASE)}; "
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'albumentations', 'cv2'))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", "import json; " + code], capture_output=True, text=True, check=True, cwd=REPO
+    ).stdout
     assert json.loads(out) == []
 
 
@@ -184,9 +208,18 @@ def test_the_resume_key_covers_every_module_a_training_worker_imports():
     from ganflow.checkpoints import TRAINING_ENTRY, training_code
 
     code = set(training_code())
-    out = subprocess.run([sys.executable, "-c", "import sys, json, ganflow.train_loop; "
-                          "print(json.dumps(sorted(m.split('.')[1] for m in sys.modules if m.startswith('ganflow.'))))"],
-                         capture_output=True, text=True, check=True, cwd=REPO).stdout
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, json, ganflow.train_loop; "
+            "print(json.dumps(sorted(m.split('.')[1] for m in sys.modules if m.startswith('ganflow.'))))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO,
+    ).stdout
     loaded = {f"{m}.py" for m in json.loads(out)}
     assert loaded <= code, sorted(loaded - code)
     assert {TRAINING_ENTRY, "metrics.py", "models.py", "losses.py", "augment.py", "budget.py", "config.py"} <= code

@@ -78,11 +78,23 @@ def test_dvc_repro_whole_pipeline(project):
     edit_params(
         project / "params.yaml",
         data={"source": "folder", "image_size": 64, "channels": 3},
-        model={"arch": "resnet", "conditional": "auto", "spectral_norm": True, "latent_dim": 16,
-               "g_width": 8, "d_width": 8},
+        model={
+            "arch": "resnet",
+            "conditional": "auto",
+            "spectral_norm": True,
+            "latent_dim": 16,
+            "g_width": 8,
+            "d_width": 8,
+        },
         train={"epochs": 2, "tick_kimg": 0.1, "loss": "hinge", "batch_size": 32},
-        eval={"num_samples": 200, "encoder_epochs": 2, "feature_dim": 16, "kid_subsets": 5, "kid_subset_size": 40,
-              "draws": 3},
+        eval={
+            "num_samples": 200,
+            "encoder_epochs": 2,
+            "feature_dim": 16,
+            "kid_subsets": 5,
+            "kid_subset_size": 40,
+            "draws": 3,
+        },
         tune={"num_samples": 2, "kimg": 0.19, "tick_kimg": 0.1, "grace_period": 1, "max_concurrent_trials": 2},
     )
     first = run(["dvc", "repro"], project, timeout=1800)
@@ -92,11 +104,21 @@ def test_dvc_repro_whole_pipeline(project):
     order = [first.stdout.index(f"Running stage '{s}'") for s in stages]
     assert order == sorted(order)
     assert "kimg (2 epochs)" in first.stdout and "x the real baseline" in first.stdout
-    for out in ("data/prepared/manifest.json", "models/encoder/encoder.safetensors",
-                "models/encoder/reference.safetensors", "models/generator/generator.safetensors",
-                "models/generator/generator.json", "metrics/train.json", "metrics/encoder.json",
-                "metrics/eval.json", "plots/train.csv", "plots/eval_classes.csv", "plots/samples.png",
-                "tune/best.json", "registry/model_version.json"):
+    for out in (
+        "data/prepared/manifest.json",
+        "models/encoder/encoder.safetensors",
+        "models/encoder/reference.safetensors",
+        "models/generator/generator.safetensors",
+        "models/generator/generator.json",
+        "metrics/train.json",
+        "metrics/encoder.json",
+        "metrics/eval.json",
+        "plots/train.csv",
+        "plots/eval_classes.csv",
+        "plots/samples.png",
+        "tune/best.json",
+        "registry/model_version.json",
+    ):
         assert (project / out).is_file(), out
     shown = json.loads(run(["dvc", "metrics", "show", "--json"], project, check=True).stdout)[""]["data"]
     assert shown["metrics/train.json"]["data"]["epochs"] == 2
@@ -113,8 +135,21 @@ def test_dvc_repro_whole_pipeline(project):
     registered = json.loads((project / "registry" / "model_version.json").read_text())
     assert registered["version"] == 1 and "champion" in registered["aliases"]
     assert (spec["arch"], spec["num_classes"], spec["class_names"]) == ("resnet", 2, ["bars", "discs"])
-    drawn = run(["ganflow", "sample", "--model", "models:/ganflow-generator@champion", "-n", "4", "--class", "discs",
-                 "--out", "discs.npz"], project)
+    drawn = run(
+        [
+            "ganflow",
+            "sample",
+            "--model",
+            "models:/ganflow-generator@champion",
+            "-n",
+            "4",
+            "--class",
+            "discs",
+            "--out",
+            "discs.npz",
+        ],
+        project,
+    )
     assert drawn.returncode == 0, drawn.stderr[-2000:]
     assert np.load(project / "discs.npz")["images"].shape == (4, 64, 64, 3)
     again = run(["dvc", "repro"], project, check=True)
@@ -138,14 +173,16 @@ def test_dvc_repro_whole_pipeline(project):
     # metrics and plots are committed with dvc.lock: DVC compares commits, not just the workspace
     run(["git", "add", "-A"], project, check=True)
     run(["git", "-c", "user.email=t@e", "-c", "user.name=t", "commit", "-qm", "run 2"], project, check=True)
-    across = json.loads(run(["dvc", "metrics", "diff", "HEAD~1", "HEAD", "--all", "--json"], project,
-                            check=True).stdout)["metrics/eval.json"]
+    across = json.loads(
+        run(["dvc", "metrics", "diff", "HEAD~1", "HEAD", "--all", "--json"], project, check=True).stdout
+    )["metrics/eval.json"]
     assert across["fid_inception"]["old"] is None and across["fid_inception"]["new"] > 0
     assert across["fd_domain"]["old"] == across["fd_domain"]["new"] == evaluation["fd_domain"]
     revisions = json.loads(run(["dvc", "exp", "show", "--json", "-n", "2"], project, check=True).stdout)
     committed = [r for r in revisions if r["rev"] != "workspace"]
     assert len(committed) == 2 and all(
-        r["data"]["metrics"]["metrics/eval.json"]["data"]["split"] == "test" for r in committed)
+        r["data"]["metrics"]["metrics/eval.json"]["data"]["split"] == "test" for r in committed
+    )
     plots = json.loads(run(["dvc", "plots", "diff", "HEAD~1", "HEAD", "--json"], project, check=True).stdout)
     assert plots["data"]["train_losses"][0]["revisions"] == ["HEAD~1", "HEAD"]
 

@@ -146,8 +146,14 @@ def run_arm(tmp_path: Path, arm: str) -> tuple[subprocess.CompletedProcess, list
     log.write_text("")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(inject), str(REPO)]), "CLEANER_LOG": str(log)}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, str(tmp_path / "driver.py"), arm, str(tmp_path / "results")],
-                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, str(tmp_path / "driver.py"), arm, str(tmp_path / "results")],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     return proc, (log.read_text().split() if log.is_file() else [])
 
 

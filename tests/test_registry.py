@@ -42,19 +42,30 @@ def log_generator(uri: str, artifacts: Path) -> str:
     with torch.no_grad():
         out = g(torch.from_numpy(z)).numpy()
     with mlflow.start_run() as run:
-        mlflow.pytorch.log_model(g, name="generator", signature=infer_signature(z, out), input_example=z,
-                                 pip_requirements=["torch"])
+        mlflow.pytorch.log_model(
+            g, name="generator", signature=infer_signature(z, out), input_example=z, pip_requirements=["torch"]
+        )
     return run.info.run_id
 
 
-def project(root: Path, uri: str, run_id: str, *, fd: float, weights_seed: int, encoder_seed: int = 0,
-            copying: bool = False, sd: float = 0.05) -> Path:
+def project(
+    root: Path,
+    uri: str,
+    run_id: str,
+    *,
+    fd: float,
+    weights_seed: int,
+    encoder_seed: int = 0,
+    copying: bool = False,
+    sd: float = 0.05,
+) -> Path:
     """A project with what the register stage reads: a prepared data set, an encoder's files, an
     exported generator (its own weights) of run ``run_id`` and its evaluation."""
     root.mkdir(parents=True)
     params = root / "params.yaml"
-    params.write_text(yaml.safe_dump({"data": {"image_size": 16}, "tracking": {"uri": uri},
-                                      "registry": {"model_name": NAME}}))
+    params.write_text(
+        yaml.safe_dump({"data": {"image_size": 16}, "tracking": {"uri": uri}, "registry": {"model_name": NAME}})
+    )
     cfg = load_config(params)
     prepare(cfg)
     cfg.paths.encoder.mkdir(parents=True)
@@ -62,13 +73,32 @@ def project(root: Path, uri: str, run_id: str, *, fd: float, weights_seed: int, 
     save_file({"w": torch.randn(4, 4)}, str(cfg.paths.encoder / "encoder.safetensors"))
     save_file({"mu": torch.randn(4)}, str(cfg.paths.encoder / "reference.safetensors"))
     torch.manual_seed(weights_seed)
-    export_generator(Generator(8, 1, 16, 8).state_dict(),
-                     {"latent_dim": 8, "channels": 1, "image_size": 16, "g_width": 8, "mlflow_run_id": run_id,
-                      "best_epoch": 1, "lr_g": 2e-4, "lr_d": 2e-4}, cfg.paths.generator)
+    export_generator(
+        Generator(8, 1, 16, 8).state_dict(),
+        {
+            "latent_dim": 8,
+            "channels": 1,
+            "image_size": 16,
+            "g_width": 8,
+            "mlflow_run_id": run_id,
+            "best_epoch": 1,
+            "lr_g": 2e-4,
+            "lr_d": 2e-4,
+        },
+        cfg.paths.generator,
+    )
     cfg.paths.metrics.mkdir(parents=True)
-    (cfg.paths.metrics / "eval.json").write_text(json.dumps(
-        {"fd_domain": fd * 1.1, "fd_domain_sd": sd, "fd_domain_over_real": fd, "copying_flagged": float(copying),
-         "validation": {"fd_domain": fd, "fd_domain_sd": sd, "fd_domain_over_real": fd}}))
+    (cfg.paths.metrics / "eval.json").write_text(
+        json.dumps(
+            {
+                "fd_domain": fd * 1.1,
+                "fd_domain_sd": sd,
+                "fd_domain_over_real": fd,
+                "copying_flagged": float(copying),
+                "validation": {"fd_domain": fd, "fd_domain_sd": sd, "fd_domain_over_real": fd},
+            }
+        )
+    )
     return params
 
 
@@ -119,17 +149,31 @@ def test_two_registers_racing_on_a_tracking_server_end_with_the_best_champion(tm
     from ganflow.localcluster import _stop, start_mlflow_server
 
     port = free_port()
-    server = start_mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", port, tmp_path / "server.log",
-                                 ["--artifacts-destination", str(tmp_path / "artifacts")])
+    server = start_mlflow_server(
+        f"sqlite:///{tmp_path / 'server.db'}",
+        port,
+        tmp_path / "server.log",
+        ["--artifacts-destination", str(tmp_path / "artifacts")],
+    )
     uri = f"http://127.0.0.1:{port}"
     try:
         run_id = log_generator(uri, tmp_path / "artifacts")
         # two registers at once: both race to create the registered model and to move champion
         fds = (3.0, 2.0)
-        procs = [subprocess.Popen([sys.executable, str(REPO / "pipelines" / "register.py"), "--params",
-                                   str(project(tmp_path / f"r{i}", uri, run_id, fd=fd, weights_seed=i))],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for i, fd in enumerate(fds)]
+        procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    str(REPO / "pipelines" / "register.py"),
+                    "--params",
+                    str(project(tmp_path / f"r{i}", uri, run_id, fd=fd, weights_seed=i)),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for i, fd in enumerate(fds)
+        ]
         outputs = [p.communicate(timeout=600) for p in procs]
         for p, (_out, err) in zip(procs, outputs):
             assert p.returncode == 0 and "Traceback" not in err, err[-2000:]

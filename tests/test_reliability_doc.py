@@ -12,7 +12,9 @@ def test_every_row_names_an_existing_test():
     text = (REPO / "docs" / "RELIABILITY.md").read_text()
     rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith(("| ---", "| fault"))]
     assert len(rows) >= 30
-    missing_test = [row[:80] for row in rows if "tests/" not in row and "same test" not in row and "not tested" not in row]
+    missing_test = [
+        row[:80] for row in rows if "tests/" not in row and "same test" not in row and "not tested" not in row
+    ]
     assert not missing_test, missing_test
 
     names: dict[str, set[str]] = {}

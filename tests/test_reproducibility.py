@@ -47,8 +47,10 @@ def two_checkouts(tmp_path_factory) -> tuple[Path, Path]:
         root.mkdir()
         (root / "params.yaml").write_text(yaml.safe_dump(TINY))
     # checkout a: the real entry points, in a child process, while b runs here
-    command = (f"{sys.executable} {REPO / 'pipelines' / 'prepare.py'} --params params.yaml && "
-               f"{sys.executable} {REPO / 'pipelines' / 'encoder.py'} --params params.yaml")
+    command = (
+        f"{sys.executable} {REPO / 'pipelines' / 'prepare.py'} --params params.yaml && "
+        f"{sys.executable} {REPO / 'pipelines' / 'encoder.py'} --params params.yaml"
+    )
     child = subprocess.Popen(command, shell=True, cwd=a, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     cfg = load_config(b / "params.yaml")
     prepare(cfg)
@@ -78,13 +80,15 @@ def test_encoder_stage_same_weights_features_and_metrics_for_the_same_seed(two_c
 def test_encoder_differs_for_another_seed(two_checkouts, tmp_path):
     """The comparison above can fail: eval.seed really changes the encoder."""
     a, _ = two_checkouts
-    values = {**TINY, "eval": {**TINY["eval"], "seed": 1},
-              "paths": {"prepared": str(a / "data" / "prepared"), "encoder": "encoder"}}
+    values = {
+        **TINY,
+        "eval": {**TINY["eval"], "seed": 1},
+        "paths": {"prepared": str(a / "data" / "prepared"), "encoder": "encoder"},
+    }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(values))
     fit_encoder(load_config(tmp_path / "params.yaml"))
     weights = "encoder.safetensors"
     assert (tmp_path / "encoder" / weights).read_bytes() != (a / "models" / "encoder" / weights).read_bytes()
-
 
 
 # ------------------------------------------------------------------------- with Ray (training)
@@ -121,8 +125,11 @@ def test_train_same_seed_same_weights_with_1_and_with_2_workers(tmp_path):
         root = tmp_path / f"w{workers}"
         root.mkdir()
         values = {k: dict(v) for k, v in TINY.items()}
-        values.update(model={"latent_dim": 16, "g_width": 16, "d_width": 16},
-                      train={"epochs": 2, "tick_kimg": 1.0, "batch_size": 64}, cluster={"num_workers": workers})
+        values.update(
+            model={"latent_dim": 16, "g_width": 16, "d_width": 16},
+            train={"epochs": 2, "tick_kimg": 1.0, "batch_size": 64},
+            cluster={"num_workers": workers},
+        )
         (root / "params.yaml").write_text(yaml.safe_dump(values))
         cfg = load_config(root / "params.yaml")
         prepare(cfg)

@@ -25,14 +25,25 @@ def runs_by_name(store) -> dict:
 
 
 def test_names_for_people():
-    assert [lr_text(x) for x in (3.2e-4, 1.1e-4, 1e-3, 2e-4, 0.0123)] == ["3.2e-4", "1.1e-4", "1.0e-3", "2.0e-4", "1.2e-2"]
+    assert [lr_text(x) for x in (3.2e-4, 1.1e-4, 1e-3, 2e-4, 0.0123)] == [
+        "3.2e-4",
+        "1.1e-4",
+        "1.0e-3",
+        "2.0e-4",
+        "1.2e-2",
+    ]
     assert [trial_number(t) for t in ("a1b2c_00000", "a1b2c_00011", "3f9e1c2a", "12345678")] == [1, 12, None, None]
 
 
 def test_runs_are_named_described_and_tagged(store):
     runs = runs_by_name(store)
-    assert set(runs) == {"train lr_g=3.2e-4 lr_d=1.1e-4", "train lr_g=1.0e-3 lr_d=2.5e-4", "tune 2 trials",
-                         "trial 1 lr_g=5.0e-4 lr_d=2.0e-4", "trial 2 lr_g=2.0e-3 lr_d=6.0e-5"}
+    assert set(runs) == {
+        "train lr_g=3.2e-4 lr_d=1.1e-4",
+        "train lr_g=1.0e-3 lr_d=2.5e-4",
+        "tune 2 trials",
+        "trial 1 lr_g=5.0e-4 lr_d=2.0e-4",
+        "trial 2 lr_g=2.0e-3 lr_d=6.0e-5",
+    }
     train, sweep = runs["train lr_g=3.2e-4 lr_d=1.1e-4"], runs["tune 2 trials"]
     trials = [runs["trial 1 lr_g=5.0e-4 lr_d=2.0e-4"], runs["trial 2 lr_g=2.0e-3 lr_d=6.0e-5"]]
     for run in (train, sweep, *trials):
@@ -41,13 +52,18 @@ def test_runs_are_named_described_and_tagged(store):
         assert tags["data_hash"] == read_manifest(store["cfg"].paths.prepared)["images_sha256"]
         assert "1797 images of 16x16x1" in tags[NOTE_TAG]
     assert train.data.tags["dvc_stage"] == "train" and "sweep_id" not in train.data.tags
-    assert train.data.tags[NOTE_TAG].startswith("GAN training with lr_g=3.2e-4 lr_d=1.1e-4: 3 epochs, 2 Ray Train worker(s)")
+    assert train.data.tags[NOTE_TAG].startswith(
+        "GAN training with lr_g=3.2e-4 lr_d=1.1e-4: 3 epochs, 2 Ray Train worker(s)"
+    )
     assert sweep.data.tags["sweep_id"] == sweep.info.run_id and sweep.data.tags["dvc_stage"] == "tune"
     assert sweep.data.tags[NOTE_TAG].startswith("Learning-rate sweep: 2 trials (random search")
     for trial in trials:
         assert trial.data.tags["sweep_id"] == trial.data.tags["mlflow.parentRunId"] == sweep.info.run_id
         assert trial.data.tags["dvc_stage"] == "tune" and trial.data.tags[NOTE_TAG].startswith("Trial ")
-        assert (trial.data.params["lr_g"], trial.data.params["lr_d"]) != (train.data.params["lr_g"], train.data.params["lr_d"])
+        assert (trial.data.params["lr_g"], trial.data.params["lr_d"]) != (
+            train.data.params["lr_g"],
+            train.data.params["lr_d"],
+        )
     # one data set, one commit; the trials ran with another config (tune.epochs) than the training
     assert len({r.data.tags["data_hash"] for r in (train, sweep, *trials)}) == 1
     assert trials[0].data.tags["params_hash"] != train.data.tags["params_hash"]

@@ -38,8 +38,11 @@ class RunsCode:
 
 
 def tiny_cfg(root: Path):
-    values = {"data": {"image_size": 16}, "model": {"latent_dim": 8, "g_width": 8, "d_width": 8},
-              "train": {"batch_size": 8}}
+    values = {
+        "data": {"image_size": 16},
+        "model": {"latent_dim": 8, "g_width": 8, "d_width": 8},
+        "train": {"batch_size": 8},
+    }
     return resolve_paths(from_dict(values), root)
 
 
@@ -160,8 +163,14 @@ def test_mlflow_model_loads_only_without_pickle(tmp_path, monkeypatch):
     runs = {}
     for fmt in ("pt2", "pickle"):
         with mlflow.start_run(experiment_id=experiment) as run:
-            info = mlflow.pytorch.log_model(g, name="generator", signature=infer_signature(z, out),
-                                            input_example=z, serialization_format=fmt, pip_requirements=["torch"])
+            info = mlflow.pytorch.log_model(
+                g,
+                name="generator",
+                signature=infer_signature(z, out),
+                input_example=z,
+                serialization_format=fmt,
+                pip_requirements=["torch"],
+            )
         runs[fmt] = (run.info.run_id, tmp_path / "artifacts" / "models" / info.model_id / "artifacts")
 
     sampler = load_sampler(f"runs:/{runs['pt2'][0]}/generator")  # logged without metadata: unconditional
@@ -197,8 +206,11 @@ SCANNED = sorted([*(REPO / "ganflow").glob("*.py"), *(REPO / "pipelines").glob("
 FORBIDDEN_MODULES = {"pickle", "cPickle", "_pickle", "cloudpickle", "dill", "joblib", "shelve", "marshal"}
 # (file, function) -> why this loader is acceptable there
 ALLOWED = {
-    ("ganflow/evaluation.py", "inception_fid", "torch.jit.load"):
-        "a TorchScript file the user names in eval.inception_weights; TorchScript runs no Python",
+    (
+        "ganflow/evaluation.py",
+        "inception_fid",
+        "torch.jit.load",
+    ): "a TorchScript file the user names in eval.inception_weights; TorchScript runs no Python",
 }
 
 
@@ -240,8 +252,8 @@ def unsafe_loads(path: Path, text: str | None = None) -> list[str]:
 
     def without_pickle(node: ast.AST) -> bool:
         return any(
-            isinstance(n, ast.With) and any(dotted(getattr(i.context_expr, "func", i.context_expr)) == "_no_pickle"
-                                            for i in n.items)
+            isinstance(n, ast.With)
+            and any(dotted(getattr(i.context_expr, "func", i.context_expr)) == "_no_pickle" for i in n.items)
             for n in enclosing(node)
         )
 

@@ -51,8 +51,11 @@ def start(tmp_path: Path, mode: str, deadline: float, sigint=signal.SIG_DFL) -> 
     script = tmp_path / "program.py"
     script.write_text(PROGRAM)
     proc = subprocess.Popen(
-        [sys.executable, str(script), str(tmp_path), mode, str(deadline)], stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True, start_new_session=True,
+        [sys.executable, str(script), str(tmp_path), mode, str(deadline)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, sigint),  # a terminal's default, or nohup's ignore
     )
     limit = time.time() + 120

@@ -29,9 +29,13 @@ def start_server(root: Path, port: int) -> subprocess.Popen:
     """`mlflow server` on a SQLite store in ``root``, in its own process group (uvicorn runs
     as a child); the background job runner is off, it only slows the start."""
     return start_mlflow_server(
-        f"sqlite:///{root / 'mlflow.db'}", port, root / f"server-{time.time_ns()}.log",
-        ["--default-artifact-root", (root / "artifacts").as_uri()], timeout=90,
-        env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, cwd=root,
+        f"sqlite:///{root / 'mlflow.db'}",
+        port,
+        root / f"server-{time.time_ns()}.log",
+        ["--default-artifact-root", (root / "artifacts").as_uri()],
+        timeout=90,
+        env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        cwd=root,
     )
 
 

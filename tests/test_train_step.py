@@ -67,8 +67,15 @@ def test_cpu_mixed_precision_follows_train_amp(tmp_path, monkeypatch):
 @pytest.mark.parametrize("arch", ["dcgan", "resnet"])
 @pytest.mark.parametrize("size, channels", [(16, 1), (32, 3), (64, 1), (128, 3)])
 def test_model_shapes(tmp_path, size, channels, arch):
-    cfg = resolve_paths(from_dict({"data": {"image_size": size, "channels": channels},
-                                   "model": {"latent_dim": 8, "g_width": 4, "d_width": 4, "arch": arch}}), tmp_path)
+    cfg = resolve_paths(
+        from_dict(
+            {
+                "data": {"image_size": size, "channels": channels},
+                "model": {"latent_dim": 8, "g_width": 4, "d_width": 4, "arch": arch},
+            }
+        ),
+        tmp_path,
+    )
     g, d = build_generator(cfg), build_discriminator(cfg)
     x = g(torch.randn(3, 8))
     assert x.shape == (3, channels, size, size)
@@ -93,8 +100,9 @@ def test_a_resnet_step_updates_both_networks(tmp_path, loss):
     cfg.model.arch = "resnet"
     state = build_state(cfg, torch.device("cpu"), 1e-3, 1e-3, [0.5, 0.5])
     g0, d0 = params_of(state.g), params_of(state.d)
-    diag = gan_step(state, cfg, torch.rand(8, 1, 16, 16) * 2 - 1, torch.Generator().manual_seed(0), True,
-                    torch.tensor([0, 1] * 4))
+    diag = gan_step(
+        state, cfg, torch.rand(8, 1, 16, 16) * 2 - 1, torch.Generator().manual_seed(0), True, torch.tensor([0, 1] * 4)
+    )
     assert changed(g0, state.g) and changed(d0, state.d) and all(torch.isfinite(v) for v in diag.values())
 
 
@@ -248,8 +256,7 @@ def test_the_resume_key_follows_the_training_code_and_the_encoder(tmp_path):
 
     cfg = tiny_cfg(tmp_path)
     cfg.paths.prepared.mkdir(parents=True)
-    (cfg.paths.prepared / "manifest.json").write_text(json.dumps(
-        {"format": FORMAT, "images_sha256": "abc"}))
+    (cfg.paths.prepared / "manifest.json").write_text(json.dumps({"format": FORMAT, "images_sha256": "abc"}))
     cfg.paths.encoder.mkdir(parents=True)
     for name in ("encoder.safetensors", "reference.safetensors"):
         (cfg.paths.encoder / name).write_bytes(b"v1")
@@ -338,8 +345,9 @@ def test_mode_seeking_adds_to_g_loss_only_and_pairs_classes(tmp_path):
         torch.manual_seed(0)
         state = build_state(cfg, torch.device("cpu"), 1e-3, 1e-3, prior)
         state.g = Recorder(state.g)
-        diag = gan_step(state, cfg, real, torch.Generator().manual_seed(0), update_g=update_g,
-                        labels=labels if prior else None)
+        diag = gan_step(
+            state, cfg, real, torch.Generator().manual_seed(0), update_g=update_g, labels=labels if prior else None
+        )
         return state, diag
 
     plain, plain_diag = step(0.0)

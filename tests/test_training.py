@@ -80,8 +80,12 @@ def wait_for_checkpoint(root: Path, proc: subprocess.Popen, timeout: float = 900
 def start_training(params: Path, **env_vars: str) -> subprocess.Popen:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **env_vars}
     return subprocess.Popen(
-        [sys.executable, TRAIN, "--params", str(params)], cwd=params.parent, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [sys.executable, TRAIN, "--params", str(params)],
+        cwd=params.parent,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -95,10 +99,12 @@ def test_two_workers_on_two_nodes_ddp_tracked_exported_and_sampled(tmp_path, two
     within each rank's share) trained with DDP."""
     cluster, node = two_nodes
     root = tmp_path / "p"
-    params = make_project(root, cluster={"num_workers": 2},
-                          model={"latent_dim": 16, "g_width": 16, "d_width": 16, "conditional": "auto"},
-                          train={"epochs": 2, "batch_size": 64, "max_failures": 1, "augment": "diffaugment",
-                                 "mode_seeking": 0.3})
+    params = make_project(
+        root,
+        cluster={"num_workers": 2},
+        model={"latent_dim": 16, "g_width": 16, "d_width": 16, "conditional": "auto"},
+        train={"epochs": 2, "batch_size": 64, "max_failures": 1, "augment": "diffaugment", "mode_seeking": 0.3},
+    )
     proc = start_training(params, RAY_ADDRESS=cluster.address)
     out, err = proc.communicate(timeout=1800)
     assert proc.returncode == 0, err[-3000:]
@@ -112,8 +118,10 @@ def test_two_workers_on_two_nodes_ddp_tracked_exported_and_sampled(tmp_path, two
     assert r.data.tags["ganflow.ingest"] == "ray_data"
     manifest = json.loads((root / "data" / "prepared" / "manifest.json").read_text())
     staged = root / "ray_results" / "datasets" / manifest["images_sha256"][:16]
-    assert [(staged / s["file"]).read_bytes() == (root / "data" / "prepared" / s["file"]).read_bytes()
-            for s in manifest["shards"]] == [True]
+    assert [
+        (staged / s["file"]).read_bytes() == (root / "data" / "prepared" / s["file"]).read_bytes()
+        for s in manifest["shards"]
+    ] == [True]
     placement = sorted(worker_nodes(client, r.info.run_id), key=lambda w: w["rank"])
     assert {w["node"] for w in placement} == {cluster.head_node.node_id, node.node_id}
     assert {w["node"]: w["inputs"] for w in placement} == {cluster.head_node.node_id: "local", node.node_id: "shipped"}
@@ -149,12 +157,15 @@ def test_two_workers_on_two_nodes_ddp_tracked_exported_and_sampled(tmp_path, two
     recompute_batchnorm(g, seed=0, prior=spec["class_prior"])  # train.seed
     own = g.state_dict()
     assert all(torch.allclose(exported[k].float(), own[k].float(), atol=1e-4) for k in statistics)
-    assert not all(torch.allclose(exported[k].float(), state["g"][k].float(), atol=1e-3) for k in statistics
-                   if "running" in k)
+    assert not all(
+        torch.allclose(exported[k].float(), state["g"][k].float(), atol=1e-3) for k in statistics if "running" in k
+    )
     train_json = json.loads((root / "metrics" / "train.json").read_text())
     assert train_json["epochs"] == 2 and train_json["best_fd_domain"] == min(fds)
     assert train_json["worker_restarts"] == 0 and train_json["worker_restart_causes"] == []
-    assert (root / "plots" / "train.csv").read_text().splitlines()[0] == "epoch,kimg,loss_d,loss_g,d_real,d_fake,rt,augment_p,fd_domain,kid"
+    assert (root / "plots" / "train.csv").read_text().splitlines()[
+        0
+    ] == "epoch,kimg,loss_d,loss_g,d_real,d_fake,rt,augment_p,fd_domain,kid"
 
     # the MLflow run: params, per-step diagnostics, sample grids, tags, the model
     client, r = only_run(root)
@@ -190,8 +201,25 @@ def test_two_workers_on_two_nodes_ddp_tracked_exported_and_sampled(tmp_path, two
     client.set_registered_model_alias("test-generator", "champion", version)
     refs = ["models/generator", f"runs:/{run_id}/generator", "models:/test-generator@champion"]
     for i, model_ref in enumerate(refs):
-        proc = run(["ganflow", "sample", "--model", model_ref, "-n", "5", "--seed", "3",
-                    "--out", f"s{i}.npz", "--grid", f"s{i}.png", "--params", str(params)], cwd=root)
+        proc = run(
+            [
+                "ganflow",
+                "sample",
+                "--model",
+                model_ref,
+                "-n",
+                "5",
+                "--seed",
+                "3",
+                "--out",
+                f"s{i}.npz",
+                "--grid",
+                f"s{i}.png",
+                "--params",
+                str(params),
+            ],
+            cwd=root,
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
     a, b, c = (np.load(root / f"s{i}.npz")["images"] for i in range(3))
     assert a.shape == (5, 16, 16, 1) and a.dtype == np.uint8
@@ -201,14 +229,42 @@ def test_two_workers_on_two_nodes_ddp_tracked_exported_and_sampled(tmp_path, two
     drawn = {}
     for model_ref, label in ((refs[0], "7"), (refs[2], "7"), (refs[0], "1")):
         out_file = f"c{len(drawn)}.npz"
-        proc = run(["ganflow", "sample", "--model", model_ref, "-n", "6", "--class", label, "--out", out_file,
-                    "--params", str(params)], cwd=root)
+        proc = run(
+            [
+                "ganflow",
+                "sample",
+                "--model",
+                model_ref,
+                "-n",
+                "6",
+                "--class",
+                label,
+                "--out",
+                out_file,
+                "--params",
+                str(params),
+            ],
+            cwd=root,
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
         drawn[(model_ref, label)] = np.load(root / out_file)["images"].astype(int)
     assert np.abs(drawn[(refs[0], "7")] - drawn[(refs[2], "7")]).max() <= 1
     assert (drawn[(refs[0], "7")] != drawn[(refs[0], "1")]).any()  # same eager G, same z: only the class differs
-    missing = run(["ganflow", "sample", "--model", "models:/no-such-model@champion", "-n", "2",
-                   "--out", "x.npz", "--params", str(params)], cwd=root)
+    missing = run(
+        [
+            "ganflow",
+            "sample",
+            "--model",
+            "models:/no-such-model@champion",
+            "-n",
+            "2",
+            "--out",
+            "x.npz",
+            "--params",
+            str(params),
+        ],
+        cwd=root,
+    )
     assert missing.returncode == 1 and "error: --model models:/no-such-model@champion: cannot load" in missing.stderr
     assert (root / "s0.png").stat().st_size > 0
 
@@ -216,12 +272,18 @@ def test_two_workers_on_two_nodes_ddp_tracked_exported_and_sampled(tmp_path, two
 @pytest.mark.timeout(3600)  # a loaded 2-core machine ran 6 epochs in more than 400 s
 def test_killed_worker_is_restarted_from_the_checkpoint(tmp_path):
     root = tmp_path / "p"
-    params = make_project(root, data={"image_size": 32}, model={"latent_dim": 32, "g_width": 32, "d_width": 32},
-                          train={"epochs": 6, "max_failures": 2})
+    params = make_project(
+        root,
+        data={"image_size": 32},
+        model={"latent_dim": 32, "g_width": 32, "d_width": 32},
+        train={"epochs": 6, "max_failures": 2},
+    )
     proc = start_training(params)
     wait_for_checkpoint(root, proc)
     time.sleep(1.0)
-    workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "RayTrainWorker" in " ".join(p.cmdline())]
+    workers = [
+        p for p in psutil.Process(proc.pid).children(recursive=True) if "RayTrainWorker" in " ".join(p.cmdline())
+    ]
     if not workers:  # the local Ray's processes may not descend from the driver
         workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
     assert len(workers) == 1
@@ -242,8 +304,13 @@ def test_killed_worker_is_restarted_from_the_checkpoint(tmp_path):
 def test_lost_node_the_run_resumes_when_capacity_is_back(tmp_path, two_nodes):
     cluster, node = two_nodes
     root = tmp_path / "p"
-    params = make_project(root, data={"image_size": 32}, model={"latent_dim": 32, "g_width": 32, "d_width": 32},
-                          train={"epochs": 6, "max_failures": 2}, cluster={"num_workers": 2})
+    params = make_project(
+        root,
+        data={"image_size": 32},
+        model={"latent_dim": 32, "g_width": 32, "d_width": 32},
+        train={"epochs": 6, "max_failures": 2},
+        cluster={"num_workers": 2},
+    )
     proc = start_training(params, RAY_ADDRESS=cluster.address)
     wait_for_checkpoint(root, proc)
     time.sleep(1.0)

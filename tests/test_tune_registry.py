@@ -20,15 +20,29 @@ from tests.test_training import make_project, mlflow_client
 
 # limits sized for a loaded 2-core machine: with a busy loop per core the 4-trial sweep outlasted 600 s
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
-TUNE = {"num_samples": 4, "kimg": 3.6, "tick_kimg": 1.0, "grace_period": 1, "reduction_factor": 2, "max_concurrent_trials": 2, "seed": 2,
-        "lr_g_min": 1e-5, "lr_g_max": 1e-2, "lr_d_min": 1e-5, "lr_d_max": 1e-2}
+TUNE = {
+    "num_samples": 4,
+    "kimg": 3.6,
+    "tick_kimg": 1.0,
+    "grace_period": 1,
+    "reduction_factor": 2,
+    "max_concurrent_trials": 2,
+    "seed": 2,
+    "lr_g_min": 1e-5,
+    "lr_g_max": 1e-2,
+    "lr_d_min": 1e-5,
+    "lr_d_max": 1e-2,
+}
 # seed 2 draws (lr_g, lr_d) = (6.1e-5, 7.9e-5), (2.8e-3, 1.9e-5), (6.3e-4, 1.5e-3), (3.7e-5, 1.5e-5): the last
 # learns far slower than the first three, so ASHA stops it at its first rung whatever the timing
 
 
 def stage(name: str, params, timeout: float = 1800):
-    proc = run([sys.executable, str(REPO / "pipelines" / f"{name}.py"), "--params", str(params)],
-               cwd=params.parent, timeout=timeout)
+    proc = run(
+        [sys.executable, str(REPO / "pipelines" / f"{name}.py"), "--params", str(params)],
+        cwd=params.parent,
+        timeout=timeout,
+    )
     assert proc.returncode == 0, f"{name}: {proc.stderr[-3000:]}"
     return proc
 
@@ -72,11 +86,17 @@ def test_sweep_stops_trials_early_and_nests_them_in_mlflow(swept):
         fd_steps = [m.step for m in client.get_metric_history(child.info.run_id, "fd_domain")]
         assert fd_steps == list(range(1, len(fd_steps) + 1)) and fd_steps  # every epoch it ran, once
     # the answer: among the trials that ran the most epochs, the lowest mean fd_domain of the last two
-    history = {c.info.run_id: [m.value for m in sorted(client.get_metric_history(c.info.run_id, "fd_domain"),
-                                                        key=lambda m: m.step)] for c in children}
+    history = {
+        c.info.run_id: [
+            m.value for m in sorted(client.get_metric_history(c.info.run_id, "fd_domain"), key=lambda m: m.step)
+        ]
+        for c in children
+    }
     longest = max(len(h) for h in history.values())
-    best_child = min((c for c in children if len(history[c.info.run_id]) == longest),
-                     key=lambda c: np.mean(history[c.info.run_id][-2:]))
+    best_child = min(
+        (c for c in children if len(history[c.info.run_id]) == longest),
+        key=lambda c: np.mean(history[c.info.run_id][-2:]),
+    )
     assert float(best_child.data.params["lr_g"]) == best["lr_g"]
     assert best["fd_domain"] == pytest.approx(np.mean(history[best_child.info.run_id][-2:]))
     assert best["epoch"] == longest
@@ -148,12 +168,33 @@ def test_registry_promotion_rule_and_idempotence(swept, tmp_path):
     assert copier["version"] == 4 and not copier["promoted"] and copier["copying_flagged"]
     assert str(client.get_model_version_by_alias("ganflow-generator", "champion").version) == "3"
     version = client.get_model_version("ganflow-generator", "3")
-    assert {"fd_domain", "fd_domain_sd", "validation_fd_domain", "validation_fd_domain_sd", "data_hash",
-            "params_hash", "git_commit", "generator_sha256"} <= set(version.tags)
+    assert {
+        "fd_domain",
+        "fd_domain_sd",
+        "validation_fd_domain",
+        "validation_fd_domain_sd",
+        "data_hash",
+        "params_hash",
+        "git_commit",
+        "generator_sha256",
+    } <= set(version.tags)
     assert "fd_domain" in version.description
 
-    proc = run(["ganflow", "sample", "--model", "models:/ganflow-generator@champion", "-n", "3",
-                "--out", "champ.npz", "--params", str(copy / "params.yaml")], cwd=copy)
+    proc = run(
+        [
+            "ganflow",
+            "sample",
+            "--model",
+            "models:/ganflow-generator@champion",
+            "-n",
+            "3",
+            "--out",
+            "champ.npz",
+            "--params",
+            str(copy / "params.yaml"),
+        ],
+        cwd=copy,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert np.load(copy / "champ.npz")["images"].shape == (3, 16, 16, 1)
 
@@ -171,6 +212,7 @@ def test_placement_groups_of_dead_trial_controllers_are_released():
     assert not ray.is_initialized()
     init_ray()  # the local Ray a stage starts
     try:
+
         @ray.remote(num_cpus=0)
         class Controller:  # stands in for a trial's TrainController
             def reserve(self) -> str:
@@ -219,11 +261,20 @@ def test_a_sweep_with_failed_trials_fails_and_writes_nothing(tmp_path, workers):
     import psutil
 
     target = "ray::ImplicitFunc" if workers == 1 else "ray::RayTrainWorker"
-    params = make_project(tmp_path / "p", tune={**TUNE, "num_samples": 2, "kimg": 2.4}, train={"max_failures": 0},
-                          cluster={"num_workers": workers})
+    params = make_project(
+        tmp_path / "p",
+        tune={**TUNE, "num_samples": 2, "kimg": 2.4},
+        train={"max_failures": 0},
+        cluster={"num_workers": workers},
+    )
     (tmp_path / "p" / "tune" / "best.json").unlink()
-    proc = subprocess.Popen([sys.executable, str(REPO / "pipelines" / "tune.py"), "--params", str(params)],
-                            cwd=params.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "pipelines" / "tune.py"), "--params", str(params)],
+        cwd=params.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     killed = 0
     try:
         while proc.poll() is None:  # the stage's own Ray runs under it: its workers are its descendants
@@ -251,5 +302,7 @@ def test_a_sweep_with_failed_trials_fails_and_writes_nothing(tmp_path, workers):
     assert "nothing written" in errors[0], err[-2000:]
     assert not (tmp_path / "p" / "tune" / "best.json").exists()
     client = mlflow_client(tmp_path / "p")
-    sweep = client.search_runs([client.get_experiment_by_name("ganflow").experiment_id], "tags.`ganflow.stage` = 'tune'")
+    sweep = client.search_runs(
+        [client.get_experiment_by_name("ganflow").experiment_id], "tags.`ganflow.stage` = 'tune'"
+    )
     assert [r.info.status for r in sweep] == ["FAILED"]

@@ -33,8 +33,14 @@ from ganflow.tuning import trial_config
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's chromium; `make test` installs it
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 # two trainings a person compares: (lr_g, lr_d) and the fd_domain of each epoch
 TRAININGS = [((3.2e-4, 1.1e-4), [41.5, 22.25, 12.75]), ((1e-3, 2.5e-4), [38.5, 19.5, 9.125])]
@@ -60,8 +66,16 @@ def log_training(cfg, run_id: str, fds: list[float], seed: int) -> None:
     for epoch, fd in enumerate(fds, start=1):
         for _ in range(STEPS_PER_EPOCH):
             step += 1
-            logger.log_metrics({"loss_d": 1.2 + rng.random() * 0.1, "loss_g": 0.8 + rng.random() * 0.1,
-                                "d_real": 0.6, "d_fake": 0.4, "imgs_per_sec": 900.0}, step=step)
+            logger.log_metrics(
+                {
+                    "loss_d": 1.2 + rng.random() * 0.1,
+                    "loss_g": 0.8 + rng.random() * 0.1,
+                    "d_real": 0.6,
+                    "d_fake": 0.4,
+                    "imgs_per_sec": 900.0,
+                },
+                step=step,
+            )
         logger.log_grid(grids[epoch - 1], step=epoch)
         logger.log_metrics({"epoch_loss_d": 1.25, "epoch_loss_g": 0.85, "fd_domain": fd, "kid": fd / 1000}, step=epoch)
         logger.log_metrics({"epoch": float(epoch)}, step=epoch)
@@ -92,11 +106,17 @@ def build_store(root: Path) -> dict:
     trainings and a finished two-trial sweep. Returns their ids and the config."""
     root.mkdir(parents=True, exist_ok=True)
     params = root / "params.yaml"
-    params.write_text(yaml.safe_dump({
-        "data": {"image_size": 16}, "train": {"epochs": 3},
-        "tune": {"num_samples": len(TRIALS), "kimg": 2.4, "tick_kimg": 1.0}, "cluster": {"num_workers": 2},
-        "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}"},  # never an inherited MLFLOW_TRACKING_URI
-    }))
+    params.write_text(
+        yaml.safe_dump(
+            {
+                "data": {"image_size": 16},
+                "train": {"epochs": 3},
+                "tune": {"num_samples": len(TRIALS), "kimg": 2.4, "tick_kimg": 1.0},
+                "cluster": {"num_workers": 2},
+                "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}"},  # never an inherited MLFLOW_TRACKING_URI
+            }
+        )
+    )
     cfg = load_config(params)
     with mlflow_globals_restored():
         return _fill_store(cfg, params)
@@ -118,8 +138,13 @@ def _fill_store(cfg, params: Path) -> dict:
     trial_cfg = trial_config(cfg)
     trials = []
     for k, ((lr_g, lr_d), fds) in enumerate(TRIALS, start=1):
-        tags = {"mlflow.parentRunId": parent, "ganflow.stage": "tune-trial", "ganflow.trial_id": f"a1b2c_{k - 1:05d}",
-                "sweep_id": parent, **provenance(trial_cfg, "tune")}
+        tags = {
+            "mlflow.parentRunId": parent,
+            "ganflow.stage": "tune-trial",
+            "ganflow.trial_id": f"a1b2c_{k - 1:05d}",
+            "sweep_id": parent,
+            **provenance(trial_cfg, "tune"),
+        }
         run_id = start_training_run(client, experiment_id, trial_cfg, lr_g, lr_d, tags, trial=k)
         log_training(trial_cfg, run_id, fds, seed=10 + k)
         stopped = len(fds) < 2  # a trial of 2.4 kimg: 2 ticks
@@ -131,8 +156,14 @@ def _fill_store(cfg, params: Path) -> dict:
     client.log_param(parent, "best_lr_d", repr(best_lr_d))
     client.log_metric(parent, "best_fd_domain", min(best_fds))
     client.set_terminated(parent, status="FINISHED")
-    return {"cfg": cfg, "params": params, "experiment_id": experiment_id, "trainings": trainings,
-            "sweep": parent, "trials": trials}
+    return {
+        "cfg": cfg,
+        "params": params,
+        "experiment_id": experiment_id,
+        "trainings": trainings,
+        "sweep": parent,
+        "trials": trials,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -145,9 +176,13 @@ def server(tmp_path_factory):
     # no background job runner (scorers, trace archival): nothing here uses it, and it takes
     # seconds to start and to stop
     proc = start_mlflow_server(
-        tracking_uri(cfg), port, root / "mlflow-server.log",
-        ["--default-artifact-root", cfg.paths.mlflow_artifacts.as_uri()], timeout=60,
-        env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, cwd=root,
+        tracking_uri(cfg),
+        port,
+        root / "mlflow-server.log",
+        ["--default-artifact-root", cfg.paths.mlflow_artifacts.as_uri()],
+        timeout=60,
+        env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        cwd=root,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -244,9 +279,17 @@ def test_compare_runs_page_shows_both_trainings(page, server):
     page.goto(f"{url}/#/compare-runs?runs={runs}&experiments={experiments}")
     body = page.locator("body")
     expect(body).to_contain_text("Comparing 2 Runs", timeout=30_000)
-    for text in ("train lr_g=3.2e-4 lr_d=1.1e-4", "train lr_g=1.0e-3 lr_d=2.5e-4",  # the run names
-                 "0.00032", "0.00011", "0.001", "0.00025",  # params lr_g, lr_d
-                 "fd_domain", "12.75", "9.125"):  # the last fd_domain of each
+    for text in (
+        "train lr_g=3.2e-4 lr_d=1.1e-4",
+        "train lr_g=1.0e-3 lr_d=2.5e-4",  # the run names
+        "0.00032",
+        "0.00011",
+        "0.001",
+        "0.00025",  # params lr_g, lr_d
+        "fd_domain",
+        "12.75",
+        "9.125",
+    ):  # the last fd_domain of each
         expect(body).to_contain_text(text)
 
     # tidy for the screenshot: only what differs, fd_domain on the plot's metric axis
@@ -282,8 +325,11 @@ def test_run_page_shows_the_description_and_the_sample_grid(page, server):
 
     # the last epoch's grid, opened in the run's artifact view
     client = MlflowClient(tracking_uri(store["cfg"]))
-    grids = [a.path for a in client.list_artifacts(run_id, "images")
-             if a.path.endswith(".png") and a.path.split("/")[-1].startswith(f"{SAMPLES_KEY}+step+3+")]
+    grids = [
+        a.path
+        for a in client.list_artifacts(run_id, "images")
+        if a.path.endswith(".png") and a.path.split("/")[-1].startswith(f"{SAMPLES_KEY}+step+3+")
+    ]
     assert len(grids) == 1, grids
     page.goto(f"{url}/#/experiments/{experiment_id}/runs/{run_id}/artifacts/{grids[0]}")
     image = page.locator("img[src^='blob:']").first
