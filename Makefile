@@ -1,6 +1,8 @@
 # The two commands for a fresh machine:
 #   make run    create .venv, install ganflow, run the pipeline (`dvc repro`) on the built-in digits
 #   make test   create .venv, install ganflow with its dev extra, run the test suite
+# For developers: make test-fast (unit and static tests: no Ray, no server, no DVC pipeline) and
+# make lint (ruff and mypy, as the pre-commit hooks run them).
 # Both are idempotent: the install steps rerun only when pyproject.toml changes.
 
 PYTHON ?= python3
@@ -15,7 +17,7 @@ RUN_STAMP := $(VENV)/.ganflow-run
 DEV_STAMP := $(VENV)/.ganflow-dev
 export PATH := $(BIN):$(PATH)
 
-.PHONY: run test ui cluster-up cluster-down
+.PHONY: run test test-fast lint ui cluster-up cluster-down
 .DEFAULT_GOAL := run
 
 $(VENV)/bin/python:
@@ -41,6 +43,15 @@ run: $(RUN_STAMP)
 
 test: $(DEV_STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: $(DEV_STAMP)
+	GANFLOW_TEST_TIER=fast $(BIN)/python -m pytest -m "not slow and not ray and not server" $(PYTEST_ARGS)
+
+LINTED := ganflow pipelines tests benchmarks docs
+lint: $(DEV_STAMP)
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
+	$(BIN)/mypy
 
 ui: $(RUN_STAMP)
 	$(BIN)/ganflow ui

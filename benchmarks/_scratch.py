@@ -18,7 +18,6 @@ from ganflow.sampling import generator_meta, load_generator_dir
 def scratch(cfg, workdir: Path):
     """A copy of ``cfg`` whose outputs and MLflow store live in ``workdir``; data and encoder stay."""
     out = cfg.model_copy(deep=True)
-    out._root = cfg.root
     for name in ("ray_results", "mlflow_db", "mlflow_artifacts", "tune_best", "generator", "metrics", "plots"):
         setattr(out.paths, name, workdir / name)
     out.tracking.uri = None
@@ -104,7 +103,6 @@ def dataset_cfg(cfg, name: str, workdir: Path):
     arrays = {"images": images} if labels is None else {"images": images, "labels": labels}
     np.savez(workdir / f"{name}.npz", **arrays)
     out = cfg.model_copy(deep=True)
-    out._root, out._source = cfg.root, cfg._source
     out.data.source, out.data.path = "npz", workdir / f"{name}.npz"
     out.data.image_size, out.data.channels = size, images.shape[-1]
     out.paths.prepared, out.paths.encoder = workdir / "prepared", workdir / "encoder"

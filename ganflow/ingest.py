@@ -56,7 +56,6 @@ def with_resolved_ingest(cfg: Config) -> Config:
         return cfg
     out = cfg.model_copy(deep=True)
     out.data.ingest = ingest
-    out._root, out._source = cfg._root, cfg._source
     return out
 
 

@@ -110,7 +110,6 @@ def with_resolved_cpus(cfg: Config) -> Config:
     nodes = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
     out = cfg.model_copy(deep=True)
     out.cluster.cpus_per_worker = cpus_for_workers(cfg, nodes)
-    out._root, out._source = cfg._root, cfg._source
     return out
 
 

@@ -417,7 +417,6 @@ def materialize_inputs(cfg: Config, inputs: dict[str, Any] | None) -> Config:
                 raise
     paths = cfg.paths.model_copy(update={name: cache / name for name in SHIPPED_INPUTS})
     moved = cfg.model_copy(update={"paths": paths})
-    moved._root = cfg.root
     return moved
 
 

@@ -77,7 +77,6 @@ def trial_config(cfg: Config) -> Config:
     trial.eval.every = 1
     if trial.cluster.cpus_per_worker == "auto":  # one CPU per worker: trials run side by side
         trial.cluster.cpus_per_worker = 1.0
-    trial._root = cfg.root
     return trial
 
 

@@ -65,6 +65,54 @@ def edit_params(params_file: Path, **sections: dict) -> None:
     params_file.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
+# What a test of the fast tier (make test-fast) must not start; each needs the named mark.
+STARTS = {
+    "ray": (("ray", "start"), ("gcs_server",), ("raylet",)),
+    "server": (("mlflow", "server"), ("mlflow", "ui"), ("ganflow", "ui"), ("ganflow", "cluster"), ("chromium",)),
+    "slow": (("dvc", "repro"), ("make", "run")),
+}
+
+
+def _starts(argv: list[str]) -> str | None:
+    """The mark a command line needs, if it starts something the fast tier must not."""
+    names = [Path(str(a)).name for a in argv]
+    for mark, patterns in STARTS.items():
+        for pattern in patterns:
+            if all(any(n == p or n.startswith(p + "-") for n in names) for p in pattern):
+                return mark
+    return None
+
+
+@pytest.fixture(autouse=True)
+def fast_tier_guard(request, monkeypatch):
+    """In the fast tier (GANFLOW_TEST_TIER=fast, set by make test-fast) a test that starts Ray,
+    a server, a browser or a DVC pipeline fails, naming the mark it lacks: the marks stay true to
+    what each test starts."""
+    if os.environ.get("GANFLOW_TEST_TIER") != "fast":
+        yield
+        return
+    import ray
+
+    def no_ray(*args, **kwargs):
+        pytest.fail(f"{request.node.nodeid} starts Ray: mark it @pytest.mark.ray", pytrace=False)
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    real_init = subprocess.Popen.__init__
+
+    def guarded(self, args, *rest, **kwargs):
+        argv = args.split() if isinstance(args, str) else list(args)
+        mark = _starts(argv)
+        if mark:
+            pytest.fail(
+                f"{request.node.nodeid} runs {' '.join(map(str, argv))[:80]}: mark it @pytest.mark.{mark}",
+                pytrace=False,
+            )
+        real_init(self, args, *rest, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", guarded)
+    yield
+
+
 @pytest.fixture(autouse=True)
 def isolated_environment(monkeypatch):
     """No test leaks a tracking store or cluster address into the next (mlflow.set_tracking_uri

@@ -34,6 +34,17 @@ def test_project_params_file_loads_and_resolves_paths():
     assert Config.model_validate(yaml.safe_load((REPO / "params.yaml").read_text())).train == cfg.train
 
 
+def test_copies_keep_where_the_config_came_from(tmp_path):
+    """Every derived config (a trial's, a resolved one, a worker's) is a model_copy: the project
+    root and params file it was loaded from travel with it, and nothing sets them again."""
+    params = tmp_path / "params.yaml"
+    params.write_text("train: {seed: 3}\n")
+    cfg = load_config(params)
+    copies = [cfg.model_copy(deep=True), cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": 4})})]
+    for copy in copies:
+        assert (copy.root, copy.source) == (tmp_path, params)
+
+
 def test_empty_file_gives_the_defaults(tmp_path):
     cfg = load_config(write(tmp_path, ""))
     assert cfg.train == Config().train
