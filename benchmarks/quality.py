@@ -38,8 +38,8 @@ from _scratch import DATASETS, dataset_cfg, score_exported, scratch, smoke_data
 
 from ganflow.artifacts import class_prior
 from ganflow.config import Config, load_config
+from ganflow.gan_step import amp_dtype, build_state, gan_step
 from ganflow.recipes import RECIPES, apply_recipe, with_params
-from ganflow.train_loop import amp_dtype, build_state, gan_step
 from ganflow.training import run_training
 
 # rows that change the params file itself (not a ganflow.recipes block)

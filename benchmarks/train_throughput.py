@@ -5,7 +5,7 @@
 The model, data and update are the project's defaults (params.yaml: the digits at 32 px, the
 conditional DCGAN with its mode-seeking term, batch 64, train.amp as it resolves on this machine).
 Prints, from one run on one machine:
-  - images/s of a bare loop: the same update (ganflow.train_loop.gan_step) in one plain process
+  - images/s of a bare loop: the same update (ganflow.gan_step.gan_step) in one plain process
     with one thread per core, no Ray, no MLflow, no evaluation, no checkpoints; measured before
     and after the stage, and the faster counts (a noisy machine can only make the stage look
     worse). The same loop in full precision (train.amp: off) shows what mixed precision buys;
@@ -37,7 +37,8 @@ from ganflow.artifacts import class_prior
 from ganflow.config import load_config
 from ganflow.data import PreparedDataset, prepare
 from ganflow.encoder import fit_encoder
-from ganflow.train_loop import amp_dtype, build_state, gan_step, local_batches, noise_seed
+from ganflow.gan_step import amp_dtype, build_state, gan_step, noise_seed
+from ganflow.train_loop import local_batches
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -146,7 +146,7 @@ class TrainConfig(Section):
     beta2: float = Field(0.999, ge=0.0, lt=1.0)
     loss: Literal["bce", "hinge"] = "bce"
     d_steps: int = Field(1, ge=1)  # D updates per G update
-    # the EMA G's decay per G step, reached after a warm-up (train_loop.ema_decay_at)
+    # the EMA G's decay per G step, reached after a warm-up (gan_step.ema_decay_at)
     ema_decay: float = Field(0.99, ge=0.0, lt=1.0)
     # lazy R1 gradient penalty on real images: gamma/2 * E||grad D(x)||^2 every r1_every D steps
     # (scaled by r1_every, so the average strength does not depend on it); 0 = off

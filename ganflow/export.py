@@ -14,10 +14,11 @@ import torch
 
 from ganflow.artifacts import CHECKPOINT_STATE
 from ganflow.atomic import write_file
+from ganflow.checkpoint_io import load_state_file, read_checkpoint_meta
 from ganflow.config import Config
 from ganflow.models import build_generator, recompute_batchnorm
 from ganflow.sampling import export_generator
-from ganflow.train_loop import TIMINGS, load_state_file, read_checkpoint_meta
+from ganflow.train_loop import TIMINGS
 
 
 @dataclass

@@ -11,7 +11,7 @@ from ganflow.augment import augmenter, cutout, translate
 from ganflow.config import from_dict, policy_of, resolve_paths
 from ganflow.data import PreparedDataset, prepare
 from ganflow.errors import GanflowError
-from ganflow.train_loop import build_state, gan_step
+from ganflow.gan_step import build_state, gan_step
 
 
 def test_translation_shifts_each_image_and_fills_with_zero():
@@ -175,7 +175,7 @@ def test_overfitting_d_raises_p_in_the_loop_and_diffaugment_holds_it_at_one(tmp_
 
 
 def test_lecam_adds_a_penalty_that_anchors_d_to_its_recent_outputs(tmp_path):
-    from ganflow.train_loop import lecam_penalty
+    from ganflow.gan_step import lecam_penalty
 
     ema = torch.tensor([1.0, -1.0])  # lately: real logits about +1, fake about -1
     assert float(lecam_penalty(torch.full((4,), -2.0), torch.full((4,), 2.0), ema)) == 0.0  # nothing beyond

@@ -13,9 +13,9 @@ from ganflow.artifacts import class_prior
 from ganflow.config import from_dict, resolve_paths
 from ganflow.data import prepare
 from ganflow.errors import GanflowError
+from ganflow.gan_step import build_state, gan_step
 from ganflow.models import allocate, build_discriminator, build_generator, class_grid_codes, draw_codes
 from ganflow.sampling import export_generator, load_generator_dir, load_sampler, sample
-from ganflow.train_loop import build_state, gan_step
 
 
 def tiny_cfg(tmp_path, **model):

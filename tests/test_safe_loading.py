@@ -19,11 +19,12 @@ import pytest
 import torch
 
 from ganflow.artifacts import CHECKPOINT_STATE
+from ganflow.checkpoint_io import CheckpointError, load_checkpoint, save_checkpoint
 from ganflow.config import from_dict, resolve_paths
 from ganflow.errors import GanflowError
+from ganflow.gan_step import build_state
 from ganflow.models import Generator
 from ganflow.sampling import SPEC, WEIGHTS, WEIGHTS_SHA256, export_generator, load_generator_dir, load_sampler
-from ganflow.train_loop import CheckpointError, build_state, load_checkpoint, save_checkpoint
 from tests.conftest import REPO
 
 

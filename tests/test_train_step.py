@@ -7,20 +7,13 @@ import copy
 import pytest
 import torch
 
-from ganflow import train_loop
+from ganflow import gan_step as step_module
+from ganflow.checkpoint_io import load_checkpoint, save_checkpoint
 from ganflow.config import from_dict, resolve_paths
+from ganflow.gan_step import amp_dtype, build_state, ema_decay_at, gan_step, update_ema
 from ganflow.losses import LOSSES
 from ganflow.models import build_discriminator, build_generator
-from ganflow.train_loop import (
-    amp_dtype,
-    build_state,
-    ema_decay_at,
-    gan_step,
-    load_checkpoint,
-    save_checkpoint,
-    synced_batchnorm,
-    update_ema,
-)
+from ganflow.train_loop import synced_batchnorm
 from tests.conftest import REPO
 
 
@@ -45,9 +38,9 @@ def test_cpu_mixed_precision_follows_train_amp(tmp_path, monkeypatch):
     cpu = torch.device("cpu")
     assert amp_dtype(tiny_cfg(tmp_path, amp="off"), cpu) is None
     assert amp_dtype(tiny_cfg(tmp_path, amp="bf16"), cpu) == torch.bfloat16
-    monkeypatch.setattr(train_loop, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(step_module, "cpu_has_bf16", lambda: False)
     assert amp_dtype(tiny_cfg(tmp_path, amp="auto"), cpu) is None  # emulated bf16 is slower than float32
-    monkeypatch.setattr(train_loop, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(step_module, "cpu_has_bf16", lambda: True)
     assert amp_dtype(tiny_cfg(tmp_path, amp="auto"), cpu) == torch.bfloat16
 
     # one step under it: G and D compute in bf16; weights, optimizer state and losses stay float32
@@ -168,7 +161,7 @@ def test_ema_decay_warms_up_to_the_configured_value_within_the_default_run():
     from ganflow.budget import schedule_of
     from ganflow.config import load_config
     from ganflow.data import TRAIN, three_way_split
-    from ganflow.train_loop import EMA_RAMPUP
+    from ganflow.gan_step import EMA_RAMPUP
 
     assert ema_decay_at(0.99, 0) == 0.0  # the first update copies G
     assert ema_decay_at(0.99, 100) == pytest.approx(0.5 ** (1 / (EMA_RAMPUP * 100)))  # half-life 10 steps
@@ -316,7 +309,7 @@ def test_sync_batchnorm_only_on_cuda_ranks_and_keeps_params_and_keys(tmp_path):
 
 
 def test_mode_seeking_penalty_is_code_gap_over_image_gap():
-    from ganflow.train_loop import mode_seeking_penalty
+    from ganflow.gan_step import mode_seeking_penalty
 
     z = torch.zeros(4, 3)
     z[2:] = 2.0  # every pair (i, i + 2) differs by 2 in each code entry
