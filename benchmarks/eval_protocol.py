@@ -39,7 +39,7 @@ from _scratch import smoke_data
 
 from ganflow.config import load_config
 from ganflow.copying import build_detector
-from ganflow.data import PreparedDataset
+from ganflow.dataset import PreparedDataset
 from ganflow.encoder import encode
 from ganflow.evaluation import (
     Reference,

@@ -35,7 +35,8 @@ import yaml
 
 from ganflow.artifacts import class_prior
 from ganflow.config import load_config
-from ganflow.data import PreparedDataset, prepare
+from ganflow.data import prepare
+from ganflow.dataset import PreparedDataset
 from ganflow.encoder import fit_encoder
 from ganflow.gan_step import amp_dtype, build_state, gan_step, noise_seed
 from ganflow.train_loop import local_batches

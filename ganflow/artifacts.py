@@ -26,6 +26,8 @@ MANIFEST = "manifest.json"
 SHARD_NAME = "images-{:05d}.npy"
 LABELS = "labels.npy"
 SPLIT = "split.npy"
+TRAIN, VALIDATION, TEST = 0, 1, 2  # the values in SPLIT
+PARTS = {"all": None, "train": TRAIN, "validation": VALIDATION, "test": TEST}
 
 # the evaluation encoder (paths.encoder), written by ganflow.encoder.fit_encoder
 ENCODER_WEIGHTS = "encoder.safetensors"

@@ -30,7 +30,7 @@ from ganflow.artifacts import ENCODER_SPEC as SPEC
 from ganflow.artifacts import ENCODER_WEIGHTS, REFERENCE, prepared_hash
 from ganflow.atomic import atomic_dir, write_bytes
 from ganflow.config import Config
-from ganflow.data import PreparedDataset
+from ganflow.dataset import PreparedDataset
 from ganflow.errors import GanflowError
 from ganflow.metrics import kmeans_cells
 

@@ -29,7 +29,7 @@ from torch import nn
 
 from ganflow.config import Config
 from ganflow.copying import Detector, build_detector
-from ganflow.data import PreparedDataset
+from ganflow.dataset import PreparedDataset
 from ganflow.encoder import Encoder, EvaluationError, encode, load_encoder
 from ganflow.errors import first_line
 from ganflow.metrics import (

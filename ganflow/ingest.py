@@ -95,8 +95,8 @@ def shards_root(cfg: Config) -> str:
 def chunks(cfg: Config, root: str) -> list[dict[str, Any]]:
     """One item per CHUNK images of a shard that has training images: where its bytes are, and
     its images' labels and train mask (read here once: the read tasks need only the bytes)."""
-    from ganflow.artifacts import read_manifest
-    from ganflow.data import TRAIN, ShardReader
+    from ganflow.artifacts import TRAIN, read_manifest
+    from ganflow.dataset import ShardReader
 
     manifest = read_manifest(cfg.paths.prepared)
     labels = np.load(cfg.paths.prepared / LABELS, allow_pickle=False)
@@ -151,7 +151,7 @@ def train_dataset(cfg: Config, root: str):
     import ray.data
     from ray.data import RandomSeedConfig, TaskPoolStrategy
 
-    from ganflow.data import read_manifest
+    from ganflow.artifacts import read_manifest
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # one bar per operator per epoch
     items = chunks(cfg, root)
@@ -187,7 +187,7 @@ class StreamedBatches:
     def epoch(self, epoch: int):
         import torch
 
-        from ganflow.data import transform_seed
+        from ganflow.dataset import transform_seed
 
         seed = transform_seed(self.seed, self.rank, 0, epoch)
         if self.transform is not None:

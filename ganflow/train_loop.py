@@ -118,7 +118,7 @@ def local_batches(cfg: Config, rank: int, world: int, batch_size: int, device: t
     shards by a DataLoader (a DistributedSampler picks the rank's part, reshuffled each epoch)."""
     from torch.utils.data import DataLoader, DistributedSampler
 
-    from ganflow.data import PreparedDataset, TransformSeeder, build_train_transform
+    from ganflow.dataset import PreparedDataset, TransformSeeder, build_train_transform
 
     dataset = PreparedDataset(cfg.paths.prepared, build_train_transform(cfg.data), part="train")
     sampler = DistributedSampler(
@@ -167,7 +167,7 @@ def run_loop(config: dict[str, Any], session: RayTrainSession | TrialSession) ->
     from ganflow.artifacts import class_prior, read_manifest
     from ganflow.budget import schedule_of
     from ganflow.config import config_from_dict
-    from ganflow.data import build_train_transform
+    from ganflow.dataset import build_train_transform
     from ganflow.tracking import RunLogger
 
     _quiet_ray_report_log()

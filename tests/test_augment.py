@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from ganflow.augment import augmenter, cutout, translate
 from ganflow.config import from_dict, policy_of, resolve_paths
-from ganflow.data import PreparedDataset, prepare
+from ganflow.data import prepare
+from ganflow.dataset import PreparedDataset
 from ganflow.errors import GanflowError
 from ganflow.gan_step import build_state, gan_step
 

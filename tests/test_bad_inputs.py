@@ -27,7 +27,8 @@ from PIL import Image
 from ganflow.artifacts import read_manifest
 from ganflow.atomic import check_storage_writable, check_writable_dir
 from ganflow.config import from_dict, load_config, resolve_paths
-from ganflow.data import decode_image, load_images, prepare
+from ganflow.data import decode_image, prepare
+from ganflow.dataset import load_images
 from ganflow.errors import GanflowError
 from tests.conftest import REPO, run
 

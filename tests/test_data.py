@@ -14,16 +14,11 @@ import yaml
 from PIL import Image
 
 import ganflow.data as data_mod
+from ganflow.artifacts import read_manifest
 from ganflow.atomic import file_sha256
 from ganflow.config import from_dict, resolve_paths
-from ganflow.data import (
-    PreparedDataset,
-    TransformSeeder,
-    build_train_transform,
-    load_images,
-    prepare,
-    read_manifest,
-)
+from ganflow.data import prepare
+from ganflow.dataset import PreparedDataset, TransformSeeder, build_train_transform, load_images
 from ganflow.errors import DataError
 from tests.conftest import REPO, run
 

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from ganflow.artifacts import SPLIT, read_manifest
+from ganflow.artifacts import SPLIT, TEST, read_manifest
 from ganflow.config import from_dict, resolve_paths
-from ganflow.data import TEST, PreparedDataset, prepare
+from ganflow.data import prepare
+from ganflow.dataset import PreparedDataset
 from ganflow.encoder import EvaluationError, fit_encoder
 from ganflow.evaluation import class_match, evaluate_generator, load_reference, score_images
 

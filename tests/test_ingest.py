@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from ganflow.config import Config, from_dict, resolve_paths
-from ganflow.data import PreparedDataset, prepare
+from ganflow.data import prepare
+from ganflow.dataset import PreparedDataset
 from ganflow.ingest import CHUNK, chunks, data_config, shards_root, train_dataset
 from ganflow.raytrain import input_files
 

@@ -80,12 +80,23 @@ def test_the_import_closure_sees_lazy_imports(tmp_path):
 
 # The layering contract: a stage reruns (dvc.yaml's deps are its closure) only for code it runs.
 FORBIDDEN = {
-    "prepare": {"models", "train_loop", "losses", "augment", "tracking", "evaluation", "encoder", "sampling"},
-    "encoder": {"models", "sampling", "train_loop", "tracking"},
-    "tune": {"export", "training", "registry", "sampling"},
-    "train": {"tuning", "registry"},
-    "evaluate": {"train_loop", "tuning", "training", "registry"},
-    "register": {"models", "train_loop", "tuning", "training", "evaluation", "sampling"},
+    "prepare": {
+        "models",
+        "train_loop",
+        "losses",
+        "augment",
+        "tracking",
+        "evaluation",
+        "encoder",
+        "sampling",
+        "dataset",
+    },
+    # "data": the sources and the decoding pool of the prepare stage; readers use "dataset"
+    "encoder": {"models", "sampling", "train_loop", "tracking", "data", "jobs"},
+    "tune": {"export", "training", "registry", "sampling", "data"},
+    "train": {"tuning", "registry", "data"},
+    "evaluate": {"train_loop", "tuning", "training", "registry", "data"},
+    "register": {"models", "train_loop", "tuning", "training", "evaluation", "sampling", "data", "dataset"},
 }
 
 

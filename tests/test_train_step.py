@@ -158,9 +158,10 @@ def test_ema_moves_toward_the_model():
 def test_ema_decay_warms_up_to_the_configured_value_within_the_default_run():
     from sklearn.datasets import load_digits
 
+    from ganflow.artifacts import TRAIN
     from ganflow.budget import schedule_of
     from ganflow.config import load_config
-    from ganflow.data import TRAIN, three_way_split
+    from ganflow.data import three_way_split
     from ganflow.gan_step import EMA_RAMPUP
 
     assert ema_decay_at(0.99, 0) == 0.0  # the first update copies G

@@ -26,7 +26,8 @@ import torch
 import yaml
 
 from ganflow.config import load_config
-from ganflow.data import PreparedDataset, prepare
+from ganflow.data import prepare
+from ganflow.dataset import PreparedDataset
 from ganflow.localcluster import free_port, start_mlflow_server
 from ganflow.tracking import RunLogger, connect, provenance, start_sweep_run, start_training_run, tracking_uri
 from ganflow.tuning import trial_config
