@@ -265,10 +265,86 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=5000, help="port (default: 5000)")
     p.set_defaults(fn=cmd_ui)
 
-    from ganflow.localcluster import add_commands
-
-    add_commands(sub)  # cluster, submit, push, pull
+    add_cluster_commands(sub)  # cluster, submit, push, pull
     return parser
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from ganflow.errors import first_line
+    from ganflow.localcluster import ClusterError, describe, down, ours, read_state, up
+
+    root = Path(args.root).resolve()
+    if args.action == "up":
+        try:
+            state = up(root, args.ray_port, args.dashboard_port, args.mlflow_port, args.num_cpus)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise ClusterError(f"cannot start the local cluster: {first_line(exc)}") from None
+        print(describe(state))
+    elif args.action == "down":
+        state = down(root)
+        print(
+            "stopped the local Ray head and MLflow server (stores kept in .cluster/)"
+            if state
+            else "no local cluster is running here"
+        )
+    else:
+        state = read_state(root)
+        if state is None or not (
+            ours(state.ray_pid, state.ray_started) and ours(state.mlflow_pid, state.mlflow_started)
+        ):
+            print("no local cluster is running here (make cluster-up starts one)")
+            return 1
+        print(describe(state))
+    return 0
+
+
+def add_cluster_commands(sub) -> None:
+    """`ganflow cluster`, `ganflow submit`, `ganflow push`, `ganflow pull`."""
+    p = sub.add_parser("cluster", help="start/stop a Ray head + MLflow server on this machine (127.0.0.1)")
+    p.add_argument("action", choices=("up", "down", "status"))
+    p.add_argument("--root", default=".", help="project directory (state goes to ROOT/.cluster)")
+    p.add_argument("--ray-port", type=int, default=6379, help="GCS port (default: 6379)")
+    p.add_argument("--dashboard-port", type=int, default=8265, help="dashboard/job server port (default: 8265)")
+    p.add_argument("--mlflow-port", type=int, default=5001, help="MLflow server port (default: 5001)")
+    p.add_argument("--num-cpus", type=int, help="CPUs the head offers (default: all)")
+    p.set_defaults(fn=cmd_cluster)
+
+    for name, text in (
+        ("submit", "run a heavy stage as a Ray job on cluster.address and bring its outputs back"),
+        ("push", "copy a stage's inputs to the shared storage, before `ray job submit`"),
+        ("pull", "copy the outputs of a stage's last Ray job from the shared storage into the project"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("stage", choices=jobs_stages())
+        p.add_argument("--params", default=DEFAULT_PARAMS, help="params file (default: params.yaml)")
+        p.set_defaults(fn=_exchange_command(name))
+
+
+def jobs_stages() -> tuple[str, ...]:
+    from ganflow.jobs import HEAVY_STAGES
+
+    return HEAVY_STAGES
+
+
+def _exchange_command(name: str):
+    def run(args) -> int:
+        from ganflow import jobs
+
+        cfg = load_config(args.params)
+        if name == "submit":
+            if not cfg.cluster.address:
+                raise jobs.JobError("cluster.address: not set; `ganflow submit` needs the Ray job server's URL")
+            jobs.submit_stage(cfg, args.stage)
+        elif name == "push":
+            print(f"{args.stage} inputs -> {jobs.push_inputs(cfg, args.stage)}")
+        else:
+            record = jobs.pull_outputs(cfg, args.stage)
+            print(f"{args.stage} outputs of job {record['submission_id']} <- {jobs.exchange_uri(cfg)}")
+        return 0
+
+    return run
 
 
 def main(argv: Sequence[str] | None = None) -> int:

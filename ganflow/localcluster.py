@@ -20,7 +20,7 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ganflow.errors import GanflowError, first_line
+from ganflow.errors import GanflowError
 
 STATE_DIR = ".cluster"
 
@@ -199,7 +199,7 @@ def _started(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[19]  # field 22, counted after the command name
 
 
-def _ours(pid: int, started: str | None) -> bool:
+def ours(pid: int, started: str | None) -> bool:
     """Whether ``pid`` is still the process `up` started (its group alive, same start time)."""
     if not _alive(pid):
         return False
@@ -217,7 +217,7 @@ def up(
     """Start the head and the MLflow server; returns what is running (idempotent)."""
     root = Path(root).resolve()
     state = read_state(root)
-    if state is not None and _ours(state.ray_pid, state.ray_started) and _ours(state.mlflow_pid, state.mlflow_started):
+    if state is not None and ours(state.ray_pid, state.ray_started) and ours(state.mlflow_pid, state.mlflow_started):
         return state
     if state is not None:
         down(root)
@@ -326,7 +326,7 @@ def down(root: Path) -> LocalCluster | None:
         ("Ray head", state.ray_pid, state.ray_started, RAY_GRACE_S),
         ("MLflow server", state.mlflow_pid, state.mlflow_started, 30.0),
     ):
-        if _ours(pid, started):
+        if ours(pid, started):
             _stop(pid, grace)
         elif _alive(pid):  # the pid now names another process: never signal it
             print(
@@ -358,79 +358,3 @@ def describe(state: LocalCluster) -> str:
         "(written by the head) or RAY_AUTH_TOKEN.",
     ]
     return "\n".join(lines)
-
-
-def cmd_cluster(args) -> int:
-    root = Path(args.root).resolve()
-    if args.action == "up":
-        try:
-            state = up(root, args.ray_port, args.dashboard_port, args.mlflow_port, args.num_cpus)
-        except (OSError, subprocess.SubprocessError) as exc:
-            raise ClusterError(f"cannot start the local cluster: {first_line(exc)}") from None
-        print(describe(state))
-    elif args.action == "down":
-        state = down(root)
-        print(
-            "stopped the local Ray head and MLflow server (stores kept in .cluster/)"
-            if state
-            else "no local cluster is running here"
-        )
-    else:
-        state = read_state(root)
-        if state is None or not (
-            _ours(state.ray_pid, state.ray_started) and _ours(state.mlflow_pid, state.mlflow_started)
-        ):
-            print("no local cluster is running here (make cluster-up starts one)")
-            return 1
-        print(describe(state))
-    return 0
-
-
-def add_commands(sub) -> None:
-    """`ganflow cluster`, `ganflow submit`, `ganflow push`, `ganflow pull`."""
-    from ganflow.config import DEFAULT_PARAMS
-
-    p = sub.add_parser("cluster", help="start/stop a Ray head + MLflow server on this machine (127.0.0.1)")
-    p.add_argument("action", choices=("up", "down", "status"))
-    p.add_argument("--root", default=".", help="project directory (state goes to ROOT/.cluster)")
-    p.add_argument("--ray-port", type=int, default=6379, help="GCS port (default: 6379)")
-    p.add_argument("--dashboard-port", type=int, default=8265, help="dashboard/job server port (default: 8265)")
-    p.add_argument("--mlflow-port", type=int, default=5001, help="MLflow server port (default: 5001)")
-    p.add_argument("--num-cpus", type=int, help="CPUs the head offers (default: all)")
-    p.set_defaults(fn=cmd_cluster)
-
-    for name, text in (
-        ("submit", "run a heavy stage as a Ray job on cluster.address and bring its outputs back"),
-        ("push", "copy a stage's inputs to the shared storage, before `ray job submit`"),
-        ("pull", "copy the outputs of a stage's last Ray job from the shared storage into the project"),
-    ):
-        p = sub.add_parser(name, help=text)
-        p.add_argument("stage", choices=jobs_stages())
-        p.add_argument("--params", default=DEFAULT_PARAMS, help="params file (default: params.yaml)")
-        p.set_defaults(fn=_exchange_command(name))
-
-
-def jobs_stages() -> tuple[str, ...]:
-    from ganflow.jobs import HEAVY_STAGES
-
-    return HEAVY_STAGES
-
-
-def _exchange_command(name: str):
-    def run(args) -> int:
-        from ganflow import jobs
-        from ganflow.config import load_config
-
-        cfg = load_config(args.params)
-        if name == "submit":
-            if not cfg.cluster.address:
-                raise jobs.JobError("cluster.address: not set; `ganflow submit` needs the Ray job server's URL")
-            jobs.submit_stage(cfg, args.stage)
-        elif name == "push":
-            print(f"{args.stage} inputs -> {jobs.push_inputs(cfg, args.stage)}")
-        else:
-            record = jobs.pull_outputs(cfg, args.stage)
-            print(f"{args.stage} outputs of job {record['submission_id']} <- {jobs.exchange_uri(cfg)}")
-        return 0
-
-    return run
