@@ -26,15 +26,18 @@ which rank trains on which chunk is not fixed from run to run (one worker: it is
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ganflow.artifacts import LABELS, MANIFEST, SPLIT
 from ganflow.config import Config
 
-# ganflow.data (torch, albumentations, cv2) is imported inside the functions that need it: Ray
-# Data's read tasks import this module in fresh worker processes, and read_chunks needs numpy only
-MANIFEST, LABELS, SPLIT = "manifest.json", "labels.npy", "split.npy"  # as in ganflow.data
+# ganflow.dataset (torch, albumentations) and Ray are imported inside the functions that need
+# them: Ray Data's read tasks import this module in fresh worker processes, and read_chunks needs
+# numpy only
 
 CHUNK = 256  # images per read task and per block: the unit the workers' shards are made of
 READ_TASKS = 2  # read tasks in flight at once
@@ -212,3 +215,74 @@ def shipped_files(ingest: str) -> dict[str, tuple[str, ...] | None]:
     if ingest == "ray_data":  # the images stream from storage: the small files only
         return {"prepared": (MANIFEST, LABELS, SPLIT), "encoder": None}
     return {"prepared": None, "encoder": None}
+
+
+# ---------------------------------------------------------------------------------------------
+# the local ingest on a node that does not see the driver's files: the inputs travel through
+# Ray's object store (sent by the driver, unpacked by each worker's node)
+
+
+SHIPPED_INPUTS = ("prepared", "encoder")  # paths.* folders every worker reads
+
+
+def materialize_inputs(cfg: Config, inputs: dict[str, Any] | None) -> Config:
+    """On the driver's node, the project's files are read in place. On any other node (which may
+    not see them), the copies the driver put into the object store are unpacked once per node
+    into a local cache, and the config points there."""
+    import ray
+
+    from ganflow.atomic import atomic_dir
+
+    if not inputs or ray.get_runtime_context().get_node_id() == inputs["node_id"]:
+        return cfg
+    cache = Path(tempfile.gettempdir()) / "ganflow-inputs" / inputs["key"]
+    if not cache.is_dir():
+        try:
+            with atomic_dir(cache) as tmp:
+                for rel, payload in ray.get(inputs["files"]).items():
+                    target = tmp / rel
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes(payload)
+        except OSError:  # another worker of this node unpacked it first
+            if not cache.is_dir():
+                raise
+    paths = cfg.paths.model_copy(update={name: cache / name for name in SHIPPED_INPUTS})
+    moved = cfg.model_copy(update={"paths": paths})
+    return moved
+
+
+def input_files(cfg: Config, ingest: str = "local") -> dict[str, bytes]:
+    """What a worker on a node that does not see this process's files gets: the prepared data
+    (with the ray_data ingest its small files only: the images stream from storage) and the
+    encoder, by their path under paths.prepared / paths.encoder."""
+    files: dict[str, bytes] = {}
+    for name, wanted in shipped_files(ingest).items():
+        assert name in SHIPPED_INPUTS
+        folder = getattr(cfg.paths, name)
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            if wanted is None or path.name in wanted:
+                files[f"{name}/{path.relative_to(folder).as_posix()}"] = path.read_bytes()
+    return files
+
+
+def ship_inputs(cfg: Config, ingest: str = "local") -> dict[str, Any]:
+    """input_files, put into Ray's object store once (see materialize_inputs)."""
+    import ray
+
+    from ganflow.atomic import named_sha256
+
+    files = input_files(cfg, ingest)
+    return {
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "key": named_sha256(files)[:16],
+        "files": ray.put(files),
+    }
+
+
+def worker_inputs(cfg: Config, ingest: str | None = None) -> dict[str, Any] | None:
+    """ship_inputs where a worker may run on another node. None on the stage's own local Ray:
+    its workers all read the project's files in place, and the object store never holds a copy
+    of the data set (which cost the driver and the object store its size in memory each)."""
+    from ganflow.raycluster import own_local_ray
+
+    return None if own_local_ray() else ship_inputs(cfg, ingest or cfg.data.ingest)

@@ -14,48 +14,14 @@ import time
 from typing import Any
 
 from ganflow.artifacts import class_prior, read_manifest
-from ganflow.atomic import named_sha256
 from ganflow.budget import schedule_of
 from ganflow.checkpoints import storage_path
 from ganflow.config import Config
 from ganflow.errors import TrainingError, first_line
 from ganflow.evaluation import load_reference
-from ganflow.ingest import data_config, shipped_files
+from ganflow.ingest import data_config
 from ganflow.raycluster import own_local_ray, scaling_config
-from ganflow.train_loop import SHIPPED_INPUTS, train_loop_per_worker
-
-
-def input_files(cfg: Config, ingest: str = "local") -> dict[str, bytes]:
-    """What a worker on a node that does not see this process's files gets: the prepared data
-    (with the ray_data ingest its small files only: the images stream from storage) and the
-    encoder, by their path under paths.prepared / paths.encoder."""
-    files: dict[str, bytes] = {}
-    for name, wanted in shipped_files(ingest).items():
-        assert name in SHIPPED_INPUTS
-        folder = getattr(cfg.paths, name)
-        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-            if wanted is None or path.name in wanted:
-                files[f"{name}/{path.relative_to(folder).as_posix()}"] = path.read_bytes()
-    return files
-
-
-def ship_inputs(cfg: Config, ingest: str = "local") -> dict[str, Any]:
-    """input_files, put into Ray's object store once (see train_loop.materialize_inputs)."""
-    import ray
-
-    files = input_files(cfg, ingest)
-    return {
-        "node_id": ray.get_runtime_context().get_node_id(),
-        "key": named_sha256(files)[:16],
-        "files": ray.put(files),
-    }
-
-
-def worker_inputs(cfg: Config, ingest: str | None = None) -> dict[str, Any] | None:
-    """ship_inputs where a worker may run on another node. None on the stage's own local Ray:
-    its workers all read the project's files in place, and the object store never holds a copy
-    of the data set (which cost the driver and the object store its size in memory each)."""
-    return None if own_local_ray() else ship_inputs(cfg, ingest or cfg.data.ingest)
+from ganflow.train_loop import train_loop_per_worker
 
 
 def check_trainable(cfg: Config) -> int:

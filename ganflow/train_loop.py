@@ -23,6 +23,7 @@ from ganflow.config import Config
 from ganflow.encoder import encode
 from ganflow.evaluation import Reference, codes_for, load_reference
 from ganflow.gan_step import DIAGNOSTICS, GanState, build_state, fixed_noise, gan_step, noise_seed, unwrap
+from ganflow.ingest import materialize_inputs
 from ganflow.models import (
     recompute_batchnorm,
 )
@@ -30,34 +31,6 @@ from ganflow.models import (
 EVAL_METRICS = ("fd_domain", "kid", "kid_std", "fd_recent")
 # per-epoch speed: differ between identical runs, so never part of a reproducible result
 TIMINGS = ("imgs_per_sec", "epoch_s")
-
-SHIPPED_INPUTS = ("prepared", "encoder")  # paths.* folders every worker reads
-
-
-def materialize_inputs(cfg: Config, inputs: dict[str, Any] | None) -> Config:
-    """On the driver's node, the project's files are read in place. On any other node (which may
-    not see them), the copies the driver put into the object store are unpacked once per node
-    into a local cache, and the config points there."""
-    import ray
-
-    from ganflow.atomic import atomic_dir
-
-    if not inputs or ray.get_runtime_context().get_node_id() == inputs["node_id"]:
-        return cfg
-    cache = Path(tempfile.gettempdir()) / "ganflow-inputs" / inputs["key"]
-    if not cache.is_dir():
-        try:
-            with atomic_dir(cache) as tmp:
-                for rel, payload in ray.get(inputs["files"]).items():
-                    target = tmp / rel
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    target.write_bytes(payload)
-        except OSError:  # another worker of this node unpacked it first
-            if not cache.is_dir():
-                raise
-    paths = cfg.paths.model_copy(update={name: cache / name for name in SHIPPED_INPUTS})
-    moved = cfg.model_copy(update={"paths": paths})
-    return moved
 
 
 class RayTrainSession:

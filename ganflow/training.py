@@ -18,10 +18,10 @@ from ganflow.checkpoints import delete_run, latest_checkpoint_meta, run_name, st
 from ganflow.config import Config
 from ganflow.errors import GanflowError, TrainingError
 from ganflow.export import TrainSummary, export, log_model
-from ganflow.ingest import shards_root, train_dataset, with_resolved_ingest
+from ganflow.ingest import shards_root, train_dataset, with_resolved_ingest, worker_inputs
 from ganflow.interrupts import Interrupted, stop_on_signals
 from ganflow.raycluster import check_resources, init_ray, with_resolved_cpus
-from ganflow.raytrain import RESTARTS_TAG, check_trainable, fit, restart_recorder, worker_inputs
+from ganflow.raytrain import RESTARTS_TAG, check_trainable, fit, restart_recorder
 from ganflow.tracking import connect, provenance, start_training_run, tracking_uri
 
 

@@ -31,6 +31,7 @@ from ganflow.budget import schedule_of
 from ganflow.checkpoints import delete_run, storage_path
 from ganflow.config import Config
 from ganflow.errors import TrainingError, TuneError, first_line
+from ganflow.ingest import worker_inputs
 from ganflow.interrupts import Interrupted, stop_on_signals
 from ganflow.raycluster import check_resources, init_ray, scaling_config
 from ganflow.raytrain import (
@@ -38,7 +39,6 @@ from ganflow.raytrain import (
     fit,
     release_orphaned_placement_groups,
     release_placement_groups_after_sweep,
-    worker_inputs,
 )
 from ganflow.tracking import (
     connect,

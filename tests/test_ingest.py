@@ -11,8 +11,7 @@ import pytest
 from ganflow.config import Config, from_dict, resolve_paths
 from ganflow.data import prepare
 from ganflow.dataset import PreparedDataset
-from ganflow.ingest import CHUNK, chunks, data_config, shards_root, train_dataset
-from ganflow.raytrain import input_files
+from ganflow.ingest import CHUNK, chunks, data_config, input_files, shards_root, train_dataset
 
 
 def make_cfg(root, **data) -> Config:
@@ -93,7 +92,7 @@ def test_workers_on_other_nodes_get_no_images_with_ray_data(tmp_path):
 OWN_RAY = """
 import sys
 from ganflow.config import load_config
-from ganflow.raytrain import worker_inputs
+from ganflow.ingest import worker_inputs
 from ganflow.raycluster import init_ray
 cfg = load_config(sys.argv[1])
 init_ray()  # no RAY_ADDRESS: the stage's own local Ray
