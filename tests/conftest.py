@@ -130,8 +130,23 @@ def isolated_environment(monkeypatch):
     registry_utils._registry_uri = None
 
 
+# fixtures that start something: a test using one carries its mark
+FIXTURE_MARKS = {
+    "two_nodes": "ray",
+    "local_ray": "ray",
+    "server": "server",
+    "browser": "server",
+    "page": "server",
+    "server_root": "server",
+}
+
+
 def pytest_collection_modifyitems(config, items):
-    """GPU tests run where CUDA is; elsewhere they are reported as skipped, never as passed."""
+    """Tests using a fixture that starts Ray or a server are marked so (make test-fast leaves them
+    out). GPU tests run where CUDA is; elsewhere they are reported as skipped, never as passed."""
+    for item in items:
+        for name in set(getattr(item, "fixturenames", ())) & set(FIXTURE_MARKS):
+            item.add_marker(FIXTURE_MARKS[name])
     import torch
 
     if torch.cuda.is_available():

@@ -105,6 +105,7 @@ def train_briefly(cfg, real_all: torch.Tensor, leak: bool, steps: int = 600) -> 
         return state.g(torch.randn(500, cfg.model.latent_dim, generator=torch.Generator().manual_seed(1)))
 
 
+@pytest.mark.slow  # trains for minutes
 @pytest.mark.timeout(900)
 def test_cutout_does_not_leak_into_samples(tmp_path):
     """A strong cutout (half the side) on every D input: G's samples hold no more grey squares than

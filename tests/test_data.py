@@ -363,6 +363,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+@pytest.mark.ray
 def test_prepare_on_a_ray_cluster_without_cpus_says_it_waits_for_a_node(tmp_path, image_folder, monkeypatch):
     """A head with num-cpus 0 (infra/ray's) and no worker yet: the decoding tasks wait for the
     autoscaler. The stage says so instead of hanging silently, and goes on when a node joins.

@@ -144,6 +144,7 @@ def test_champion_is_the_best_of_the_versions_measured_like_the_newest(tmp_path)
     assert again["created"] and again["version"] == 8 and champion(uri) == "2"
 
 
+@pytest.mark.server
 @pytest.mark.timeout(900)
 def test_two_registers_racing_on_a_tracking_server_end_with_the_best_champion(tmp_path):
     from ganflow.localcluster import _stop, start_mlflow_server
