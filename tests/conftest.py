@@ -52,6 +52,42 @@ def copy_project(dest: Path) -> Path:
     return dest
 
 
+# The smallest config that trains: 16 px digits, 8-wide networks, batches of 8. Tests that need
+# more say what they change (tiny_cfg(root, train={"loss": "hinge"})).
+TINY = {
+    "data": {"image_size": 16},
+    "model": {"latent_dim": 8, "g_width": 8, "d_width": 8},
+    "train": {"batch_size": 8},
+}
+
+
+def tiny_cfg(root: Path, **sections: dict):
+    """TINY with each section's keys updated by ``sections``, its paths resolved under ``root``."""
+    from ganflow.config import from_dict, resolve_paths
+
+    values = {name: dict(keys) for name, keys in TINY.items()}
+    for name, keys in sections.items():
+        values.setdefault(name, {}).update(keys)
+    return resolve_paths(from_dict(values), root)
+
+
+def wait_until(condition, timeout: float, what: str, proc: subprocess.Popen | None = None, every: float = 0.2):
+    """Poll ``condition`` until it is true; fail naming ``what`` after ``timeout`` seconds (a
+    bound for a hang, never a speed target), or at once if ``proc`` has exited meanwhile."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc is not None and proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(
+                f"exited {proc.returncode} before {what}:\n{(out or '')[-2000:]}\n{(err or '')[-2000:]}"
+            )
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(every)
+
+
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     return copy_project(tmp_path / "project")

@@ -8,11 +8,12 @@ import torch
 import torch.nn.functional as F
 
 from ganflow.augment import augmenter, cutout, translate
-from ganflow.config import from_dict, policy_of, resolve_paths
+from ganflow.config import from_dict, policy_of
 from ganflow.data import prepare
 from ganflow.dataset import PreparedDataset
 from ganflow.errors import GanflowError
 from ganflow.gan_step import build_state, gan_step
+from tests.conftest import tiny_cfg
 
 
 def test_translation_shifts_each_image_and_fills_with_zero():
@@ -59,15 +60,11 @@ def test_policies_and_their_errors():
 
 
 def tiny(tmp_path, **train):
-    return resolve_paths(
-        from_dict(
-            {
-                "data": {"image_size": 16},
-                "model": {"latent_dim": 32, "g_width": 16, "d_width": 16},
-                "train": {"batch_size": 64, "lr_g": 1e-3, "lr_d": 1e-3, **train},
-            }
-        ),
+    """Wider than conftest's TINY: D must be able to over-fit for the controller to act."""
+    return tiny_cfg(
         tmp_path,
+        model={"latent_dim": 32, "g_width": 16, "d_width": 16},
+        train={"batch_size": 64, "lr_g": 1e-3, "lr_d": 1e-3, **train},
     )
 
 

@@ -16,15 +16,7 @@ from ganflow.errors import GanflowError
 from ganflow.gan_step import build_state, gan_step
 from ganflow.models import allocate, build_discriminator, build_generator, class_grid_codes, draw_codes
 from ganflow.sampling import export_generator, load_generator_dir, load_sampler, sample
-
-
-def tiny_cfg(tmp_path, **model):
-    values = {
-        "data": {"image_size": 16},
-        "model": {"latent_dim": 8, "g_width": 8, "d_width": 8, **model},
-        "train": {"batch_size": 8},
-    }
-    return resolve_paths(from_dict(values), tmp_path)
+from tests.conftest import tiny_cfg
 
 
 def test_allocate_follows_the_prior_exactly():
@@ -37,7 +29,7 @@ def test_allocate_follows_the_prior_exactly():
 
 @pytest.mark.parametrize("spectral_norm", [False, True])
 def test_the_class_changes_what_g_draws_and_how_d_judges(tmp_path, spectral_norm):
-    cfg = tiny_cfg(tmp_path, spectral_norm=spectral_norm)
+    cfg = tiny_cfg(tmp_path, model=dict(spectral_norm=spectral_norm))
     torch.manual_seed(0)
     g, d = build_generator(cfg, 10), build_discriminator(cfg, 10)
     assert g.code_dim == 18
@@ -175,7 +167,7 @@ def test_class_grid_has_a_row_per_class():
 def test_an_exported_resnet_generator_loads_as_one(tmp_path):
     from ganflow.models import ResnetGenerator
 
-    cfg = tiny_cfg(tmp_path, arch="resnet")
+    cfg = tiny_cfg(tmp_path, model=dict(arch="resnet"))
     g = build_generator(cfg, 2).eval()
     spec = {
         "latent_dim": 8,

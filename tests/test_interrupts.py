@@ -16,7 +16,7 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import BIN, edit_params, run
+from tests.conftest import BIN, edit_params, run, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -45,11 +45,7 @@ def checkpoints(root: Path) -> list[Path]:
 
 
 def wait_for_new_checkpoint(root: Path, proc: subprocess.Popen, seen: int, timeout: float = 900) -> None:
-    deadline = time.time() + timeout
-    while len(checkpoints(root)) <= seen:
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() < deadline, "no new checkpoint appeared"
-        time.sleep(0.2)
+    wait_until(lambda: len(checkpoints(root)) > seen, timeout, "a new checkpoint", proc)
     time.sleep(1.0)  # let Ray's controller register it
 
 
@@ -179,11 +175,12 @@ def test_ctrl_c_during_the_sweep_fails_the_stage_and_writes_nothing(project):
     edit_params(root / "params.yaml", tune={"enabled": True})
 
     proc = start_repro(root, "tune")
-    deadline = time.time() + 1200
-    while not [p for p in root.glob("ray_results/tune-*/*/result.json") if p.stat().st_size]:
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() < deadline, "no trial reported its first epoch"
-        time.sleep(0.2)
+    wait_until(
+        lambda: [p for p in root.glob("ray_results/tune-*/*/result.json") if p.stat().st_size],
+        1200,
+        "a trial's first report",
+        proc,
+    )
     workers = ray_workers_under(proc.pid)
     assert any("ImplicitFunc" in " ".join(w.cmdline()) for w in workers), [w.cmdline() for w in workers]
     with cpu_hog():

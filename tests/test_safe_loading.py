@@ -20,12 +20,11 @@ import torch
 
 from ganflow.artifacts import CHECKPOINT_STATE
 from ganflow.checkpoint_io import CheckpointError, load_checkpoint, save_checkpoint
-from ganflow.config import from_dict, resolve_paths
 from ganflow.errors import GanflowError
 from ganflow.gan_step import build_state
 from ganflow.models import Generator
 from ganflow.sampling import SPEC, WEIGHTS, WEIGHTS_SHA256, export_generator, load_generator_dir, load_sampler
-from tests.conftest import REPO
+from tests.conftest import REPO, tiny_cfg
 
 
 class RunsCode:
@@ -36,15 +35,6 @@ class RunsCode:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
-
-
-def tiny_cfg(root: Path):
-    values = {
-        "data": {"image_size": 16},
-        "model": {"latent_dim": 8, "g_width": 8, "d_width": 8},
-        "train": {"batch_size": 8},
-    }
-    return resolve_paths(from_dict(values), root)
 
 
 # ------------------------------------------------------------------------------------ checkpoints

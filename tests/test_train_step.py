@@ -14,16 +14,7 @@ from ganflow.gan_step import amp_dtype, build_state, ema_decay_at, gan_step, upd
 from ganflow.losses import LOSSES
 from ganflow.models import build_discriminator, build_generator
 from ganflow.train_loop import synced_batchnorm
-from tests.conftest import REPO
-
-
-def tiny_cfg(tmp_path, **train):
-    values = {
-        "data": {"image_size": 16},
-        "model": {"latent_dim": 8, "g_width": 8, "d_width": 8},
-        "train": {"batch_size": 8, **train},
-    }
-    return resolve_paths(from_dict(values), tmp_path)
+from tests.conftest import REPO, tiny_cfg
 
 
 def params_of(module):
@@ -36,15 +27,15 @@ def changed(before, module):
 
 def test_cpu_mixed_precision_follows_train_amp(tmp_path, monkeypatch):
     cpu = torch.device("cpu")
-    assert amp_dtype(tiny_cfg(tmp_path, amp="off"), cpu) is None
-    assert amp_dtype(tiny_cfg(tmp_path, amp="bf16"), cpu) == torch.bfloat16
+    assert amp_dtype(tiny_cfg(tmp_path, train=dict(amp="off")), cpu) is None
+    assert amp_dtype(tiny_cfg(tmp_path, train=dict(amp="bf16")), cpu) == torch.bfloat16
     monkeypatch.setattr(step_module, "cpu_has_bf16", lambda: False)
-    assert amp_dtype(tiny_cfg(tmp_path, amp="auto"), cpu) is None  # emulated bf16 is slower than float32
+    assert amp_dtype(tiny_cfg(tmp_path, train=dict(amp="auto")), cpu) is None  # emulated bf16 is slower than float32
     monkeypatch.setattr(step_module, "cpu_has_bf16", lambda: True)
-    assert amp_dtype(tiny_cfg(tmp_path, amp="auto"), cpu) == torch.bfloat16
+    assert amp_dtype(tiny_cfg(tmp_path, train=dict(amp="auto")), cpu) == torch.bfloat16
 
     # one step under it: G and D compute in bf16; weights, optimizer state and losses stay float32
-    cfg = tiny_cfg(tmp_path, amp="bf16")
+    cfg = tiny_cfg(tmp_path, train=dict(amp="bf16"))
     state = build_state(cfg, cpu, 1e-3, 1e-3)
     outputs = []
     state.g.register_forward_hook(lambda module, args, out: outputs.append(out.dtype))
@@ -89,7 +80,7 @@ def test_resnet_discriminator_has_no_batchnorm_and_spectral_norm_on_every_layer(
 
 @pytest.mark.parametrize("loss", sorted(LOSSES))
 def test_a_resnet_step_updates_both_networks(tmp_path, loss):
-    cfg = tiny_cfg(tmp_path, loss=loss)
+    cfg = tiny_cfg(tmp_path, train=dict(loss=loss))
     cfg.model.arch = "resnet"
     state = build_state(cfg, torch.device("cpu"), 1e-3, 1e-3, [0.5, 0.5])
     g0, d0 = params_of(state.g), params_of(state.d)
@@ -108,7 +99,7 @@ def test_spectral_norm_discriminator_has_no_batchnorm(tmp_path):
 
 @pytest.mark.parametrize("loss", sorted(LOSSES))
 def test_a_step_updates_both_networks(tmp_path, loss):
-    cfg = tiny_cfg(tmp_path, loss=loss)
+    cfg = tiny_cfg(tmp_path, train=dict(loss=loss))
     state = build_state(cfg, torch.device("cpu"), 1e-3, 1e-3)
     g0, d0, ema0 = params_of(state.g), params_of(state.d), params_of(state.ema_g)
     diag = gan_step(state, cfg, torch.rand(8, 1, 16, 16) * 2 - 1, torch.Generator().manual_seed(0), update_g=True)
@@ -223,7 +214,7 @@ def test_lazy_r1_changes_the_d_step_only_every_r1_every_steps(tmp_path):
     real = torch.rand(8, 1, 16, 16) * 2 - 1
 
     def d_after_step(step: int, gamma: float):
-        cfg = tiny_cfg(tmp_path, r1_gamma=gamma, r1_every=4)
+        cfg = tiny_cfg(tmp_path, train=dict(r1_gamma=gamma, r1_every=4))
         state = build_state(cfg, torch.device("cpu"), 1e-3, 1e-3)
         state.step = step
         diag = gan_step(state, cfg, real, torch.Generator().manual_seed(0), update_g=False)
@@ -335,7 +326,7 @@ def test_mode_seeking_adds_to_g_loss_only_and_pairs_classes(tmp_path):
             return self.g(z)
 
     def step(weight: float, prior=None, update_g=True):
-        cfg = tiny_cfg(tmp_path, mode_seeking=weight)
+        cfg = tiny_cfg(tmp_path, train=dict(mode_seeking=weight))
         torch.manual_seed(0)
         state = build_state(cfg, torch.device("cpu"), 1e-3, 1e-3, prior)
         state.g = Recorder(state.g)
