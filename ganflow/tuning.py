@@ -420,7 +420,11 @@ def _sweep_plot(trials: list[dict[str, Any]]):
         fig.colorbar(dots, label="fd_recent (mean of the last two fd_domain)")
     unscored = [t for t in trials if t["fd"] is None and t["lr_g"] is not None]
     ax.scatter([t["lr_g"] for t in unscored], [t["lr_d"] for t in unscored], marker="x", c="red")
-    ax.set(xscale="log", yscale="log", xlabel="lr_g", ylabel="lr_d", title="sweep: fd_domain per trial")
+    ax.set(xlabel="lr_g", ylabel="lr_d", title="sweep: fd_domain per trial")
+    if scored or unscored:
+        ax.set(xscale="log", yscale="log")
+    else:  # every trial failed before its rates were recorded: log axes over no data cannot be drawn
+        ax.text(0.5, 0.5, "no trial reported", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

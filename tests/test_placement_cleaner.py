@@ -163,7 +163,10 @@ def test_an_empty_state_answer_kills_ray_s_trainer_and_not_ganflow_s(tmp_path):
     # placement group under the healthy worker, which never returns by itself
     proc, log = run_arm(tmp_path, "ray")
     assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "WORKER KILLED" in proc.stdout or "placement group" in proc.stdout + proc.stderr
+    # the worker dies with its placement group: seen as its process gone, or (under load, when
+    # Ray notices first) as the run failing on the worker's health check
+    died = "WORKER KILLED" in proc.stdout or (proc.stdout.startswith("FAILED") and "worker" in proc.stdout.lower())
+    assert died or "placement group" in proc.stdout + proc.stderr, proc.stdout[-2000:]
     assert log[0] == "created" and "registered" in log and "removed" in log
     # ganflow's trainer on its own local Ray: no cleaner is created, the run finishes
     proc, log = run_arm(tmp_path, "ganflow")
