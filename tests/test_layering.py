@@ -4,7 +4,6 @@ without torch, and the resume key covers the code the training runs."""
 
 from __future__ import annotations
 
-import ast
 import json
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ganflow.closure import direct_imports
 from ganflow.closure import import_closure as package_closure
 from ganflow.data import PREPARE_KEYS
 from tests.conftest import REPO
@@ -139,35 +139,11 @@ def test_the_base_modules_import_no_torch():
     assert json.loads(out) == []
 
 
-def module_level_graph() -> dict[str, set[str]]:
-    """For every ganflow module, the ganflow modules it imports at module level (what runs at import)."""
-    graph = {}
-    for path in sorted((REPO / "ganflow").glob("*.py")):
-        found = set()
-        for node in ast.parse(path.read_text()).body:
-            names = []
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names = [node.module]
-            found |= {n.split(".")[1] for n in names if n.startswith("ganflow.") and n.count(".") >= 1}
-        graph[path.stem] = found
-    return graph
-
-
-def all_imports_graph() -> dict[str, set[str]]:
-    """The same, with imports inside functions too."""
-    return {path.stem: {rel[8:-3] for rel in package_closure_direct(path)} for path in (REPO / "ganflow").glob("*.py")}
-
-
-def package_closure_direct(path: Path) -> set[str]:
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("ganflow."):
-            found.add(f"ganflow/{node.module.split('.')[1]}.py")
-        elif isinstance(node, ast.Import):
-            found |= {f"ganflow/{a.name.split('.')[1]}.py" for a in node.names if a.name.startswith("ganflow.")}
-    return {rel for rel in found if (REPO / rel).is_file()}
+def import_graph(lazy: bool) -> dict[str, set[str]]:
+    """For every ganflow module, the ganflow modules it imports itself: at module level (what runs
+    at import), or with ``lazy`` inside functions too."""
+    package = REPO / "ganflow"
+    return {path.stem: direct_imports(path, package, lazy) for path in sorted(package.glob("*.py"))}
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -203,8 +179,8 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def test_no_import_cycle_even_through_lazy_imports():
-    assert cycles(module_level_graph()) == []
-    assert cycles(all_imports_graph()) == []
+    assert cycles(import_graph(lazy=False)) == []
+    assert cycles(import_graph(lazy=True)) == []
 
 
 def test_the_cycle_finder_finds_one():
