@@ -16,7 +16,7 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import BIN, edit_params, run, wait_until
+from tests.conftest import BIN, checkpoint_registered, edit_params, run, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -45,8 +45,12 @@ def checkpoints(root: Path) -> list[Path]:
 
 
 def wait_for_new_checkpoint(root: Path, proc: subprocess.Popen, seen: int, timeout: float = 900) -> None:
-    wait_until(lambda: len(checkpoints(root)) > seen, timeout, "a new checkpoint", proc)
-    time.sleep(1.0)  # let Ray's controller register it
+    wait_until(
+        lambda: len(checkpoints(root)) > seen and checkpoint_registered(root / "ray_results"),
+        timeout,
+        "a new registered checkpoint",
+        proc,
+    )
 
 
 def stage_process(proc: subprocess.Popen) -> psutil.Process:

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ from ganflow.config import load_config
 from ganflow.data import prepare
 from ganflow.encoder import fit_encoder
 from ganflow.tuning import run_sweep
-from tests.conftest import BIN, REPO, run
+from tests.conftest import BIN, REPO, checkpoint_registered, run, wait_until
 
 pytestmark = pytest.mark.slow
 TRAIN = str(REPO / "pipelines" / "train.py")
@@ -70,11 +69,20 @@ def final_meta(root: Path) -> dict:
 
 
 def wait_for_checkpoint(root: Path, proc: subprocess.Popen, timeout: float = 900) -> None:
-    deadline = time.time() + timeout
-    while not list((root / "ray_results").glob("train-*/checkpoint_*/meta.json")):
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() < deadline, "no checkpoint appeared"
-        time.sleep(0.2)
+    wait_until(lambda: checkpoint_registered(root / "ray_results"), timeout, "a registered checkpoint", proc)
+
+
+def train_workers(anywhere: bool = False) -> list[psutil.Process]:
+    """Ray Train worker processes under this test (its own simulated cluster's, or those of the
+    local Ray a stage it started runs), or on the whole machine."""
+    found = []
+    for p in psutil.process_iter() if anywhere else psutil.Process().children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(p.cmdline()):
+                found.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return found
 
 
 def start_training(params: Path, **env_vars: str) -> subprocess.Popen:
@@ -280,12 +288,7 @@ def test_killed_worker_is_restarted_from_the_checkpoint(tmp_path):
     )
     proc = start_training(params)
     wait_for_checkpoint(root, proc)
-    time.sleep(1.0)
-    workers = [
-        p for p in psutil.Process(proc.pid).children(recursive=True) if "RayTrainWorker" in " ".join(p.cmdline())
-    ]
-    if not workers:  # the local Ray's processes may not descend from the driver
-        workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+    workers = train_workers() or train_workers(anywhere=True)
     assert len(workers) == 1
     workers[0].kill()
     out, err = proc.communicate(timeout=1800)
@@ -313,11 +316,12 @@ def test_lost_node_the_run_resumes_when_capacity_is_back(tmp_path, two_nodes):
     )
     proc = start_training(params, RAY_ADDRESS=cluster.address)
     wait_for_checkpoint(root, proc)
-    time.sleep(1.0)
     lost_at = final_meta(root)["epoch"]
     cluster.remove_node(node)  # the node holding rank 1 goes away mid-run
-    time.sleep(5.0)
-    assert proc.poll() is None  # the run waits for capacity instead of failing
+    # Ray Train tears the whole worker group down (rank 0 on the head too), and the run, short of
+    # a CPU for rank 1, waits for capacity instead of failing
+    wait_until(lambda: not train_workers(), 600, "the worker group to be torn down", proc)
+    assert proc.poll() is None
     replacement = cluster.add_node(num_cpus=1)
     out, err = proc.communicate(timeout=1800)
     assert proc.returncode == 0, err[-3000:]
@@ -347,11 +351,10 @@ def test_divergence_fails_the_run_and_keeps_the_last_checkpoint(tmp_path):
 def test_more_workers_than_the_machine_has_fail_fast(tmp_path):
     root = tmp_path / "p"
     params = make_project(root, cluster={"num_workers": 64}, train={"batch_size": 64})
-    started = time.time()
-    proc = run([sys.executable, TRAIN, "--params", str(params)], cwd=root, timeout=120)
+    proc = run([sys.executable, TRAIN, "--params", str(params)], cwd=root, timeout=300)
     assert proc.returncode == 1
     assert "cluster: 64 workers x (1 CPU) do not fit on this Ray cluster" in proc.stderr
-    assert time.time() - started < 60
+    assert "TrainController" not in proc.stderr  # refused before Ray Train waits for the CPUs
     gpu = make_project(tmp_path / "g", cluster={"use_gpu": True})
     proc = run([sys.executable, TRAIN, "--params", str(gpu)], cwd=gpu.parent, timeout=120)
     assert proc.returncode == 1 and "set cluster.use_gpu: false" in proc.stderr
