@@ -44,11 +44,20 @@ def checkpoints(root: Path) -> list[Path]:
     return sorted(root.glob("ray_results/train-*/checkpoint_*/meta.json"))
 
 
-def wait_for_new_checkpoint(root: Path, proc: subprocess.Popen, seen: int, timeout: float = 900) -> None:
+def newest_epoch(root: Path) -> int:
+    try:
+        return json.loads(checkpoints(root)[-1].read_text())["epoch"] if checkpoints(root) else 0
+    except (OSError, ValueError):
+        return 0  # being written
+
+
+def wait_for_new_checkpoint(root: Path, proc: subprocess.Popen, after_epoch: int, timeout: float = 900) -> None:
+    """Until a checkpoint past ``after_epoch`` is on disk and registered by Ray's controller (a
+    resumed run may first checkpoint the epoch it resumed at)."""
     wait_until(
-        lambda: len(checkpoints(root)) > seen and checkpoint_registered(root / "ray_results"),
+        lambda: newest_epoch(root) > after_epoch and checkpoint_registered(root / "ray_results"),
         timeout,
-        "a new registered checkpoint",
+        f"a registered checkpoint past epoch {after_epoch}",
         proc,
     )
 
@@ -108,7 +117,7 @@ def test_interrupted_dvc_repro_leaves_a_clean_state_and_resumes(project):
 
     # 2. Ctrl-C (SIGINT to the whole process group) during the resumed run
     proc = start_repro(root)
-    wait_for_new_checkpoint(root, proc, len(checkpoints(root)))
+    wait_for_new_checkpoint(root, proc, first_stop)
     os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode != 0
