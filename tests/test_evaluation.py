@@ -295,7 +295,10 @@ def test_the_reading_says_what_the_ratio_means_at_this_size():
     far = reading({**base, "fd_domain_over_real": 158.0, "not_computed": {"kid": "x", "precision": "y"}})
     assert "158.0x farther from the 15 test images" in far and "only 15 reference images" in far
     assert far.endswith("not computed at this size: kid, precision")
-    assert "cannot be told from real images at 15" in reading({**base, "fd_domain_over_real": 1.6})
+    wide = reading({**base, "fd_domain_over_real": 1.6})  # 1 + 2 sd = 2: blobs would read the same
+    assert wide.startswith("reading: inconclusive: 1.60 ± 0.50x") and "cannot be told" not in wide
+    narrow = reading({**base, "fd_domain_over_real": 1.2, "fd_domain_over_real_sd": 0.2})
+    assert "cannot be told from real images at 15" in narrow
     assert "copies of training images" in reading({**base, "fd_domain_over_real": 0.2, "fd_domain_over_real_sd": 0.1})
     large = reading({**base, "reference_size": 269, "fd_domain_over_real": 2.7, "fd_domain_over_real_sd": 0.6})
     assert "farther" in large and "rough" not in large
