@@ -41,6 +41,8 @@ from ganflow.metrics import (
     kid_subset,
     per_class_fd,
     precision_recall,
+    radial_power,
+    spectrum_gap,
 )
 
 HEADLINE = ("fd_domain", "kid", "precision", "recall")  # each with its sd and its real baseline
@@ -202,17 +204,11 @@ def summarize(draws: list[dict[str, Any]], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def real_draws(reference: Reference, draws: int, seed: int) -> list[dict[str, Any]]:
-    """The real baseline: ``draws`` sets of train images with the draw's exact class counts."""
+def real_draw_indices(reference: Reference, draws: int, seed: int) -> list[np.ndarray]:
+    """The real baseline's draws: ``draws`` index arrays into the train features, each with the
+    draw's exact class counts."""
     rng = np.random.default_rng(seed)
     counts = reference.split.draw_counts
-    probs_all = None
-    if reference.labelled:
-        # the classifier's probabilities on the train features: the head on the stored features
-        with torch.no_grad():
-            scale = reference.encoder.feature_scale
-            logits = reference.encoder.head(torch.as_tensor(reference.train_features, dtype=torch.float32) / scale)
-            probs_all = torch.softmax(logits.double(), dim=1).numpy()
     out = []
     for _ in range(draws):
         if reference.labelled:
@@ -231,9 +227,57 @@ def real_draws(reference: Reference, draws: int, seed: int) -> list[dict[str, An
             index = rng.choice(
                 len(reference.train_features), int(counts[0]), replace=int(counts[0]) > len(reference.train_features)
             )
-        out.append(
-            draw_metrics(reference, reference.train_features[index], None if probs_all is None else probs_all[index])
+        out.append(index)
+    return out
+
+
+def real_draws(reference: Reference, draws: int, seed: int) -> list[dict[str, Any]]:
+    """The real baseline: ``draws`` sets of train images with the draw's exact class counts."""
+    probs_all = None
+    if reference.labelled:
+        # the classifier's probabilities on the train features: the head on the stored features
+        with torch.no_grad():
+            scale = reference.encoder.feature_scale
+            logits = reference.encoder.head(torch.as_tensor(reference.train_features, dtype=torch.float32) / scale)
+            probs_all = torch.softmax(logits.double(), dim=1).numpy()
+    return [
+        draw_metrics(reference, reference.train_features[index], None if probs_all is None else probs_all[index])
+        for index in real_draw_indices(reference, draws, seed)
+    ]
+
+
+def spectra(
+    reference: Reference, reference_images: np.ndarray, generated: list[np.ndarray], seed: int
+) -> dict[str, float]:
+    """The pixel check beside the encoder's: each generated draw's radial power spectrum against
+    the reference images', and the same for the real baseline's draws of train images (the
+    indices real_draws uses), as mean and sd over draws, with their ratio."""
+    train = PreparedDataset(reference.cfg.paths.prepared, part="train")
+    train_images = train.images.read_many(train.indices[reference.train_index])
+    target = radial_power(reference_images)
+    ours = np.asarray([spectrum_gap(radial_power(images), target) for images in generated])
+    real = np.asarray(
+        [
+            spectrum_gap(radial_power(train_images[index]), target)[0]
+            for index in real_draw_indices(reference, len(generated), seed)
+        ]
+    )
+    ddof = 1 if len(generated) > 1 else 0
+    out = {
+        "spectrum_gap": float(ours[:, 0].mean()),
+        "spectrum_gap_sd": float(ours[:, 0].std(ddof=ddof)),
+        "spectrum_hf_shift": float(ours[:, 1].mean()),
+        "real_spectrum_gap": float(real.mean()),
+        "real_spectrum_gap_sd": float(real.std(ddof=ddof)),
+    }
+    if out["real_spectrum_gap"] > 0:
+        ratio = out["spectrum_gap"] / out["real_spectrum_gap"]
+        rel = np.hypot(
+            out["spectrum_gap_sd"] / out["spectrum_gap"] if out["spectrum_gap"] > 0 else 0.0,
+            out["real_spectrum_gap_sd"] / out["real_spectrum_gap"],
         )
+        out["spectrum_gap_over_real"] = float(ratio)
+        out["spectrum_gap_over_real_sd"] = float(ratio * rel)
     return out
 
 
@@ -376,15 +420,19 @@ def evaluate_generator(
 
     results: dict[str, Any] = {}
     first: tuple[np.ndarray, np.ndarray | None, torch.Tensor, torch.Tensor] | None = None
+    test_draws: list[np.ndarray] = []  # uint8, for the spectrum
     for split, base in ((reference.split, 1000), (test, 1)):
         draws = []
         for i in range(cfg.eval.draws):
             features, probs, images, codes = generate(split, cfg.eval.seed + base + i)
             draws.append((features, probs))
-            if split is test and i == 0:
-                first = (features, probs, images, codes)
+            if split is test:
+                test_draws.append(to_uint8(images))
+                if i == 0:
+                    first = (features, probs, images, codes)
         results[split.name] = score(reference.with_split(split), draws, cfg.eval.seed + base)
     metrics: dict[str, Any] = results["test"]
+    metrics.update(spectra(reference.with_split(test), test_images, test_draws, cfg.eval.seed + 1))
     metrics["validation"] = {k: v for k, v in results["validation"].items() if not isinstance(v, dict)}
     assert first is not None
     features, probs, images, codes = first
@@ -456,7 +504,14 @@ def score_images(cfg: Config, images: np.ndarray, labels: np.ndarray | None, spl
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
     features, probs = encode(reference.encoder, x)
     draws = [(features[i], None if probs is None else probs[i]) for i in index]
-    metrics = score(reference.with_split(split), draws, cfg.eval.seed + (1 if split is test else 1000))
+    seed = cfg.eval.seed + (1 if split is test else 1000)
+    metrics = score(reference.with_split(split), draws, seed)
+    if split is test:
+        reference_images = test_images
+    else:
+        val = PreparedDataset(cfg.paths.prepared, part="validation")
+        reference_images = val.images.read_many(val.indices)
+    metrics.update(spectra(reference.with_split(split), reference_images, [images[i] for i in index], seed))
     metrics.update(detector(reference, test, test_images).check(features[index[0]], images[index[0]]))
     metrics["eval_dtype"] = "float32"
     return finite(metrics)

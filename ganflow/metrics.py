@@ -1,7 +1,8 @@
 """The GAN metrics, as pure functions of encoder features (no models, no files).
 
 Every function takes features (N, D) float64 from the domain encoder (ganflow.evaluation) and
-returns plain floats. What each number means, and which way is better, is in METRICS below (the
+returns plain floats, except the power spectrum (radial_power, spectrum_gap), which reads pixels:
+it needs no encoder, so it cannot share an encoder's blind spots. What each number means, and which way is better, is in METRICS below (the
 README's metric table says the same for users).
 """
 
@@ -31,6 +32,16 @@ METRICS: dict[str, tuple[str, str]] = {
     "class_max_rel_dev": ("largest relative deviation of a class's frequency", "lower"),
     "class_fd_over_real": ("per class: its Fréchet distance / the real baseline's; names the weak classes", "lower"),
     "is_domain": ("Inception-Score analogue with the domain classifier", "higher, up to the number of classes"),
+    "spectrum_gap": (
+        "mean |difference| of the log10 radial power spectra of generated and reference images, in "
+        "decades: blobs (too smooth) and checkerboard or noise patterns (too much fine detail) both raise it",
+        "lower; compare with real_spectrum_gap",
+    ),
+    "spectrum_hf_shift": (
+        "mean log10 power difference over the upper half of the frequencies: < 0 smoother than real, "
+        "> 0 a fine pattern real images lack",
+        "≈ 0",
+    ),
     "copying_flagged": ("1 when the copy detector (ganflow.copying) flags the samples: never champion", "0"),
 }
 
@@ -176,3 +187,24 @@ def kmeans_cells(features: np.ndarray, k: int, seed: int) -> np.ndarray:
 
     k = max(1, min(k, len(features)))
     return KMeans(n_clusters=k, n_init=4, random_state=seed).fit(features).cluster_centers_.astype(np.float64)
+
+
+def radial_power(images: np.ndarray) -> np.ndarray:
+    """log10 of the mean power per radial frequency band (1 .. S/2 cycles per image) of images
+    (N, S, S, C) uint8, their channels averaged and each image's mean removed."""
+    x = images.astype(np.float64).mean(axis=-1) / 255.0
+    x -= x.mean(axis=(1, 2), keepdims=True)
+    power = (np.abs(np.fft.fft2(x)) ** 2).mean(axis=0)
+    side = x.shape[1]
+    freq = np.fft.fftfreq(side)
+    band = np.minimum(np.rint(np.hypot(freq[:, None], freq[None, :]) * side).astype(int), side // 2)
+    total = np.bincount(band.ravel(), power.ravel(), minlength=side // 2 + 1)
+    per_band = total / np.bincount(band.ravel(), minlength=side // 2 + 1)
+    return np.log10(per_band[1:] + 1e-12)
+
+
+def spectrum_gap(profile: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
+    """(mean |difference| over all bands, mean difference over the upper half) of two
+    radial_power profiles, in decades of power."""
+    diff = profile - reference
+    return float(np.abs(diff).mean()), float(diff[len(diff) // 2 :].mean())

@@ -18,6 +18,7 @@ from ganflow.data import prepare
 from ganflow.dataset import PreparedDataset
 from ganflow.encoder import EvaluationError, fit_encoder
 from ganflow.evaluation import class_match, evaluate_generator, load_reference, score_images
+from ganflow.report import reading
 
 TINY_EVAL = {"encoder_epochs": 4, "draws": 3, "kid_subsets": 5, "kid_subset_size": 100}
 
@@ -115,6 +116,39 @@ def test_unseen_real_images_score_at_the_real_baseline_and_are_not_flagged(fitte
     assert m["copying_flagged"] == 0.0, m["copying_reasons"]
     assert m["classes_covered"] == 10 and m["class_match"] > 0.6
     assert m["kid_subset_size"] <= m["sample_size"] // 2 and m["kid_subset_size"] <= m["reference_size"] // 2
+    # the pixel check agrees: real images' power spectrum is as close as the baseline's
+    assert m["real_spectrum_gap_sd"] > 0 and "power spectrum is as close" in reading(m)
+
+
+def blur(images: np.ndarray) -> np.ndarray:
+    """A 3 x 3 box blur (edges repeated) of uint8 (N, H, W, C)."""
+    x = np.pad(images.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
+    h, w = images.shape[1:3]
+    return np.rint(sum(x[:, i : i + h, j : j + w] for i in range(3) for j in range(3)) / 9).astype(np.uint8)
+
+
+@pytest.mark.parametrize("defect", ["blurred", "checkerboard"])
+def test_the_power_spectrum_tells_blobs_and_patterns_the_encoder_may_miss(fitted, defect):
+    """Unseen real images, blurred or overlaid with a faint one-pixel checkerboard (what transposed
+    convolutions draw), served as samples: the spectrum is beyond its real baseline, and the
+    reading line names the direction."""
+    cfg, _ = fitted
+    images, labels = part(cfg, "validation")
+    if defect == "blurred":
+        images = blur(blur(images))
+    else:
+        yy, xx = np.indices(images.shape[1:3])
+        board = np.where((yy + xx) % 2 == 0, 24, -24)[None, :, :, None]
+        images = np.clip(images.astype(np.int16) + board, 0, 255).astype(np.uint8)
+    cfg_k1 = cfg.model_copy(deep=True)
+    cfg_k1.eval.num_samples = load_reference(cfg).split.draw_size // 2
+    m, _ = evaluate_generator(cfg_k1, serving(images, labels), META)
+    noise = 2 * np.hypot(m["spectrum_gap_sd"], m["real_spectrum_gap_sd"])
+    assert m["spectrum_gap"] - m["real_spectrum_gap"] > noise, m
+    if defect == "blurred":
+        assert m["spectrum_hf_shift"] < 0 and "smoother than real images" in reading(m)
+    else:
+        assert m["spectrum_hf_shift"] > 0 and "fine detail real images lack" in reading(m)
 
 
 @pytest.mark.parametrize("kind", ["verbatim", "noisy", "shifted 1 px", "shifted 2 px", "30 % copies"])
@@ -149,6 +183,7 @@ def test_noise_one_image_and_a_dropped_class_score_far_from_real(fitted):
     noise = np.random.default_rng(0).integers(0, 256, (2000, 16, 16, 1), dtype=np.uint8)
     m_noise = score_images(cfg, noise, None, "validation")
     assert m_noise["fd_domain_over_real"] > 10 and m_noise["precision"] < 0.1
+    assert m_noise["spectrum_hf_shift"] > 0.3 and "fine detail real images lack" in reading(m_noise)
     one = np.repeat(train[:1], 2000, axis=0)
     m_one = score_images(cfg, one, None, "validation")
     assert m_one["classes_covered"] == 1 and m_one["recall"] < 0.05 and m_one["fd_domain_over_real"] > 10
@@ -289,8 +324,6 @@ def test_near_duplicate_threshold_is_the_exact_exchangeable_null():
 
 
 def test_the_reading_says_what_the_ratio_means_at_this_size():
-    from ganflow.report import reading
-
     base = {"split": "test", "reference_size": 15, "fd_domain_over_real_sd": 0.5}
     far = reading({**base, "fd_domain_over_real": 158.0, "not_computed": {"kid": "x", "precision": "y"}})
     assert "158.0x farther from the 15 test images" in far and "only 15 reference images" in far
