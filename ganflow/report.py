@@ -63,6 +63,7 @@ def reading(metrics: dict[str, Any]) -> str:
     inconclusive, never "cannot be told from real"."""
     ratio, sd = metrics.get("fd_domain_over_real"), metrics.get("fd_domain_over_real_sd")
     n = metrics.get("reference_size", 0)
+    unsure = False  # the words end by sending the reader to the samples
     if ratio is None:
         verdict = "no ratio to the real baseline could be computed"
     elif sd is None or not sd == sd:  # (sd is NaN)
@@ -79,10 +80,11 @@ def reading(metrics: dict[str, Any]) -> str:
             f"look at the copy detector and the samples"
         )
     elif 1 + 2 * sd >= 2:
+        unsure = True
         verdict = (
             f"inconclusive: {ratio:.2f} ± {sd:.2f}x the real baseline, and at {n} reference images the "
             f"measure's 2-sd band reaches {1 + 2 * sd:.1f}x, so samples twice as far from the images as real "
-            f"ones would read the same; look at the samples (plots/samples.png)"
+            f"ones would read the same"
         )
     else:
         verdict = (
@@ -97,7 +99,9 @@ def reading(metrics: dict[str, Any]) -> str:
     )
     skipped = metrics.get("not_computed") or {}
     missing = f"; not computed at this size: {', '.join(sorted(skipped))}" if skipped else ""
-    return f"reading: {verdict}{spectrum_reading(metrics)}{small}{missing}"
+    spectrum, spectrum_off = spectrum_reading(metrics)
+    look = "; look at the samples (plots/samples.png)" if unsure or spectrum_off else ""
+    return f"reading: {verdict}{spectrum}{look}{small}{missing}"
 
 
 # Below this many decades of power (12 %) spectra differ between any two sets of real images of
@@ -106,20 +110,20 @@ def reading(metrics: dict[str, Any]) -> str:
 SPECTRUM_TOLERANCE = 0.05
 
 
-def spectrum_reading(metrics: dict[str, Any]) -> str:
-    """The pixel check's clause: is the samples' power spectrum farther from the reference
-    images' than real images' is, beyond 2 sd of the difference and SPECTRUM_TOLERANCE, and
-    which way."""
+def spectrum_reading(metrics: dict[str, Any]) -> tuple[str, bool]:
+    """The pixel check's clause, and whether it found the samples off: is their power spectrum
+    farther from the reference images' than real images' is, beyond 2 sd of the difference and
+    SPECTRUM_TOLERANCE, and which way."""
     gap, real = metrics.get("spectrum_gap"), metrics.get("real_spectrum_gap")
     if gap is None or real is None:
-        return ""
+        return "", False
     noise = 2 * math.hypot(metrics.get("spectrum_gap_sd") or 0.0, metrics.get("real_spectrum_gap_sd") or 0.0)
     if gap - real <= max(noise, SPECTRUM_TOLERANCE):
-        return "; the samples' power spectrum is as close to the images' as real images' is"
+        return "; the samples' power spectrum is as close to the images' as real images' is", False
     kind = (
         "smoother than real images (blurred, blob-like)"
         if (metrics.get("spectrum_hf_shift") or 0.0) < 0
         else "with fine detail real images lack (a checkerboard or noise pattern)"
     )
     how_far = f"{gap / real:.1f}x as far from the images' as" if real > 0 else "farther from the images' than"
-    return f"; the samples' power spectrum is {how_far} real images', {kind}: look at the samples"
+    return f"; the samples' power spectrum is {how_far} real images', {kind}", True

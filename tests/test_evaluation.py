@@ -330,6 +330,12 @@ def test_the_reading_says_what_the_ratio_means_at_this_size():
     assert far.endswith("not computed at this size: kid, precision")
     wide = reading({**base, "fd_domain_over_real": 1.6})  # 1 + 2 sd = 2: blobs would read the same
     assert wide.startswith("reading: inconclusive: 1.60 ± 0.50x") and "cannot be told" not in wide
+    assert wide.count("look at the samples") == 1
+    blobs = {**base, "fd_domain_over_real": 1.75, "fd_domain_over_real_sd": 2.29, "spectrum_gap": 0.357}
+    blobs.update(spectrum_gap_sd=0.051, real_spectrum_gap=0.05, real_spectrum_gap_sd=0.013, spectrum_hf_shift=-0.3)
+    said = reading(blobs)  # the 100-photo run's figures
+    assert "inconclusive" in said and "7.1x as far" in said and "smoother than real images" in said
+    assert said.count("look at the samples") == 1
     narrow = reading({**base, "fd_domain_over_real": 1.2, "fd_domain_over_real_sd": 0.2})
     assert "cannot be told from real images at 15" in narrow
     assert "copies of training images" in reading({**base, "fd_domain_over_real": 0.2, "fd_domain_over_real_sd": 0.1})
