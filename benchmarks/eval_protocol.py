@@ -47,6 +47,7 @@ from ganflow.evaluation import (
     codes_for,
     draw_counts,
     evaluate_generator,
+    images_of,
     load_reference,
     score,
     test_split,
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     train = PreparedDataset(cfg.paths.prepared, part="train")
     val = PreparedDataset(cfg.paths.prepared, part="validation")
     test, test_images = test_split(reference)
-    detector = copy_detector(reference, test, test_images)  # the evaluate stage's own
+    detector = copy_detector(reference, test, test_images, *images_of(reference))  # the evaluate stage's own
     train_images = train.images.read_many(train.indices[reference.train_index])
     train_feats = reference.train_features
     labelled = reference.labelled

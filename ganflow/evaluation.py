@@ -247,13 +247,16 @@ def real_draws(reference: Reference, draws: int, seed: int) -> list[dict[str, An
 
 
 def spectra(
-    reference: Reference, reference_images: np.ndarray, generated: list[np.ndarray], seed: int
+    reference: Reference,
+    reference_images: np.ndarray,
+    train_images: np.ndarray,
+    generated: list[np.ndarray],
+    seed: int,
 ) -> dict[str, float]:
     """The pixel check beside the encoder's: each generated draw's radial power spectrum against
-    the reference images', and the same for the real baseline's draws of train images (the
-    indices real_draws uses), as mean and sd over draws, with their ratio."""
-    train = PreparedDataset(reference.cfg.paths.prepared, part="train")
-    train_images = train.images.read_many(train.indices[reference.train_index])
+    the reference images', and the same for the real baseline's draws of ``train_images`` (the
+    reference's train images, images_of; the indices real_draws uses), as mean and sd over
+    draws, with their ratio."""
     target = radial_power(reference_images)
     ours = np.asarray([spectrum_gap(radial_power(images), target) for images in generated])
     real = np.asarray(
@@ -270,15 +273,24 @@ def spectra(
         "real_spectrum_gap": float(real.mean()),
         "real_spectrum_gap_sd": float(real.std(ddof=ddof)),
     }
-    if out["real_spectrum_gap"] > 0:
-        ratio = out["spectrum_gap"] / out["real_spectrum_gap"]
-        rel = np.hypot(
-            out["spectrum_gap_sd"] / out["spectrum_gap"] if out["spectrum_gap"] > 0 else 0.0,
-            out["real_spectrum_gap_sd"] / out["real_spectrum_gap"],
+    out.update(
+        over_real(
+            "spectrum_gap",
+            out,
+            {"spectrum_gap": out["real_spectrum_gap"], "spectrum_gap_sd": out["real_spectrum_gap_sd"]},
         )
-        out["spectrum_gap_over_real"] = float(ratio)
-        out["spectrum_gap_over_real_sd"] = float(ratio * rel)
+    )
     return out
+
+
+def over_real(key: str, generated: dict[str, Any], real: dict[str, Any]) -> dict[str, float]:
+    """``<key>_over_real`` and its sd (delta method) from the generated and real means and sds;
+    empty when either mean is not finite or the real one is not positive."""
+    g, r = generated.get(key, float("nan")), real.get(key, float("nan"))
+    if not (np.isfinite(g) and np.isfinite(r) and r > 0):
+        return {}
+    rel = np.hypot(generated[f"{key}_sd"] / g if g > 0 else 0.0, real[f"{key}_sd"] / r)
+    return {f"{key}_over_real": float(g / r), f"{key}_over_real_sd": float(g / r * rel)}
 
 
 def compare(generated: dict[str, Any], real: dict[str, Any]) -> dict[str, Any]:
@@ -286,11 +298,7 @@ def compare(generated: dict[str, Any], real: dict[str, Any]) -> dict[str, Any]:
     delta method) and class_fd_over_real per class."""
     out = dict(generated)
     out.update({f"real_{k}": v for k, v in real.items() if not k.startswith("class_fd")})
-    g, r = generated.get("fd_domain", float("nan")), real.get("fd_domain", float("nan"))
-    if np.isfinite(g) and np.isfinite(r) and r > 0:
-        out["fd_domain_over_real"] = g / r
-        rel = np.hypot(generated["fd_domain_sd"] / g if g > 0 else 0.0, real["fd_domain_sd"] / r)
-        out["fd_domain_over_real_sd"] = float(g / r * rel)
+    out.update(over_real("fd_domain", generated, real))
     if "class_fd" in generated and "class_fd" in real:
         ratios = {
             name: (v / real["class_fd"][name] if v is not None and real["class_fd"].get(name) else None)
@@ -356,16 +364,22 @@ def score(reference: Reference, draws: list[tuple[np.ndarray, np.ndarray | None]
     return out
 
 
-def detector(reference: Reference, test: Split, test_images: np.ndarray) -> Detector:
+def images_of(reference: Reference) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 (N, H, W, C) images of the reference's train features (in their order) and of the
+    validation split: read once, for the spectrum and the copy detector."""
+    train = PreparedDataset(reference.cfg.paths.prepared, part="train")
+    val = PreparedDataset(reference.cfg.paths.prepared, part="validation")
+    return train.images.read_many(train.indices[reference.train_index]), val.images.read_many(val.indices)
+
+
+def detector(
+    reference: Reference, test: Split, test_images: np.ndarray, train_images: np.ndarray, val_images: np.ndarray
+) -> Detector:
     """The copy detector: the train images of the reference, held-out = validation + test."""
-    cfg = reference.cfg
-    train = PreparedDataset(cfg.paths.prepared, part="train")
-    val = PreparedDataset(cfg.paths.prepared, part="validation")
-    train_images = train.images.read_many(train.indices[reference.train_index])
-    held_images = np.concatenate([val.images.read_many(val.indices), test_images])
+    held_images = np.concatenate([val_images, test_images])
     held_features = np.concatenate([reference.split.features, test.features])
     return build_detector(
-        reference.train_features, train_images, held_features, held_images, reference.cells, cfg.eval.seed
+        reference.train_features, train_images, held_features, held_images, reference.cells, reference.cfg.eval.seed
     )
 
 
@@ -432,12 +446,13 @@ def evaluate_generator(
                     first = (features, probs, images, codes)
         results[split.name] = score(reference.with_split(split), draws, cfg.eval.seed + base)
     metrics: dict[str, Any] = results["test"]
-    metrics.update(spectra(reference.with_split(test), test_images, test_draws, cfg.eval.seed + 1))
+    train_images, val_images = images_of(reference)
+    metrics.update(spectra(reference.with_split(test), test_images, train_images, test_draws, cfg.eval.seed + 1))
     metrics["validation"] = {k: v for k, v in results["validation"].items() if not isinstance(v, dict)}
     assert first is not None
     features, probs, images, codes = first
     samples = to_uint8(images)
-    metrics.update(detector(reference, test, test_images).check(features, samples))
+    metrics.update(detector(reference, test, test_images, train_images, val_images).check(features, samples))
     if probs is not None:
         counts = np.bincount(probs.argmax(1), minlength=len(reference.class_names))
         metrics["class_freq"] = {name: float(c / len(probs)) for name, c in zip(reference.class_names, counts)}
@@ -506,13 +521,12 @@ def score_images(cfg: Config, images: np.ndarray, labels: np.ndarray | None, spl
     draws = [(features[i], None if probs is None else probs[i]) for i in index]
     seed = cfg.eval.seed + (1 if split is test else 1000)
     metrics = score(reference.with_split(split), draws, seed)
-    if split is test:
-        reference_images = test_images
-    else:
-        val = PreparedDataset(cfg.paths.prepared, part="validation")
-        reference_images = val.images.read_many(val.indices)
-    metrics.update(spectra(reference.with_split(split), reference_images, [images[i] for i in index], seed))
-    metrics.update(detector(reference, test, test_images).check(features[index[0]], images[index[0]]))
+    train_images, val_images = images_of(reference)
+    reference_images = test_images if split is test else val_images
+    generated = [images[i] for i in index]
+    metrics.update(spectra(reference.with_split(split), reference_images, train_images, generated, seed))
+    detect = detector(reference, test, test_images, train_images, val_images)
+    metrics.update(detect.check(features[index[0]], images[index[0]]))
     metrics["eval_dtype"] = "float32"
     return finite(metrics)
 

@@ -2,8 +2,8 @@
 
 Every function takes features (N, D) float64 from the domain encoder (ganflow.evaluation) and
 returns plain floats, except the power spectrum (radial_power, spectrum_gap), which reads pixels:
-it needs no encoder, so it cannot share an encoder's blind spots. What each number means, and which way is better, is in METRICS below (the
-README's metric table says the same for users).
+it needs no encoder, so it cannot share an encoder's blind spots. What each number means, and
+which way is better, is in METRICS below (the README's metric table says the same for users).
 """
 
 from __future__ import annotations
