@@ -61,6 +61,8 @@ if mode == "local":
 else:
     import ray
     from ganflow.ingest import StreamedBatches, shards_root, train_dataset
+    from ganflow.raycluster import set_ray_env
+    set_ray_env()  # as a stage's own Ray: workers at normal priority
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     ds = train_dataset(cfg, shards_root(cfg))
     ds.context.execution_options.preserve_order = True

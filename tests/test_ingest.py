@@ -39,13 +39,21 @@ def epochs(ds, count: int) -> list[tuple[list[str], np.ndarray]]:
 
 @pytest.fixture(scope="module")
 def local_ray():
+    """An in-process local Ray with the settings a stage's own Ray gets (RAY_ENV_DEFAULTS: above all
+    RAY_worker_niceness 0; at Ray's nice 15 Ray Data's coordinator actor took 50 s to start
+    beside two busy loops, against 2 s idle)."""
     import ray
 
-    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
-    try:
-        yield
-    finally:
-        ray.shutdown()
+    from ganflow.raycluster import RAY_ENV_DEFAULTS
+
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in RAY_ENV_DEFAULTS.items():
+            env.setenv(key, value)
+        ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+        try:
+            yield
+        finally:
+            ray.shutdown()
 
 
 def test_ray_data_streams_the_train_split_reshuffled_each_epoch_reproducibly(tmp_path, local_ray):
