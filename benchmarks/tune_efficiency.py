@@ -1,6 +1,8 @@
-"""Does the sweep pick rates that last? The old rule against the new one, on one sweep, in one run.
+"""Does the sweep pick rates that last? The old rule against the new one, on one sweep, in one run;
+with --grid, how early a trial ranks rates as the full budget does.
 
     .venv/bin/python benchmarks/tune_efficiency.py [--params params.yaml] [--smoke]
+    .venv/bin/python benchmarks/tune_efficiency.py --grid [--points 3] [--lr-range 1e-5,1e-2] [--seeds 2]
 
 Runs the real tune stage (ASHA, one TorchTrainer per trial, each trial with its own seed) on the
 project's prepared data and encoder, in a scratch store. From the same trials it takes two picks:
@@ -10,7 +12,17 @@ Then it trains each pick for train.epochs, as the train stage does, and scores t
 generator on the held-out images as the evaluate stage does. Prints both rows; when the two rules
 pick the same trial it says so and trains once. Needs `dvc repro encoder` first. --smoke: in a
 scratch folder of its own (digits prepared at 16 px, a 1-epoch encoder), 2 trials of 2 epochs,
-narrow networks, trainings of 2 epochs (checks the script runs, not the figures).
+narrow networks, trainings of 2 epochs, then a 2x2 grid of 2-tick trials (checks the script runs,
+not the figures).
+
+--grid: the tune stage's own sweep with tune.search: grid (--points log-spaced rates per optimizer
+over --lr-range, every pair) and no early stopping, each trial trained for the whole train.kimg
+and evaluated every train.tick_kimg, once per seed (tune.seed 0, 1, ...). A trial's first t ticks
+are what an ASHA or PBT trial of t ticks would have seen (nothing in the loop depends on the
+budget), so one grid answers for every rung: per tick it prints the Spearman correlation, over
+the grid's points, between fd_recent at that tick and at the end (both the mean over seeds, on
+the validation split; a diverged point ranks last). Then the grid itself: each point's final
+fd_recent, mean and sd over seeds.
 """
 
 from __future__ import annotations
@@ -22,6 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 from _scratch import score_exported, scratch, smoke_data
 
 from ganflow.config import load_config
@@ -49,10 +62,65 @@ def train_and_score(cfg, lr_g: float, lr_d: float) -> dict:
     return score_exported(cfg)
 
 
+def grid_sweeps(cfg, workdir: Path, points: int, low: float, high: float, seeds: int) -> list[list[dict]]:
+    """Per seed, the trials of a full-budget grid sweep (the trials.json rows, in grid order)."""
+    import mlflow
+
+    grid = cfg.model_copy(deep=True)
+    t = grid.tune
+    t.search, t.grid_points, t.scheduler = "grid", points, "asha"
+    t.lr_g_min = t.lr_d_min = low
+    t.lr_g_max = t.lr_d_max = high
+    t.kimg, t.tick_kimg = grid.train.kimg, grid.train.tick_kimg
+    t.grace_period = 10**6  # ASHA's first rung past the end: no trial is stopped
+    grid.train.epochs = None
+    sweeps = []
+    for seed in range(seeds):
+        t.seed = seed
+        seeded = scratch(grid, workdir / f"grid-seed{seed}")
+        best = run_sweep(seeded)
+        mlflow.set_tracking_uri(f"sqlite:///{seeded.paths.mlflow_db}")
+        trials = json.loads(mlflow.artifacts.load_text(f"runs:/{best.sweep_run_id}/trials.json"))
+        sweeps.append(sorted(trials, key=lambda r: (r["lr_g"], r["lr_d"])))
+    return sweeps
+
+
+def rank_table(sweeps: list[list[dict]], tick_kimg: float) -> None:
+    """Spearman, per tick, between fd_recent at that tick and at the end (means over seeds)."""
+    from scipy.stats import spearmanr
+
+    def recent(trial: dict, tick: int) -> float:
+        history = trial["fd_history"][:tick]
+        if len(history) < tick or not all(np.isfinite(history[-2:])):
+            return float("inf")  # diverged (or stopped) before this tick: ranks last
+        return float(np.mean(history[-2:]))
+
+    ticks = max(len(trial["fd_history"]) for sweep in sweeps for trial in sweep)
+    points = len(sweeps[0])
+    final = [np.mean([recent(sweep[i], ticks) for sweep in sweeps]) for i in range(points)]
+    print(f"\nrank agreement with the full budget ({ticks} ticks of {tick_kimg:g} kimg), over {points} grid points")
+    print(f"{'tick':>5s} {'~kimg':>6s} {'spearman':>9s}")
+    for tick in range(1, ticks + 1):
+        early = [np.mean([recent(sweep[i], tick) for sweep in sweeps]) for i in range(points)]
+        rho = spearmanr(early, final).statistic
+        print(f"{tick:5d} {tick * tick_kimg:6.1f} {rho:9.2f}")
+    print(
+        f"\n{'lr_g':>9s} {'lr_d':>9s} {'final fd_recent':>16s}   (validation split, mean ± sd over {len(sweeps)} seeds)"
+    )
+    for i in range(points):
+        values = [recent(sweep[i], ticks) for sweep in sweeps]
+        shown = f"{np.mean(values):8.3f} ± {np.std(values):5.3f}" if all(np.isfinite(values)) else "diverged"
+        print(f"{sweeps[0][i]['lr_g']:9.3g} {sweeps[0][i]['lr_d']:9.3g} {shown:>16s}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--smoke", action="store_true", help="tiny: checks the script runs")
+    parser.add_argument("--grid", action="store_true", help="the rank-agreement table of a full-budget grid")
+    parser.add_argument("--points", type=int, default=3, help="--grid: rates per optimizer")
+    parser.add_argument("--lr-range", default="1e-5,1e-2", help="--grid: lowest,highest rate")
+    parser.add_argument("--seeds", type=int, default=2, help="--grid: sweeps, one per tune.seed")
     args = parser.parse_args()
     cfg = load_config(args.params)
     with tempfile.TemporaryDirectory() as tmp:
@@ -60,6 +128,17 @@ def main() -> int:
             cfg.tune.num_samples, cfg.tune.kimg, cfg.tune.tick_kimg, cfg.tune.grace_period = 2, 2.4, 1.0, 1
             cfg.train.epochs, cfg.train.tick_kimg = 2, 1.0
             smoke_data(cfg, Path(tmp))
+        if args.grid or args.smoke:
+            low, high = (float(v) for v in args.lr_range.split(","))
+            grid_cfg = cfg.model_copy(deep=True)
+            if args.smoke:
+                grid_cfg.train.kimg, args.points, args.seeds = 2.4, 2, 1
+            started = time.perf_counter()
+            sweeps = grid_sweeps(grid_cfg, Path(tmp), args.points, low, high, args.seeds)
+            rank_table(sweeps, grid_cfg.train.tick_kimg)
+            print(f"grid wall time {time.perf_counter() - started:.0f} s")
+            if args.grid:
+                return 0
         sweep_cfg = scratch(cfg, Path(tmp) / "sweep")
         started = time.perf_counter()
         best = run_sweep(sweep_cfg)

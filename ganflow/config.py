@@ -210,14 +210,27 @@ class TuneConfig(Section):
     lr_g_max: float = Field(6e-4, gt=0.0)
     lr_d_min: float = Field(5e-4, gt=0.0)
     lr_d_max: float = Field(6e-4, gt=0.0)
-    search: Literal["random", "optuna"] = "random"
+    # random | optuna (TPE) | grid: tune.grid_points log-spaced rates per optimizer, every pair once
+    search: Literal["random", "optuna", "grid"] = "random"
+    grid_points: int = Field(3, ge=2)
+    # asha: stops the worst trials at rungs | pbt: population-based training, every member trains
+    # tune.kimg while the worst copy the best's weights and perturb their rates every pbt_interval ticks
+    scheduler: Literal["asha", "pbt"] = "asha"
+    pbt_interval: int = Field(2, ge=1)  # ticks between PBT's exploit/explore steps
     max_concurrent_trials: int | None = Field(None, gt=0)  # None: derived from the cluster
     grace_period: int = Field(2, ge=1)  # ticks a trial runs before ASHA may stop it
     reduction_factor: int = Field(2, ge=2)
     seed: int = Field(0, ge=0)
 
+    @property
+    def trials(self) -> int:
+        """How many trials a sweep runs: every grid pair, else num_samples."""
+        return self.grid_points**2 if self.search == "grid" else self.num_samples
+
     @model_validator(mode="after")
     def _ranges(self) -> TuneConfig:
+        if self.scheduler == "pbt" and self.search == "optuna":
+            raise _FieldError("search", "pbt explores the rates itself: use random or grid with it")
         for name in ("lr_g", "lr_d"):
             lo, hi = getattr(self, f"{name}_min"), getattr(self, f"{name}_max")
             if lo >= hi:
@@ -323,6 +336,11 @@ class Config(Section):
             raise _FieldError(
                 "train.batch_size",
                 f"must be divisible by cluster.num_workers ({self.cluster.num_workers})",
+            )
+        if self.tune.enabled and self.tune.scheduler == "pbt" and self.cluster.num_workers > 1:
+            # a multi-worker trial is a TorchTrainer, whose checkpoints Train V2 keeps from Tune
+            raise _FieldError(
+                "tune.scheduler", "pbt needs one-worker trials (cluster.num_workers: 1); use asha with several workers"
             )
         return self
 

@@ -158,8 +158,13 @@ def start_training_run(
     else:
         name = f"trial {trial} {lrs}"
         what = (
-            f"Trial {trial} of {cfg.tune.num_samples} of a learning-rate sweep (parent run "
-            f"{tags.get('sweep_id', '?')}), {lrs}: up to {budget} (ASHA may stop it early)"
+            f"Trial {trial} of {cfg.tune.trials} of a learning-rate sweep (parent run "
+            f"{tags.get('sweep_id', '?')}), {lrs}: up to {budget} "
+            + (
+                "(ASHA may stop it early)"
+                if cfg.tune.scheduler == "asha"
+                else f"(PBT may replace its weights and rates every {cfg.tune.pbt_interval} ticks: see its lr_g/lr_d metrics)"
+            )
         )
     note = (
         f"{what}, {_workers_text(cfg)}, {cfg.train.loss} loss, augment {cfg.train.augment}; fd_domain "
@@ -177,14 +182,19 @@ def start_sweep_run(client: Any, experiment_id: str, cfg: Config, tags: dict[str
     """Create a sweep's parent run (its trials are nested under it); its ``sweep_id`` tag is its
     own id, as its trials' is. Returns the run id."""
     t = cfg.tune
+    scheduler = (
+        f"ASHA grace period {t.grace_period}, reduction factor {t.reduction_factor}"
+        if t.scheduler == "asha"
+        else f"population-based training, exploit/explore every {t.pbt_interval} ticks"
+    )
     note = (
-        f"Learning-rate sweep: {t.num_samples} trials ({t.search} search, ASHA grace period {t.grace_period}, "
-        f"reduction factor {t.reduction_factor}, in ticks of {t.tick_kimg:g} kimg) of up to {t.kimg:g} kimg each, lr_g log-uniform in "
+        f"Learning-rate sweep: {t.trials} trials ({t.search} search, {scheduler}, "
+        f"in ticks of {t.tick_kimg:g} kimg) of up to {t.kimg:g} kimg each, lr_g log-uniform in "
         f"[{lr_text(t.lr_g_min)}, {lr_text(t.lr_g_max)}], lr_d in [{lr_text(t.lr_d_min)}, {lr_text(t.lr_d_max)}]; "
         f"objective: the in-training fd_domain (lower is better). One nested run per trial; "
         f"each trial: {_workers_text(cfg)}.\n\n{_data_text(cfg)}"
     )
-    run_id = start_run(client, experiment_id, cfg, f"tune {t.num_samples} trials", {**tags, NOTE_TAG: note})
+    run_id = start_run(client, experiment_id, cfg, f"tune {t.trials} trials", {**tags, NOTE_TAG: note})
     client.set_tag(run_id, "sweep_id", run_id)
     return run_id
 

@@ -64,18 +64,21 @@ class RayTrainSession:
 
 class TrialSession:
     """The loop run by a Ray Tune trial itself (a sweep's single-worker trials): one process, no
-    DDP, metrics straight to Tune, and no checkpoints (a sweep always starts fresh and keeps only
-    the trials' rates). Saves each trial a TorchTrainer: its controller, synchronisation and
-    placement-group actors, and a worker process that imports torch again."""
+    DDP, metrics straight to Tune. Saves each trial a TorchTrainer: its controller,
+    synchronisation and placement-group actors, and a worker process that imports torch again.
+    Checkpoints only under population-based training (``checkpoints``), which restarts a trial
+    from another's checkpoint with new rates; ASHA's trials keep nothing but their rates."""
 
-    checkpoints = False
     rank, world = 0, 1
 
-    def __init__(self, use_gpu: bool) -> None:
+    def __init__(self, use_gpu: bool, checkpoints: bool = False) -> None:
         self.device = torch.device("cuda" if use_gpu else "cpu")  # Ray gave this trial its GPU
+        self.checkpoints = checkpoints
 
     def get_checkpoint(self):
-        return None
+        import ray.tune
+
+        return ray.tune.get_checkpoint() if self.checkpoints else None
 
     def prepare(self, model: nn.Module, **ddp_kwargs: Any) -> nn.Module:
         return model  # build_state put it on self.device; one process: nothing to wrap
@@ -83,7 +86,7 @@ class TrialSession:
     def report(self, metrics: dict[str, Any], directory: str | None = None) -> None:
         import ray.tune
 
-        ray.tune.report(metrics)
+        ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(directory) if directory else None)
 
 
 def local_batches(cfg: Config, rank: int, world: int, batch_size: int, device: torch.device):
@@ -269,6 +272,7 @@ def run_loop(config: dict[str, Any], session: RayTrainSession | TrialSession) ->
             evaluated = {k: row[k] for k in EVAL_METRICS if k in row}
             epoch_means = {f"epoch_{k}": v for k, v in row.items() if k not in evaluated and k != "epoch"}
             logger.log_metrics({**epoch_means, **evaluated}, step=state.epoch)
+            logger.log_metrics({"lr_g": lr_g, "lr_d": lr_d}, step=state.epoch)  # PBT changes them between ticks
             logger.log_metrics({"epoch": float(state.epoch)}, step=state.epoch)  # last: marks the tick done
             logger.flush()
             fd = f"  fd_domain {row['fd_domain']:.3f}" if "fd_domain" in row else ""
@@ -302,7 +306,7 @@ def run_loop(config: dict[str, Any], session: RayTrainSession | TrialSession) ->
                 }
                 save_checkpoint(state, cfg, Path(tmp), meta)
                 ckpt = tmp
-            session.report({**row, "diverged": ""}, ckpt)
+            session.report({**row, "lr_g": lr_g, "lr_d": lr_d, "diverged": ""}, ckpt)
         tick_started = time.perf_counter()
     if logger is not None:
         logger.close()  # last retries of anything the store refused; counted on the run if lost

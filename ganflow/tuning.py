@@ -75,6 +75,7 @@ def trial_config(cfg: Config) -> Config:
     trial = cfg.model_copy(deep=True)
     trial.train.kimg, trial.train.epochs, trial.train.tick_kimg = cfg.tune.kimg, None, cfg.tune.tick_kimg
     trial.eval.every = 1
+    trial.train.checkpoint_every = 1  # PBT copies the latest checkpoint of a better member
     if trial.cluster.cpus_per_worker == "auto":  # one CPU per worker: trials run side by side
         trial.cluster.cpus_per_worker = 1.0
     return trial
@@ -98,7 +99,7 @@ def search_algorithm(cfg: Config, concurrent: int):
     TuneConfig.max_concurrent_trials: it must be told itself)."""
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
-    if cfg.tune.search == "random":
+    if cfg.tune.search in ("random", "grid"):  # grid: the space's grid_search values, every pair once
         return BasicVariantGenerator(random_state=cfg.tune.seed, max_concurrent=concurrent)
     try:
         import optuna  # noqa: F401
@@ -176,7 +177,7 @@ def _trial(
         "sweep_id": parent_run_id,
         **provenance_tags,  # computed in the driver: a trial may run where the git checkout is not
     }
-    run_id = start_training_run(
+    run_id = _member_run(client, experiment_id, parent_run_id, context.get_trial_id()) or start_training_run(
         client, experiment_id, cfg, lr_g, lr_d, tags, trial=trial_number(context.get_trial_id())
     )
     train_config = {
@@ -190,7 +191,8 @@ def _trial(
     }
     try:
         if trains_in_trial(cfg):
-            outcome = run_loop(train_config, TrialSession(cfg.cluster.use_gpu))  # torch threads: cpus_per_worker
+            session = TrialSession(cfg.cluster.use_gpu, checkpoints=cfg.tune.scheduler == "pbt")
+            outcome = run_loop(train_config, session)  # torch threads: cpus_per_worker
         else:
             result = fit(
                 cfg,
@@ -214,6 +216,63 @@ def _trial(
         client.set_tag(run_id, "ganflow.failure", diverged)
     client.set_tag(run_id, "ganflow.trial_status", "diverged" if diverged else "finished")
     client.set_terminated(run_id, status="FAILED" if diverged else "FINISHED")
+
+
+def _member_run(client: Any, experiment_id: str, parent: str, trial_id: str) -> str | None:
+    """The MLflow run this trial already has: PBT restarts a member (from a better member's
+    checkpoint, with new rates) in a new process, and the member keeps one run, whose lr_g/lr_d
+    metrics are then its schedule. None for a trial's first start."""
+    found = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent}' and tags.`ganflow.trial_id` = '{trial_id}'",
+        max_results=1,
+    )
+    if not found:
+        return None
+    run_id = found[0].info.run_id
+    client.update_run(run_id, status="RUNNING")  # Tune paused it: its run may have been closed
+    return run_id
+
+
+def search_space(cfg: Config) -> dict[str, Any]:
+    """(lr_g, lr_d): log-uniform over tune.lr_*_min..max, or tune.grid_points log-spaced values each."""
+    from ray import tune
+
+    space = {}
+    for name in ("lr_g", "lr_d"):
+        lo, hi = getattr(cfg.tune, f"{name}_min"), getattr(cfg.tune, f"{name}_max")
+        if cfg.tune.search == "grid":
+            space[name] = tune.grid_search([float(v) for v in np.geomspace(lo, hi, cfg.tune.grid_points)])
+        else:
+            space[name] = tune.loguniform(lo, hi)
+    return space
+
+
+def scheduler_of(cfg: Config, ticks: int):
+    """ASHA (stops the worst trials at rungs of grace_period * reduction_factor^k ticks) or
+    population-based training: every pbt_interval ticks the bottom quarter of the members load
+    a top-quarter member's checkpoint and continue with its rates perturbed (x0.8 or x1.2, or
+    resampled from the range), re-applied to both optimizers by load_checkpoint."""
+    from ray import tune
+
+    if cfg.tune.scheduler == "pbt":
+        return tune.schedulers.PopulationBasedTraining(
+            time_attr="training_iteration",  # one iteration = one report = one tick
+            perturbation_interval=min(cfg.tune.pbt_interval, ticks),
+            hyperparam_mutations={
+                "lr_g": tune.loguniform(cfg.tune.lr_g_min, cfg.tune.lr_g_max),
+                "lr_d": tune.loguniform(cfg.tune.lr_d_min, cfg.tune.lr_d_max),
+            },
+            quantile_fraction=0.25,
+            resample_probability=0.25,
+            synch=True,  # members are compared at the same tick, not one ahead of another
+        )
+    return tune.schedulers.ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=ticks,  # one iteration = one report = one tick
+        grace_period=min(cfg.tune.grace_period, ticks),
+        reduction_factor=cfg.tune.reduction_factor,
+    )
 
 
 def run_sweep(cfg: Config) -> Best:
@@ -255,27 +314,26 @@ def run_sweep(cfg: Config) -> Best:
         provenance_tags=provenance(trial_cfg, "tune"),
         inputs=worker_inputs(cfg, "local"),
     )
-    space = {
-        "lr_g": tune.loguniform(cfg.tune.lr_g_min, cfg.tune.lr_g_max),
-        "lr_d": tune.loguniform(cfg.tune.lr_d_min, cfg.tune.lr_d_max),
-    }
-    scheduler = tune.schedulers.ASHAScheduler(
-        time_attr="training_iteration",
-        max_t=ticks,  # one iteration = one report = one tick
-        grace_period=min(cfg.tune.grace_period, ticks),
-        reduction_factor=cfg.tune.reduction_factor,
-    )
     tuner = tune.Tuner(
         tune.with_resources(trainable, trial_resources(trial_cfg)),
-        param_space=space,
+        param_space=search_space(cfg),
         tune_config=tune.TuneConfig(
             metric="fd_recent",
             mode="min",
-            num_samples=cfg.tune.num_samples,
-            scheduler=scheduler,
+            num_samples=1 if cfg.tune.search == "grid" else cfg.tune.num_samples,  # a grid: each pair once
+            scheduler=scheduler_of(cfg, ticks),
             search_alg=search,
         ),
-        run_config=ray.tune.RunConfig(name=name, storage_path=storage, verbose=0, callbacks=[_orphan_sweeper()]),
+        run_config=ray.tune.RunConfig(
+            name=name,
+            storage_path=storage,
+            verbose=0,
+            callbacks=[_orphan_sweeper()],
+            # a trial at its last tick is done before the scheduler sees its report: else PBT
+            # would exploit a finished member and restart it for nothing
+            stop={"training_iteration": ticks},
+            checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=2),  # PBT's: the latest is what it copies
+        ),
     )
     with stop_on_signals(
         f"tune (MLflow sweep run {parent})", on_deadline=lambda: _mark_interrupted(client, parent)
@@ -291,10 +349,10 @@ def run_sweep(cfg: Config) -> Best:
             ) from None
     release_placement_groups_after_sweep()
     ended = results.num_terminated + results.num_errors
-    if len(results) < cfg.tune.num_samples or ended < len(results):  # stopped from outside (e.g. SIGUSR1)
+    if len(results) < cfg.tune.trials or ended < len(results):  # stopped from outside (e.g. SIGUSR1)
         _mark_interrupted(client, parent)
         raise Interrupted(
-            f"tune: the sweep ended early ({ended} of {cfg.tune.num_samples} trials ended); "
+            f"tune: the sweep ended early ({ended} of {cfg.tune.trials} trials ended); "
             f"MLflow sweep run {parent} marked KILLED; nothing written"
         )
     best = summarise(cfg, client, parent, results, ticks)
@@ -330,18 +388,27 @@ def summarise(cfg: Config, client: Any, parent: str, results: Any, ticks: int) -
     for result in results:
         frame = result.metrics_dataframe
         fds = list(frame["fd_domain"]) if frame is not None and "fd_domain" in frame else []
-        finite = all(math.isfinite(v) for v in fds[-2:])
+        # the loop's fd_recent: the mean of the last two evaluations of the weights' whole lineage
+        # (a PBT member's table lacks the ticks before its last restart)
+        recent = (result.metrics or {}).get("fd_recent")
+        finite = fds and math.isfinite(fds[-1]) and recent is not None and math.isfinite(recent)
         # a trial whose process died before its first report has no recorded config
         config = result.config or {}
         trials.append(
             {
                 "lr_g": float(config["lr_g"]) if "lr_g" in config else None,
                 "lr_d": float(config["lr_d"]) if "lr_d" in config else None,
-                "fd": float(np.mean(fds[-2:])) if fds and finite else None,
-                "fd_history": fds,
-                "epoch": len(fds) if fds else None,
-                "epochs": 0 if frame is None else len(frame),
+                "fd": float(recent) if finite else None,
+                "fd_history": fds,  # this process's reports
+                "epoch": _ticks_reached(result) if fds else None,
+                "epochs": _ticks_reached(result),
                 "error": str(result.error).splitlines()[0] if result.error else None,
+                # the rates of each report: constant under ASHA, PBT's schedule for its members
+                "lr_schedule": (
+                    [[float(g), float(d)] for g, d in zip(frame["lr_g"], frame["lr_d"])]
+                    if frame is not None and "lr_g" in frame
+                    else []
+                ),
             }
         )
     stopped = _close_trial_runs(client, parent, results, ticks)
@@ -370,6 +437,16 @@ def summarise(cfg: Config, client: Any, parent: str, results: Any, ticks: int) -
     return summary
 
 
+def _ticks_reached(result: Any) -> int:
+    """How many ticks a trial reported, its lineage's included: a PBT member restarted from
+    another's checkpoint goes on counting from there, while its metrics table keeps only the
+    rows of its own process."""
+    iteration = (result.metrics or {}).get("training_iteration")
+    if iteration is not None:
+        return int(iteration)
+    return 0 if result.metrics_dataframe is None else len(result.metrics_dataframe)
+
+
 def _close_trial_runs(client: Any, parent: str, results: Any, ticks: int) -> int:
     """Trials that Tune ended were killed mid-fit, leaving their runs RUNNING: mark those ASHA
     stopped early KILLED (tag ganflow.trial_status = "stopped early (ASHA)"), those that ran
@@ -385,7 +462,7 @@ def _close_trial_runs(client: Any, parent: str, results: Any, ticks: int) -> int
         )
         if run is None or run.info.status != "RUNNING":
             continue
-        epochs = 0 if result.metrics_dataframe is None else len(result.metrics_dataframe)
+        epochs = _ticks_reached(result)
         if result.error is not None:
             status, note = "FAILED", "error"
         elif epochs < ticks:

@@ -33,7 +33,13 @@ EXPECTED = {
         rf"cost\s+evaluation {NUMBER} s",
     ],
     "scaling.py": [rf"1 worker, 1 node\s+{NUMBER}\s+1\.00", rf"2 workers, 2 nodes\s+{NUMBER}\s+{NUMBER}"],
-    "tune_efficiency.py": [rf"old: min over epochs\s+{NUMBER}", rf"new: mean of last two\s+{NUMBER}"],
+    "tune_efficiency.py": [
+        rf"old: min over epochs\s+{NUMBER}",
+        rf"new: mean of last two\s+{NUMBER}",
+        r"rank agreement with the full budget \(2 ticks of 1 kimg\), over 4 grid points",
+        rf"\n\s+2\s+2\.0\s+-?{NUMBER}\n",
+        r"grid wall time \d+ s",
+    ],
     "quality.py": [
         r"digits: the project's prepared digits",
         rf"default\s+{NUMBER} kimg\s+{NUMBER}\s+{NUMBER}\s+-?{NUMBER}\s+{NUMBER}\s+{NUMBER}",

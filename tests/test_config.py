@@ -73,11 +73,26 @@ def test_empty_file_gives_the_defaults(tmp_path):
             "params.yaml: train.batch_size: must be divisible by cluster.num_workers (4)",
         ),
         ("tune:\n  lr_g_min: 1e-2\n  lr_g_max: 1e-3\n", "params.yaml: tune.lr_g_max: must be > lr_g_min (0.01)"),
+        (
+            "tune:\n  scheduler: pbt\n  search: optuna\n",
+            "params.yaml: tune.search: pbt explores the rates itself: use random or grid with it",
+        ),
+        (
+            "tune:\n  scheduler: pbt\ncluster:\n  num_workers: 2\n",
+            "params.yaml: tune.scheduler: pbt needs one-worker trials (cluster.num_workers: 1); use asha with several workers",
+        ),
+        ("tune:\n  scheduler: bohb\n", "params.yaml: tune.scheduler: must be one of 'asha' or 'pbt', got 'bohb'"),
     ],
 )
 def test_bad_values_name_file_key_and_reason(tmp_path, text, expected):
     path = write(tmp_path, text)
     assert error_of(path) == expected.replace("params.yaml", str(path), 1)
+
+
+def test_a_grid_runs_every_pair_of_its_points(tmp_path):
+    cfg = load_config(write(tmp_path, "tune:\n  search: grid\n  grid_points: 3\n  num_samples: 4\n"))
+    assert cfg.tune.trials == 9
+    assert load_config(write(tmp_path, "tune:\n  num_samples: 4\n")).tune.trials == 4
 
 
 def test_several_errors_are_counted_on_one_line(tmp_path):

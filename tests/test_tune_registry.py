@@ -114,6 +114,33 @@ def test_train_used_the_tuned_learning_rates(swept):
     assert float(run.data.params["lr_g"]) == best["lr_g"] and float(run.data.params["lr_d"]) == best["lr_d"]
 
 
+def test_population_based_training_copies_the_better_member_and_perturbs_its_rates(tmp_path):
+    """tune.scheduler: pbt with two members: at every tick the worse one loads the better one's
+    checkpoint and goes on with perturbed rates; both train the whole budget, each member keeps
+    one MLflow run whose lr_g/lr_d metrics are its schedule, and best.json holds the best
+    member's last rates."""
+    pbt = {**TUNE, "num_samples": 2, "kimg": 3.6, "scheduler": "pbt", "pbt_interval": 1, "lr_g_min": 1e-4}
+    params = make_project(tmp_path / "p", tune=pbt, train={"epochs": 1})
+    stage("tune", params)
+    best = json.loads((tmp_path / "p" / "tune" / "best.json").read_text())
+    assert best["trials"] == 2 and best["stopped_early"] == 0 and best["epoch"] == 3  # every member: every tick
+
+    client = mlflow_client(tmp_path / "p")
+    experiment = client.get_experiment_by_name("ganflow").experiment_id
+    children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{best['sweep_run_id']}'")
+    assert len(children) == 2  # a restarted member writes on in its own run
+    schedules = {}
+    for child in children:
+        assert child.info.status == "FINISHED"
+        lr_g = sorted(client.get_metric_history(child.info.run_id, "lr_g"), key=lambda m: (m.step, m.timestamp))
+        assert sorted({m.step for m in lr_g}) == [1, 2, 3]
+        schedules[child.info.run_id] = [m.value for m in lr_g]
+    # the worse member took over the better one's weights twice and changed its rates each time
+    assert any(len(set(s)) > 1 for s in schedules.values()), schedules
+    picked = [c for c in children if schedules[c.info.run_id][-1] == pytest.approx(best["lr_g"])]
+    assert picked, (best, schedules)
+
+
 def test_disabled_tune_passes_the_configured_rates_through(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text("tune:\n  enabled: false\ntrain:\n  lr_g: 3.0e-4\n  lr_d: 1.0e-4\n")
