@@ -93,6 +93,12 @@ def test_a_grid_runs_every_pair_of_its_points(tmp_path):
     cfg = load_config(write(tmp_path, "tune:\n  search: grid\n  grid_points: 3\n  num_samples: 4\n"))
     assert cfg.tune.trials == 9
     assert load_config(write(tmp_path, "tune:\n  num_samples: 4\n")).tune.trials == 4
+    from ganflow.tuning import search_space
+
+    text = "tune:\n  search: grid\n  grid_points: 4\n  lr_g_min: 1e-5\n  lr_g_max: 1e-2\n"
+    assert search_space(load_config(write(tmp_path, text)))["lr_g"]["grid_search"] == pytest.approx(
+        [1e-5, 1e-4, 1e-3, 1e-2]
+    )
 
 
 def test_several_errors_are_counted_on_one_line(tmp_path):
