@@ -391,7 +391,7 @@ def summarise(cfg: Config, client: Any, parent: str, results: Any, ticks: int) -
         # the loop's fd_recent: the mean of the last two evaluations of the weights' whole lineage
         # (a PBT member's table lacks the ticks before its last restart)
         recent = (result.metrics or {}).get("fd_recent")
-        finite = fds and math.isfinite(fds[-1]) and recent is not None and math.isfinite(recent)
+        finite = bool(fds) and math.isfinite(fds[-1]) and recent is not None and math.isfinite(recent)
         # a trial whose process died before its first report has no recorded config
         config = result.config or {}
         trials.append(
