@@ -42,12 +42,17 @@ from ganflow.training import run_training
 from ganflow.tuning import run_sweep
 
 
-def picks(cfg, sweep_run_id: str) -> dict[str, dict]:
-    """The old and the new rule's trial, from the sweep's trials.json artifact."""
+def sweep_trials(cfg, sweep_run_id: str) -> list[dict]:
+    """The rows of a sweep's trials.json artifact (ganflow.tuning.summarise)."""
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{cfg.paths.mlflow_db}")
-    trials = [t for t in json.loads(mlflow.artifacts.load_text(f"runs:/{sweep_run_id}/trials.json")) if t["fd_history"]]
+    return json.loads(mlflow.artifacts.load_text(f"runs:/{sweep_run_id}/trials.json"))
+
+
+def picks(cfg, sweep_run_id: str) -> dict[str, dict]:
+    """The old and the new rule's trial, from the sweep's trials.json artifact."""
+    trials = [t for t in sweep_trials(cfg, sweep_run_id) if t["fd_history"]]
     old = min(trials, key=lambda t: min(t["fd_history"]))
     longest = max(len(t["fd_history"]) for t in trials)
     new = min(
@@ -64,8 +69,6 @@ def train_and_score(cfg, lr_g: float, lr_d: float) -> dict:
 
 def grid_sweeps(cfg, workdir: Path, points: int, low: float, high: float, seeds: int) -> list[list[dict]]:
     """Per seed, the trials of a full-budget grid sweep (the trials.json rows, in grid order)."""
-    import mlflow
-
     grid = cfg.model_copy(deep=True)
     t = grid.tune
     t.search, t.grid_points, t.scheduler = "grid", points, "asha"
@@ -79,9 +82,7 @@ def grid_sweeps(cfg, workdir: Path, points: int, low: float, high: float, seeds:
         t.seed = seed
         seeded = scratch(grid, workdir / f"grid-seed{seed}")
         best = run_sweep(seeded)
-        mlflow.set_tracking_uri(f"sqlite:///{seeded.paths.mlflow_db}")
-        trials = json.loads(mlflow.artifacts.load_text(f"runs:/{best.sweep_run_id}/trials.json"))
-        sweeps.append(sorted(trials, key=lambda r: (r["lr_g"], r["lr_d"])))
+        sweeps.append(sorted(sweep_trials(seeded, best.sweep_run_id), key=lambda r: (r["lr_g"], r["lr_d"])))
     return sweeps
 
 

@@ -220,6 +220,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def use_ray_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ganflow's Ray settings (RAY_ENV_DEFAULTS) in this process's environment until the test ends,
+    for a Ray the test starts itself: the raylets read them (above all RAY_worker_niceness 0)."""
+    from ganflow.raycluster import RAY_ENV_DEFAULTS
+
+    for key, value in RAY_ENV_DEFAULTS.items():
+        monkeypatch.setenv(key, value)
+
+
 @pytest.fixture
 def two_nodes(monkeypatch):
     """A Ray cluster of two simulated nodes on this machine, 1 CPU each: the head (where a
@@ -228,10 +237,7 @@ def two_nodes(monkeypatch):
     training workers got a few % of a core next to a busy loop)."""
     from ray.cluster_utils import Cluster
 
-    from ganflow.raycluster import RAY_ENV_DEFAULTS
-
-    for key, value in RAY_ENV_DEFAULTS.items():
-        monkeypatch.setenv(key, value)
+    use_ray_settings(monkeypatch)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     node = cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()

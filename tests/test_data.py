@@ -373,11 +373,9 @@ def test_prepare_on_a_ray_cluster_without_cpus_says_it_waits_for_a_node(tmp_path
 
     from ray.cluster_utils import Cluster
 
-    from ganflow.raycluster import RAY_ENV_DEFAULTS
-    from tests.conftest import BIN
+    from tests.conftest import BIN, use_ray_settings
 
-    for key, value in RAY_ENV_DEFAULTS.items():
-        monkeypatch.setenv(key, value)
+    use_ray_settings(monkeypatch)
     root = tmp_path / "on-ray"
     root.mkdir()
     (root / "params.yaml").write_text(yaml.safe_dump({"data": many_shards(image_folder)}))

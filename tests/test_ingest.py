@@ -44,11 +44,10 @@ def local_ray():
     beside two busy loops, against 2 s idle)."""
     import ray
 
-    from ganflow.raycluster import RAY_ENV_DEFAULTS
+    from tests.conftest import use_ray_settings
 
     with pytest.MonkeyPatch.context() as env:
-        for key, value in RAY_ENV_DEFAULTS.items():
-            env.setenv(key, value)
+        use_ray_settings(env)
         ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
         try:
             yield
