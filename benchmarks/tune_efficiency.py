@@ -127,7 +127,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         if args.smoke:
             cfg.tune.num_samples, cfg.tune.kimg, cfg.tune.tick_kimg, cfg.tune.grace_period = 2, 2.4, 1.0, 1
-            cfg.train.epochs, cfg.train.tick_kimg = 2, 1.0
+            cfg.train.epochs, cfg.train.tick_kimg = 1, 1.0  # the picks' trainings
             smoke_data(cfg, Path(tmp))
         if args.grid or args.smoke:
             low, high = (float(v) for v in args.lr_range.split(","))
