@@ -43,10 +43,12 @@ run: $(RUN_STAMP)
 
 # make test runs the suite in TEST_WORKERS pytest processes (pytest-xdist; 0: in this process).
 # Most of a test's time is Ray and process start-up, not compute: two at once took the idle
-# 2-core suite from 26 to 19 minutes. Tests sharing a module-scoped fixture stay in one worker.
+# 2-core suite from 26 to 19 minutes. --dist loadfile keeps each test file in one worker, so a
+# module-scoped fixture (a cluster, a sweep, a server) is built once. (--dist loadgroup does not
+# group with pytest 9.2 and pytest-xdist 3.8: it renames item._nodeid, which pytest 9 no longer reads.)
 TEST_WORKERS ?= 2
 test: $(DEV_STAMP)
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-fast: $(DEV_STAMP)
 	GANFLOW_TEST_TIER=fast $(BIN)/python -m pytest -m "not slow and not ray and not server" $(PYTEST_ARGS)

@@ -204,18 +204,12 @@ def pytest_configure(config):
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     """Tests using a fixture that starts Ray or a server are marked so (make test-fast leaves them
-    out). Tests sharing a module-scoped fixture (a cluster, a sweep, a server) form one xdist
-    group, so that `-n 2 --dist loadgroup` builds that fixture once, in one worker. GPU tests run
-    where CUDA is; elsewhere they are reported as skipped, never as passed."""
+    out). GPU tests run where CUDA is; elsewhere they are reported as skipped, never as passed."""
     for item in items:
         for name in set(getattr(item, "fixturenames", ())) & set(FIXTURE_MARKS):
             item.add_marker(FIXTURE_MARKS[name])
-        defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
-        if any(d.scope in ("class", "module", "package") for chain in defs.values() for d in chain):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
     import torch
 
     if torch.cuda.is_available():
