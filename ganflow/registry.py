@@ -56,6 +56,25 @@ def _flagged(version: Any) -> bool:
     return float(version.tags.get("copying_flagged", "0")) != 0.0
 
 
+def set_alias(client: Any, name: str, alias: str, version: str, tries: int = 5) -> None:
+    """Point ``alias`` at ``version``. An MLflow server on SQLite moves an alias by deleting its
+    row and inserting the new one: two registers moving the same alias at once can make the
+    second insert fail with a UNIQUE constraint error (seen with two racing registers beside a
+    busy machine). That loser tries again; the alias ends where the last writer put it."""
+    import time
+
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(1, tries + 1):
+        try:
+            client.set_registered_model_alias(name, alias, version)
+            return
+        except MlflowException as exc:
+            if attempt == tries or "UNIQUE constraint failed" not in str(exc):
+                raise
+            time.sleep(0.2 * attempt)
+
+
 def _elect_champion(client: Any, name: str, key: str):
     """Point `champion` at the best unflagged version measured under ``key``; returns it (None
     when every such version is flagged). Reads the registry's tags only: idempotent, and two
@@ -70,7 +89,7 @@ def _elect_champion(client: Any, name: str, key: str):
     if held is not None and not beats(best.tags, held.tags):
         return held  # within the noise of latent draws: the champion stays
     if current is None or str(current.version) != str(best.version):
-        client.set_registered_model_alias(name, CHAMPION, str(best.version))
+        set_alias(client, name, CHAMPION, str(best.version))
     return best
 
 
@@ -168,7 +187,7 @@ def register(cfg: Config) -> dict[str, Any]:
         )
         created = True
     number = str(version.version)
-    client.set_registered_model_alias(name, CHALLENGER, number)
+    set_alias(client, name, CHALLENGER, number)
 
     champion = _champion(client, name)
     comparable = champion is not None and champion.tags.get(EVAL_KEY) == key

@@ -186,3 +186,34 @@ def test_two_registers_racing_on_a_tracking_server_end_with_the_best_champion(tm
         assert champion(uri) == str(best.version)
     finally:
         _stop(server.pid)
+
+
+class RacedClient:
+    """A registry client whose first ``losses`` alias moves lose a race, as on an MLflow server."""
+
+    def __init__(self, losses: int, message: str = "(sqlite3.IntegrityError) UNIQUE constraint failed: x") -> None:
+        self.losses, self.message, self.calls, self.aliases = losses, message, 0, {}
+
+    def set_registered_model_alias(self, name: str, alias: str, version: str) -> None:
+        from mlflow.exceptions import MlflowException
+
+        self.calls += 1
+        if self.calls <= self.losses:
+            raise MlflowException(f"BAD_REQUEST: {self.message}")
+        self.aliases[alias] = version
+
+
+def test_an_alias_move_that_loses_a_race_is_tried_again_and_other_errors_are_not():
+    from mlflow.exceptions import MlflowException
+
+    from ganflow.registry import set_alias
+
+    raced = RacedClient(losses=2)
+    set_alias(raced, NAME, "challenger", "3")
+    assert raced.aliases == {"challenger": "3"} and raced.calls == 3
+    with pytest.raises(MlflowException, match="UNIQUE constraint failed"):
+        set_alias(RacedClient(losses=9), NAME, "challenger", "3", tries=2)
+    other = RacedClient(losses=1, message="RESOURCE_DOES_NOT_EXIST: no such version")
+    with pytest.raises(MlflowException, match="no such version"):
+        set_alias(other, NAME, "champion", "7")
+    assert other.calls == 1
