@@ -3,6 +3,7 @@ with --grid, how early a trial ranks rates as the full budget does.
 
     .venv/bin/python benchmarks/tune_efficiency.py [--params params.yaml] [--smoke]
     .venv/bin/python benchmarks/tune_efficiency.py --grid [--points 3] [--lr-range 1e-5,1e-2] [--seeds 2]
+        [--first-seed 0] [--save grid.json] [--load grid-a.json grid-b.json ...]
 
 Runs the real tune stage (ASHA, one TorchTrainer per trial, each trial with its own seed) on the
 project's prepared data and encoder, in a scratch store. From the same trials it takes two picks:
@@ -22,7 +23,9 @@ are what an ASHA or PBT trial of t ticks would have seen (nothing in the loop de
 budget), so one grid answers for every rung: per tick it prints the Spearman correlation, over
 the grid's points, between fd_recent at that tick and at the end (both the mean over seeds, on
 the validation split; a diverged point ranks last). Then the grid itself: each point's final
-fd_recent, mean and sd over seeds.
+fd_recent, mean and sd over seeds. --save writes the trials (every tick's fd_domain) to a JSON
+file; --load prints the tables of saved grids together, training nothing, so seeds run on
+different days add up.
 """
 
 from __future__ import annotations
@@ -67,7 +70,9 @@ def train_and_score(cfg, lr_g: float, lr_d: float) -> dict:
     return score_exported(cfg)
 
 
-def grid_sweeps(cfg, workdir: Path, points: int, low: float, high: float, seeds: int) -> list[list[dict]]:
+def grid_sweeps(
+    cfg, workdir: Path, points: int, low: float, high: float, seeds: int, first_seed: int = 0
+) -> list[list[dict]]:
     """Per seed, the trials of a full-budget grid sweep (the trials.json rows, in grid order)."""
     grid = cfg.model_copy(deep=True)
     t = grid.tune
@@ -78,7 +83,7 @@ def grid_sweeps(cfg, workdir: Path, points: int, low: float, high: float, seeds:
     t.grace_period = 10**6  # ASHA's first rung past the end: no trial is stopped
     grid.train.epochs = None
     sweeps = []
-    for seed in range(seeds):
+    for seed in range(first_seed, first_seed + seeds):
         t.seed = seed
         seeded = scratch(grid, workdir / f"grid-seed{seed}")
         best = run_sweep(seeded)
@@ -114,6 +119,24 @@ def rank_table(sweeps: list[list[dict]], tick_kimg: float) -> None:
         print(f"{sweeps[0][i]['lr_g']:9.3g} {sweeps[0][i]['lr_d']:9.3g} {shown:>16s}")
 
 
+def print_saved(paths: list[Path]) -> int:
+    """The tables of grids saved with --save, their seeds together."""
+    saved = [json.loads(path.read_text()) for path in paths]
+    if len({(g["points"], tuple(g["lr_range"]), g["tick_kimg"]) for g in saved}) != 1:
+        raise SystemExit("error: --load: the saved grids differ in points, range or tick length")
+    for g in saved:
+        print(f"{g['file']}: seeds {g['seeds']}, tick_draws {g['tick_draws']}, {g['wall_s']:.0f} s, at {g['commit']}")
+    rank_table([sweep for g in saved for sweep in g["sweeps"]], saved[0]["tick_kimg"])
+    return 0
+
+
+def git_commit() -> str:
+    import subprocess
+
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return done.stdout.strip() or "unknown"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
@@ -122,8 +145,13 @@ def main() -> int:
     parser.add_argument("--points", type=int, default=3, help="--grid: rates per optimizer")
     parser.add_argument("--lr-range", default="1e-5,1e-2", help="--grid: lowest,highest rate")
     parser.add_argument("--seeds", type=int, default=2, help="--grid: sweeps, one per tune.seed")
+    parser.add_argument("--first-seed", type=int, default=0, help="--grid: the first tune.seed")
+    parser.add_argument("--save", type=Path, help="--grid: write the grid's trials to this JSON file")
+    parser.add_argument("--load", type=Path, nargs="+", help="print the tables of grids saved with --save")
     args = parser.parse_args()
     cfg = load_config(args.params)
+    if args.load:
+        return print_saved(args.load)
     with tempfile.TemporaryDirectory() as tmp:
         if args.smoke:
             cfg.tune.num_samples, cfg.tune.kimg, cfg.tune.tick_kimg, cfg.tune.grace_period = 2, 2.4, 1.0, 1
@@ -135,9 +163,27 @@ def main() -> int:
             if args.smoke:
                 grid_cfg.train.kimg, args.points, args.seeds = 2.4, 2, 1
             started = time.perf_counter()
-            sweeps = grid_sweeps(grid_cfg, Path(tmp), args.points, low, high, args.seeds)
+            sweeps = grid_sweeps(grid_cfg, Path(tmp), args.points, low, high, args.seeds, args.first_seed)
+            wall = time.perf_counter() - started
             rank_table(sweeps, grid_cfg.train.tick_kimg)
-            print(f"grid wall time {time.perf_counter() - started:.0f} s")
+            print(f"grid wall time {wall:.0f} s")
+            if args.smoke:  # the save/load round trip too
+                args.save = Path(tmp) / "grid.json"
+            if args.save:
+                saved = {
+                    "file": args.save.name,
+                    "commit": git_commit(),
+                    "points": args.points,
+                    "lr_range": [low, high],
+                    "tick_kimg": grid_cfg.train.tick_kimg,
+                    "tick_draws": grid_cfg.eval.tick_draws,
+                    "seeds": list(range(args.first_seed, args.first_seed + args.seeds)),
+                    "wall_s": wall,
+                    "sweeps": sweeps,
+                }
+                args.save.write_text(json.dumps(saved, indent=1))
+                if args.smoke:
+                    print_saved([args.save])
             if args.grid:
                 return 0
         sweep_cfg = scratch(cfg, Path(tmp) / "sweep")

@@ -287,6 +287,9 @@ class EvalConfig(Section):
     # latent draws of the generator, and train-image draws of the real baseline, that every
     # reported figure is the mean and sd of
     draws: int = Field(10, ge=2)
+    # latent draws that each in-training evaluation averages (the exported tick and the sweep's
+    # objective): one draw of a small validation split moves fd_domain by its own noise
+    tick_draws: int = Field(3, ge=1)
     seed: int = Field(0, ge=0)  # the encoder's init, the real-baseline draws, the KID subsets
     encoder_epochs: int = Field(25, gt=0)
     feature_dim: int = Field(64, gt=0)  # keep well below num_samples: a covariance is estimated

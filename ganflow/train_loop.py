@@ -331,16 +331,19 @@ def _gather_objects(value: Any, world: int) -> list[Any]:
 
 
 def evaluate_ema(state: GanState, cfg: Config, reference: Reference) -> dict[str, float]:
-    """fd_domain and KID of the EMA generator against the validation split, on one draw of its
-    size and class counts, from latent vectors fixed by eval.seed (so epochs are compared on the
-    same z)."""
-    z = codes_for(
-        reference.split, cfg.model.latent_dim, bool(state.prior), torch.Generator().manual_seed(cfg.eval.seed)
-    )
-    with torch.no_grad():
-        images = torch.cat([state.ema_g(chunk.to(state.device)).float().cpu() for chunk in z.split(500)])
-    features, _ = encode(reference.encoder, images)
-    return reference.quick(features)
+    """fd_domain and KID of the EMA generator against the validation split: the mean over
+    eval.tick_draws latent draws, each of the split's size and class counts. The latent vectors
+    come from one stream fixed by eval.seed, so every tick is scored on the same vectors, and
+    never on those the evaluate stage reports with (seeds eval.seed + 1 on)."""
+    generator = torch.Generator().manual_seed(cfg.eval.seed)
+    scores = []
+    for _ in range(cfg.eval.tick_draws):
+        z = codes_for(reference.split, cfg.model.latent_dim, bool(state.prior), generator)
+        with torch.no_grad():
+            images = torch.cat([state.ema_g(chunk.to(state.device)).float().cpu() for chunk in z.split(500)])
+        features, _ = encode(reference.encoder, images)
+        scores.append(reference.quick(features))
+    return {key: float(np.mean([s[key] for s in scores])) for key in scores[0]}
 
 
 def _quiet_ray_report_log() -> None:

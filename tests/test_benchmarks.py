@@ -39,6 +39,7 @@ EXPECTED = {
         r"rank agreement with the full budget \(2 ticks of 1 kimg\), over 4 grid points",
         rf"\n\s+2\s+2\.0\s+-?{NUMBER}\n",
         r"grid wall time \d+ s",
+        r"grid\.json: seeds \[0\], tick_draws \d+, \d+ s, at \w+",
     ],
     "quality.py": [
         r"digits: the project's prepared digits",

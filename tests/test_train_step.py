@@ -349,3 +349,41 @@ def test_mode_seeking_adds_to_g_loss_only_and_pairs_classes(tmp_path):
     assert torch.equal(state.g.codes[0][:, 8:].argmax(1), labels)
     state, _ = step(0.0, prior)
     assert torch.equal(state.g.codes[0][:, 8:].argmax(1), labels)
+
+
+def test_each_tick_is_scored_on_the_mean_of_several_fixed_latent_draws(tmp_path, monkeypatch):
+    """The exported tick and the sweep's objective rest on evaluate_ema: eval.tick_draws draws,
+    the same vectors at every tick, the first draw the one a single-draw evaluation uses."""
+    import types
+
+    import numpy as np
+
+    from ganflow import train_loop
+
+    seen: list[torch.Tensor] = []
+    monkeypatch.setattr(train_loop, "encode", lambda encoder, images: (images.flatten(1).numpy(), None))
+
+    class Split:
+        draw_size, draw_counts = 6, [3, 3]
+
+    def quick(features):
+        seen.append(torch.as_tensor(features))
+        return {"fd_domain": float(np.abs(features).mean()), "kid": float(features.mean()), "kid_std": 0.0}
+
+    reference = types.SimpleNamespace(split=Split(), quick=quick, encoder=None)
+    state = types.SimpleNamespace(ema_g=lambda z: z[:, :4], device=torch.device("cpu"), prior=None)
+
+    def evaluate(draws: int) -> dict:
+        seen.clear()
+        cfg = tiny_cfg(tmp_path, eval=dict(tick_draws=draws))
+        return train_loop.evaluate_ema(state, cfg, reference)
+
+    one = evaluate(1)
+    first = seen[0]
+    three = evaluate(3)
+    assert len(seen) == 3 and torch.equal(seen[0], first)  # draw 1 is the single-draw evaluation's
+    assert not torch.equal(seen[1], seen[0]) and not torch.equal(seen[2], seen[1])  # fresh vectors per draw
+    assert three["fd_domain"] == pytest.approx(np.mean([float(s.abs().mean()) for s in seen]))
+    assert three["fd_domain"] != one["fd_domain"]
+    again = evaluate(3)
+    assert again == three  # every tick sees the same vectors
