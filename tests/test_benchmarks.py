@@ -37,7 +37,7 @@ EXPECTED = {
         rf"old: min over epochs\s+{NUMBER}",
         rf"new: mean of last two\s+{NUMBER}",
         r"rank agreement with the full budget \(2 ticks of 1 kimg\), over 4 grid points",
-        rf"\n\s+2\s+2\.0\s+-?{NUMBER}\n",
+        rf"\n\s+2\s+2\.0\s+-?{NUMBER}\s+(?:-?{NUMBER}|nan)\n",
         r"grid wall time \d+ s",
         r"grid\.json: seeds \[0\], tick_draws \d+, \d+ s, at \w+",
     ],
