@@ -41,6 +41,7 @@ import numpy as np
 from _scratch import score_exported, scratch, smoke_data
 
 from ganflow.config import load_config
+from ganflow.tracking import git_commit
 from ganflow.training import run_training
 from ganflow.tuning import run_sweep
 
@@ -128,17 +129,10 @@ def print_saved(paths: list[Path]) -> int:
     saved = [json.loads(path.read_text()) for path in paths]
     if len({(g["points"], tuple(g["lr_range"]), g["tick_kimg"]) for g in saved}) != 1:
         raise SystemExit("error: --load: the saved grids differ in points, range or tick length")
-    for g in saved:
-        print(f"{g['file']}: seeds {g['seeds']}, tick_draws {g['tick_draws']}, {g['wall_s']:.0f} s, at {g['commit']}")
+    for path, g in zip(paths, saved):
+        print(f"{path.name}: seeds {g['seeds']}, tick_draws {g['tick_draws']}, {g['wall_s']:.0f} s, at {g['commit']}")
     rank_table([sweep for g in saved for sweep in g["sweeps"]], saved[0]["tick_kimg"])
     return 0
-
-
-def git_commit() -> str:
-    import subprocess
-
-    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return done.stdout.strip() or "unknown"
 
 
 def main() -> int:
@@ -175,8 +169,7 @@ def main() -> int:
                 args.save = Path(tmp) / "grid.json"
             if args.save:
                 saved = {
-                    "file": args.save.name,
-                    "commit": git_commit(),
+                    "commit": git_commit(Path(__file__).resolve().parents[1])[:7],
                     "points": args.points,
                     "lr_range": [low, high],
                     "tick_kimg": grid_cfg.train.tick_kimg,
