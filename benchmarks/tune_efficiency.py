@@ -1,20 +1,22 @@
-"""Does the sweep pick rates that last? The old rule against the new one, on one sweep, in one run;
-with --grid, how early a trial ranks rates as the full budget does.
+"""Is the default sweep worth its cost? Its pick against the best grid point and a fixed rate, over
+seeds; with --grid, how early a trial ranks rates as the full budget does.
 
-    .venv/bin/python benchmarks/tune_efficiency.py [--params params.yaml] [--smoke]
+    .venv/bin/python benchmarks/tune_efficiency.py [--params params.yaml] [--dataset digits]
+        [--seeds 3] [--first-seed 0] [--best 3.16e-4,1e-2] [--fixed 2e-4] [--save FILE] [--smoke]
     .venv/bin/python benchmarks/tune_efficiency.py --grid [--points 3] [--lr-range 1e-5,1e-2] [--seeds 2]
-        [--first-seed 0] [--save grid.json] [--load grid-a.json grid-b.json ...]
+        [--first-seed 0] [--save grid.json]
+    .venv/bin/python benchmarks/tune_efficiency.py --load FILE [FILE ...]
 
-Runs the real tune stage (ASHA, one TorchTrainer per trial, each trial with its own seed) on the
-project's prepared data and encoder, in a scratch store. From the same trials it takes two picks:
-  old: the lowest fd_domain of any trial at any epoch (what ganflow used to select);
-  new: the lowest mean of the last two fd_domain among the trials that ran every epoch.
-Then it trains each pick for train.epochs, as the train stage does, and scores the exported
-generator on the held-out images as the evaluate stage does. Prints both rows; when the two rules
-pick the same trial it says so and trains once. Needs `dvc repro encoder` first. --smoke: in a
-scratch folder of its own (digits prepared at 16 px, a 1-epoch encoder), 2 trials of 2 epochs,
-narrow networks, trainings of 2 epochs, then a 2x2 grid of 2-tick trials (checks the script runs,
-not the figures).
+Without --grid, per seed (tune.seed and train.seed both set to it), three results on --dataset
+(benchmarks/_scratch.py DATASETS; all but "digits" prepared, with an encoder of their own, in a
+scratch folder), each a full train.kimg training by the train stage's driver, its exported
+generator scored on the **test** split as the evaluate stage does (eval.draws latent draws):
+  sweep + train     the tune stage's own sweep with the params' tune: section, then training its pick;
+  best grid point   --best's rates (the digits grid's best, below, unless told);
+  fixed R           --fixed for both rates (2e-4: the DCGAN paper's).
+It prints, per row, fd_domain over the real baseline as mean ± sd over the seeds, recall, how
+many seeds the copy detector flagged, the sweep's kimg of trials and each row's wall time, then
+the sweep's compute against one training's. --save writes the results to a JSON file.
 
 --grid: the tune stage's own sweep with tune.search: grid (--points log-spaced rates per optimizer
 over --lr-range, every pair) and no early stopping, each trial trained for the whole train.kimg
@@ -24,8 +26,12 @@ budget), so one grid answers for every rung: per tick it prints the Spearman cor
 the grid's points, between fd_recent at that tick and at the end (both the mean over seeds, on
 the validation split; a diverged point ranks last). Then the grid itself: each point's final
 fd_recent, mean and sd over seeds. --save writes the trials (every tick's fd_domain) to a JSON
-file; --load prints the tables of saved grids together, training nothing, so seeds run on
-different days add up.
+file.
+
+--load prints the tables of files saved with --save, training nothing, so seeds run on different
+days add up. --smoke: in a scratch folder of its own (digits prepared at 16 px, a 1-epoch encoder,
+narrow networks), one seed of the comparison with 2 trials and 1-epoch trainings, then a 2x2
+grid of 2-tick trials, each saved and loaded again (checks the script runs, not the figures).
 """
 
 from __future__ import annotations
@@ -38,12 +44,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _scratch import score_exported, scratch, smoke_data
+from _scratch import DATASETS, dataset_cfg, score_exported, scratch, smoke_data
 
+from ganflow.budget import schedule_of
 from ganflow.config import load_config
+from ganflow.raytrain import check_trainable
 from ganflow.tracking import git_commit
 from ganflow.training import run_training
-from ganflow.tuning import run_sweep
+from ganflow.tuning import run_sweep, trial_config
 
 
 def sweep_trials(cfg, sweep_run_id: str) -> list[dict]:
@@ -54,21 +62,95 @@ def sweep_trials(cfg, sweep_run_id: str) -> list[dict]:
     return json.loads(mlflow.artifacts.load_text(f"runs:/{sweep_run_id}/trials.json"))
 
 
-def picks(cfg, sweep_run_id: str) -> dict[str, dict]:
-    """The old and the new rule's trial, from the sweep's trials.json artifact."""
-    trials = [t for t in sweep_trials(cfg, sweep_run_id) if t["fd_history"]]
-    old = min(trials, key=lambda t: min(t["fd_history"]))
-    longest = max(len(t["fd_history"]) for t in trials)
-    new = min(
-        (t for t in trials if len(t["fd_history"]) == longest),
-        key=lambda t: sum(t["fd_history"][-2:]) / len(t["fd_history"][-2:]),
+def sweep_kimg(cfg, trials: list[dict]) -> float:
+    """Thousands of images the sweep's trials showed D together (each trial to its last tick)."""
+    trial = trial_config(cfg)
+    schedule = schedule_of(trial.train, check_trainable(trial), 1)
+    return sum(schedule.kimg_at(schedule.ticks[t["epochs"] - 1]) for t in trials if t["epochs"])
+
+
+KEPT = ("fd_domain", "fd_domain_over_real", "recall", "precision", "copying_flagged", "real_fd_domain")
+
+
+def compare_rows(cfg, workdir: Path, seeds: list[int], best: tuple[float, float], fixed: float) -> list[dict]:
+    """Per seed (tune.seed and train.seed both), three results, each trained train.kimg and scored
+    on the test split: the default sweep then the train stage on its pick; the best grid point;
+    the fixed rate for both optimizers. Each with its wall time (the sweep's apart)."""
+    results = []
+    for seed in seeds:
+        seeded = cfg.model_copy(deep=True)
+        seeded.tune.seed = seeded.train.seed = seed
+        run = scratch(seeded, workdir / f"sweep-seed{seed}")
+        started = time.perf_counter()
+        pick = run_sweep(run)
+        swept = time.perf_counter()
+        run_training(run, pick.lr_g, pick.lr_d)
+        trained = time.perf_counter()
+        metrics = score_exported(run)
+        trials = sweep_trials(run, pick.sweep_run_id)
+        results.append(
+            {
+                "row": "sweep + train",
+                "seed": seed,
+                "lr_g": pick.lr_g,
+                "lr_d": pick.lr_d,
+                "sweep_s": swept - started,
+                "train_s": trained - swept,
+                "sweep_kimg": sweep_kimg(run, trials),
+                "trials": pick.trials,
+                "stopped_early": pick.stopped_early,
+                **{k: metrics.get(k) for k in KEPT},
+            }
+        )
+        print(f"seed {seed} sweep + train: {results[-1]}", flush=True)
+        for row, (lr_g, lr_d) in (("best grid point", best), (f"fixed {fixed:g}", (fixed, fixed))):
+            run = scratch(seeded, workdir / f"{row.split()[0]}-seed{seed}")
+            started = time.perf_counter()
+            run_training(run, lr_g, lr_d)
+            trained = time.perf_counter()
+            metrics = score_exported(run)
+            results.append(
+                {"row": row, "seed": seed, "lr_g": lr_g, "lr_d": lr_d, "sweep_s": 0.0, "train_s": trained - started}
+                | {k: metrics.get(k) for k in KEPT}
+            )
+            print(f"seed {seed} {row}: {results[-1]}", flush=True)
+    return results
+
+
+def compare_table(dataset: str, results: list[dict], train_kimg: float) -> None:
+    """Mean ± sd over seeds of each row's test-split fd_domain / real, and its costs."""
+    rows = list(dict.fromkeys(r["row"] for r in results))
+    seeds = sorted({r["seed"] for r in results})
+    print(f"\n{dataset}: test split, mean ± sd over seeds {seeds} (sd ddof 1); wall = sweep + train per seed")
+    print(
+        f"{'row':18s} {'lr_g':>17s} {'lr_d':>17s} {'fd / real':>13s} {'recall':>6s} {'copying':>7s} "
+        f"{'sweep kimg':>10s} {'wall s':>7s}"
     )
-    return {"old: min over epochs": old, "new: mean of last two": new}
-
-
-def train_and_score(cfg, lr_g: float, lr_d: float) -> dict:
-    run_training(cfg, lr_g, lr_d)
-    return score_exported(cfg)
+    for row in rows:
+        mine = [r for r in results if r["row"] == row]
+        ratio = np.array([r["fd_domain_over_real"] for r in mine], dtype=float)
+        sd = np.std(ratio, ddof=1) if len(ratio) > 1 else float("nan")
+        g = [r["lr_g"] for r in mine]
+        d = [r["lr_d"] for r in mine]
+        span = lambda v: f"{min(v):.2g}" if min(v) == max(v) else f"{min(v):.2g}..{max(v):.2g}"  # noqa: E731
+        kimg = [r.get("sweep_kimg", 0.0) for r in mine]
+        print(
+            f"{row:18s} {span(g):>17s} {span(d):>17s} {ratio.mean():6.2f} ± {sd:4.2f} "
+            f"{np.mean([r['recall'] for r in mine]):6.2f} {sum(bool(r['copying_flagged']) for r in mine):7d} "
+            f"{np.mean(kimg):10.1f} {np.mean([r['sweep_s'] + r['train_s'] for r in mine]):7.0f}"
+        )
+    swept = [r for r in results if r["row"] == "sweep + train"]
+    if swept:
+        kimg = np.mean([r["sweep_kimg"] for r in swept])
+        wall = np.mean([r["sweep_s"] / r["train_s"] for r in swept])
+        print(
+            f"the sweep: {kimg:.1f} kimg of trials = {kimg / train_kimg:.2f}x one training's {train_kimg:g} kimg; "
+            f"its wall time {wall:.2f}x the training's"
+        )
+        for r in swept:
+            print(
+                f"  seed {r['seed']}: picked lr_g {r['lr_g']:.3g}, lr_d {r['lr_d']:.3g}; fd / real {r['fd_domain_over_real']:.2f}"
+            )
 
 
 def grid_sweeps(
@@ -125,92 +207,99 @@ def rank_table(sweeps: list[list[dict]], tick_kimg: float) -> None:
 
 
 def print_saved(paths: list[Path]) -> int:
-    """The tables of grids saved with --save, their seeds together."""
+    """The tables of files saved with --save: grids (their seeds together) or comparisons."""
     saved = [json.loads(path.read_text()) for path in paths]
-    if len({(g["points"], tuple(g["lr_range"]), g["tick_kimg"]) for g in saved}) != 1:
-        raise SystemExit("error: --load: the saved grids differ in points, range or tick length")
     for path, g in zip(paths, saved):
         print(f"{path.name}: seeds {g['seeds']}, tick_draws {g['tick_draws']}, {g['wall_s']:.0f} s, at {g['commit']}")
-    rank_table([sweep for g in saved for sweep in g["sweeps"]], saved[0]["tick_kimg"])
+    grids = [g for g in saved if "sweeps" in g]
+    if len({(g["points"], tuple(g["lr_range"]), g["tick_kimg"]) for g in grids}) > 1:
+        raise SystemExit("error: --load: the saved grids differ in points, range or tick length")
+    if grids:
+        rank_table([sweep for g in grids for sweep in g["sweeps"]], grids[0]["tick_kimg"])
+    for g in saved:
+        if "results" in g:
+            compare_table(g["dataset"], g["results"], g["train_kimg"])
     return 0
+
+
+def saved_header(cfg, seeds: list[int], wall: float) -> dict:
+    return {
+        "commit": git_commit(Path(__file__).resolve().parents[1])[:7],
+        "tick_draws": cfg.eval.tick_draws,
+        "seeds": seeds,
+        "wall_s": wall,
+    }
+
+
+def pair(text: str) -> tuple[float, float]:
+    lr_g, lr_d = (float(v) for v in text.split(","))
+    return lr_g, lr_d
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--smoke", action="store_true", help="tiny: checks the script runs")
+    parser.add_argument("--dataset", default="digits", choices=list(DATASETS), help="the comparison's data set")
+    parser.add_argument("--best", type=pair, default=(3.16e-4, 1e-2), help="the best grid point: lr_g,lr_d")
+    parser.add_argument("--fixed", type=float, default=2e-4, help="the fixed rate of both optimizers")
     parser.add_argument("--grid", action="store_true", help="the rank-agreement table of a full-budget grid")
     parser.add_argument("--points", type=int, default=3, help="--grid: rates per optimizer")
     parser.add_argument("--lr-range", default="1e-5,1e-2", help="--grid: lowest,highest rate")
-    parser.add_argument("--seeds", type=int, default=2, help="--grid: sweeps, one per tune.seed")
-    parser.add_argument("--first-seed", type=int, default=0, help="--grid: the first tune.seed")
-    parser.add_argument("--save", type=Path, help="--grid: write the grid's trials to this JSON file")
-    parser.add_argument("--load", type=Path, nargs="+", help="print the tables of grids saved with --save")
+    parser.add_argument("--seeds", type=int, help="seeds (tune.seed, and train.seed): 3, or 2 with --grid")
+    parser.add_argument("--first-seed", type=int, default=0, help="the first seed")
+    parser.add_argument("--save", type=Path, help="write the results to this JSON file")
+    parser.add_argument("--load", type=Path, nargs="+", help="print the tables of files saved with --save")
     args = parser.parse_args()
     cfg = load_config(args.params)
     if args.load:
         return print_saved(args.load)
+    seeds = list(range(args.first_seed, args.first_seed + (args.seeds or (2 if args.grid else 3))))
     with tempfile.TemporaryDirectory() as tmp:
         if args.smoke:
             cfg.tune.num_samples, cfg.tune.kimg, cfg.tune.tick_kimg, cfg.tune.grace_period = 2, 2.4, 1.0, 1
-            cfg.train.epochs, cfg.train.tick_kimg = 1, 1.0  # the picks' trainings
+            cfg.train.epochs, cfg.train.tick_kimg = 1, 1.0
             smoke_data(cfg, Path(tmp))
-        if args.grid or args.smoke:
-            low, high = (float(v) for v in args.lr_range.split(","))
-            grid_cfg = cfg.model_copy(deep=True)
-            if args.smoke:
-                grid_cfg.train.kimg, args.points, args.seeds = 2.4, 2, 1
+            seeds, args.save = seeds[:1], Path(tmp) / "compare.json"
+        if not args.grid:
+            data_cfg = cfg if args.smoke else dataset_cfg(cfg, args.dataset, Path(tmp) / args.dataset)
             started = time.perf_counter()
-            sweeps = grid_sweeps(grid_cfg, Path(tmp), args.points, low, high, args.seeds, args.first_seed)
+            results = compare_rows(data_cfg, Path(tmp), seeds, args.best, args.fixed)
             wall = time.perf_counter() - started
-            rank_table(sweeps, grid_cfg.train.tick_kimg)
-            print(f"grid wall time {wall:.0f} s")
-            if args.smoke:  # the save/load round trip too
-                args.save = Path(tmp) / "grid.json"
+            train_kimg = schedule_of(data_cfg.train, check_trainable(data_cfg), 1).kimg
+            compare_table(args.dataset, results, train_kimg)
+            print(f"wall time {wall:.0f} s")
             if args.save:
-                saved = {
-                    "commit": git_commit(Path(__file__).resolve().parents[1])[:7],
-                    "points": args.points,
-                    "lr_range": [low, high],
-                    "tick_kimg": grid_cfg.train.tick_kimg,
-                    "tick_draws": grid_cfg.eval.tick_draws,
-                    "seeds": list(range(args.first_seed, args.first_seed + args.seeds)),
-                    "wall_s": wall,
-                    "sweeps": sweeps,
+                saved = saved_header(data_cfg, seeds, wall) | {
+                    "dataset": args.dataset,
+                    "train_kimg": train_kimg,
+                    "tune": data_cfg.tune.model_dump(),
+                    "results": results,
                 }
-                args.save.write_text(json.dumps(saved, indent=1))
-                if args.smoke:
-                    print_saved([args.save])
-            if args.grid:
+                args.save.write_text(json.dumps(saved, indent=1, default=str))
+            if not args.smoke:
                 return 0
-        sweep_cfg = scratch(cfg, Path(tmp) / "sweep")
+            print_saved([args.save])
+            args.save = Path(tmp) / "grid.json"
+        low, high = (float(v) for v in args.lr_range.split(","))
+        grid_cfg = cfg.model_copy(deep=True)
+        if args.smoke:
+            grid_cfg.train.kimg, grid_cfg.train.epochs, args.points = 2.4, None, 2
         started = time.perf_counter()
-        best = run_sweep(sweep_cfg)
-        sweep_wall = time.perf_counter() - started
-        chosen = picks(sweep_cfg, best.sweep_run_id)
-        rows, scored = [], {}
-        for rule, trial in chosen.items():
-            key = (trial["lr_g"], trial["lr_d"])
-            if key not in scored:
-                scored[key] = train_and_score(scratch(cfg, Path(tmp) / f"train{len(scored)}"), *key)
-            rows.append((rule, trial, scored[key]))
-    budget = f"{cfg.train.epochs} epochs" if cfg.train.epochs else f"{cfg.train.kimg:g} kimg"
-    print(
-        f"\nsweep: {best.trials} trials x {cfg.tune.kimg:g} kimg ({best.stopped_early} stopped early), "
-        f"{sweep_wall:.0f} s; each pick then trained {budget}, scored on the test split"
-    )
-    print(
-        f"{'rule':24s} {'lr_g':>9s} {'lr_d':>9s} {'sweep score':>11s} {'fd_domain':>10s} {'/ real':>8s} "
-        f"{'recall':>7s} {'copied':>10s}"
-    )
-    for rule, trial, m in rows:
-        score = min(trial["fd_history"]) if rule.startswith("old") else trial["fd"]
-        print(
-            f"{rule:24s} {trial['lr_g']:9.3g} {trial['lr_d']:9.3g} {score:11.3f} {m['fd_domain']:10.3f} "
-            f"{m['fd_domain_over_real']:8.2f} {m['recall']:7.2f} {m['copying_flagged']:10.0f}"
-        )
-    if rows[0][1] is rows[1][1] or (rows[0][1]["lr_g"], rows[0][1]["lr_d"]) == (rows[1][1]["lr_g"], rows[1][1]["lr_d"]):
-        print("both rules picked the same trial")
+        sweeps = grid_sweeps(grid_cfg, Path(tmp), args.points, low, high, len(seeds), seeds[0])
+        wall = time.perf_counter() - started
+        rank_table(sweeps, grid_cfg.train.tick_kimg)
+        print(f"grid wall time {wall:.0f} s")
+        if args.save:
+            saved = saved_header(grid_cfg, seeds, wall) | {
+                "points": args.points,
+                "lr_range": [low, high],
+                "tick_kimg": grid_cfg.train.tick_kimg,
+                "sweeps": sweeps,
+            }
+            args.save.write_text(json.dumps(saved, indent=1))
+            if args.smoke:
+                print_saved([args.save])
     return 0
 
 

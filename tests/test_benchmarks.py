@@ -34,8 +34,10 @@ EXPECTED = {
     ],
     "scaling.py": [rf"1 worker, 1 node\s+{NUMBER}\s+1\.00", rf"2 workers, 2 nodes\s+{NUMBER}\s+{NUMBER}"],
     "tune_efficiency.py": [
-        rf"old: min over epochs\s+{NUMBER}",
-        rf"new: mean of last two\s+{NUMBER}",
+        rf"sweep \+ train\s+\S+\s+\S+\s+{NUMBER} ±\s+nan\s+{NUMBER}\s+[01]\s+{NUMBER}\s+\d+\n",
+        rf"fixed 0\.0002\s+0\.0002\s+0\.0002\s+{NUMBER} ±\s+nan",
+        rf"the sweep: {NUMBER} kimg of trials = {NUMBER}x one training's {NUMBER} kimg",
+        r"compare\.json: seeds \[0\], tick_draws \d+, \d+ s, at \w+",
         r"rank agreement with the full budget \(2 ticks of 1 kimg\), over 4 grid points",
         rf"\n\s+2\s+2\.0\s+-?{NUMBER}\s+(?:-?{NUMBER}|nan)\n",
         r"grid wall time \d+ s",
