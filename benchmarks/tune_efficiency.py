@@ -2,7 +2,8 @@
 seeds; with --grid, how early a trial ranks rates as the full budget does.
 
     .venv/bin/python benchmarks/tune_efficiency.py [--params params.yaml] [--dataset digits]
-        [--seeds 3] [--first-seed 0] [--best 3.16e-4,1e-2] [--fixed 2e-4] [--save FILE] [--smoke]
+        [--seeds 3] [--first-seed 0] [--best 3.16e-4,1e-2] [--fixed 2e-4] [--rows sweep,best,fixed]
+        [--save FILE] [--smoke]
     .venv/bin/python benchmarks/tune_efficiency.py --grid [--points 3] [--lr-range 1e-5,1e-2] [--seeds 2]
         [--first-seed 0] [--save grid.json]
     .venv/bin/python benchmarks/tune_efficiency.py --load FILE [FILE ...]
@@ -11,9 +12,10 @@ Without --grid, per seed (tune.seed and train.seed both set to it), three result
 (benchmarks/_scratch.py DATASETS; all but "digits" prepared, with an encoder of their own, in a
 scratch folder), each a full train.kimg training by the train stage's driver, its exported
 generator scored on the **test** split as the evaluate stage does (eval.draws latent draws):
-  sweep + train     the tune stage's own sweep with the params' tune: section, then training its pick;
-  best grid point   --best's rates (the digits grid's best, below, unless told);
-  fixed R           --fixed for both rates (2e-4: the DCGAN paper's).
+  sweep NxK + train  (--rows sweep) the tune stage's own sweep with the params' tune: section, N
+                     trials of at most K kimg, then training its pick;
+  best grid point    (best) --best's rates (the digits grid's best, below, unless told);
+  fixed R            (fixed) --fixed for both rates (2e-4: the DCGAN paper's).
 It prints, per row, fd_domain over the real baseline as mean ± sd over the seeds, recall, how
 many seeds the copy detector flagged, the sweep's kimg of trials and each row's wall time, then
 the sweep's compute against one training's. --save writes the results to a JSON file.
@@ -29,7 +31,7 @@ fd_recent, mean and sd over seeds. --save writes the trials (every tick's fd_dom
 file.
 
 --load prints the tables of files saved with --save, training nothing, so seeds run on different
-days add up. --smoke: in a scratch folder of its own (digits prepared at 16 px, a 1-epoch encoder,
+days add up (comparisons of one data set are printed as one table). --smoke: in a scratch folder of its own (digits prepared at 16 px, a 1-epoch encoder,
 narrow networks), one seed of the comparison with 2 trials and 1-epoch trainings, then a 2x2
 grid of 2-tick trials, each saved and loaded again (checks the script runs, not the figures).
 """
@@ -72,38 +74,45 @@ def sweep_kimg(cfg, trials: list[dict]) -> float:
 KEPT = ("fd_domain", "fd_domain_over_real", "recall", "precision", "copying_flagged", "real_fd_domain")
 
 
-def compare_rows(cfg, workdir: Path, seeds: list[int], best: tuple[float, float], fixed: float) -> list[dict]:
-    """Per seed (tune.seed and train.seed both), three results, each trained train.kimg and scored
-    on the test split: the default sweep then the train stage on its pick; the best grid point;
-    the fixed rate for both optimizers. Each with its wall time (the sweep's apart)."""
+ROWS = ("sweep", "best", "fixed")
+
+
+def compare_rows(
+    cfg, workdir: Path, seeds: list[int], best: tuple[float, float], fixed: float, rows: tuple[str, ...] = ROWS
+) -> list[dict]:
+    """Per seed (tune.seed and train.seed both), up to three results, each trained train.kimg and
+    scored on the test split: sweep, the params' sweep then the train stage on its pick; best, the
+    best grid point; fixed, the fixed rate for both optimizers. Each with its wall time (the
+    sweep's apart). The sweep's row is named by its trials and their kimg."""
     results = []
     for seed in seeds:
         seeded = cfg.model_copy(deep=True)
         seeded.tune.seed = seeded.train.seed = seed
-        run = scratch(seeded, workdir / f"sweep-seed{seed}")
-        started = time.perf_counter()
-        pick = run_sweep(run)
-        swept = time.perf_counter()
-        run_training(run, pick.lr_g, pick.lr_d)
-        trained = time.perf_counter()
-        metrics = score_exported(run)
-        trials = sweep_trials(run, pick.sweep_run_id)
-        results.append(
-            {
-                "row": "sweep + train",
-                "seed": seed,
-                "lr_g": pick.lr_g,
-                "lr_d": pick.lr_d,
-                "sweep_s": swept - started,
-                "train_s": trained - swept,
-                "sweep_kimg": sweep_kimg(run, trials),
-                "trials": pick.trials,
-                "stopped_early": pick.stopped_early,
-                **{k: metrics.get(k) for k in KEPT},
-            }
-        )
-        print(f"seed {seed} sweep + train: {results[-1]}", flush=True)
-        for row, (lr_g, lr_d) in (("best grid point", best), (f"fixed {fixed:g}", (fixed, fixed))):
+        if "sweep" in rows:
+            run = scratch(seeded, workdir / f"sweep-seed{seed}")
+            started = time.perf_counter()
+            pick = run_sweep(run)
+            swept = time.perf_counter()
+            run_training(run, pick.lr_g, pick.lr_d)
+            trained = time.perf_counter()
+            metrics = score_exported(run)
+            results.append(
+                {
+                    "row": f"sweep {cfg.tune.trials}x{cfg.tune.kimg:g} + train",
+                    "seed": seed,
+                    "lr_g": pick.lr_g,
+                    "lr_d": pick.lr_d,
+                    "sweep_s": swept - started,
+                    "train_s": trained - swept,
+                    "sweep_kimg": sweep_kimg(run, sweep_trials(run, pick.sweep_run_id)),
+                    "trials": pick.trials,
+                    "stopped_early": pick.stopped_early,
+                    **{k: metrics.get(k) for k in KEPT},
+                }
+            )
+            print(f"seed {seed} {results[-1]['row']}: {results[-1]}", flush=True)
+        fixed_rows = {"best": ("best grid point", best), "fixed": (f"fixed {fixed:g}", (fixed, fixed))}
+        for row, (lr_g, lr_d) in (fixed_rows[r] for r in ROWS[1:] if r in rows):
             run = scratch(seeded, workdir / f"{row.split()[0]}-seed{seed}")
             started = time.perf_counter()
             run_training(run, lr_g, lr_d)
@@ -123,7 +132,7 @@ def compare_table(dataset: str, results: list[dict], train_kimg: float) -> None:
     seeds = sorted({r["seed"] for r in results})
     print(f"\n{dataset}: test split, mean ± sd over seeds {seeds} (sd ddof 1); wall = sweep + train per seed")
     print(
-        f"{'row':18s} {'lr_g':>17s} {'lr_d':>17s} {'fd / real':>13s} {'recall':>6s} {'copying':>7s} "
+        f"{'row':20s} {'lr_g':>17s} {'lr_d':>17s} {'fd / real':>13s} {'recall':>6s} {'copying':>7s} "
         f"{'sweep kimg':>10s} {'wall s':>7s}"
     )
     for row in rows:
@@ -135,21 +144,24 @@ def compare_table(dataset: str, results: list[dict], train_kimg: float) -> None:
         span = lambda v: f"{min(v):.2g}" if min(v) == max(v) else f"{min(v):.2g}..{max(v):.2g}"  # noqa: E731
         kimg = [r.get("sweep_kimg", 0.0) for r in mine]
         print(
-            f"{row:18s} {span(g):>17s} {span(d):>17s} {ratio.mean():6.2f} ± {sd:4.2f} "
+            f"{row:20s} {span(g):>17s} {span(d):>17s} {ratio.mean():6.2f} ± {sd:4.2f} "
             f"{np.mean([r['recall'] for r in mine]):6.2f} {sum(bool(r['copying_flagged']) for r in mine):7d} "
             f"{np.mean(kimg):10.1f} {np.mean([r['sweep_s'] + r['train_s'] for r in mine]):7.0f}"
         )
-    swept = [r for r in results if r["row"] == "sweep + train"]
-    if swept:
+    for row in rows:
+        swept = [r for r in results if r["row"] == row and "sweep_kimg" in r]
+        if not swept:
+            continue
         kimg = np.mean([r["sweep_kimg"] for r in swept])
         wall = np.mean([r["sweep_s"] / r["train_s"] for r in swept])
         print(
-            f"the sweep: {kimg:.1f} kimg of trials = {kimg / train_kimg:.2f}x one training's {train_kimg:g} kimg; "
-            f"its wall time {wall:.2f}x the training's"
+            f"{row}: {kimg:.1f} kimg of trials = {kimg / train_kimg:.2f}x one training's {train_kimg:g} kimg "
+            f"(at most {max(r['sweep_kimg'] for r in swept) / train_kimg:.2f}x); its wall time {wall:.2f}x the training's"
         )
         for r in swept:
             print(
-                f"  seed {r['seed']}: picked lr_g {r['lr_g']:.3g}, lr_d {r['lr_d']:.3g}; fd / real {r['fd_domain_over_real']:.2f}"
+                f"  seed {r['seed']}: picked lr_g {r['lr_g']:.3g}, lr_d {r['lr_d']:.3g} "
+                f"({r['sweep_kimg'] / train_kimg:.2f}x); fd / real {r['fd_domain_over_real']:.2f}"
             )
 
 
@@ -216,9 +228,12 @@ def print_saved(paths: list[Path]) -> int:
         raise SystemExit("error: --load: the saved grids differ in points, range or tick length")
     if grids:
         rank_table([sweep for g in grids for sweep in g["sweeps"]], grids[0]["tick_kimg"])
+    merged: dict[str, list[dict]] = {}  # comparisons of one data set, run on different days, together
     for g in saved:
         if "results" in g:
-            compare_table(g["dataset"], g["results"], g["train_kimg"])
+            merged.setdefault(g["dataset"], []).extend(g["results"])
+    for dataset, results in merged.items():
+        compare_table(dataset, results, next(g["train_kimg"] for g in saved if g.get("dataset") == dataset))
     return 0
 
 
@@ -243,6 +258,7 @@ def main() -> int:
     parser.add_argument("--dataset", default="digits", choices=list(DATASETS), help="the comparison's data set")
     parser.add_argument("--best", type=pair, default=(3.16e-4, 1e-2), help="the best grid point: lr_g,lr_d")
     parser.add_argument("--fixed", type=float, default=2e-4, help="the fixed rate of both optimizers")
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"the comparison's rows, of: {', '.join(ROWS)}")
     parser.add_argument("--grid", action="store_true", help="the rank-agreement table of a full-budget grid")
     parser.add_argument("--points", type=int, default=3, help="--grid: rates per optimizer")
     parser.add_argument("--lr-range", default="1e-5,1e-2", help="--grid: lowest,highest rate")
@@ -264,7 +280,10 @@ def main() -> int:
         if not args.grid:
             data_cfg = cfg if args.smoke else dataset_cfg(cfg, args.dataset, Path(tmp) / args.dataset)
             started = time.perf_counter()
-            results = compare_rows(data_cfg, Path(tmp), seeds, args.best, args.fixed)
+            rows = tuple(r.strip() for r in args.rows.split(",") if r.strip())
+            if not rows or set(rows) - set(ROWS):
+                raise SystemExit(f"error: --rows: use a comma-separated list of {', '.join(ROWS)}")
+            results = compare_rows(data_cfg, Path(tmp), seeds, args.best, args.fixed, rows)
             wall = time.perf_counter() - started
             train_kimg = schedule_of(data_cfg.train, check_trainable(data_cfg), 1).kimg
             compare_table(args.dataset, results, train_kimg)
