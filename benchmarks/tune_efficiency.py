@@ -71,7 +71,8 @@ def sweep_kimg(cfg, trials: list[dict]) -> float:
     return sum(schedule.kimg_at(schedule.ticks[t["epochs"] - 1]) for t in trials if t["epochs"])
 
 
-KEPT = ("fd_domain", "fd_domain_over_real", "recall", "precision", "copying_flagged", "real_fd_domain")
+# class_match: the share drawn as the class asked (conditional generators), which fd_domain does not see
+KEPT = ("fd_domain", "fd_domain_over_real", "recall", "precision", "copying_flagged", "real_fd_domain", "class_match")
 
 
 ROWS = ("sweep", "best", "fixed")
@@ -126,6 +127,12 @@ def compare_rows(
     return results
 
 
+def as_asked(results: list[dict]) -> str:
+    """The mean share drawn as asked, or "-" (unconditional, or results saved before it was kept)."""
+    values = [r.get("class_match") for r in results]
+    return f"{np.mean(values):.2f}" if all(isinstance(v, (int, float)) for v in values) else "-"
+
+
 def compare_table(dataset: str, results: list[dict], train_kimg: float) -> None:
     """Mean ± sd over seeds of each row's test-split fd_domain / real, and its costs."""
     rows = list(dict.fromkeys(r["row"] for r in results))
@@ -133,7 +140,7 @@ def compare_table(dataset: str, results: list[dict], train_kimg: float) -> None:
     print(f"\n{dataset}: test split, mean ± sd over seeds {seeds} (sd ddof 1); wall = sweep + train per seed")
     print(
         f"{'row':20s} {'lr_g':>17s} {'lr_d':>17s} {'fd / real':>13s} {'recall':>6s} {'copying':>7s} "
-        f"{'sweep kimg':>10s} {'wall s':>7s}"
+        f"{'sweep kimg':>10s} {'wall s':>7s} {'as asked':>8s}"
     )
     for row in rows:
         mine = [r for r in results if r["row"] == row]
@@ -146,7 +153,8 @@ def compare_table(dataset: str, results: list[dict], train_kimg: float) -> None:
         print(
             f"{row:20s} {span(g):>17s} {span(d):>17s} {ratio.mean():6.2f} ± {sd:4.2f} "
             f"{np.mean([r['recall'] for r in mine]):6.2f} {sum(bool(r['copying_flagged']) for r in mine):7d} "
-            f"{np.mean(kimg):10.1f} {np.mean([r['sweep_s'] + r['train_s'] for r in mine]):7.0f}"
+            f"{np.mean(kimg):10.1f} {np.mean([r['sweep_s'] + r['train_s'] for r in mine]):7.0f} "
+            f"{as_asked(mine):>8s}"
         )
     for row in rows:
         swept = [r for r in results if r["row"] == row and "sweep_kimg" in r]
