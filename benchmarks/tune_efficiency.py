@@ -31,8 +31,8 @@ fd_recent, mean and sd over seeds. --save writes the trials (every tick's fd_dom
 file.
 
 --load prints the tables of files saved with --save, training nothing, so seeds run on different
-days add up (comparisons of one data set are printed as one table). --smoke: in a scratch folder of its own (digits prepared at 16 px, a 1-epoch encoder,
-narrow networks), one seed of the comparison with 2 trials and 1-epoch trainings, then a 2x2
+days add up (comparisons of one data set are printed as one table). --smoke: in a scratch folder
+of its own (digits prepared at 16 px, a 1-epoch encoder, narrow networks), one seed of the comparison with 2 trials and 1-epoch trainings, then a 2x2
 grid of 2-tick trials, each saved and loaded again (checks the script runs, not the figures).
 """
 
@@ -48,9 +48,9 @@ from pathlib import Path
 import numpy as np
 from _scratch import DATASETS, dataset_cfg, score_exported, scratch, smoke_data
 
+from ganflow.artifacts import read_manifest
 from ganflow.budget import schedule_of
 from ganflow.config import load_config
-from ganflow.raytrain import check_trainable
 from ganflow.tracking import git_commit
 from ganflow.training import run_training
 from ganflow.tuning import run_sweep, trial_config
@@ -64,11 +64,15 @@ def sweep_trials(cfg, sweep_run_id: str) -> list[dict]:
     return json.loads(mlflow.artifacts.load_text(f"runs:/{sweep_run_id}/trials.json"))
 
 
+def schedule(cfg):
+    """The one-worker plan of cfg.train on the prepared train split (ganflow.budget)."""
+    return schedule_of(cfg.train, read_manifest(cfg.paths.prepared)["split"]["train"], 1)
+
+
 def sweep_kimg(cfg, trials: list[dict]) -> float:
     """Thousands of images the sweep's trials showed D together (each trial to its last tick)."""
-    trial = trial_config(cfg)
-    schedule = schedule_of(trial.train, check_trainable(trial), 1)
-    return sum(schedule.kimg_at(schedule.ticks[t["epochs"] - 1]) for t in trials if t["epochs"])
+    schedule_ = schedule(trial_config(cfg))
+    return sum(schedule_.kimg_at(schedule_.ticks[t["epochs"] - 1]) for t in trials if t["epochs"])
 
 
 # class_match: the share drawn as the class asked (conditional generators), which fd_domain does not see
@@ -76,6 +80,15 @@ KEPT = ("fd_domain", "fd_domain_over_real", "recall", "precision", "copying_flag
 
 
 ROWS = ("sweep", "best", "fixed")
+
+
+def train_and_score(run, lr_g: float, lr_d: float) -> tuple[float, dict]:
+    """Seconds the train stage's driver took on (lr_g, lr_d), and the KEPT test-split metrics."""
+    started = time.perf_counter()
+    run_training(run, lr_g, lr_d)
+    seconds = time.perf_counter() - started
+    metrics = score_exported(run)
+    return seconds, {k: metrics.get(k) for k in KEPT}
 
 
 def compare_rows(
@@ -93,35 +106,29 @@ def compare_rows(
             run = scratch(seeded, workdir / f"sweep-seed{seed}")
             started = time.perf_counter()
             pick = run_sweep(run)
-            swept = time.perf_counter()
-            run_training(run, pick.lr_g, pick.lr_d)
-            trained = time.perf_counter()
-            metrics = score_exported(run)
+            swept = time.perf_counter() - started
+            train_s, metrics = train_and_score(run, pick.lr_g, pick.lr_d)
             results.append(
                 {
                     "row": f"sweep {cfg.tune.trials}x{cfg.tune.kimg:g} + train",
                     "seed": seed,
                     "lr_g": pick.lr_g,
                     "lr_d": pick.lr_d,
-                    "sweep_s": swept - started,
-                    "train_s": trained - swept,
+                    "sweep_s": swept,
+                    "train_s": train_s,
                     "sweep_kimg": sweep_kimg(run, sweep_trials(run, pick.sweep_run_id)),
                     "trials": pick.trials,
                     "stopped_early": pick.stopped_early,
-                    **{k: metrics.get(k) for k in KEPT},
+                    **metrics,
                 }
             )
             print(f"seed {seed} {results[-1]['row']}: {results[-1]}", flush=True)
         fixed_rows = {"best": ("best grid point", best), "fixed": (f"fixed {fixed:g}", (fixed, fixed))}
         for row, (lr_g, lr_d) in (fixed_rows[r] for r in ROWS[1:] if r in rows):
             run = scratch(seeded, workdir / f"{row.split()[0]}-seed{seed}")
-            started = time.perf_counter()
-            run_training(run, lr_g, lr_d)
-            trained = time.perf_counter()
-            metrics = score_exported(run)
+            train_s, metrics = train_and_score(run, lr_g, lr_d)
             results.append(
-                {"row": row, "seed": seed, "lr_g": lr_g, "lr_d": lr_d, "sweep_s": 0.0, "train_s": trained - started}
-                | {k: metrics.get(k) for k in KEPT}
+                {"row": row, "seed": seed, "lr_g": lr_g, "lr_d": lr_d, "sweep_s": 0.0, "train_s": train_s} | metrics
             )
             print(f"seed {seed} {row}: {results[-1]}", flush=True)
     return results
@@ -293,7 +300,7 @@ def main() -> int:
                 raise SystemExit(f"error: --rows: use a comma-separated list of {', '.join(ROWS)}")
             results = compare_rows(data_cfg, Path(tmp), seeds, args.best, args.fixed, rows)
             wall = time.perf_counter() - started
-            train_kimg = schedule_of(data_cfg.train, check_trainable(data_cfg), 1).kimg
+            train_kimg = schedule(data_cfg).kimg
             compare_table(args.dataset, results, train_kimg)
             print(f"wall time {wall:.0f} s")
             if args.save:
