@@ -12,8 +12,8 @@ Without --grid, per seed (tune.seed and train.seed both set to it), three result
 (benchmarks/_scratch.py DATASETS; all but "digits" prepared, with an encoder of their own, in a
 scratch folder), each a full train.kimg training by the train stage's driver, its exported
 generator scored on the **test** split as the evaluate stage does (eval.draws latent draws):
-  sweep NxK + train  (--rows sweep) the tune stage's own sweep with the params' tune: section, N
-                     trials of at most K kimg, then training its pick;
+  sweep S NxK + train  (--rows sweep) the tune stage's own sweep with the params' tune: section,
+                     scheduler S, N trials of at most K kimg, then training its pick;
   best grid point    (best) --best's rates (the digits grid's best, below, unless told);
   fixed R            (fixed) --fixed for both rates (2e-4: the DCGAN paper's).
 It prints, per row, fd_domain over the real baseline as mean ± sd over the seeds, recall, how
@@ -110,7 +110,7 @@ def compare_rows(
             train_s, metrics = train_and_score(run, pick.lr_g, pick.lr_d)
             results.append(
                 {
-                    "row": f"sweep {cfg.tune.trials}x{cfg.tune.kimg:g} + train",
+                    "row": f"sweep {cfg.sweep_scheduler} {cfg.tune.trials}x{cfg.tune.kimg:g} + train",
                     "seed": seed,
                     "lr_g": pick.lr_g,
                     "lr_d": pick.lr_d,

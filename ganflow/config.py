@@ -205,8 +205,7 @@ class TuneConfig(Section):
     enabled: bool = True
     # The defaults come from benchmarks/tune_efficiency.py: across 1e-5..1e-2 a trial of 2.5 kimg
     # ranks rates as the full budget does (Spearman 0.87), but among the good rates only from
-    # ~20 kimg on (0.8); so ASHA cuts at 2.5 and 7.5 kimg and the finalists run 25. 8 trials of
-    # 30 kimg showed up to 1.58x one training's images; 6 of 25 keep the sweep nearer 1x
+    # ~20 kimg on (0.8); so the rungs cut at 2.5 and 7.5 kimg and the finalist runs 25
     num_samples: int = Field(6, gt=0)
     kimg: float = Field(25.0, gt=0.0)  # each trial's budget, thousands of images shown (as train.kimg)
     tick_kimg: float = Field(2.5, gt=0.0)  # a trial reports (ASHA's signal) every this many kimg
@@ -217,12 +216,19 @@ class TuneConfig(Section):
     # random | optuna (TPE) | grid: tune.grid_points log-spaced rates per optimizer, every pair once
     search: Literal["random", "optuna", "grid"] = "random"
     grid_points: int = Field(3, ge=2)
-    # asha: stops the worst trials at rungs | pbt: population-based training, every member trains
-    # tune.kimg while the worst copy the best's weights and perturb their rates every pbt_interval ticks
-    scheduler: Literal["asha", "pbt"] = "asha"
+    # sha: synchronous successive halving: every trial runs to a rung (grace_period x
+    # reduction_factor^k ticks) and waits there, paused, until all have; the best 1/reduction_factor
+    # go on. Its pick depends on the rates and seeds only, never on which trial reported first
+    # (one-worker trials: a paused trial resumes from its checkpoint).
+    # asha: asynchronous, a trial is cut against the trials that reached its rung before it: no
+    # waiting, but the pick can change with the timing (multi-worker trials).
+    # pbt: population-based training, every member trains tune.kimg while the worst copy the
+    # best's weights and perturb their rates every pbt_interval ticks (one-worker trials).
+    # auto: sha for one-worker trials, asha for multi-worker ones.
+    scheduler: Literal["auto", "sha", "asha", "pbt"] = "auto"
     pbt_interval: int = Field(2, ge=1)  # ticks between PBT's exploit/explore steps
     max_concurrent_trials: int | None = Field(None, gt=0)  # None: derived from the cluster
-    grace_period: int = Field(1, ge=1)  # ticks a trial runs before ASHA may stop it
+    grace_period: int = Field(1, ge=1)  # ticks a trial runs before sha/asha may stop it
     reduction_factor: int = Field(3, ge=2)  # rungs at grace_period x reduction_factor^k ticks
     seed: int = Field(0, ge=0)
 
@@ -344,12 +350,27 @@ class Config(Section):
                 "train.batch_size",
                 f"must be divisible by cluster.num_workers ({self.cluster.num_workers})",
             )
-        if self.tune.enabled and self.tune.scheduler == "pbt" and self.cluster.num_workers > 1:
+        if self.tune.enabled and self.tune.scheduler in ("pbt", "sha") and self.cluster.num_workers > 1:
             # a multi-worker trial is a TorchTrainer, whose checkpoints Train V2 keeps from Tune
             raise _FieldError(
-                "tune.scheduler", "pbt needs one-worker trials (cluster.num_workers: 1); use asha with several workers"
+                "tune.scheduler",
+                f"{self.tune.scheduler} needs one-worker trials (cluster.num_workers: 1); use asha "
+                "(or auto) with several workers",
+            )
+        if self.tune.enabled and self.sweep_scheduler == "sha" and self.tune.max_concurrent_trials:
+            # the searcher's concurrency limit would cut the rung's field to the trials it let start
+            raise _FieldError(
+                "tune.max_concurrent_trials",
+                "sha runs as many trials at once as the resources hold; set it only with asha or pbt",
             )
         return self
+
+    @property
+    def sweep_scheduler(self) -> str:
+        """tune.scheduler resolved: auto is sha for one-worker trials, asha for multi-worker ones."""
+        if self.tune.scheduler != "auto":
+            return self.tune.scheduler
+        return "sha" if self.cluster.num_workers == 1 else "asha"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, YAML/JSON-ready values (paths as strings)."""

@@ -13,9 +13,8 @@ from typing import Any
 
 from ganflow.endpoints import check_reachable
 from ganflow.errors import TrackingError, first_line
-from ganflow.tracking import lr_text
+from ganflow.tracking import STOPPED_EARLY, lr_text
 
-STOPPED_EARLY = "stopped early (ASHA)"  # the ganflow.trial_status tuning.py gives such trials
 COLUMNS = ("run", "stage", "status", "lr_g", "lr_d", "best fd_domain", "epochs", "started", "id", "")
 NAME_WIDTH = 40
 
@@ -122,7 +121,7 @@ def _sweep_rows(client: Any, experiment_id: str, run: Any, trials: bool) -> list
     child_rows = [_training_row(client, c, depth=1) for c in children]
     scored = [r for r in child_rows if r.fd_domain is not None]
     best = min(scored, key=lambda r: r.fd_domain) if scored else None
-    stopped = sum(c.data.tags.get("ganflow.trial_status") == STOPPED_EARLY for c in children)
+    stopped = sum(c.data.tags.get("ganflow.trial_status", "").startswith(STOPPED_EARLY) for c in children)
     note = f"{len(children)} trials" + (f", {stopped} stopped early" if stopped else "")
     if best is not None:
         note += f"; best: {best.name.split(' lr_g=')[0]} ({best.run_id[:8]})"

@@ -97,6 +97,8 @@ def start_run(client: Any, experiment_id: str, cfg: Config, run_name: str, tags:
 # where it came from. Training runs and sweep trials log the same metric names (fd_domain, kid,
 # loss_d, ...) and the same image key (samples), so any of them can be compared with any other.
 NOTE_TAG = "mlflow.note.content"
+STOPPED_EARLY = "stopped early"  # a trial's ganflow.trial_status when the scheduler cut it, + " (sha)" or " (asha)"
+SCHEDULER_NAMES = {"sha": "synchronous successive halving", "asha": "ASHA (asynchronous successive halving)"}
 
 
 def lr_text(lr: float) -> str:
@@ -161,9 +163,9 @@ def start_training_run(
             f"Trial {trial} of {cfg.tune.trials} of a learning-rate sweep (parent run "
             f"{tags.get('sweep_id', '?')}), {lrs}: up to {budget} "
             + (
-                "(ASHA may stop it early)"
-                if cfg.tune.scheduler == "asha"
-                else f"(PBT may replace its weights and rates every {cfg.tune.pbt_interval} ticks: see its lr_g/lr_d metrics)"
+                f"(PBT may replace its weights and rates every {cfg.tune.pbt_interval} ticks: see its lr_g/lr_d metrics)"
+                if cfg.sweep_scheduler == "pbt"
+                else f"({cfg.sweep_scheduler} may stop it early)"
             )
         )
     note = (
@@ -183,9 +185,9 @@ def start_sweep_run(client: Any, experiment_id: str, cfg: Config, tags: dict[str
     own id, as its trials' is. Returns the run id."""
     t = cfg.tune
     scheduler = (
-        f"ASHA grace period {t.grace_period}, reduction factor {t.reduction_factor}"
-        if t.scheduler == "asha"
-        else f"population-based training, exploit/explore every {t.pbt_interval} ticks"
+        f"population-based training, exploit/explore every {t.pbt_interval} ticks"
+        if cfg.sweep_scheduler == "pbt"
+        else f"{SCHEDULER_NAMES[cfg.sweep_scheduler]}, grace period {t.grace_period}, reduction factor {t.reduction_factor}"
     )
     note = (
         f"Learning-rate sweep: {t.trials} trials ({t.search} search, {scheduler}, "

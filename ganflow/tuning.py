@@ -2,7 +2,10 @@
 
 Train V2 pattern: Tune runs a small driver function per trial, which starts a TorchTrainer
 (itself multi-worker DDP if cluster.num_workers > 1) whose rank 0 reports fd_domain every
-tick (tune.tick_kimg); TuneReportCallback forwards those reports to Tune, and ASHA stops bad trials early.
+tick (tune.tick_kimg); TuneReportCallback forwards those reports to Tune, and the scheduler stops
+bad trials early: synchronous successive halving by default (every trial waits at a rung until
+all have reached it, so the pick never depends on which trial reported first), ASHA for
+multi-worker trials, or population-based training.
 
 What a trial scores is ``fd_recent``, the mean fd_domain of its last two evaluations (one
 evaluation is noisy, and the minimum over ticks rewards a lucky one), and the pick is made
@@ -41,6 +44,7 @@ from ganflow.raytrain import (
     release_placement_groups_after_sweep,
 )
 from ganflow.tracking import (
+    STOPPED_EARLY,
     connect,
     params_hash,
     provenance,
@@ -96,9 +100,13 @@ def max_concurrent(cfg: Config) -> int:
 def search_algorithm(cfg: Config, concurrent: int):
     """Random search (seeded) by default; Optuna's TPE when tune.search: optuna. Either runs at
     most ``concurrent`` trials at once (a BasicVariantGenerator passed in explicitly ignores
-    TuneConfig.max_concurrent_trials: it must be told itself)."""
+    TuneConfig.max_concurrent_trials: it must be told itself). Under sha every trial is created at
+    once: a searcher's limit counts paused trials as running, and the first rung would be judged
+    among the trials it let start; the resources alone decide how many run at a time."""
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
+    if cfg.sweep_scheduler == "sha":
+        concurrent = max(concurrent, cfg.tune.trials)
     if cfg.tune.search in ("random", "grid"):  # grid: the space's grid_search values, every pair once
         return BasicVariantGenerator(random_state=cfg.tune.seed, max_concurrent=concurrent)
     try:
@@ -191,7 +199,8 @@ def _trial(
     }
     try:
         if trains_in_trial(cfg):
-            session = TrialSession(cfg.cluster.use_gpu, checkpoints=cfg.tune.scheduler == "pbt")
+            # sha pauses a trial at a rung and pbt restarts it from another's: both resume from a checkpoint
+            session = TrialSession(cfg.cluster.use_gpu, checkpoints=cfg.sweep_scheduler in ("pbt", "sha"))
             outcome = run_loop(train_config, session)  # torch threads: cpus_per_worker
         else:
             result = fit(
@@ -248,14 +257,64 @@ def search_space(cfg: Config) -> dict[str, Any]:
     return space
 
 
+def rungs(grace_period: int, reduction_factor: int, ticks: int) -> list[int]:
+    """The ticks at which successive halving compares trials: grace_period x reduction_factor^k
+    below ``ticks``; the survivors of the last one run to ``ticks``."""
+    out, r = [], min(grace_period, ticks)
+    while r < ticks:
+        out.append(r)
+        r *= reduction_factor
+    return out
+
+
+def synchronous_halving(trials: int, grace_period: int, reduction_factor: int, ticks: int, metric: str):
+    """Successive halving in one bracket of every trial: each trial runs to a rung and is paused
+    there until every live trial has reached it; then the best ceil(n / reduction_factor) by
+    ``metric`` (lower is better) go on and the rest are stopped. Ray's HyperBandScheduler with its
+    bracket sizes fixed to this sweep (its own sizes depend on max_t alone, and would leave
+    trials of a small sweep unjudged). A report without the metric (a diverged trial) ranks last."""
+    from ray.tune.schedulers import HyperBandScheduler
+
+    halvings = len(rungs(grace_period, reduction_factor, ticks))
+
+    class SynchronousHalving(HyperBandScheduler):
+        def __init__(self) -> None:
+            # metric and mode come from the TuneConfig (Tune refuses them twice)
+            super().__init__(time_attr="training_iteration", max_t=ticks, reduction_factor=reduction_factor)
+            self._s_max_1 = halvings + 1  # one bracket, s = halvings: the last of a band of s_max_1
+            self._get_n0 = lambda s: trials if s == halvings else 0
+            # the first rung; HyperBand's bracket multiplies it by reduction_factor per halving
+            # and caps it at max_t, so the survivors of the last rung run to ``ticks``
+            self._get_r0 = lambda s: min(grace_period, ticks) if s == halvings else 0
+
+        def on_trial_add(self, tune_controller, trial) -> None:
+            if self._state["bracket"] is None:  # the one bracket, whatever HyperBand's band order
+                self._state["bracket"] = self._create_bracket(halvings)
+                self._hyperbands[0].append(self._state["bracket"])
+            self._state["bracket"].add_trial(trial)
+            self._trial_info[trial] = self._state["bracket"], 0
+
+        def on_trial_result(self, tune_controller, trial, result):
+            if not isinstance(result.get(metric), (int, float)) or math.isnan(result[metric]):
+                result = {**result, metric: math.inf}
+            return super().on_trial_result(tune_controller, trial, result)
+
+    return SynchronousHalving()
+
+
 def scheduler_of(cfg: Config, ticks: int):
-    """ASHA (stops the worst trials at rungs of grace_period * reduction_factor^k ticks) or
-    population-based training: every pbt_interval ticks the bottom quarter of the members load
-    a top-quarter member's checkpoint and continue with its rates perturbed (x0.8 or x1.2, or
-    resampled from the range), re-applied to both optimizers by load_checkpoint."""
+    """sha or ASHA (stop the worst trials at rungs of grace_period * reduction_factor^k ticks;
+    sha waits for every trial at each rung, ASHA judges a trial against those that reached it
+    earlier) or population-based training: every pbt_interval ticks the bottom quarter of the
+    members load a top-quarter member's checkpoint and continue with its rates perturbed (x0.8 or
+    x1.2, or resampled from the range), re-applied to both optimizers by load_checkpoint."""
     from ray import tune
 
-    if cfg.tune.scheduler == "pbt":
+    if cfg.sweep_scheduler == "sha":
+        return synchronous_halving(
+            cfg.tune.trials, cfg.tune.grace_period, cfg.tune.reduction_factor, ticks, "fd_recent"
+        )
+    if cfg.sweep_scheduler == "pbt":
         return tune.schedulers.PopulationBasedTraining(
             time_attr="training_iteration",  # one iteration = one report = one tick
             perturbation_interval=min(cfg.tune.pbt_interval, ticks),
@@ -298,6 +357,9 @@ def run_sweep(cfg: Config) -> Best:
     # write tune/best.json from a partial sweep and DVC would record it. Without it, Ctrl-C
     # raises KeyboardInterrupt here and the stage fails.
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+    # sha and pbt trials checkpoint every tick, by design: Tune's warning that frequent
+    # checkpoints force frequent experiment snapshots is noise here
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
     name = sweep_name(cfg)
     storage = storage_path(cfg)
@@ -411,7 +473,7 @@ def summarise(cfg: Config, client: Any, parent: str, results: Any, ticks: int) -
                 ),
             }
         )
-    stopped = _close_trial_runs(client, parent, results, ticks)
+    stopped = _close_trial_runs(cfg, client, parent, results, ticks)
     scored = [t for t in trials if t["fd"] is not None]
     longest = max((t["epochs"] for t in scored), default=0)
     best = min((t for t in scored if t["epochs"] == longest), key=lambda t: t["fd"]) if scored else None
@@ -447,10 +509,10 @@ def _ticks_reached(result: Any) -> int:
     return 0 if result.metrics_dataframe is None else len(result.metrics_dataframe)
 
 
-def _close_trial_runs(client: Any, parent: str, results: Any, ticks: int) -> int:
-    """Trials that Tune ended were killed mid-fit, leaving their runs RUNNING: mark those ASHA
-    stopped early KILLED (tag ganflow.trial_status = "stopped early (ASHA)"), those that ran
-    every tick FINISHED. Returns how many were stopped early."""
+def _close_trial_runs(cfg: Config, client: Any, parent: str, results: Any, ticks: int) -> int:
+    """Trials that Tune ended were killed mid-fit, leaving their runs RUNNING: mark those the
+    scheduler stopped early KILLED (tag ganflow.trial_status = "stopped early (sha)" or "(asha)"),
+    those that ran every tick FINISHED. Returns how many were stopped early."""
     children = client.search_runs(
         [client.get_run(parent).info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'"
     )
@@ -466,7 +528,7 @@ def _close_trial_runs(client: Any, parent: str, results: Any, ticks: int) -> int
         if result.error is not None:
             status, note = "FAILED", "error"
         elif epochs < ticks:
-            status, note = "KILLED", "stopped early (ASHA)"
+            status, note = "KILLED", f"{STOPPED_EARLY} ({cfg.sweep_scheduler})"
             stopped += 1
         else:  # Tune ends a trial at its last report, before its fit() returns
             status, note = "FINISHED", "finished"

@@ -79,9 +79,23 @@ def test_empty_file_gives_the_defaults(tmp_path):
         ),
         (
             "tune:\n  scheduler: pbt\ncluster:\n  num_workers: 2\n",
-            "params.yaml: tune.scheduler: pbt needs one-worker trials (cluster.num_workers: 1); use asha with several workers",
+            "params.yaml: tune.scheduler: pbt needs one-worker trials (cluster.num_workers: 1); use asha (or auto) "
+            "with several workers",
         ),
-        ("tune:\n  scheduler: bohb\n", "params.yaml: tune.scheduler: must be one of 'asha' or 'pbt', got 'bohb'"),
+        (
+            "tune:\n  scheduler: sha\ncluster:\n  num_workers: 2\n",
+            "params.yaml: tune.scheduler: sha needs one-worker trials (cluster.num_workers: 1); use asha (or auto) "
+            "with several workers",
+        ),
+        (
+            "tune:\n  max_concurrent_trials: 2\n",
+            "params.yaml: tune.max_concurrent_trials: sha runs as many trials at once as the resources hold; set "
+            "it only with asha or pbt",
+        ),
+        (
+            "tune:\n  scheduler: bohb\n",
+            "params.yaml: tune.scheduler: must be one of 'auto', 'sha', 'asha' or 'pbt', got 'bohb'",
+        ),
     ],
 )
 def test_bad_values_name_file_key_and_reason(tmp_path, text, expected):

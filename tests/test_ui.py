@@ -149,7 +149,7 @@ def _fill_store(cfg, params: Path) -> dict:
         run_id = start_training_run(client, experiment_id, trial_cfg, lr_g, lr_d, tags, trial=k)
         log_training(trial_cfg, run_id, fds, seed=10 + k)
         stopped = len(fds) < 2  # a trial of 2.4 kimg: 2 ticks
-        client.set_tag(run_id, "ganflow.trial_status", "stopped early (ASHA)" if stopped else "finished")
+        client.set_tag(run_id, "ganflow.trial_status", "stopped early (sha)" if stopped else "finished")
         client.set_terminated(run_id, status="KILLED" if stopped else "FINISHED")
         trials.append(run_id)
     (best_lr_g, best_lr_d), best_fds = TRIALS[0]
