@@ -88,13 +88,14 @@ class Best:
 
     lr_g: float
     lr_d: float
-    fd_domain: float | None  # the pick's score: fd_recent at its last tick (mean of its last two fd_domain)
+    fd_domain: float | None  # the pick's score: fd_recent at its last tick (mean of its last two `objective`)
     epoch: int | None  # the tick that score was reached at (the trial's last)
     sweep_run_id: str | None
     trials: int
     trial_ticks: int  # the reports (ticks of tune.tick_kimg) all trials made together
     stopped_early: int
     tuned: bool
+    objective: str | None = None  # what fd_recent averages: fd_class (a conditional G) or fd_domain
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)

@@ -85,12 +85,16 @@ class Reference:
     def labelled(self) -> bool:
         return len(self.class_names) > 0
 
-    def quick(self, features: np.ndarray) -> dict[str, float]:
-        """The in-training metrics on the validation split: fd_domain and KID."""
+    def quick(self, features: np.ndarray, asked: np.ndarray | None = None) -> dict[str, float]:
+        """The in-training metrics on the validation split: fd_domain and KID; for a conditional G
+        (``asked``: the class each sample was drawn for) also fd_class."""
         kid_mean, kid_std = kid(
             self.split.features, features, self.cfg.eval.kid_subsets, self.cfg.eval.kid_subset_size, self.cfg.eval.seed
         )
-        return {"fd_domain": fd(self.split.features, features), "kid": kid_mean, "kid_std": kid_std}
+        out = {"fd_domain": fd(self.split.features, features), "kid": kid_mean, "kid_std": kid_std}
+        if asked is not None and self.labelled:
+            out["fd_class"] = fd_class(self.split.features, self.split.labels, features, asked)
+        return out
 
     def with_split(self, split: Split) -> Reference:
         return Reference(
@@ -393,6 +397,19 @@ def codes_for(split: Split, latent_dim: int, conditional: bool, generator: torch
         return z
     classes = torch.repeat_interleave(torch.arange(len(split.draw_counts)), torch.as_tensor(split.draw_counts))
     return torch.cat([z, one_hot(classes, len(split.draw_counts))], dim=1)
+
+
+def fd_class(real: np.ndarray, real_labels: np.ndarray, fake: np.ndarray, asked: np.ndarray) -> float:
+    """The mean over classes of the Fréchet distance between the real images of a class and the
+    samples a conditional G drew for it (intra-class FD, as cGAN papers report intra-FID). Unlike
+    fd_domain over all classes, it rises when G draws a good image of the wrong class. Classes
+    with fewer than 2 images on either side are left out; nan when none is left."""
+    values = [
+        fd(real[real_labels == c], fake[asked == c])
+        for c in np.unique(real_labels)
+        if (real_labels == c).sum() >= 2 and (asked == c).sum() >= 2
+    ]
+    return float(np.mean(values)) if values else float("nan")
 
 
 def class_match(probs: np.ndarray, asked: np.ndarray, spec: dict[str, Any]) -> dict[str, float]:

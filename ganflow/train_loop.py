@@ -28,7 +28,7 @@ from ganflow.models import (
     recompute_batchnorm,
 )
 
-EVAL_METRICS = ("fd_domain", "kid", "kid_std", "fd_recent")
+EVAL_METRICS = ("fd_domain", "kid", "kid_std", "fd_class", "fd_recent")
 # per-epoch speed: differ between identical runs, so never part of a reproducible result
 TIMINGS = ("imgs_per_sec", "epoch_s")
 
@@ -257,9 +257,11 @@ def run_loop(config: dict[str, Any], session: RayTrainSession | TrialSession) ->
             recompute_batchnorm(state.ema_g, seed=cfg.train.seed, prior=state.prior)
         if reference is not None and (tick % cfg.eval.every == 0 or last):
             row.update(evaluate_ema(state, cfg, reference))
-            # the sweep's objective: the mean of the last two evaluations, not one noisy value
-            previous = [r["fd_domain"] for r in state.history if "fd_domain" in r][-1:]
-            row["fd_recent"] = float(np.mean(previous + [row["fd_domain"]]))
+            # the sweep's objective: the mean of the last two evaluations, not one noisy value, of
+            # fd_class for a conditional G (it sees a sample of the wrong class), else fd_domain
+            key = objective_key(row)
+            previous = [r[key] for r in state.history if key in r][-1:]
+            row["fd_recent"] = float(np.mean(previous + [row[key]]))
             if row["fd_domain"] < state.best_fd:  # the exported generator is the best, not the last
                 state.best_fd, state.best_epoch = row["fd_domain"], state.epoch
                 state.best_ema_g = {k: v.detach().cpu().clone() for k, v in state.ema_g.state_dict().items()}
@@ -330,19 +332,28 @@ def _gather_objects(value: Any, world: int) -> list[Any]:
     return gathered
 
 
+def objective_key(row: dict[str, Any]) -> str:
+    """What a tick's fd_recent averages: fd_class when the tick has it (a conditional G on
+    labelled data), else fd_domain."""
+    return "fd_class" if math.isfinite(row.get("fd_class", math.nan)) else "fd_domain"
+
+
 def evaluate_ema(state: GanState, cfg: Config, reference: Reference) -> dict[str, float]:
-    """fd_domain and KID of the EMA generator against the validation split: the mean over
-    eval.tick_draws latent draws, each of the split's size and class counts. The latent vectors
-    come from one stream fixed by eval.seed, so every tick is scored on the same vectors, and
-    never on those the evaluate stage reports with (seeds eval.seed + 1 on)."""
+    """fd_domain and KID (and fd_class, for a conditional G) of the EMA generator against the
+    validation split: the mean over eval.tick_draws latent draws, each of the split's size and
+    class counts. The latent vectors come from one stream fixed by eval.seed, so every tick is
+    scored on the same vectors, and never on those the evaluate stage reports with (seeds
+    eval.seed + 1 on)."""
     generator = torch.Generator().manual_seed(cfg.eval.seed)
+    conditional = bool(state.prior)
+    asked = np.repeat(np.arange(len(reference.split.draw_counts)), reference.split.draw_counts) if conditional else None
     scores = []
     for _ in range(cfg.eval.tick_draws):
-        z = codes_for(reference.split, cfg.model.latent_dim, bool(state.prior), generator)
+        z = codes_for(reference.split, cfg.model.latent_dim, conditional, generator)
         with torch.no_grad():
             images = torch.cat([state.ema_g(chunk.to(state.device)).float().cpu() for chunk in z.split(500)])
         features, _ = encode(reference.encoder, images)
-        scores.append(reference.quick(features))
+        scores.append(reference.quick(features, asked))
     return {key: float(np.mean([s[key] for s in scores])) for key in scores[0]}
 
 

@@ -7,8 +7,9 @@ bad trials early: synchronous successive halving by default (every trial waits a
 all have reached it, so the pick never depends on which trial reported first), ASHA for
 multi-worker trials, or population-based training.
 
-What a trial scores is ``fd_recent``, the mean fd_domain of its last two evaluations (one
-evaluation is noisy, and the minimum over ticks rewards a lucky one), and the pick is made
+What a trial scores is ``fd_recent``, the mean of its last two evaluations (one evaluation is
+noisy, and the minimum over ticks rewards a lucky one) of fd_class for a conditional G (the FD
+per class, which sees samples of the wrong class), else of fd_domain; the pick is made
 among the trials that ran the most ticks: rates that hold, not rates that flashed once. Each
 trial trains with its own seed, derived from tune.seed, so no rate wins by one seed's luck.
 MLflow: one parent run per sweep, a nested child run per trial, created with the experiment
@@ -462,6 +463,8 @@ def summarise(cfg: Config, client: Any, parent: str, results: Any, ticks: int) -
                 "lr_d": float(config["lr_d"]) if "lr_d" in config else None,
                 "fd": float(recent) if finite else None,
                 "fd_history": fds,  # this process's reports
+                # what fd_recent averaged (ganflow.train_loop.objective_key)
+                "objective": "fd_class" if frame is not None and "fd_class" in frame else "fd_domain",
                 "epoch": _ticks_reached(result) if fds else None,
                 "epochs": _ticks_reached(result),
                 "error": str(result.error).splitlines()[0] if result.error else None,
@@ -487,6 +490,7 @@ def summarise(cfg: Config, client: Any, parent: str, results: Any, ticks: int) -
         trial_ticks=sum(t["epochs"] for t in trials),
         stopped_early=stopped,
         tuned=True,
+        objective="fd_class" if any(t["objective"] == "fd_class" for t in trials) else "fd_domain",
     )
     client.log_param(parent, "best_lr_g", repr(summary.lr_g))
     client.log_param(parent, "best_lr_d", repr(summary.lr_d))
@@ -556,7 +560,7 @@ def _sweep_plot(trials: list[dict[str, Any]]):
             cmap="viridis_r",
             s=60,
         )
-        fig.colorbar(dots, label="fd_recent (mean of the last two fd_domain)")
+        fig.colorbar(dots, label="fd_recent (the objective's mean over the last two ticks)")
     unscored = [t for t in trials if t["fd"] is None and t["lr_g"] is not None]
     ax.scatter([t["lr_g"] for t in unscored], [t["lr_d"] for t in unscored], marker="x", c="red")
     ax.set(xlabel="lr_g", ylabel="lr_d", title="sweep: fd_domain per trial")

@@ -26,8 +26,8 @@ def tune(cfg: Config) -> None:
         return
     print(
         f"best of {best.trials} trials ({best.stopped_early} stopped early, {best.trial_ticks} trial ticks of {cfg.tune.tick_kimg:g} kimg): "
-        f"lr_g={best.lr_g:.3g} lr_d={best.lr_d:.3g}, fd_recent {best.fd_domain:.3f} (mean validation fd_domain of "
-        f"its last two ticks, to tick {best.epoch}); "
+        f"lr_g={best.lr_g:.3g} lr_d={best.lr_d:.3g}, fd_recent {best.fd_domain:.3f} (mean validation "
+        f"{best.objective} of its last two ticks, to tick {best.epoch}); "
         f"MLflow sweep run {best.sweep_run_id} -> {cfg.paths.tune_best}"
     )
 

@@ -255,6 +255,23 @@ def test_class_match_counts_samples_drawn_as_asked():
     assert class_match(np.eye(2)[[0, 1, 1, 1]], asked, spec)["class_match"] == 0.75
 
 
+def test_fd_class_sees_good_images_of_the_wrong_class_that_fd_domain_cannot(fitted):
+    """The sweep's objective for a conditional G. Train images served as samples: drawn as asked
+    they score a low fd_class; the same images (so the same fd_domain) answering for the next
+    class score far worse, though the class frequencies are right."""
+    from ganflow.encoder import encode
+
+    cfg, _ = fitted
+    reference = load_reference(cfg)
+    images, labels = part(cfg, "train")
+    features, _ = encode(reference.encoder, as_tensor(images))
+    right = reference.quick(features, labels)
+    wrong = reference.quick(features, (labels + 1) % 10)
+    assert wrong["fd_domain"] == right["fd_domain"]
+    assert wrong["fd_class"] > 2 * right["fd_class"], (right, wrong)
+    assert "fd_class" not in reference.quick(features)  # an unconditional G: no classes asked
+
+
 def test_ganflow_score_command_writes_the_numbers_and_refuses_bad_files_in_one_line(fitted, tmp_path):
     import subprocess
     import sys

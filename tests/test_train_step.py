@@ -366,7 +366,7 @@ def test_each_tick_is_scored_on_the_mean_of_several_fixed_latent_draws(tmp_path,
     class Split:
         draw_size, draw_counts = 6, [3, 3]
 
-    def quick(features):
+    def quick(features, asked=None):
         seen.append(torch.as_tensor(features))
         return {"fd_domain": float(np.abs(features).mean()), "kid": float(features.mean()), "kid_std": 0.0}
 
