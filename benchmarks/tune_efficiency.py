@@ -12,8 +12,9 @@ Without --grid, per seed (tune.seed and train.seed both set to it), three result
 (benchmarks/_scratch.py DATASETS; all but "digits" prepared, with an encoder of their own, in a
 scratch folder), each a full train.kimg training by the train stage's driver, its exported
 generator scored on the **test** split as the evaluate stage does (eval.draws latent draws):
-  sweep S NxK + train  (--rows sweep) the tune stage's own sweep with the params' tune: section,
-                     scheduler S, N trials of at most K kimg, then training its pick;
+  sweep S O NxK + train  (--rows sweep) the tune stage's own sweep with the params' tune:
+                     section, scheduler S, objective O, N trials of at most K kimg, then
+                     training its pick;
   best grid point    (best) --best's rates (the digits grid's best, below, unless told);
   fixed R            (fixed) --fixed for both rates (2e-4: the DCGAN paper's).
 It prints, per row, fd_domain over the real baseline as mean ± sd over the seeds, recall, how
@@ -97,7 +98,7 @@ def compare_rows(
     """Per seed (tune.seed and train.seed both), up to three results, each trained train.kimg and
     scored on the test split: sweep, the params' sweep then the train stage on its pick; best, the
     best grid point; fixed, the fixed rate for both optimizers. Each with its wall time (the
-    sweep's apart). The sweep's row is named by its trials and their kimg."""
+    sweep's apart). The sweep's row is named by its scheduler, objective, trials and their kimg."""
     results = []
     for seed in seeds:
         seeded = cfg.model_copy(deep=True)
@@ -110,7 +111,7 @@ def compare_rows(
             train_s, metrics = train_and_score(run, pick.lr_g, pick.lr_d)
             results.append(
                 {
-                    "row": f"sweep {cfg.sweep_scheduler} {cfg.tune.trials}x{cfg.tune.kimg:g} + train",
+                    "row": f"sweep {cfg.sweep_scheduler} {pick.objective} {cfg.tune.trials}x{cfg.tune.kimg:g} + train",
                     "seed": seed,
                     "lr_g": pick.lr_g,
                     "lr_d": pick.lr_d,
@@ -146,7 +147,7 @@ def compare_table(dataset: str, results: list[dict], train_kimg: float) -> None:
     seeds = sorted({r["seed"] for r in results})
     print(f"\n{dataset}: test split, mean ± sd over seeds {seeds} (sd ddof 1); wall = sweep + train per seed")
     print(
-        f"{'row':20s} {'lr_g':>17s} {'lr_d':>17s} {'fd / real':>13s} {'recall':>6s} {'copying':>7s} "
+        f"{'row':34s} {'lr_g':>17s} {'lr_d':>17s} {'fd / real':>13s} {'recall':>6s} {'copying':>7s} "
         f"{'sweep kimg':>10s} {'wall s':>7s} {'as asked':>8s}"
     )
     for row in rows:
@@ -158,7 +159,7 @@ def compare_table(dataset: str, results: list[dict], train_kimg: float) -> None:
         span = lambda v: f"{min(v):.2g}" if min(v) == max(v) else f"{min(v):.2g}..{max(v):.2g}"  # noqa: E731
         kimg = [r.get("sweep_kimg", 0.0) for r in mine]
         print(
-            f"{row:20s} {span(g):>17s} {span(d):>17s} {ratio.mean():6.2f} ± {sd:4.2f} "
+            f"{row:34s} {span(g):>17s} {span(d):>17s} {ratio.mean():6.2f} ± {sd:4.2f} "
             f"{np.mean([r['recall'] for r in mine]):6.2f} {sum(bool(r['copying_flagged']) for r in mine):7d} "
             f"{np.mean(kimg):10.1f} {np.mean([r['sweep_s'] + r['train_s'] for r in mine]):7.0f} "
             f"{as_asked(mine):>8s}"

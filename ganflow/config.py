@@ -300,6 +300,9 @@ class EvalConfig(Section):
     # latent draws that each in-training evaluation averages (the exported tick and the sweep's
     # objective): one draw of a small validation split moves fd_domain by its own noise
     tick_draws: int = Field(3, ge=1)
+    # and at least this many samples in all: a 100-image set's validation draw is 30 samples, and
+    # 3 of them left its score (the sweep's objective, the exported tick) at the mercy of the draw
+    tick_samples: int = Field(500, ge=1)
     seed: int = Field(0, ge=0)  # the encoder's init, the real-baseline draws, the KID subsets
     encoder_epochs: int = Field(25, gt=0)
     feature_dim: int = Field(64, gt=0)  # keep well below num_samples: a covariance is estimated

@@ -338,17 +338,23 @@ def objective_key(row: dict[str, Any]) -> str:
     return "fd_class" if math.isfinite(row.get("fd_class", math.nan)) else "fd_domain"
 
 
+def tick_draws(cfg: Config, draw_size: int) -> int:
+    """How many latent draws an in-training evaluation averages: eval.tick_draws, or as many as
+    hold eval.tick_samples samples."""
+    return max(cfg.eval.tick_draws, math.ceil(cfg.eval.tick_samples / max(draw_size, 1)))
+
+
 def evaluate_ema(state: GanState, cfg: Config, reference: Reference) -> dict[str, float]:
     """fd_domain and KID (and fd_class, for a conditional G) of the EMA generator against the
-    validation split: the mean over eval.tick_draws latent draws, each of the split's size and
-    class counts. The latent vectors come from one stream fixed by eval.seed, so every tick is
+    validation split: the mean over eval.tick_draws latent draws (more when they would hold fewer
+    than eval.tick_samples samples), each of the split's size and class counts. The latent vectors come from one stream fixed by eval.seed, so every tick is
     scored on the same vectors, and never on those the evaluate stage reports with (seeds
     eval.seed + 1 on)."""
     generator = torch.Generator().manual_seed(cfg.eval.seed)
     conditional = bool(state.prior)
     asked = np.repeat(np.arange(len(reference.split.draw_counts)), reference.split.draw_counts) if conditional else None
     scores = []
-    for _ in range(cfg.eval.tick_draws):
+    for _ in range(tick_draws(cfg, reference.split.draw_size)):
         z = codes_for(reference.split, cfg.model.latent_dim, conditional, generator)
         with torch.no_grad():
             images = torch.cat([state.ema_g(chunk.to(state.device)).float().cpu() for chunk in z.split(500)])

@@ -34,9 +34,9 @@ EXPECTED = {
     ],
     "scaling.py": [rf"1 worker, 1 node\s+{NUMBER}\s+1\.00", rf"2 workers, 2 nodes\s+{NUMBER}\s+{NUMBER}"],
     "tune_efficiency.py": [
-        rf"sweep sha 2x2\.4 \+ train\s+\S+\s+\S+\s+{NUMBER} ±\s+nan\s+{NUMBER}\s+[01]\s+{NUMBER}\s+\d+\s+(?:{NUMBER}|-)\n",
+        rf"sweep sha fd_class 2x2\.4 \+ train\s+\S+\s+\S+\s+{NUMBER} ±\s+nan\s+{NUMBER}\s+[01]\s+{NUMBER}\s+\d+\s+(?:{NUMBER}|-)\n",
         rf"fixed 0\.0002\s+0\.0002\s+0\.0002\s+{NUMBER} ±\s+nan",
-        rf"sweep sha 2x2\.4 \+ train: {NUMBER} kimg of trials = {NUMBER}x one training's {NUMBER} kimg",
+        rf"sweep sha fd_class 2x2\.4 \+ train: {NUMBER} kimg of trials = {NUMBER}x one training's {NUMBER} kimg",
         r"compare\.json: seeds \[0\], tick_draws \d+, \d+ s, at \w+",
         r"rank agreement with the full budget \(2 ticks of 1 kimg\), over 4 grid points",
         rf"\n\s+2\s+2\.0\s+-?{NUMBER}\s+(?:-?{NUMBER}|nan)\n",

@@ -375,7 +375,7 @@ def test_each_tick_is_scored_on_the_mean_of_several_fixed_latent_draws(tmp_path,
 
     def evaluate(draws: int) -> dict:
         seen.clear()
-        cfg = tiny_cfg(tmp_path, eval=dict(tick_draws=draws))
+        cfg = tiny_cfg(tmp_path, eval=dict(tick_draws=draws, tick_samples=1))
         return train_loop.evaluate_ema(state, cfg, reference)
 
     one = evaluate(1)
@@ -387,3 +387,6 @@ def test_each_tick_is_scored_on_the_mean_of_several_fixed_latent_draws(tmp_path,
     assert three["fd_domain"] != one["fd_domain"]
     again = evaluate(3)
     assert again == three  # every tick sees the same vectors
+    # a small split's draws (6 samples here) are added up to eval.tick_samples
+    assert train_loop.tick_draws(tiny_cfg(tmp_path, eval=dict(tick_draws=3, tick_samples=20)), 6) == 4
+    assert train_loop.tick_draws(tiny_cfg(tmp_path, eval=dict(tick_draws=3, tick_samples=20)), 538) == 3
