@@ -347,9 +347,9 @@ def tick_draws(cfg: Config, draw_size: int) -> int:
 def evaluate_ema(state: GanState, cfg: Config, reference: Reference) -> dict[str, float]:
     """fd_domain and KID (and fd_class, for a conditional G) of the EMA generator against the
     validation split: the mean over eval.tick_draws latent draws (more when they would hold fewer
-    than eval.tick_samples samples), each of the split's size and class counts. The latent vectors come from one stream fixed by eval.seed, so every tick is
-    scored on the same vectors, and never on those the evaluate stage reports with (seeds
-    eval.seed + 1 on)."""
+    than eval.tick_samples samples), each of the split's size and class counts. The latent
+    vectors come from one stream fixed by eval.seed, so every tick is scored on the same vectors,
+    and never on those the evaluate stage reports with (seeds eval.seed + 1 on)."""
     generator = torch.Generator().manual_seed(cfg.eval.seed)
     conditional = bool(state.prior)
     asked = np.repeat(np.arange(len(reference.split.draw_counts)), reference.split.draw_counts) if conditional else None
