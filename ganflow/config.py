@@ -360,12 +360,6 @@ class Config(Section):
                 f"{self.tune.scheduler} needs one-worker trials (cluster.num_workers: 1); use asha "
                 "(or auto) with several workers",
             )
-        if self.tune.enabled and self.sweep_scheduler == "sha" and self.tune.max_concurrent_trials:
-            # the searcher's concurrency limit would cut the rung's field to the trials it let start
-            raise _FieldError(
-                "tune.max_concurrent_trials",
-                "sha runs as many trials at once as the resources hold; set it only with asha or pbt",
-            )
         return self
 
     @property

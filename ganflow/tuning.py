@@ -103,7 +103,7 @@ def search_algorithm(cfg: Config, concurrent: int):
     most ``concurrent`` trials at once (a BasicVariantGenerator passed in explicitly ignores
     TuneConfig.max_concurrent_trials: it must be told itself). Under sha every trial is created at
     once: a searcher's limit counts paused trials as running, and the first rung would be judged
-    among the trials it let start; the resources alone decide how many run at a time."""
+    among the trials it let start; the scheduler applies the limit instead (synchronous_halving)."""
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
     if cfg.sweep_scheduler == "sha":
@@ -268,12 +268,16 @@ def rungs(grace_period: int, reduction_factor: int, ticks: int) -> list[int]:
     return out
 
 
-def synchronous_halving(trials: int, grace_period: int, reduction_factor: int, ticks: int, metric: str):
+def synchronous_halving(
+    trials: int, grace_period: int, reduction_factor: int, ticks: int, metric: str, concurrent: int | None = None
+):
     """Successive halving in one bracket of every trial: each trial runs to a rung and is paused
     there until every live trial has reached it; then the best ceil(n / reduction_factor) by
     ``metric`` (lower is better) go on and the rest are stopped. Ray's HyperBandScheduler with its
-    bracket sizes fixed to this sweep (its own sizes depend on max_t alone, and would leave
-    trials of a small sweep unjudged). A report without the metric (a diverged trial) ranks last."""
+    bracket sizes fixed to this sweep (its own sizes depend on max_t alone: 6 trials would be
+    judged as a bracket of 9). A report without the metric (a diverged trial) ranks last. At most
+    ``concurrent`` trials run at once (None: as many as the resources hold)."""
+    from ray.tune.experiment import Trial
     from ray.tune.schedulers import HyperBandScheduler
 
     halvings = len(rungs(grace_period, reduction_factor, ticks))
@@ -295,6 +299,12 @@ def synchronous_halving(trials: int, grace_period: int, reduction_factor: int, t
             self._state["bracket"].add_trial(trial)
             self._trial_info[trial] = self._state["bracket"], 0
 
+        def choose_trial_to_run(self, tune_controller):
+            running = [t for t in self._trial_info if t.status == Trial.RUNNING]
+            if concurrent and len(running) >= concurrent:
+                return None
+            return super().choose_trial_to_run(tune_controller)
+
         def on_trial_result(self, tune_controller, trial, result):
             if not isinstance(result.get(metric), (int, float)) or math.isnan(result[metric]):
                 result = {**result, metric: math.inf}
@@ -313,7 +323,12 @@ def scheduler_of(cfg: Config, ticks: int):
 
     if cfg.sweep_scheduler == "sha":
         return synchronous_halving(
-            cfg.tune.trials, cfg.tune.grace_period, cfg.tune.reduction_factor, ticks, "fd_recent"
+            cfg.tune.trials,
+            cfg.tune.grace_period,
+            cfg.tune.reduction_factor,
+            ticks,
+            "fd_recent",
+            cfg.tune.max_concurrent_trials,
         )
     if cfg.sweep_scheduler == "pbt":
         return tune.schedulers.PopulationBasedTraining(

@@ -88,11 +88,6 @@ def test_empty_file_gives_the_defaults(tmp_path):
             "with several workers",
         ),
         (
-            "tune:\n  max_concurrent_trials: 2\n",
-            "params.yaml: tune.max_concurrent_trials: sha runs as many trials at once as the resources hold; set "
-            "it only with asha or pbt",
-        ),
-        (
             "tune:\n  scheduler: bohb\n",
             "params.yaml: tune.scheduler: must be one of 'auto', 'sha', 'asha' or 'pbt', got 'bohb'",
         ),

@@ -90,3 +90,28 @@ def test_a_report_without_a_score_ranks_last():
     """A diverged trial reports no fd_recent (or a NaN): it is cut at the rung, not a crash of the sweep."""
     scores = {0: [50.0, 40.0, 30.0], 1: [None] * 3, 2: [60.0, 20.0, 10.0], 3: [float("nan")] * 3}
     assert drive([1, 0, 3, 2], scores, 3, 2) == [2]  # 0 and 2 pass tick 1; 2 is better at tick 2
+
+
+def test_max_concurrent_trials_caps_the_running_trials():
+    """tune.max_concurrent_trials under sha: the scheduler starts no trial while that many run (a
+    searcher's limit would count paused trials too, and judge the first rung among fewer)."""
+    scheduler = synchronous_halving(3, 1, 3, 3, "fd_recent", concurrent=1)
+    scheduler.set_search_properties("fd_recent", "min")
+    controller = Controller()
+    controller.scheduler = scheduler
+    trials = [Trial("__fake", trial_id=f"t{i}", stub=True) for i in range(3)]
+    for trial in trials:
+        scheduler.on_trial_add(controller, trial)  # PENDING
+    first = scheduler.choose_trial_to_run(controller)
+    assert first in trials
+    first.status = Trial.RUNNING
+    assert scheduler.choose_trial_to_run(controller) is None  # one runs: no second
+    first.status = Trial.PAUSED  # at its rung
+    assert scheduler.choose_trial_to_run(controller) in set(trials) - {first}
+    unlimited = synchronous_halving(3, 1, 3, 3, "fd_recent")
+    unlimited.set_search_properties("fd_recent", "min")
+    for trial in trials:
+        trial.status = Trial.PENDING
+        unlimited.on_trial_add(controller, trial)
+    trials[0].status = Trial.RUNNING
+    assert unlimited.choose_trial_to_run(controller) in trials[1:]
