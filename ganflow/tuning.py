@@ -53,7 +53,7 @@ from ganflow.tracking import (
     start_training_run,
     tracking_uri,
 )
-from ganflow.train_loop import TrialSession, run_loop
+from ganflow.train_loop import TrialSession, objective_key, run_loop
 
 # a trial's own driver function needs (almost) nothing: the workers hold the CPUs/GPUs. A
 # non-empty bundle is required; a tiny CPU share would keep two 1-CPU trials off a 2-CPU box.
@@ -478,8 +478,7 @@ def summarise(cfg: Config, client: Any, parent: str, results: Any, ticks: int) -
                 "lr_d": float(config["lr_d"]) if "lr_d" in config else None,
                 "fd": float(recent) if finite else None,
                 "fd_history": fds,  # this process's reports
-                # what fd_recent averaged (ganflow.train_loop.objective_key)
-                "objective": "fd_class" if frame is not None and "fd_class" in frame else "fd_domain",
+                "objective": objective_key(result.metrics or {}),  # what fd_recent averaged
                 "epoch": _ticks_reached(result) if fds else None,
                 "epochs": _ticks_reached(result),
                 "error": str(result.error).splitlines()[0] if result.error else None,
