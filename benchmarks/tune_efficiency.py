@@ -21,7 +21,7 @@ It prints, per row, fd_domain over the real baseline as mean ± sd over the seed
 many seeds the copy detector flagged, the sweep's kimg of trials and each row's wall time, then
 the sweep's compute against one training's. --save writes the results to a JSON file.
 
---grid: the tune stage's own sweep with tune.search: grid (--points log-spaced rates per optimizer
+--grid: on --dataset, the tune stage's own sweep with tune.search: grid (--points log-spaced rates per optimizer
 over --lr-range, every pair) and no early stopping, each trial trained for the whole train.kimg
 and evaluated every train.tick_kimg, once per seed (tune.seed 0, 1, ...). A trial's first t ticks
 are what an ASHA or PBT trial of t ticks would have seen (nothing in the loop depends on the
@@ -240,8 +240,8 @@ def print_saved(paths: list[Path]) -> int:
     for path, g in zip(paths, saved):
         print(f"{path.name}: seeds {g['seeds']}, tick_draws {g['tick_draws']}, {g['wall_s']:.0f} s, at {g['commit']}")
     grids = [g for g in saved if "sweeps" in g]
-    if len({(g["points"], tuple(g["lr_range"]), g["tick_kimg"]) for g in grids}) > 1:
-        raise SystemExit("error: --load: the saved grids differ in points, range or tick length")
+    if len({(g.get("dataset", "digits"), g["points"], tuple(g["lr_range"]), g["tick_kimg"]) for g in grids}) > 1:
+        raise SystemExit("error: --load: the saved grids differ in data set, points, range or tick length")
     if grids:
         rank_table([sweep for g in grids for sweep in g["sweeps"]], grids[0]["tick_kimg"])
     merged: dict[str, list[dict]] = {}  # comparisons of one data set, run on different days, together
@@ -318,6 +318,8 @@ def main() -> int:
             args.save = Path(tmp) / "grid.json"
         low, high = (float(v) for v in args.lr_range.split(","))
         grid_cfg = cfg.model_copy(deep=True)
+        if not args.smoke:
+            grid_cfg = dataset_cfg(grid_cfg, args.dataset, Path(tmp) / args.dataset)
         if args.smoke:
             grid_cfg.train.kimg, grid_cfg.train.epochs, args.points = 2.4, None, 2
         started = time.perf_counter()
@@ -327,6 +329,7 @@ def main() -> int:
         print(f"grid wall time {wall:.0f} s")
         if args.save:
             saved = saved_header(grid_cfg, seeds, wall) | {
+                "dataset": "digits" if args.smoke else args.dataset,
                 "points": args.points,
                 "lr_range": [low, high],
                 "tick_kimg": grid_cfg.train.tick_kimg,
