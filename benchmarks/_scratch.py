@@ -54,6 +54,9 @@ DATASETS = {
     "digits-100": "100 images of the digit 3 from scikit-learn's digits, unlabelled: a 100-image set, "
     "trained unconditionally",
     "digits-300": "300 of scikit-learn's digits, 30 per class, labelled",
+    "faces-100": "100 face photographs, 25 px grayscale, aligned: the faces of the LFW subset that ships "
+    "with scikit-image (skimage/data/lfw_subset.npy; `pip install scikit-image`), resized to 32 px, "
+    "unlabelled",
     "photo-crops-64": "300 RGB crops at 64 px, unlabelled, of the three photographs that ship with the "
     "installed packages (scikit-learn's china.jpg and flower.jpg, matplotlib's "
     "grace_hopper.jpg): random squares of 96-224 px side, resized",
@@ -73,6 +76,17 @@ def dataset_arrays(name: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray | N
             return gray[np.sort(index)], None, 32
         index = np.concatenate([rng.choice(np.flatnonzero(digits.target == c), 30, replace=False) for c in range(10)])
         return gray[np.sort(index)], digits.target[np.sort(index)].astype(np.int64), 32
+    if name == "faces-100":
+        import importlib.util
+
+        from PIL import Image
+
+        spec = importlib.util.find_spec("skimage")
+        if spec is None or spec.origin is None:
+            raise SystemExit("error: faces-100 reads scikit-image's bundled LFW subset: pip install scikit-image")
+        faces = np.load(Path(spec.origin).parent / "data" / "lfw_subset.npy")[:100]  # the rest are non-faces
+        gray = [Image.fromarray(np.rint(face * 255).astype(np.uint8)).resize((32, 32), Image.Resampling.LANCZOS) for face in faces]
+        return np.stack([np.asarray(g) for g in gray])[..., None], None, 32
     if name == "photo-crops-64":
         import matplotlib
         from PIL import Image
