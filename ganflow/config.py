@@ -206,7 +206,12 @@ class TuneConfig(Section):
     # The defaults come from benchmarks/tune_efficiency.py: across 1e-5..1e-2 a trial of 2.5 kimg
     # ranks rates as the full budget does (Spearman 0.87), but among the good rates only from
     # ~20 kimg on (0.8); so the rungs cut at 2.5 and 7.5 kimg and the finalist runs 25
-    num_samples: int = Field(6, gt=0)
+    num_samples: int = Field(7, gt=0)
+    # The first trial trains train.lr_g/lr_d, the rates a training without a sweep uses, when they
+    # lie in both ranges (random and optuna search; counted in num_samples): six random pairs over
+    # three decades often hold no pair near a set's best, and the sweep's pick then has to beat
+    # the rates the project would have used anyway.
+    include_train_rates: bool = True
     kimg: float = Field(25.0, gt=0.0)  # each trial's budget, thousands of images shown (as train.kimg)
     tick_kimg: float = Field(2.5, gt=0.0)  # a trial reports (ASHA's signal) every this many kimg
     lr_g_min: float = Field(1e-5, gt=0.0)
@@ -368,6 +373,15 @@ class Config(Section):
         if self.tune.scheduler != "auto":
             return self.tune.scheduler
         return "sha" if self.cluster.num_workers == 1 else "asha"
+
+    @property
+    def sweep_first_trial(self) -> list[dict[str, float]]:
+        """[train.lr_g/lr_d as the sweep's first trial] when tune.include_train_rates and both lie
+        in the sweep's ranges (a grid has its own points): the pick must then beat the rates a
+        training without a sweep uses. Else []."""
+        t, lr_g, lr_d = self.tune, self.train.lr_g, self.train.lr_d
+        inside = t.lr_g_min <= lr_g <= t.lr_g_max and t.lr_d_min <= lr_d <= t.lr_d_max
+        return [{"lr_g": lr_g, "lr_d": lr_d}] if t.include_train_rates and t.search != "grid" and inside else []
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, YAML/JSON-ready values (paths as strings)."""

@@ -193,8 +193,8 @@ def start_sweep_run(client: Any, experiment_id: str, cfg: Config, tags: dict[str
         f"Learning-rate sweep: {t.trials} trials ({t.search} search, {scheduler}, "
         f"in ticks of {t.tick_kimg:g} kimg) of up to {t.kimg:g} kimg each, "
         f"lr_g {f'on a grid of {t.grid_points} log-spaced values' if t.search == 'grid' else 'log-uniform'} in "
-        f"[{lr_text(t.lr_g_min)}, {lr_text(t.lr_g_max)}], lr_d in [{lr_text(t.lr_d_min)}, {lr_text(t.lr_d_max)}]; "
-        "objective: fd_recent, the mean of the last two ticks' validation fd_class (a conditional G: the FD "
+        f"[{lr_text(t.lr_g_min)}, {lr_text(t.lr_g_max)}], lr_d in [{lr_text(t.lr_d_min)}, {lr_text(t.lr_d_max)}]"
+        f"{'; trial 1: train.lr_g and lr_d' if cfg.sweep_first_trial else ''}; objective: fd_recent, the mean of the last two ticks' validation fd_class (a conditional G: the FD "
         "per class) or fd_domain (lower is better). One nested run per trial; "
         f"each trial: {_workers_text(cfg)}.\n\n{_data_text(cfg)}"
     )

@@ -108,14 +108,15 @@ def search_algorithm(cfg: Config, concurrent: int):
 
     if cfg.sweep_scheduler == "sha":
         concurrent = max(concurrent, cfg.tune.trials)
+    first = cfg.sweep_first_trial  # tried before any sampled pair, and counted in num_samples
     if cfg.tune.search in ("random", "grid"):  # grid: the space's grid_search values, every pair once
-        return BasicVariantGenerator(random_state=cfg.tune.seed, max_concurrent=concurrent)
+        return BasicVariantGenerator(points_to_evaluate=first, random_state=cfg.tune.seed, max_concurrent=concurrent)
     try:
         import optuna  # noqa: F401
         from ray.tune.search.optuna import OptunaSearch
     except ImportError:
         raise TuneError("tune.search: optuna needs the optuna package: pip install 'ganflow[optuna]'") from None
-    return ConcurrencyLimiter(OptunaSearch(seed=cfg.tune.seed), max_concurrent=concurrent)
+    return ConcurrencyLimiter(OptunaSearch(points_to_evaluate=first or None, seed=cfg.tune.seed), max_concurrent=concurrent)
 
 
 def _orphan_sweeper(every_s: float = 2.0):

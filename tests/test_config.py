@@ -98,6 +98,18 @@ def test_bad_values_name_file_key_and_reason(tmp_path, text, expected):
     assert error_of(path) == expected.replace("params.yaml", str(path), 1)
 
 
+def test_the_sweep_tries_the_train_rates_first_when_they_lie_in_its_range(tmp_path):
+    def first(text: str):
+        return load_config(write(tmp_path, text)).sweep_first_trial
+
+    assert first("train:\n  lr_g: 3.0e-4\n  lr_d: 4.0e-4\n") == [{"lr_g": 3e-4, "lr_d": 4e-4}]
+    assert first("tune:\n  search: optuna\n") == [{"lr_g": 5e-4, "lr_d": 5e-4}]
+    assert first("tune:\n  include_train_rates: false\n") == []
+    assert first("tune:\n  search: grid\n") == []  # a grid has its own points
+    assert first("tune:\n  lr_d_min: 1.0e-3\n") == []  # 5e-4 is outside the lr_d range: not forced in
+    assert first("train:\n  lr_g: 1.0e-2\n") == [{"lr_g": 1e-2, "lr_d": 5e-4}]  # the range's ends count
+
+
 def test_a_grid_runs_every_pair_of_its_points(tmp_path):
     cfg = load_config(write(tmp_path, "tune:\n  search: grid\n  grid_points: 3\n  num_samples: 4\n"))
     assert cfg.tune.trials == 9

@@ -32,8 +32,9 @@ TUNE = {
     "lr_d_min": 1e-5,
     "lr_d_max": 1e-2,
 }
-# seed 2 draws (lr_g, lr_d) = (6.1e-5, 7.9e-5), (2.8e-3, 1.9e-5), (6.3e-4, 1.5e-3), (3.7e-5, 1.5e-5). The
-# default scheduler (sha) keeps 2 of the 4 at tick 1 and 1 of those 2 at tick 2: 4 + 2 + 1 trial ticks
+# trial 1 trains train.lr_g/lr_d (tune.include_train_rates), then seed 2 draws (lr_g, lr_d) = (6.1e-5,
+# 7.9e-5), (2.8e-3, 1.9e-5), (6.3e-4, 1.5e-3). The default scheduler (sha) keeps 2 of the 4 at tick 1
+# and 1 of those 2 at tick 2: 4 + 2 + 1 trial ticks
 
 
 def stage(name: str, params, timeout: float = 1800):
@@ -109,6 +110,12 @@ def test_sweep_stops_trials_early_and_nests_them_in_mlflow(swept):
     # every trial trained with its own seed, derived from tune.seed
     seeds = {c.data.params["train.seed"] for c in children}
     assert len(seeds) == 4
+    # the first trial trained the rates a training without a sweep uses; the others were drawn
+    train = load_config(params).train
+    first = [c for c in children if c.data.tags["mlflow.runName"].startswith("trial 1 ")]
+    assert len(first) == 1
+    assert (float(first[0].data.params["lr_g"]), float(first[0].data.params["lr_d"])) == (train.lr_g, train.lr_d)
+    assert all(float(c.data.params["lr_g"]) != train.lr_g for c in children if c is not first[0])
 
 
 def test_train_used_the_tuned_learning_rates(swept):
