@@ -85,7 +85,10 @@ def dataset_arrays(name: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray | N
         if spec is None or spec.origin is None:
             raise SystemExit("error: faces-100 reads scikit-image's bundled LFW subset: pip install scikit-image")
         faces = np.load(Path(spec.origin).parent / "data" / "lfw_subset.npy")[:100]  # the rest are non-faces
-        gray = [Image.fromarray(np.rint(face * 255).astype(np.uint8)).resize((32, 32), Image.Resampling.LANCZOS) for face in faces]
+        gray = [
+            Image.fromarray(np.rint(face * 255).astype(np.uint8)).resize((32, 32), Image.Resampling.LANCZOS)
+            for face in faces
+        ]
         return np.stack([np.asarray(g) for g in gray])[..., None], None, 32
     if name == "photo-crops-64":
         import matplotlib

@@ -116,7 +116,9 @@ def search_algorithm(cfg: Config, concurrent: int):
         from ray.tune.search.optuna import OptunaSearch
     except ImportError:
         raise TuneError("tune.search: optuna needs the optuna package: pip install 'ganflow[optuna]'") from None
-    return ConcurrencyLimiter(OptunaSearch(points_to_evaluate=first or None, seed=cfg.tune.seed), max_concurrent=concurrent)
+    return ConcurrencyLimiter(
+        OptunaSearch(points_to_evaluate=first or None, seed=cfg.tune.seed), max_concurrent=concurrent
+    )
 
 
 def _orphan_sweeper(every_s: float = 2.0):
