@@ -57,6 +57,8 @@ DATASETS = {
     "faces-100": "100 face photographs, 25 px grayscale, aligned: the faces of the LFW subset that ships "
     "with scikit-image (skimage/data/lfw_subset.npy; `pip install scikit-image`), resized to 32 px, "
     "unlabelled",
+    "faces-100-64": "the faces of faces-100 resized to 64 px (soft: the source is 25 px), grayscale: "
+    "a 64 px set with a subject one can judge by eye",
     "photo-crops-64": "300 RGB crops at 64 px, unlabelled, of the three photographs that ship with the "
     "installed packages (scikit-learn's china.jpg and flower.jpg, matplotlib's "
     "grace_hopper.jpg): random squares of 96-224 px side, resized",
@@ -76,7 +78,7 @@ def dataset_arrays(name: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray | N
             return gray[np.sort(index)], None, 32
         index = np.concatenate([rng.choice(np.flatnonzero(digits.target == c), 30, replace=False) for c in range(10)])
         return gray[np.sort(index)], digits.target[np.sort(index)].astype(np.int64), 32
-    if name == "faces-100":
+    if name in ("faces-100", "faces-100-64"):
         import importlib.util
 
         from PIL import Image
@@ -85,11 +87,12 @@ def dataset_arrays(name: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray | N
         if spec is None or spec.origin is None:
             raise SystemExit("error: faces-100 reads scikit-image's bundled LFW subset: pip install scikit-image")
         faces = np.load(Path(spec.origin).parent / "data" / "lfw_subset.npy")[:100]  # the rest are non-faces
+        size = 64 if name.endswith("-64") else 32
         gray = [
-            Image.fromarray(np.rint(face * 255).astype(np.uint8)).resize((32, 32), Image.Resampling.LANCZOS)
+            Image.fromarray(np.rint(face * 255).astype(np.uint8)).resize((size, size), Image.Resampling.LANCZOS)
             for face in faces
         ]
-        return np.stack([np.asarray(g) for g in gray])[..., None], None, 32
+        return np.stack([np.asarray(g) for g in gray])[..., None], None, size
     if name == "photo-crops-64":
         import matplotlib
         from PIL import Image

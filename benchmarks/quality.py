@@ -50,6 +50,8 @@ VARIANTS: dict[str, dict[str, object]] = {
     "no-ada": {"train.augment": "none"},  # the default budget without the adaptive augmentation
     "diffaugment": {"train.augment": "diffaugment"},  # every op on every image (p = 1)
     "lecam": {"train.lecam": 0.3},  # LeCam at StudioGAN's weight
+    # the widths before model.g_width/d_width auto (the same at 32 px; at 64 px twice auto's)
+    "width-64": {"model.g_width": 64, "model.d_width": 64},
 }
 
 COLUMNS = [  # (metric, header, format)
@@ -63,6 +65,8 @@ COLUMNS = [  # (metric, header, format)
     ("class_kl_reverse", "rev KL", "{:6.3f}"),
     ("class_match", "as asked", "{:8.2f}"),  # conditional rows: share drawn as the class asked
     ("copying_flagged", "copying", "{:7.0f}"),
+    ("copying_nn_ratio", "nn ratio", "{:8.2f}"),  # nearest training image / nearest unseen real one
+    ("spectrum_gap_over_real", "spec/real", "{:9.2f}"),  # the power spectrum's gap, no encoder involved
 ]
 
 

@@ -19,6 +19,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = load_config(args.params)
     print(f"# {args.params}: OK (resolved, paths absolute)")
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    g, d = cfg.net_widths
+    print(f"# model widths at {cfg.data.image_size} px: G {g}, D {d}; tune.scheduler: {cfg.sweep_scheduler}")
     return 0
 
 

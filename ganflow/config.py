@@ -112,18 +112,34 @@ class DataConfig(Section):
         return v
 
 
+# model.g_width/d_width: auto = this / data.image_size, capped at AUTO_WIDTH_MAX (64 at 16 and 32
+# px, 32 at 64 px, 16 at 128 px)
+AUTO_WIDTH_BUDGET = 2048
+AUTO_WIDTH_MAX = 64
+
+
 class ModelConfig(Section):
     """The generator and discriminator: DCGAN-style, or residual (SNGAN/BigGAN-style blocks)."""
 
     arch: Literal["dcgan", "resnet"] = "dcgan"
 
     latent_dim: int = Field(64, gt=0)
-    g_width: int = Field(64, gt=0)  # channels of G's last hidden layer; doubles per upsampling
-    d_width: int = Field(64, gt=0)  # channels of D's first layer; doubles per downsampling
+    # channels of G's last hidden layer (doubling per upsampling towards 4x4) and of D's first
+    # layer (doubling per downsampling); auto: AUTO_WIDTH_BUDGET / data.image_size, at most 64, so
+    # the 4x4 layers have 256 channels at every size and a 64 px net costs ~2x a 32 px one, not 6x
+    g_width: Literal["auto"] | int = "auto"
+    d_width: Literal["auto"] | int = "auto"
     spectral_norm: bool = False  # on D; BatchNorm is dropped from D when it is on
     # class-conditional G (conditional BatchNorm) and projection D: true needs labelled data,
     # auto = conditional when the prepared data has labels
     conditional: Literal["auto"] | bool = False
+
+    @field_validator("g_width", "d_width", mode="before")
+    @classmethod
+    def _width(cls, v: Any) -> Any:
+        if v != "auto" and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+            raise ValueError(f"must be auto or a whole number > 0, got {v!r}")
+        return v
 
 
 # train.* keys that say how a training runs, not what it computes: neither DVC (dvc.yaml) nor the
@@ -382,6 +398,14 @@ class Config(Section):
         t, lr_g, lr_d = self.tune, self.train.lr_g, self.train.lr_d
         inside = t.lr_g_min <= lr_g <= t.lr_g_max and t.lr_d_min <= lr_d <= t.lr_d_max
         return [{"lr_g": lr_g, "lr_d": lr_d}] if t.include_train_rates and t.search != "grid" and inside else []
+
+    @property
+    def net_widths(self) -> tuple[int, int]:
+        """(G's, D's) width, model.g_width/d_width resolved: auto is AUTO_WIDTH_BUDGET /
+        data.image_size, at most AUTO_WIDTH_MAX."""
+        auto = min(AUTO_WIDTH_MAX, max(1, AUTO_WIDTH_BUDGET // self.data.image_size))
+        g, d = self.model.g_width, self.model.d_width
+        return (auto if g == "auto" else g, auto if d == "auto" else d)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, YAML/JSON-ready values (paths as strings)."""

@@ -51,7 +51,7 @@ def export(
         "latent_dim": cfg.model.latent_dim,
         "channels": cfg.data.channels,
         "image_size": cfg.data.image_size,
-        "g_width": cfg.model.g_width,
+        "g_width": cfg.net_widths[0],
         "arch": cfg.model.arch,
         # a conditional G's input is z followed by a one-hot class: its classes and their frequencies
         "num_classes": len(meta.get("class_prior") or []),

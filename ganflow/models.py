@@ -350,7 +350,7 @@ def recompute_batchnorm(
 
 def build_generator(cfg: Config, num_classes: int = 0) -> nn.Module:
     g = GENERATORS[cfg.model.arch](
-        cfg.model.latent_dim, cfg.data.channels, cfg.data.image_size, cfg.model.g_width, num_classes
+        cfg.model.latent_dim, cfg.data.channels, cfg.data.image_size, cfg.net_widths[0], num_classes
     )
     (dcgan_init if cfg.model.arch == "dcgan" else resnet_init)(g)
     return g
@@ -358,7 +358,7 @@ def build_generator(cfg: Config, num_classes: int = 0) -> nn.Module:
 
 def build_discriminator(cfg: Config, num_classes: int = 0) -> nn.Module:
     d = DISCRIMINATORS[cfg.model.arch](
-        cfg.data.channels, cfg.data.image_size, cfg.model.d_width, cfg.model.spectral_norm, num_classes
+        cfg.data.channels, cfg.data.image_size, cfg.net_widths[1], cfg.model.spectral_norm, num_classes
     )
     (dcgan_init if cfg.model.arch == "dcgan" else resnet_init)(d)
     return d

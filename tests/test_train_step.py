@@ -49,6 +49,18 @@ def test_cpu_mixed_precision_follows_train_amp(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("arch", ["dcgan", "resnet"])
+def test_auto_widths_are_what_the_networks_are_built_with(tmp_path, arch):
+    for size, width in ((32, 64), (64, 32)):
+        cfg = resolve_paths(from_dict({"data": {"image_size": size}, "model": {"arch": arch}}), tmp_path)
+        g, d = build_generator(cfg), build_discriminator(cfg)
+        assert g.width == width
+        first = next(m for m in d.modules() if isinstance(m, torch.nn.Conv2d))
+        assert first.out_channels == width
+        last = [m for m in g.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))][-1]
+        assert last.in_channels == width and last.out_channels == cfg.data.channels
+
+
+@pytest.mark.parametrize("arch", ["dcgan", "resnet"])
 @pytest.mark.parametrize("size, channels", [(16, 1), (32, 3), (64, 1), (128, 3)])
 def test_model_shapes(tmp_path, size, channels, arch):
     cfg = resolve_paths(
