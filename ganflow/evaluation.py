@@ -287,6 +287,48 @@ def spectra(
     return out
 
 
+def mean_pairwise_distance(x: np.ndarray) -> float:
+    """The mean Euclidean distance between two different rows of ``x`` (N, ...)."""
+    flat = torch.as_tensor(x.reshape(len(x), -1), dtype=torch.float64)
+    if len(flat) < 2:
+        return float("nan")
+    squares = flat.square().sum(1)
+    d2 = (squares[:, None] + squares[None, :] - 2.0 * flat @ flat.T).clamp_min(0.0)
+    return float(d2.sqrt().sum() / (len(flat) * (len(flat) - 1)))
+
+
+def diversity(
+    reference: Reference,
+    train_images: np.ndarray,
+    generated: list[tuple[np.ndarray, np.ndarray]],
+    seed: int,
+) -> dict[str, float]:
+    """How varied the samples are: the mean distance between two samples of a draw, in the
+    encoder's features (``diversity``) and in pixels (``diversity_pixel``, no encoder involved),
+    against the same of the real baseline's draws of train images (the indices real_draws uses).
+    Mean and sd over draws, and the ratio: near 1 = as varied as real images; a collapsed G reads
+    far below, a noisy one can read above in pixels. ``generated``: [(features, uint8 images)]."""
+    index = real_draw_indices(reference, len(generated), seed)
+    pairs = {
+        "diversity": ([f for f, _ in generated], [reference.train_features[i] for i in index]),
+        "diversity_pixel": (
+            [images.astype(np.float64) / 255.0 for _, images in generated],
+            [train_images[i].astype(np.float64) / 255.0 for i in index],
+        ),
+    }
+    ddof = 1 if len(generated) > 1 else 0
+    out: dict[str, float] = {}
+    for key, (ours, real) in pairs.items():
+        g = np.asarray([mean_pairwise_distance(x) for x in ours])
+        r = np.asarray([mean_pairwise_distance(x) for x in real])
+        stats = {key: float(g.mean()), f"{key}_sd": float(g.std(ddof=ddof))}
+        real_stats = {key: float(r.mean()), f"{key}_sd": float(r.std(ddof=ddof))}
+        out.update(stats)
+        out.update({f"real_{k}": v for k, v in real_stats.items()})
+        out.update(over_real(key, stats, real_stats))
+    return out
+
+
 def over_real(key: str, generated: dict[str, Any], real: dict[str, Any]) -> dict[str, float]:
     """``<key>_over_real`` and its sd (delta method) from the generated and real means and sds;
     empty when either mean is not finite or the real one is not positive."""
@@ -451,20 +493,22 @@ def evaluate_generator(
 
     results: dict[str, Any] = {}
     first: tuple[np.ndarray, np.ndarray | None, torch.Tensor, torch.Tensor] | None = None
-    test_draws: list[np.ndarray] = []  # uint8, for the spectrum
+    test_draws: list[tuple[np.ndarray, np.ndarray]] = []  # (features, uint8 images): spectrum, diversity
     for split, base in ((reference.split, 1000), (test, 1)):
         draws = []
         for i in range(cfg.eval.draws):
             features, probs, images, codes = generate(split, cfg.eval.seed + base + i)
             draws.append((features, probs))
             if split is test:
-                test_draws.append(to_uint8(images))
+                test_draws.append((features, to_uint8(images)))
                 if i == 0:
                     first = (features, probs, images, codes)
         results[split.name] = score(reference.with_split(split), draws, cfg.eval.seed + base)
     metrics: dict[str, Any] = results["test"]
     train_images, val_images = images_of(reference)
-    metrics.update(spectra(reference.with_split(test), test_images, train_images, test_draws, cfg.eval.seed + 1))
+    test_ref = reference.with_split(test)
+    metrics.update(spectra(test_ref, test_images, train_images, [i for _, i in test_draws], cfg.eval.seed + 1))
+    metrics.update(diversity(test_ref, train_images, test_draws, cfg.eval.seed + 1))
     metrics["validation"] = {k: v for k, v in results["validation"].items() if not isinstance(v, dict)}
     assert first is not None
     features, probs, images, codes = first
@@ -542,6 +586,9 @@ def score_images(cfg: Config, images: np.ndarray, labels: np.ndarray | None, spl
     reference_images = test_images if split is test else val_images
     generated = [images[i] for i in index]
     metrics.update(spectra(reference.with_split(split), reference_images, train_images, generated, seed))
+    metrics.update(
+        diversity(reference.with_split(split), train_images, [(features[i], images[i]) for i in index], seed)
+    )
     detect = detector(reference, test, test_images, train_images, val_images)
     metrics.update(detect.check(features[index[0]], images[index[0]]))
     metrics["eval_dtype"] = "float32"

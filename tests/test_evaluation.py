@@ -18,7 +18,7 @@ from ganflow.data import prepare
 from ganflow.dataset import PreparedDataset
 from ganflow.encoder import EvaluationError, fit_encoder
 from ganflow.evaluation import class_match, evaluate_generator, load_reference, score_images
-from ganflow.report import reading
+from ganflow.report import reading, summary_line
 
 TINY_EVAL = {"encoder_epochs": 4, "draws": 3, "kid_subsets": 5, "kid_subset_size": 100}
 
@@ -118,6 +118,10 @@ def test_unseen_real_images_score_at_the_real_baseline_and_are_not_flagged(fitte
     assert m["kid_subset_size"] <= m["sample_size"] // 2 and m["kid_subset_size"] <= m["reference_size"] // 2
     # the pixel check agrees: real images' power spectrum is as close as the baseline's
     assert m["real_spectrum_gap_sd"] > 0 and "power spectrum is as close" in reading(m)
+    # ... and so does diversity: unseen real images are as varied as the train draws
+    for key in ("diversity_over_real", "diversity_pixel_over_real"):
+        assert 0.85 < m[key] < 1.15, (key, m[key])
+    assert "about as varied as real images" in reading(m) and "diversity" in summary_line(m)
 
 
 def blur(images: np.ndarray) -> np.ndarray:
@@ -186,6 +190,9 @@ def test_noise_one_image_and_a_dropped_class_score_far_from_real(fitted):
     assert m_noise["spectrum_hf_shift"] > 0.3 and "fine detail real images lack" in reading(m_noise)
     one = np.repeat(train[:1], 2000, axis=0)
     m_one = score_images(cfg, one, None, "validation")
+    assert m_one["diversity_over_real"] < 0.05 and m_one["diversity_pixel_over_real"] < 0.05
+    assert "less varied than real images" in reading(m_one)
+    assert m_noise["diversity_pixel_over_real"] > 1.2  # noise is far apart in pixels
     assert m_one["classes_covered"] == 1 and m_one["recall"] < 0.05 and m_one["fd_domain_over_real"] > 10
     kept = train[labels != 3]
     m_drop = score_images(cfg, kept, None, "validation")
