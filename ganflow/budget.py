@@ -41,6 +41,11 @@ class Schedule:
     def kimg(self) -> float:
         return self.kimg_at(self.epochs)
 
+    def exportable(self, epoch: int, export_from: float) -> bool:
+        """Whether the tick ending at ``epoch`` may be the exported generator: it lies at or past
+        ``export_from`` of the budget (the last epoch always does)."""
+        return epoch >= self.epochs or self.kimg_at(epoch) >= export_from * self.kimg - 1e-9
+
     def tick_index(self, epoch: int) -> int | None:
         """1-based index of the tick that ends at ``epoch``, None where none does."""
         try:

@@ -262,7 +262,8 @@ def run_loop(config: dict[str, Any], session: RayTrainSession | TrialSession) ->
             key = objective_key(row)
             previous = [r[key] for r in state.history if key in r][-1:]
             row["fd_recent"] = float(np.mean(previous + [row[key]]))
-            if row["fd_domain"] < state.best_fd:  # the exported generator is the best, not the last
+            # the exported generator is the best tick of the budget's last part, not the last one
+            if plan.exportable(state.epoch, cfg.train.export_from) and row["fd_domain"] < state.best_fd:
                 state.best_fd, state.best_epoch = row["fd_domain"], state.epoch
                 state.best_ema_g = {k: v.detach().cpu().clone() for k, v in state.ema_g.state_dict().items()}
         state.history.append(row)

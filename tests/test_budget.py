@@ -31,3 +31,12 @@ def test_epochs_override_the_budget_and_ranks_drop_their_own_remainder():
     assert images_per_epoch(130, 64, world=2) == 128  # 65 per rank: two batches of 32 each
     with pytest.raises(ValueError, match=r"train\.batch_size: 64 is larger .* \(50 training images over 1"):
         plan(kimg=1, tick_kimg=1, epochs=None, n_train=50, batch_size=64)
+
+
+def test_only_the_budgets_last_part_may_be_exported():
+    """train.export_from: the ticks before that share of the budget are never the exported G (a
+    first tick's noise once scored lowest on 15 validation images); the last tick always may be."""
+    p = plan(10.0, 1.0, None, n_train=1000, batch_size=100)  # 1 kimg an epoch, a tick each
+    assert [e for e in p.ticks if p.exportable(e, 0.5)] == [5, 6, 7, 8, 9, 10]
+    assert [e for e in p.ticks if p.exportable(e, 0.0)] == list(p.ticks)
+    assert [e for e in p.ticks if p.exportable(e, 1.0)] == [10]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -220,6 +221,11 @@ def test_a_flat_folder_of_100_images_runs_every_stage_and_says_what_its_numbers_
     assert "trained 1.024 kimg (16 epochs)" in out.stdout  # 70 training images: one batch of 64 an epoch
     train = json.loads((project / "metrics" / "train.json").read_text())
     assert train["kimg"] == pytest.approx(1.024) and 0.0 <= train["last"]["augment_p"] <= 1.0
+    # the exported G is the best of the ticks from half the budget on (train.export_from), never an early one
+    history = list(csv.DictReader((project / "plots" / "train.csv").open()))
+    late = [row for row in history if float(row["kimg"]) >= 0.5 * train["kimg"] - 1e-9]
+    assert len(late) < len(history) and train["best_kimg"] >= 0.5 * train["kimg"]
+    assert train["best_fd_domain"] == pytest.approx(min(float(row["fd_domain"]) for row in late))
     evaluation = json.loads((project / "metrics" / "eval.json").read_text())
     assert evaluation["reference_size"] == 15 and "fd_domain" in evaluation["not_computed"]  # 15 <= feature_dim 64
     assert "reading: " in out.stdout and "only 15 reference images" in out.stdout
