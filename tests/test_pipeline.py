@@ -229,6 +229,8 @@ def test_a_flat_folder_of_100_images_runs_every_stage_and_says_what_its_numbers_
     evaluation = json.loads((project / "metrics" / "eval.json").read_text())
     assert evaluation["reference_size"] == 15 and "fd_domain" in evaluation["not_computed"]  # 15 <= feature_dim 64
     assert "reading: " in out.stdout and "only 15 reference images" in out.stdout
+    assert evaluation["diversity_over_real"] > 0
+    assert "less varied than real images" in out.stdout or "as varied as real images" in out.stdout
     assert json.loads((project / "registry" / "model_version.json").read_text())["version"] == 1
 
 
