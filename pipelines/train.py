@@ -30,7 +30,8 @@ def train(cfg: Config) -> None:
     ada = f"; augmentation p {p:.2f} at the end" if p is not None else ""
     print(
         f"trained {kimg.get(summary.epochs, 0) or 0:g} kimg ({summary.epochs} epochs){ada}; exported the EMA "
-        f"generator of kimg {kimg.get(summary.best_epoch) or 0:g} ({best}, validation) -> {cfg.paths.generator}; "
+        f"generator of kimg {kimg.get(summary.best_epoch) or 0:g} ({best}, validation; the best tick from "
+        f"{cfg.train.export_from:.0%} of the budget on) -> {cfg.paths.generator}; "
         f"MLflow run {summary.run_id}"
     )
 
