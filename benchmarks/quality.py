@@ -65,6 +65,7 @@ COLUMNS = [  # (metric, header, format)
     ("class_kl_reverse", "rev KL", "{:6.3f}"),
     ("class_match", "as asked", "{:8.2f}"),  # conditional rows: share drawn as the class asked
     ("copying_flagged", "copying", "{:7.0f}"),
+    ("diversity_over_real", "div", "{:5.2f}"),  # pairwise distance of samples / of real draws (features)
     ("copying_nn_ratio", "nn ratio", "{:8.2f}"),  # nearest training image / nearest unseen real one
     ("spectrum_gap_over_real", "spec/real", "{:9.2f}"),  # the power spectrum's gap, no encoder involved
 ]
