@@ -40,7 +40,7 @@ def test_prepare_stage_lists_exactly_the_keys_that_shape_its_output():
 def test_tune_and_train_depend_on_what_shapes_their_result_only(stage):
     """A train.* field added to the config must reach the DVC params of the stages that train (or
     be left out on purpose): all but the run-only keys (checkpointing, failure budget) and, for the
-    sweep, the budget (trials run tune.kimg); of cluster.*, what shapes the result, not where it runs."""
+    sweep, the budget (trials run tune.kimg) and the export window (a trial exports nothing); of cluster.*, what shapes the result, not where it runs."""
     from ganflow.checkpoints import RUN_DATA_KEYS
     from ganflow.config import TRAIN_RUN_ONLY_KEYS, ClusterConfig, TrainConfig
 
@@ -50,7 +50,7 @@ def test_tune_and_train_depend_on_what_shapes_their_result_only(stage):
     expected = (
         set(TrainConfig.model_fields)
         - set(TRAIN_RUN_ONLY_KEYS)
-        - ({"kimg", "epochs", "tick_kimg"} if stage == "tune" else set())
+        - ({"kimg", "epochs", "tick_kimg", "export_from"} if stage == "tune" else set())
     )
     assert listed == expected
     cluster = {p.split(".", 1)[1] for p in params if isinstance(p, str) and p.startswith("cluster.")}
