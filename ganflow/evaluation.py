@@ -39,6 +39,7 @@ from ganflow.metrics import (
     frechet_distance,
     kid,
     kid_subset,
+    pairwise,
     per_class_fd,
     precision_recall,
     radial_power,
@@ -289,12 +290,11 @@ def spectra(
 
 def mean_pairwise_distance(x: np.ndarray) -> float:
     """The mean Euclidean distance between two different rows of ``x`` (N, ...)."""
-    flat = torch.as_tensor(x.reshape(len(x), -1), dtype=torch.float64)
+    flat = x.reshape(len(x), -1).astype(np.float64)
     if len(flat) < 2:
         return float("nan")
-    squares = flat.square().sum(1)
-    d2 = (squares[:, None] + squares[None, :] - 2.0 * flat @ flat.T).clamp_min(0.0)
-    return float(d2.sqrt().sum() / (len(flat) * (len(flat) - 1)))
+    d = pairwise(flat, flat)
+    return float((d.sum() - np.trace(d)) / (len(flat) * (len(flat) - 1)))
 
 
 def diversity(
