@@ -101,6 +101,17 @@ def cpus_for_workers(cfg: Config, node_cpus: list[float]) -> float:
     return float(max(1, min(int(max(node_cpus)), int(sum(node_cpus)) // cfg.cluster.num_workers)))
 
 
+def worker_threads(cpus_per_worker: float) -> int:
+    """Torch compute threads for a worker that holds ``cpus_per_worker`` CPUs: one per CPU, but
+    at most OMP_NUM_THREADS where the environment sets it. Ray sets it to the worker's CPUs only
+    when it is unset, so a value found here was chosen by whoever started Ray (a machine shared
+    with other work, the test suite): more threads than cores each wait on the slowest one, and a
+    2-thread step beside one busy loop per core ran 9x slower than idle."""
+    threads = max(1, int(cpus_per_worker))
+    cap = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return min(threads, int(cap)) if cap.isdigit() and int(cap) > 0 else threads
+
+
 def with_resolved_cpus(cfg: Config) -> Config:
     """A copy of ``cfg`` whose cluster.cpus_per_worker is a number (auto sized on the joined Ray)."""
     import ray

@@ -27,6 +27,7 @@ from ganflow.ingest import materialize_inputs
 from ganflow.models import (
     recompute_batchnorm,
 )
+from ganflow.raycluster import worker_threads
 
 EVAL_METRICS = ("fd_domain", "kid", "kid_std", "fd_class", "fd_recent")
 # per-epoch speed: differ between identical runs, so never part of a reproducible result
@@ -157,7 +158,8 @@ def run_loop(config: dict[str, Any], session: RayTrainSession | TrialSession) ->
         "inputs": "local" if cfg is base_cfg else "shipped",
     }
     device = session.device
-    torch.set_num_threads(max(1, int(cfg.cluster.cpus_per_worker)))
+    torch.set_num_threads(worker_threads(cfg.cluster.cpus_per_worker))
+    placement["threads"] = torch.get_num_threads()
 
     classes = class_prior(cfg)  # (names, train-split frequencies) for a conditional G, else None
     state = build_state(cfg, device, lr_g, lr_d, classes[1] if classes else None)

@@ -100,7 +100,7 @@ def run_training(cfg: Config, lr_g: float, lr_d: float) -> TrainSummary:
             raise
 
     outcome = result.return_value or {}
-    if outcome.get("workers"):  # rank, node and input source of each worker (the last attempt's)
+    if outcome.get("workers"):  # rank, node, input source and torch threads of each worker (the last attempt's)
         client.set_tag(run_id, "ganflow.workers", json.dumps(outcome["workers"], sort_keys=True))
     if outcome.get("diverged"):
         reason = outcome["diverged"]

@@ -175,6 +175,18 @@ def test_cpus_per_worker_auto_shares_the_cpus_among_a_trainings_workers(tmp_path
         cfg(cpus_per_worker="all")
 
 
+def test_a_worker_computes_with_a_thread_per_cpu_at_most_omp_num_threads(monkeypatch):
+    from ganflow.raycluster import worker_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert [worker_threads(c) for c in (0.5, 1.0, 2.0, 8.0)] == [1, 1, 2, 8]
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # set by whoever started Ray: a cap, never a floor
+    assert [worker_threads(c) for c in (1.0, 2.0, 8.0)] == [1, 2, 2]
+    for unusable in ("", "0", "two"):
+        monkeypatch.setenv("OMP_NUM_THREADS", unusable)
+        assert worker_threads(4.0) == 4
+
+
 @pytest.mark.parametrize(("size", "width"), [(16, 64), (32, 64), (64, 32), (128, 16)])
 def test_auto_widths_keep_the_4x4_layers_at_256_channels(size, width):
     """model.g_width/d_width auto: 2048 / image_size, at most 64. The 32 px digits keep the width

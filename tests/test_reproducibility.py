@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -98,9 +99,10 @@ import json, shutil, sys
 from pathlib import Path
 from ganflow.config import load_config
 from ganflow.training import run_training
+from ganflow.tracking import connect
 from ganflow.train_loop import TIMINGS
 
-out = {}
+out, workers = {}, {}
 for params in sys.argv[1:]:
     cfg = load_config(params)
     for attempt in ("a", "b"):  # a finished run is trained again from scratch: same params, same seed
@@ -108,7 +110,10 @@ for params in sys.argv[1:]:
         shutil.copytree(cfg.paths.generator, cfg.root / f"generator-{attempt}")
         out[f"{cfg.root.name}-{attempt}"] = [{k: v for k, v in row.items() if k not in TIMINGS}
                                             for row in summary.history]
+        tags = connect(cfg)[0].get_run(summary.run_id).data.tags
+        workers[f"{cfg.root.name}-{attempt}"] = json.loads(tags["ganflow.workers"])
 print("RESULT " + json.dumps(out))
+print("WORKERS " + json.dumps(workers))
 """
 
 
@@ -137,7 +142,12 @@ def test_train_same_seed_same_weights_with_1_and_with_2_workers(tmp_path):
         params.append(str(root / "params.yaml"))
     proc = run([str(BIN / "python"), "-c", TRAIN_TWICE, *params], tmp_path, timeout=3000)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    history = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    history = json.loads(proc.stdout.split("RESULT ", 1)[1].split("\n", 1)[0])
+    # torch threads per worker: one per CPU it holds (1 worker: the machine's, 2: half each), but
+    # never more than OMP_NUM_THREADS, which this suite sets to 1 (conftest) and the stages inherit
+    workers = json.loads(proc.stdout.split("WORKERS ", 1)[1])
+    assert os.environ["OMP_NUM_THREADS"] == "1"
+    assert [[w["threads"] for w in workers[f"w{n}-a"]] for n in (1, 2)] == [[1], [1, 1]]
 
     weights = {}
     for workers in (1, 2):
