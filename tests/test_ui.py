@@ -212,9 +212,14 @@ def browser(server):  # closed before the server stops: open connections slow it
 def page(browser):
     """A fresh browser profile per test: what one test clicks (a closed panel, a toggle the UI
     remembers in local storage) does not change what the next one sees."""
+    from playwright.sync_api import expect
+
     context = browser.new_context(viewport={"width": 1400, "height": 900})
     page = context.new_page()
     page.set_default_timeout(30_000)
+    # expect() keeps its own 5 s default, which a loaded CI machine overran while the compare
+    # page rendered: every assertion waits for its condition up to the actions' 30 s
+    expect.set_options(timeout=30_000)
     yield page
     context.close()
 
