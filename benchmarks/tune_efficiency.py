@@ -109,6 +109,7 @@ def compare_rows(
             started = time.perf_counter()
             pick = run_sweep(run)
             swept = time.perf_counter() - started
+            trials = sweep_trials(run, pick.sweep_run_id)
             train_s, metrics = train_and_score(run, pick.lr_g, pick.lr_d)
             results.append(
                 {
@@ -118,10 +119,15 @@ def compare_rows(
                     "lr_d": pick.lr_d,
                     "sweep_s": swept,
                     "train_s": train_s,
-                    "sweep_kimg": sweep_kimg(run, sweep_trials(run, pick.sweep_run_id)),
+                    "sweep_kimg": sweep_kimg(run, trials),
                     "trials": pick.trials,
                     "stopped_early": pick.stopped_early,
                     **metrics,
+                    # each trial's rates, ticks, objective at its last tick and whether it was the anchor
+                    "trial_rows": [
+                        {k: t.get(k) for k in ("lr_g", "lr_d", "epochs", "fd", "anchor", "objective_history")}
+                        for t in trials
+                    ],
                 }
             )
             print(f"seed {seed} {results[-1]['row']}: {results[-1]}", flush=True)

@@ -232,6 +232,10 @@ class TuneConfig(Section):
     # three decades often hold no pair near a set's best, and the sweep's pick then has to beat
     # the rates the project would have used anyway.
     include_train_rates: bool = True
+    # That first trial (the anchor) is never stopped early, and another trial is picked only if
+    # its objective beats the anchor's by more than pick_margin x the noise of their difference
+    # (tuning.pick). 0: the lowest objective wins.
+    pick_margin: float = Field(1.0, ge=0.0)
     kimg: float = Field(25.0, gt=0.0)  # each trial's budget, thousands of images shown (as train.kimg)
     tick_kimg: float = Field(2.5, gt=0.0)  # a trial reports (ASHA's signal) every this many kimg
     lr_g_min: float = Field(1e-5, gt=0.0)

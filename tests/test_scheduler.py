@@ -4,10 +4,12 @@ did: the same seed and data picked other rates in a busier run)."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from ray.tune.experiment import Trial
 
-from ganflow.tuning import rungs, synchronous_halving
+from ganflow.tuning import objective_noise, pick, rungs, synchronous_halving
 
 
 class Controller:
@@ -23,18 +25,25 @@ class Controller:
 
 
 def drive(
-    order_at_rung: list[int], scores: dict[int, list[float | None]], ticks: int, reduction_factor: int
+    order_at_rung: list[int],
+    scores: dict[int, list[float | None]],
+    ticks: int,
+    reduction_factor: int,
+    anchor: int | None = None,
 ) -> list[int]:
     """Run trials 0..n-1 through the scheduler, reaching each tick in the order given (a
     permutation per tick), as Tune would: a report is answered CONTINUE, PAUSE or STOP; paused
     trials are resumed when the scheduler lists them to run. Returns the trials that reached
-    ``ticks``."""
+    ``ticks``. Trial i trains the rates (i, i); trial ``anchor``'s are the scheduler's anchor."""
     n = len(scores)
-    scheduler = synchronous_halving(n, 1, reduction_factor, ticks, "fd_recent")
+    rates = None if anchor is None else {"lr_g": float(anchor), "lr_d": float(anchor)}
+    scheduler = synchronous_halving(n, 1, reduction_factor, ticks, "fd_recent", anchor=rates)
     scheduler.set_search_properties("fd_recent", "min")
     controller = Controller()
     controller.scheduler = scheduler
-    trials = [Trial("__fake", trial_id=f"t{i}", stub=True) for i in range(n)]
+    trials = [
+        Trial("__fake", config={"lr_g": float(i), "lr_d": float(i)}, trial_id=f"t{i}", stub=True) for i in range(n)
+    ]
     for trial in trials:
         scheduler.on_trial_add(controller, trial)
         trial.status = Trial.RUNNING
@@ -90,6 +99,79 @@ def test_a_report_without_a_score_ranks_last():
     """A diverged trial reports no fd_recent (or a NaN): it is cut at the rung, not a crash of the sweep."""
     scores = {0: [50.0, 40.0, 30.0], 1: [None] * 3, 2: [60.0, 20.0, 10.0], 3: [float("nan")] * 3}
     assert drive([1, 0, 3, 2], scores, 3, 2) == [2]  # 0 and 2 pass tick 1; 2 is better at tick 2
+
+
+def test_the_anchor_trial_runs_to_the_end_beside_the_survivors():
+    """The train rates' trial is never cut, so the pick can be compared with it at the full trial
+    budget; the others are cut as before, as many as without it."""
+    scores = {0: [90.0, 90.0, 90.0, 90.0], 1: [10.0, 9.0, 8.0, 7.0], 2: [20.0, 30.0, 40.0, 50.0]}
+    scores |= {3: [30.0, 8.0, 6.0, 5.0], 4: [50.0] * 4, 5: [60.0] * 4}
+    assert drive(list(range(6)), scores, 4, 2) == [1, 3]  # 3 of 6 go on at tick 1, 2 of those 3 at tick 2
+    assert drive(list(range(6)), scores, 4, 2, anchor=0) == [0, 1, 3]  # the worst, kept: rates (0, 0)
+    assert drive(list(range(6)), scores, 4, 2, anchor=1) == [1, 3]  # the anchor survives anyway: no extra
+    assert drive([5, 4, 3, 2, 1, 0], scores, 4, 2, anchor=5) == [1, 3, 5]
+    assert drive(list(range(6)), scores, 4, 2, anchor=2) == [1, 2, 3]  # passed tick 1, kept at tick 2
+
+
+def test_asynchronous_halving_never_stops_the_anchor(tmp_path):
+    """tune.scheduler: asha (multi-worker trials): the anchor's reports count at the rungs, but
+    it goes on where a trial with its scores is stopped."""
+    from ganflow.config import load_config
+    from ganflow.tuning import scheduler_of
+
+    (tmp_path / "params.yaml").write_text("tune:\n  scheduler: asha\n  grace_period: 1\n  reduction_factor: 2\n")
+    cfg = load_config(tmp_path / "params.yaml")
+    rates = {"lr_g": cfg.train.lr_g, "lr_d": cfg.train.lr_d}
+    scheduler = scheduler_of(cfg, ticks=4)
+    scheduler.set_search_properties("fd_recent", "min")
+    good = Trial("__fake", config={"lr_g": 1e-3, "lr_d": 1e-3}, trial_id="good", stub=True)
+    anchor = Trial("__fake", config=rates, trial_id="anchor", stub=True)
+    bad = Trial("__fake", config={"lr_g": 2e-3, "lr_d": 2e-3}, trial_id="bad", stub=True)
+    for trial in (good, anchor, bad):
+        scheduler.on_trial_add(None, trial)
+    assert scheduler.on_trial_result(None, good, {"training_iteration": 1, "fd_recent": 10.0}) == "CONTINUE"
+    # worse than the rung's median: a trial is stopped there, the anchor is not
+    assert scheduler.on_trial_result(None, bad, {"training_iteration": 1, "fd_recent": 90.0}) == "STOP"
+    assert scheduler.on_trial_result(None, anchor, {"training_iteration": 1, "fd_recent": 90.0}) == "CONTINUE"
+    assert scheduler.on_trial_result(None, anchor, {"training_iteration": 2, "fd_recent": 90.0}) == "CONTINUE"
+    assert scheduler._num_stopped == 1  # the anchor's reprieves are not counted as stops
+    assert scheduler.on_trial_result(None, anchor, {"training_iteration": 4, "fd_recent": 90.0}) == "STOP"  # done
+
+
+def history(values: list[float]) -> dict:
+    return {"objective_history": values}
+
+
+def test_objective_noise_ignores_a_steady_trend():
+    assert objective_noise([10.0, 9.0, 8.0, 7.0, 6.0]) == pytest.approx(0.0)
+    assert objective_noise([10.0, 6.0, 2.0]) == pytest.approx(0.0)
+    noisy = [10.0, 12.0, 10.0, 12.0, 10.0]  # successive differences +-2: sd sqrt(16 / 3)
+    expected = (16 / 3) ** 0.5 / 2**0.5
+    assert objective_noise(noisy) == pytest.approx(expected)
+    assert objective_noise([50.0, 40.0] + noisy) == pytest.approx(expected)  # the last 5 only
+    assert math.isnan(objective_noise([10.0, 9.0]))
+    assert objective_noise([10.0, float("nan"), 9.0, 8.0]) == pytest.approx(0.0)
+
+
+def test_the_pick_leaves_the_anchor_only_on_evidence():
+    """Another trial is picked over the anchor only if it is lower by more than the margin times
+    the noise of the difference of two fd_recent (each a mean of two evaluations)."""
+    wobbly = [10.0, 12.0, 10.0, 12.0, 10.0]  # noise 1.63 per trial, so 1.63 for the difference
+    anchor = {"fd": 11.0, "epochs": 5, "anchor": True} | history(wobbly)
+    near = {"fd": 10.0, "epochs": 5, "anchor": False} | history(wobbly)  # 1.0 lower
+    far = {"fd": 9.0, "epochs": 5, "anchor": False} | history(wobbly)  # 2.0 lower
+    cut = {"fd": 1.0, "epochs": 3, "anchor": False} | history(wobbly[:3])  # lowest, but did not run to the end
+    assert pick([anchor, near, cut], margin=1.0) is anchor
+    assert pick([anchor, near, far, cut], margin=1.0) is far
+    assert pick([anchor, near], margin=0.0) is near  # margin 0: the plain minimum
+    assert pick([anchor, far], margin=2.0) is anchor
+    # without an anchor among the finalists (include_train_rates off, or the anchor diverged): the minimum
+    assert pick([dict(anchor, epochs=2), near, far], margin=1.0) is far
+    assert pick([dict(anchor, fd=None), near], margin=1.0) is near
+    # too few evaluations to know the noise: the plain values decide
+    short = [dict(t, objective_history=[5.0, 4.0]) for t in (anchor, near)]
+    assert pick(short, margin=1.0) is short[1]
+    assert pick([dict(anchor, fd=None)], margin=1.0) is None
 
 
 def test_max_concurrent_trials_caps_the_running_trials():
