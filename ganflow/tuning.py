@@ -585,8 +585,9 @@ def pick(trials: list[dict[str, Any]], margin: float) -> dict[str, Any] | None:
     times the noise of that difference. fd_recent is a mean of two evaluations, so that noise is
     sqrt((s_anchor^2 + s_other^2) / 2), with s from objective_noise; where it is unknown (too few
     evaluations) the plain values are compared. A sweep thus moves away from the rates a training
-    without one would use only on evidence: on faces-100 its bare minimum picked D rates near
-    1e-5 that led the 25-kimg trials and then trained to 2.1x the real baseline, against 0.86x."""
+    without one would use only on evidence. On faces-100 (seed 1) successive halving let one trial
+    past its last rung, at a D rate of 1.2e-5, and picked it though its validation FD then rose
+    8-fold; it trained to 2.12x the real baseline, where the train rates trained to 1.03x."""
     scored = [t for t in trials if t["fd"] is not None]
     if not scored:
         return None
