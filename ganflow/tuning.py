@@ -273,6 +273,11 @@ def rungs(grace_period: int, reduction_factor: int, ticks: int) -> list[int]:
     return out
 
 
+def anchor_of(cfg: Config) -> dict[str, float] | None:
+    """The anchor's rates: the sweep's first trial (train.lr_*, Config.sweep_first_trial), or None."""
+    return (cfg.sweep_first_trial or [None])[0]
+
+
 def is_anchor(config: dict[str, Any], anchor: dict[str, float] | None) -> bool:
     """Whether a trial's config holds the anchor's rates (the sweep's first trial, train.lr_*)."""
     return anchor is not None and all(float(config.get(k, math.nan)) == v for k, v in anchor.items())
@@ -351,6 +356,7 @@ def scheduler_of(cfg: Config, ticks: int):
     x1.2, or resampled from the range), re-applied to both optimizers by load_checkpoint."""
     from ray import tune
 
+    anchor = anchor_of(cfg)
     if cfg.sweep_scheduler == "sha":
         return synchronous_halving(
             cfg.tune.trials,
@@ -359,7 +365,7 @@ def scheduler_of(cfg: Config, ticks: int):
             ticks,
             "fd_recent",
             cfg.tune.max_concurrent_trials,
-            anchor=(cfg.sweep_first_trial or [None])[0],
+            anchor=anchor,
         )
     if cfg.sweep_scheduler == "pbt":
         return tune.schedulers.PopulationBasedTraining(
@@ -373,7 +379,6 @@ def scheduler_of(cfg: Config, ticks: int):
             resample_probability=0.25,
             synch=True,  # members are compared at the same tick, not one ahead of another
         )
-    anchor = (cfg.sweep_first_trial or [None])[0]
 
     class AnchoredASHA(tune.schedulers.ASHAScheduler):
         """ASHA that records the anchor's results at its rungs but never stops it."""
@@ -507,7 +512,7 @@ def summarise(cfg: Config, client: Any, parent: str, results: Any, ticks: int) -
     """The pick: among the trials that ran the most ticks (of ``ticks``), the lowest fd_recent at
     the last, unless it does not beat the train rates' trial by tune.pick_margin (``pick``);
     child-run statuses; the parent's record and plot."""
-    anchor = (cfg.sweep_first_trial or [None])[0]
+    anchor = anchor_of(cfg)
     trials = []
     for result in results:
         frame = result.metrics_dataframe
