@@ -111,16 +111,70 @@ def search_algorithm(cfg: Config, concurrent: int):
     if cfg.sweep_scheduler == "sha":
         concurrent = max(concurrent, cfg.tune.trials)
     first = cfg.sweep_first_trial  # tried before any sampled pair, and counted in num_samples
-    if cfg.tune.search in ("random", "grid"):  # grid: the space's grid_search values, every pair once
+    if cfg.tune.search == "grid":  # the space's grid_search values, every pair once
         return BasicVariantGenerator(points_to_evaluate=first, random_state=cfg.tune.seed, max_concurrent=concurrent)
+    if cfg.tune.search == "random":  # every trial's pair given: the generator samples nothing itself
+        points = first + sampled_pairs(cfg, cfg.tune.trials - len(first))
+        return BasicVariantGenerator(points_to_evaluate=points, random_state=cfg.tune.seed, max_concurrent=concurrent)
     try:
         import optuna  # noqa: F401
         from ray.tune.search.optuna import OptunaSearch
     except ImportError:
         raise TuneError("tune.search: optuna needs the optuna package: pip install 'ganflow[optuna]'") from None
     return ConcurrencyLimiter(
-        OptunaSearch(points_to_evaluate=first or None, seed=cfg.tune.seed), max_concurrent=concurrent
+        OptunaSearch(
+            space=_optuna_space(cfg),
+            metric="fd_recent",
+            mode="min",
+            points_to_evaluate=first or None,
+            seed=cfg.tune.seed,
+        ),
+        max_concurrent=concurrent,
     )
+
+
+def sampled_pairs(cfg: Config, n: int) -> list[dict[str, float]]:
+    """n (lr_g, lr_d) pairs, each rate log-uniform over its range, drawn (lr_g, then lr_d) from
+    numpy's generator seeded with tune.seed, as Tune's random search draws them; a pair with
+    lr_g > tune.lr_g_over_d_max x lr_d is skipped, so the pairs within the bound are the ones Tune
+    would have drawn, in its order."""
+    t = cfg.tune
+    rng = np.random.default_rng(t.seed)
+    ratio = math.inf if t.lr_g_over_d_max is None else t.lr_g_over_d_max
+    pairs: list[dict[str, float]] = []
+    for _ in range(100_000):  # the config's validator keeps a part of the square within the bound
+        if len(pairs) == n:
+            return pairs
+        lr_g = float(np.exp(rng.uniform(np.log(t.lr_g_min), np.log(t.lr_g_max))))
+        lr_d = float(np.exp(rng.uniform(np.log(t.lr_d_min), np.log(t.lr_d_max))))
+        if lr_g <= ratio * lr_d:
+            pairs.append({"lr_g": lr_g, "lr_d": lr_d})
+    raise TuneError(f"tune.lr_g_over_d_max={ratio:g} leaves too little of the rate ranges to sample {n} pairs from")
+
+
+def within_ratio(cfg: Config, config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with lr_g lowered (or, at lr_g_min, lr_d raised) to lr_g <= tune.lr_g_over_d_max
+    x lr_d: PBT's explore step perturbs or resamples each rate on its own."""
+    t, ratio = cfg.tune, cfg.tune.lr_g_over_d_max
+    if ratio is None or config["lr_g"] <= ratio * config["lr_d"]:
+        return config
+    lr_g = max(t.lr_g_min, ratio * config["lr_d"])
+    return {**config, "lr_g": lr_g, "lr_d": max(config["lr_d"], lr_g / ratio)}
+
+
+def _optuna_space(cfg: Config):
+    """TPE's define-by-run space: lr_d, then lr_g up to tune.lr_g_over_d_max x lr_d (lr_d starts
+    where some lr_g in range lies within the bound)."""
+    t, ratio = cfg.tune, cfg.tune.lr_g_over_d_max
+
+    def space(trial) -> None:
+        lr_d_min = t.lr_d_min if ratio is None else max(t.lr_d_min, t.lr_g_min / ratio)
+        lr_d = trial.suggest_float("lr_d", lr_d_min, t.lr_d_max, log=True)
+        trial.suggest_float(
+            "lr_g", t.lr_g_min, t.lr_g_max if ratio is None else min(t.lr_g_max, ratio * lr_d), log=True
+        )
+
+    return space
 
 
 def _orphan_sweeper(every_s: float = 2.0):
@@ -253,7 +307,9 @@ def search_space(cfg: Config) -> dict[str, Any]:
     """(lr_g, lr_d): log-uniform over tune.lr_*_min..max, or tune.grid_points log-spaced values each."""
     from ray import tune
 
-    space = {}
+    space: dict[str, Any] = {}
+    if cfg.tune.search == "optuna":  # its own define-by-run space (_optuna_space)
+        return space
     for name in ("lr_g", "lr_d"):
         lo, hi = getattr(cfg.tune, f"{name}_min"), getattr(cfg.tune, f"{name}_max")
         if cfg.tune.search == "grid":
@@ -375,6 +431,7 @@ def scheduler_of(cfg: Config, ticks: int):
                 "lr_g": tune.loguniform(cfg.tune.lr_g_min, cfg.tune.lr_g_max),
                 "lr_d": tune.loguniform(cfg.tune.lr_d_min, cfg.tune.lr_d_max),
             },
+            custom_explore_fn=lambda config: within_ratio(cfg, config),
             quantile_fraction=0.25,
             resample_probability=0.25,
             synch=True,  # members are compared at the same tick, not one ahead of another

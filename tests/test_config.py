@@ -74,6 +74,11 @@ def test_empty_file_gives_the_defaults(tmp_path):
         ),
         ("tune:\n  lr_g_min: 1e-2\n  lr_g_max: 1e-3\n", "params.yaml: tune.lr_g_max: must be > lr_g_min (0.01)"),
         (
+            "tune:\n  lr_g_min: 1e-3\n  lr_d_max: 1e-4\n  lr_g_over_d_max: 2\n",
+            "params.yaml: tune.lr_g_over_d_max: leaves no pair to sample: lr_g_min (0.001) must be below 2 x "
+            "lr_d_max (0.0001)",
+        ),
+        (
             "tune:\n  scheduler: pbt\n  search: optuna\n",
             "params.yaml: tune.search: pbt explores the rates itself: use random or grid with it",
         ),

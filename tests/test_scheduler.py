@@ -197,3 +197,61 @@ def test_max_concurrent_trials_caps_the_running_trials():
         unlimited.on_trial_add(controller, trial)
     trials[0].status = Trial.RUNNING
     assert unlimited.choose_trial_to_run(controller) in trials[1:]
+
+
+def test_sampled_pairs_are_tunes_own_draws_within_the_ratio_bound(tmp_path):
+    """Unbounded, the pairs are those Tune's seeded random search draws; bounded, the ones of them
+    with lr_g <= lr_g_over_d_max x lr_d, in the same order, topped up by later draws."""
+    from ray import tune
+    from ray.tune.search.sample import _BackwardsCompatibleNumpyRng
+    from ray.tune.search.variant_generator import generate_variants
+
+    from ganflow.config import load_config
+    from ganflow.tuning import sampled_pairs
+
+    def cfg(extra: str):
+        (tmp_path / "params.yaml").write_text(f"tune:\n  seed: 3\n{extra}")
+        return load_config(tmp_path / "params.yaml")
+
+    rng = _BackwardsCompatibleNumpyRng(3)
+    space = {"lr_g": tune.loguniform(1e-5, 1e-2), "lr_d": tune.loguniform(1e-5, 1e-2)}
+    tunes = [next(generate_variants(space, random_state=rng))[1] for _ in range(40)]
+    unbounded = sampled_pairs(cfg("  lr_g_over_d_max: null\n"), 40)
+    assert unbounded == [pytest.approx(p) for p in tunes]
+
+    bounded = sampled_pairs(cfg(""), 12)  # the default bound, 5
+    within = [p for p in unbounded if p["lr_g"] <= 5 * p["lr_d"]]
+    assert len(within) < len(unbounded)  # the bound did skip pairs, so the check below can fail
+    assert bounded == within[:12]
+    assert all(p["lr_g"] <= 5 * p["lr_d"] for p in bounded)
+
+
+def test_pbt_explore_and_optuna_keep_the_ratio_bound(tmp_path):
+    from ganflow.config import load_config
+    from ganflow.tuning import _optuna_space, within_ratio
+
+    (tmp_path / "params.yaml").write_text("tune:\n  lr_g_over_d_max: 4\n  lr_g_min: 1.0e-4\n")
+    cfg = load_config(tmp_path / "params.yaml")
+    assert within_ratio(cfg, {"lr_g": 1e-3, "lr_d": 5e-4, "x": 1}) == {"lr_g": 1e-3, "lr_d": 5e-4, "x": 1}
+    assert within_ratio(cfg, {"lr_g": 1e-2, "lr_d": 1e-3}) == {"lr_g": pytest.approx(4e-3), "lr_d": 1e-3}
+    # at lr_g's floor the bound is met by raising lr_d instead
+    assert within_ratio(cfg, {"lr_g": 2e-4, "lr_d": 1e-5}) == {"lr_g": 1e-4, "lr_d": pytest.approx(2.5e-5)}
+
+    class Trial:  # the part of Optuna's trial a define-by-run space calls
+        def __init__(self, pick_high: bool) -> None:
+            self.params: dict[str, float] = {}
+            self.ranges: dict[str, tuple[float, float]] = {}
+            self.pick_high = pick_high
+
+        def suggest_float(self, name: str, low: float, high: float, log: bool = False) -> float:
+            assert log and low <= high
+            self.ranges[name] = (low, high)
+            self.params[name] = high if self.pick_high else low
+            return self.params[name]
+
+    for pick_high in (False, True):
+        trial = Trial(pick_high)
+        _optuna_space(cfg)(trial)
+        assert trial.ranges["lr_d"] == pytest.approx((2.5e-5, 1e-2))  # below 2.5e-5 no lr_g >= 1e-4 is within 4x
+        assert trial.ranges["lr_g"] == pytest.approx((1e-4, min(1e-2, 4 * trial.params["lr_d"])))
+        assert trial.params["lr_g"] <= 4 * trial.params["lr_d"] * (1 + 1e-12)
