@@ -20,6 +20,7 @@ that the driver made once.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -164,17 +165,19 @@ def within_ratio(cfg: Config, config: dict[str, Any]) -> dict[str, Any]:
 
 def _optuna_space(cfg: Config):
     """TPE's define-by-run space: lr_d, then lr_g up to tune.lr_g_over_d_max x lr_d (lr_d starts
-    where some lr_g in range lies within the bound)."""
-    t, ratio = cfg.tune, cfg.tune.lr_g_over_d_max
+    where some lr_g in range lies within the bound). A partial of a module-level function: Tune
+    pickles the searcher."""
+    t = cfg.tune
+    return functools.partial(_suggest_rates, t.lr_g_min, t.lr_g_max, t.lr_d_min, t.lr_d_max, t.lr_g_over_d_max)
 
-    def space(trial) -> None:
-        lr_d_min = t.lr_d_min if ratio is None else max(t.lr_d_min, t.lr_g_min / ratio)
-        lr_d = trial.suggest_float("lr_d", lr_d_min, t.lr_d_max, log=True)
-        trial.suggest_float(
-            "lr_g", t.lr_g_min, t.lr_g_max if ratio is None else min(t.lr_g_max, ratio * lr_d), log=True
-        )
 
-    return space
+def _suggest_rates(
+    lr_g_min: float, lr_g_max: float, lr_d_min: float, lr_d_max: float, ratio: float | None, trial: Any
+) -> None:
+    if ratio is not None:
+        lr_d_min = max(lr_d_min, lr_g_min / ratio)
+    lr_d = trial.suggest_float("lr_d", lr_d_min, lr_d_max, log=True)
+    trial.suggest_float("lr_g", lr_g_min, lr_g_max if ratio is None else min(lr_g_max, ratio * lr_d), log=True)
 
 
 def _orphan_sweeper(every_s: float = 2.0):
@@ -431,7 +434,7 @@ def scheduler_of(cfg: Config, ticks: int):
                 "lr_g": tune.loguniform(cfg.tune.lr_g_min, cfg.tune.lr_g_max),
                 "lr_d": tune.loguniform(cfg.tune.lr_d_min, cfg.tune.lr_d_max),
             },
-            custom_explore_fn=lambda config: within_ratio(cfg, config),
+            custom_explore_fn=functools.partial(within_ratio, cfg),
             quantile_fraction=0.25,
             resample_probability=0.25,
             synch=True,  # members are compared at the same tick, not one ahead of another

@@ -249,9 +249,12 @@ def test_pbt_explore_and_optuna_keep_the_ratio_bound(tmp_path):
             self.params[name] = high if self.pick_high else low
             return self.params[name]
 
+    import pickle
+
+    space = pickle.loads(pickle.dumps(_optuna_space(cfg)))  # Tune pickles the searcher with its space
     for pick_high in (False, True):
         trial = Trial(pick_high)
-        _optuna_space(cfg)(trial)
+        space(trial)
         assert trial.ranges["lr_d"] == pytest.approx((2.5e-5, 1e-2))  # below 2.5e-5 no lr_g >= 1e-4 is within 4x
         assert trial.ranges["lr_g"] == pytest.approx((1e-4, min(1e-2, 4 * trial.params["lr_d"])))
         assert trial.params["lr_g"] <= 4 * trial.params["lr_d"] * (1 + 1e-12)
