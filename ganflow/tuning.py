@@ -61,6 +61,8 @@ from ganflow.train_loop import TrialSession, objective_key, run_loop
 # a trial's own driver function needs (almost) nothing: the workers hold the CPUs/GPUs. A
 # non-empty bundle is required; a tiny CPU share would keep two 1-CPU trials off a 2-CPU box.
 TRIAL_DRIVER_RESOURCES = {"memory": 64 * 1024 * 1024}
+# what every trial reports and the sweep minimises (train_loop: the mean of the last two ticks)
+OBJECTIVE = "fd_recent"
 
 
 def trains_in_trial(cfg: Config) -> bool:
@@ -116,7 +118,7 @@ def search_algorithm(cfg: Config, concurrent: int):
         return BasicVariantGenerator(points_to_evaluate=first, random_state=cfg.tune.seed, max_concurrent=concurrent)
     if cfg.tune.search == "random":  # every trial's pair given: the generator samples nothing itself
         points = first + sampled_pairs(cfg, cfg.tune.trials - len(first))
-        return BasicVariantGenerator(points_to_evaluate=points, random_state=cfg.tune.seed, max_concurrent=concurrent)
+        return BasicVariantGenerator(points_to_evaluate=points, max_concurrent=concurrent)
     try:
         import optuna  # noqa: F401
         from ray.tune.search.optuna import OptunaSearch
@@ -125,7 +127,7 @@ def search_algorithm(cfg: Config, concurrent: int):
     return ConcurrencyLimiter(
         OptunaSearch(
             space=_optuna_space(cfg),
-            metric="fd_recent",
+            metric=OBJECTIVE,  # given a space, OptunaSearch fixes its study's direction at once
             mode="min",
             points_to_evaluate=first or None,
             seed=cfg.tune.seed,
@@ -422,7 +424,7 @@ def scheduler_of(cfg: Config, ticks: int):
             cfg.tune.grace_period,
             cfg.tune.reduction_factor,
             ticks,
-            "fd_recent",
+            OBJECTIVE,
             cfg.tune.max_concurrent_trials,
             anchor=anchor,
         )
@@ -505,7 +507,7 @@ def run_sweep(cfg: Config) -> Best:
         tune.with_resources(trainable, trial_resources(trial_cfg)),
         param_space=search_space(cfg),
         tune_config=tune.TuneConfig(
-            metric="fd_recent",
+            metric=OBJECTIVE,
             mode="min",
             num_samples=1 if cfg.tune.search == "grid" else cfg.tune.num_samples,  # a grid: each pair once
             scheduler=scheduler_of(cfg, ticks),
@@ -579,7 +581,7 @@ def summarise(cfg: Config, client: Any, parent: str, results: Any, ticks: int) -
         fds = list(frame["fd_domain"]) if frame is not None and "fd_domain" in frame else []
         # the loop's fd_recent: the mean of the last two evaluations of the weights' whole lineage
         # (a PBT member's table lacks the ticks before its last restart)
-        recent = (result.metrics or {}).get("fd_recent")
+        recent = (result.metrics or {}).get(OBJECTIVE)
         finite = bool(fds) and math.isfinite(fds[-1]) and recent is not None and math.isfinite(recent)
         # a trial whose process died before its first report has no recorded config
         config = result.config or {}
