@@ -352,17 +352,22 @@ def evaluate_ema(state: GanState, cfg: Config, reference: Reference) -> dict[str
     validation split: the mean over eval.tick_draws latent draws (more when they would hold fewer
     than eval.tick_samples samples), each of the split's size and class counts. The latent
     vectors come from one stream fixed by eval.seed, so every tick is scored on the same vectors,
-    and never on those the evaluate stage reports with (seeds eval.seed + 1 on)."""
+    and never on those the evaluate stage reports with (seeds eval.seed + 1 on).
+
+    The draws go through G and the encoder together, in batches of up to 500: a small split's
+    draws (30 samples at 100 images) one at a time took about 1.5x as long (benchmarks/README.md)."""
     generator = torch.Generator().manual_seed(cfg.eval.seed)
     conditional = bool(state.prior)
     asked = np.repeat(np.arange(len(reference.split.draw_counts)), reference.split.draw_counts) if conditional else None
-    scores = []
-    for _ in range(tick_draws(cfg, reference.split.draw_size)):
-        z = codes_for(reference.split, cfg.model.latent_dim, conditional, generator)
+    draws = tick_draws(cfg, reference.split.draw_size)
+    z = torch.cat([codes_for(reference.split, cfg.model.latent_dim, conditional, generator) for _ in range(draws)])
+    features = []
+    for chunk in z.split(500):  # images are encoded batch by batch: only their features are kept
         with torch.no_grad():
-            images = torch.cat([state.ema_g(chunk.to(state.device)).float().cpu() for chunk in z.split(500)])
-        features, _ = encode(reference.encoder, images)
-        scores.append(reference.quick(features, asked))
+            images = state.ema_g(chunk.to(state.device)).float().cpu()
+        features.append(encode(reference.encoder, images)[0])
+    per_draw = np.split(np.concatenate(features), draws)
+    scores = [reference.quick(f, asked) for f in per_draw]
     return {key: float(np.mean([s[key] for s in scores])) for key in scores[0]}
 
 

@@ -383,7 +383,13 @@ def test_each_tick_is_scored_on_the_mean_of_several_fixed_latent_draws(tmp_path,
         return {"fd_domain": float(np.abs(features).mean()), "kid": float(features.mean()), "kid_std": 0.0}
 
     reference = types.SimpleNamespace(split=Split(), quick=quick, encoder=None)
-    state = types.SimpleNamespace(ema_g=lambda z: z[:, :4], device=torch.device("cpu"), prior=None)
+    calls: list[int] = []
+
+    def ema_g(z: torch.Tensor) -> torch.Tensor:
+        calls.append(len(z))
+        return z[:, :4]
+
+    state = types.SimpleNamespace(ema_g=ema_g, device=torch.device("cpu"), prior=None)
 
     def evaluate(draws: int) -> dict:
         seen.clear()
@@ -399,6 +405,9 @@ def test_each_tick_is_scored_on_the_mean_of_several_fixed_latent_draws(tmp_path,
     assert three["fd_domain"] != one["fd_domain"]
     again = evaluate(3)
     assert again == three  # every tick sees the same vectors
+    assert calls[-1] == 3 * 6  # the draws went through G as one batch, not one call each
+    assert evaluate(100) == evaluate(100) and calls[-2:] == [500, 100]  # in batches of at most 500
+    assert len(seen) == 100 and all(len(s) == 6 for s in seen)
     # a small split's draws (6 samples here) are added up to eval.tick_samples
     assert train_loop.tick_draws(tiny_cfg(tmp_path, eval=dict(tick_draws=3, tick_samples=20)), 6) == 4
     assert train_loop.tick_draws(tiny_cfg(tmp_path, eval=dict(tick_draws=3, tick_samples=20)), 538) == 3
