@@ -51,7 +51,8 @@ run: $(RUN_STAMP)
 
 # make test runs the suite in two phases. First every file but the serial ones, in
 # TEST_WORKERS pytest-xdist processes (--dist loadfile: a file's tests share one worker, so a
-# module-scoped cluster is built once). Then SERIAL_TESTS alone, in one process: test_cluster's
+# module-scoped cluster is built once; the longest files first, tests/conftest.py's LONGEST_FIRST).
+# Then SERIAL_TESTS alone, in one process: test_cluster's
 # `ray start --head` checks that it leaves Ray's machine-wide fixed ports (10001, 52365) free, so
 # it cannot share the machine with another test's Ray (docs/RUNS.md). TEST_WORKERS=0 runs the
 # first phase in one process. A phase that selects no test (exit 5, e.g. under a -k that matches
@@ -60,7 +61,7 @@ TEST_WORKERS ?= 2
 SERIAL_TESTS := tests/test_cluster.py
 test: $(DEV_STAMP)
 	@set +e; \
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(addprefix --ignore=,$(SERIAL_TESTS)) $(PYTEST_ARGS); a=$$?; \
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(addprefix --ignore=,$(SERIAL_TESTS)) $(PYTEST_ARGS); a=$$?; \
 	[ $$a -eq 0 ] || [ $$a -eq 5 ] || exit $$a; \
 	$(BIN)/python -m pytest $(SERIAL_TESTS) $(PYTEST_ARGS); b=$$?; \
 	[ $$b -eq 0 ] || [ $$b -eq 5 ] || exit $$b; \

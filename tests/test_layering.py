@@ -1,6 +1,7 @@
 """The module boundaries, checked statically (nothing runs): each DVC stage's code deps are its
 import closure, the stages depend only on what they run, no import cycle, the base modules load
-without torch, and the resume key covers the code the training runs."""
+without torch, the resume key covers the code the training runs, and the suite's longest-first
+order names its files."""
 
 from __future__ import annotations
 
@@ -211,3 +212,14 @@ def test_the_resume_key_covers_every_module_a_training_worker_imports():
     assert loaded <= code, sorted(loaded - code)
     assert {TRAINING_ENTRY, "metrics.py", "models.py", "losses.py", "augment.py", "budget.py", "config.py"} <= code
     assert not {"tuning.py", "registry.py", "cli.py", "training.py", "export.py"} & code  # not run by a worker
+
+
+def test_the_suite_s_longest_first_order_names_files_of_the_suite():
+    """make test's first phase starts the files of conftest.LONGEST_FIRST first: a name there that
+    is no test file (renamed, removed) would silently leave its file to the end again."""
+    from tests.conftest import LONGEST_FIRST
+
+    here = Path(__file__).parent
+    assert len(set(LONGEST_FIRST)) == len(LONGEST_FIRST)
+    missing = [name for name in LONGEST_FIRST if not (here / name).is_file()]
+    assert not missing, missing
