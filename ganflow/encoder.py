@@ -201,7 +201,15 @@ def fit_encoder(cfg: Config) -> dict[str, Any]:
     return {"kind": spec["kind"], "train_count": len(train), "validation_count": len(val), **quality}
 
 
-def encode(encoder: Encoder, images: torch.Tensor, batch: int = 500) -> tuple[np.ndarray, np.ndarray | None]:
+# The batch that generators and the encoder run inference in (evaluations, the sweep's objective).
+# On 2 CPU threads (benchmarks/inference_batch.py) 128 ran as fast per image as any batch tried,
+# and 500 took 1.2x (32 px) to 1.5x (64 px) as long: larger batches' activations outgrow the cache.
+INFERENCE_BATCH = 128
+
+
+def encode(
+    encoder: Encoder, images: torch.Tensor, batch: int = INFERENCE_BATCH
+) -> tuple[np.ndarray, np.ndarray | None]:
     """images (N, C, S, S) in [-1, 1] -> (features (N, D) float64, class probabilities (N, K) or None)."""
     feats, probs = [], []
     encoder.eval()

@@ -30,7 +30,7 @@ from torch import nn
 from ganflow.config import Config
 from ganflow.copying import Detector, build_detector
 from ganflow.dataset import PreparedDataset
-from ganflow.encoder import Encoder, EvaluationError, encode, load_encoder
+from ganflow.encoder import INFERENCE_BATCH, Encoder, EvaluationError, encode, load_encoder
 from ganflow.errors import first_line
 from ganflow.metrics import (
     class_metrics,
@@ -487,7 +487,7 @@ def evaluate_generator(
 
     def generate(split: Split, seed: int) -> tuple[np.ndarray, np.ndarray | None, torch.Tensor, torch.Tensor]:
         codes = codes_for(split, meta["latent_dim"], conditional, torch.Generator().manual_seed(seed))
-        images = torch.cat([torch.as_tensor(sample_fn(chunk)) for chunk in codes.split(500)]).float()
+        images = torch.cat([torch.as_tensor(sample_fn(chunk)) for chunk in codes.split(INFERENCE_BATCH)]).float()
         features, probs = encode(reference.encoder, images)
         return features, probs, images, codes
 

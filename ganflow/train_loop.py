@@ -20,7 +20,7 @@ from torch import nn
 
 from ganflow.checkpoint_io import load_checkpoint, save_checkpoint
 from ganflow.config import Config
-from ganflow.encoder import encode
+from ganflow.encoder import INFERENCE_BATCH, encode
 from ganflow.evaluation import Reference, codes_for, load_reference
 from ganflow.gan_step import DIAGNOSTICS, GanState, build_state, fixed_noise, gan_step, noise_seed, unwrap
 from ganflow.ingest import materialize_inputs
@@ -354,15 +354,16 @@ def evaluate_ema(state: GanState, cfg: Config, reference: Reference) -> dict[str
     vectors come from one stream fixed by eval.seed, so every tick is scored on the same vectors,
     and never on those the evaluate stage reports with (seeds eval.seed + 1 on).
 
-    The draws go through G and the encoder together, in batches of up to 500: a small split's
-    draws (30 samples at 100 images) one at a time took about 1.5x as long (benchmarks/README.md)."""
+    The draws go through G and the encoder together, in batches of INFERENCE_BATCH, whatever the
+    split's size: one draw at a time (at most 500 a call) took 1.26x as long for the digits' draws
+    of 538, 1.06x for a 100-image set's of 30 at 64 px (benchmarks/inference_batch.py)."""
     generator = torch.Generator().manual_seed(cfg.eval.seed)
     conditional = bool(state.prior)
     asked = np.repeat(np.arange(len(reference.split.draw_counts)), reference.split.draw_counts) if conditional else None
     draws = tick_draws(cfg, reference.split.draw_size)
     z = torch.cat([codes_for(reference.split, cfg.model.latent_dim, conditional, generator) for _ in range(draws)])
     features = []
-    for chunk in z.split(500):  # images are encoded batch by batch: only their features are kept
+    for chunk in z.split(INFERENCE_BATCH):  # encoded batch by batch: only the features are kept
         with torch.no_grad():
             images = state.ema_g(chunk.to(state.device)).float().cpu()
         features.append(encode(reference.encoder, images)[0])

@@ -53,6 +53,10 @@ EXPECTED = {
         r"peak RSS growth 300 -> 600",
         rf"the train stage, one epoch[^\n]*\n[^\n]*\n\s*600\s+{NUMBER}\s+{NUMBER}",
     ],
+    "inference_batch.py": [
+        rf"digits, 32 px, conditional \(smoke: 16 px\)\s+one draw\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}x",
+        rf"100 images, 64 px RGB \(smoke: 16 px\)\s+128\s+{NUMBER}\s+{NUMBER}\s+1\.00x",
+    ],
     "prepare_speed.py": [rf"\s+0\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}"],
     "soak.py": [
         rf"run-1: exit 0, {NUMBER} min, worker restarts 0 \(-\), cleaner/worker-group lines in the log 1",

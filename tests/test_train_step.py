@@ -406,7 +406,8 @@ def test_each_tick_is_scored_on_the_mean_of_several_fixed_latent_draws(tmp_path,
     again = evaluate(3)
     assert again == three  # every tick sees the same vectors
     assert calls[-1] == 3 * 6  # the draws went through G as one batch, not one call each
-    assert evaluate(100) == evaluate(100) and calls[-2:] == [500, 100]  # in batches of at most 500
+    assert evaluate(100) == evaluate(100)  # 600 samples: in batches of train_loop.INFERENCE_BATCH
+    assert calls[-5:] == [128, 128, 128, 128, 88] and train_loop.INFERENCE_BATCH == 128
     assert len(seen) == 100 and all(len(s) == 6 for s in seen)
     # a small split's draws (6 samples here) are added up to eval.tick_samples
     assert train_loop.tick_draws(tiny_cfg(tmp_path, eval=dict(tick_draws=3, tick_samples=20)), 6) == 4
