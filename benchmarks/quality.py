@@ -17,7 +17,8 @@ recall, the class figures, the copy detector. With --seeds N each row trains wit
 
 Budgets: the params' train.kimg (or the row's own, "before" 60 epochs), --kimg for every row, or
 --budget-s: equal wall clock, each row gets the kimg of GAN updates that fit in S seconds on this
-machine (timed by a probe of its own update before the row; evaluation not counted). The wall
+machine (timed by probes of each row's update, every row probed in turn before any training,
+the median of 3 rounds; evaluation not counted). The wall
 column says what each row cost. --dataset (benchmarks/_scratch.py DATASETS) prints one table per
 data set; all but "digits" are prepared, with an encoder of their own, in a scratch folder.
 --smoke: 16 px digits, a 1-epoch encoder, one row, a few steps, narrow networks (checks the
@@ -90,6 +91,18 @@ def seconds_per_kimg(cfg: Config, steps: int = 8) -> float:
             started = time.perf_counter()
         gan_step(state, cfg, real, z_gen, True, labels)
     return (time.perf_counter() - started) / steps * 1000.0 / b
+
+
+def probe_rows(cfgs: list[Config], rounds: int = 3) -> list[float]:
+    """seconds_per_kimg of every row: the median of ``rounds`` probes, the rows taking turns
+    within each round, so that every row is timed under the same conditions: the machine's
+    speed drifts over minutes, and a later row's probe ran after trainings, beside the local
+    Ray they left running."""
+    times: list[list[float]] = [[] for _ in cfgs]
+    for _ in range(rounds):
+        for i, one in enumerate(cfgs):
+            times[i].append(seconds_per_kimg(one))
+    return [float(np.median(t)) for t in times]
 
 
 def mean_row(metrics: list[dict]) -> dict:
@@ -166,7 +179,7 @@ def main() -> int:
         "--budget-s",
         type=float,
         help="equal wall clock: each row trains the kimg of GAN "
-        "updates that fit in this many seconds (probed per row; evaluation not counted)",
+        "updates that fit in this many seconds (probed per row before any training; evaluation not counted)",
     )
     parser.add_argument("--seeds", type=int, default=1, help="train each row with train.seed 0..N-1")
     parser.add_argument("--samples", type=Path, help="write a 64-sample grid of each row and seed into this folder")
@@ -203,12 +216,17 @@ def main() -> int:
             else:
                 cfg = dataset_cfg(base, dataset, work)
             rows = []
+            row_cfgs = [row_cfg(cfg, name) for name in names]
+            # equal time: the kimg each row's update speed allows, every row probed before any
+            # training. Probed before its own row, "before" read 1.25x and 1.32x slower per kimg
+            # than "default" (digits, digits-100) while their trainings' steps ran at the same img/s.
+            speeds = probe_rows(row_cfgs) if args.budget_s else []
             for i, name in enumerate(names):
-                one = row_cfg(cfg, name)
+                one = row_cfgs[i]
                 if args.kimg:
                     one.train.kimg, one.train.epochs = args.kimg, None
-                if args.budget_s:  # equal time: the kimg this row's update speed allows
-                    per_kimg = seconds_per_kimg(one)
+                if args.budget_s:
+                    per_kimg = speeds[i]
                     one.train.kimg, one.train.epochs = max(0.1, args.budget_s / per_kimg), None
                     print(
                         f"{dataset} {name}: {per_kimg:.2f} s per kimg of updates -> {one.train.kimg:.1f} kimg",

@@ -80,3 +80,21 @@ def test_benchmark_runs_in_smoke_mode(script: str, tmp_path: Path):
     assert proc.returncode == 0, f"{script} --smoke exited {proc.returncode}:\n{proc.stderr[-3000:]}"
     for pattern in EXPECTED[script]:
         assert re.search(pattern, proc.stdout), f"{script}: no line matching {pattern!r} in:\n{proc.stdout}"
+
+
+def test_quality_probes_the_rows_in_turn_and_takes_the_median(monkeypatch):
+    """--budget-s: every row's update speed is probed before any training, the rows taking turns
+    in each of 3 rounds, and each row gets the median of its own probes."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import quality
+
+    readings = {"default": iter([3.0, 1.0, 2.0]), "before": iter([5.0, 4.0, 9.0])}
+    calls = []
+
+    def probe(cfg):
+        calls.append(cfg)
+        return next(readings[cfg])
+
+    monkeypatch.setattr(quality, "seconds_per_kimg", probe)
+    assert quality.probe_rows(["default", "before"]) == [2.0, 5.0]
+    assert calls == ["default", "before"] * 3
