@@ -120,6 +120,15 @@ def test_sweep_stops_trials_early_and_nests_them_in_mlflow(swept):
     # every trial trained with its own seed, derived from tune.seed
     seeds = {c.data.params["train.seed"] for c in children}
     assert len(seeds) == 4
+    # trials run in reused processes: 4 trials and at least 2 resumptions (anchor and survivor)
+    # are 6 starts; a new process for each would show 6 pids
+    pids = {
+        json.loads(line)["pid"]
+        for result in (root / "ray_results").glob("tune-*/*/result.json")
+        for line in result.read_text().splitlines()
+        if line.strip()
+    }
+    assert 1 <= len(pids) <= len(children)
 
 
 def test_train_used_the_tuned_learning_rates(swept):
