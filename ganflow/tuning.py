@@ -294,7 +294,7 @@ def _trial(
 
 def _member_run(client: Any, experiment_id: str, parent: str, trial_id: str) -> str | None:
     """The MLflow run this trial already has: PBT restarts a member (from a better member's
-    checkpoint, with new rates) in a new process, and the member keeps one run, whose lr_g/lr_d
+    checkpoint, with new rates) in a new or reused process, and the member keeps one run, whose lr_g/lr_d
     metrics are then its schedule. None for a trial's first start."""
     found = client.search_runs(
         [experiment_id],
@@ -514,7 +514,7 @@ def run_sweep(cfg: Config) -> Best:
             search_alg=search,
             # a trial's process is kept for the next trial (and for a paused one's resumption):
             # a new one costs a process start and imports of torch and Ray; on 2 cores the
-            # digits' sweep took 189 s with, 217 s without, the same pick (benchmarks/README.md)
+            # digits' sweep took 189 s with, 217 s without, the same pick (docs/RUNS.md)
             reuse_actors=True,
         ),
         run_config=ray.tune.RunConfig(
