@@ -371,28 +371,29 @@ def _remove_exchange(uri: str) -> None:
         pass
 
 
-def _submit(cfg: Config, stage: str, client, address: str, exchange: str, submission_id: str) -> str:
-    push_inputs(cfg, stage, exchange)
-    params_rel = cfg.relative(cfg.source)
-    entrypoint = f"python pipelines/{stage}.py --params {params_rel}"
+def _submit_waiting(client, stage: str, address: str, job: dict) -> None:
+    """``client.submit_job(**job)``, waiting out a head that is not ready to take it."""
     # a head that has just started answers before its job agent is up ("No available agent to
     # submit job, please try again later"): that one refusal is waited out, for a while
     # (the head also says so when its own call to the agent timed out, which may have created the
     # job: a job with this id that exists is followed, not submitted again)
+    # A connection the head drops without an answer (seen from a head on a machine loaded with
+    # other Rays: "Remote end closed connection without response") is waited out the same way.
     deadline = time.monotonic() + AGENT_WAIT_S
     waiting = False
     while True:
         try:
-            client.submit_job(
-                entrypoint=entrypoint,
-                submission_id=submission_id,
-                runtime_env=job_runtime_env(cfg, exchange, submission_id),
-                metadata={"ganflow_stage": stage},
-            )
+            client.submit_job(**job)
             break
         except Exception as exc:  # noqa: BLE001 - which errors Ray raises here is not documented
-            if "No available agent" not in str(exc):
+            dropped = _dropped_connection(exc)
+            if "No available agent" not in str(exc) and not dropped:
                 raise JobError(f"cluster.address: submitting {stage} to {address} failed: {first_line(exc)}") from None
+            if dropped and time.monotonic() > deadline:
+                raise JobError(
+                    f"cluster.address: the Ray head at {address} kept dropping the submission of {stage} "
+                    f"for {AGENT_WAIT_S:.0f} s: {first_line(exc)}"
+                ) from None
             if time.monotonic() > deadline:
                 raise JobError(
                     f"cluster.address: the Ray head at {address} still has no job agent after {AGENT_WAIT_S:.0f} s "
@@ -400,15 +401,29 @@ def _submit(cfg: Config, stage: str, client, address: str, exchange: str, submis
                     "see dashboard_agent.log in the head's Ray logs (usually its port, 52365 unless "
                     "--dashboard-agent-listen-port says otherwise, is taken by another Ray on that machine)"
                 ) from None
-            if _job_exists(client, submission_id):
+            if _job_exists(client, job["submission_id"]):
                 break
             if not waiting:
+                what = "dropped the connection" if dropped else "is not up yet"
                 print(
-                    f"{stage}: the Ray job agent on {address} is not up yet; waiting up to {AGENT_WAIT_S:.0f} s",
+                    f"{stage}: the Ray job agent on {address} {what}; waiting up to {AGENT_WAIT_S:.0f} s",
                     flush=True,
                 )
                 waiting = True
             time.sleep(2.0)
+
+
+def _submit(cfg: Config, stage: str, client, address: str, exchange: str, submission_id: str) -> str:
+    push_inputs(cfg, stage, exchange)
+    params_rel = cfg.relative(cfg.source)
+    entrypoint = f"python pipelines/{stage}.py --params {params_rel}"
+    job = {
+        "entrypoint": entrypoint,
+        "submission_id": submission_id,
+        "runtime_env": job_runtime_env(cfg, exchange, submission_id),
+        "metadata": {"ganflow_stage": stage},
+    }
+    _submit_waiting(client, stage, address, job)
     print(f"{stage}: submitted Ray job {submission_id} to {address} ({entrypoint})", flush=True)
     log: list[str] = []
     # Ctrl-C, or SIGTERM (a killed `dvc repro`), stops the job: it would go on, orphaned, on the cluster
@@ -429,6 +444,14 @@ def _submit(cfg: Config, stage: str, client, address: str, exchange: str, submis
     pull_outputs(cfg, stage, exchange, submission_id)
     print(f"{stage}: Ray job {submission_id} SUCCEEDED; outputs pulled into the workspace", flush=True)
     return submission_id
+
+
+def _dropped_connection(exc: BaseException) -> bool:
+    """Whether a request failed because the connection broke or timed out after it was made
+    (the head answered before: job_client checked it), not because the head refused it."""
+    import requests
+
+    return isinstance(exc, (ConnectionError, requests.exceptions.ConnectionError, requests.exceptions.Timeout))
 
 
 def _job_exists(client, submission_id: str) -> bool:

@@ -694,6 +694,59 @@ def test_plain_exchange_keys_land_inside_the_target(tmp_path):
     assert _inside(tmp_path / "g", "sub/w.bin", "u") == tmp_path / "g" / "sub" / "w.bin"
 
 
+class HeadStandIn:
+    """What ``_submit_waiting`` sees of a job server: ``submit_job`` raises the given errors in
+    turn, then takes the job; ``get_job_info`` knows the jobs taken (or, with ``created``, the job
+    a dropped request created anyway)."""
+
+    def __init__(self, *errors: Exception, created: bool = False):
+        self.errors, self.created, self.submitted = list(errors), created, []
+
+    def submit_job(self, **job):
+        self.submitted.append(job["submission_id"])
+        if self.errors:
+            raise self.errors.pop(0)
+
+    def get_job_info(self, submission_id):
+        if not self.created:
+            raise RuntimeError(f"Job {submission_id} does not exist")
+
+
+def dropped() -> Exception:
+    import requests
+
+    return requests.exceptions.ConnectionError("('Connection aborted.', RemoteDisconnected('Remote end closed'))")
+
+
+def test_a_submission_the_head_drops_is_sent_again_unless_the_job_exists(monkeypatch, capsys):
+    """A head on a loaded machine closed the submit request without an answer: the submitter
+    waits and sends it again, as for a just-started head, and follows a job the dropped request
+    created instead of submitting it twice. Any other refusal is one error line at once."""
+    from ganflow import jobs
+
+    monkeypatch.setattr(jobs.time, "sleep", lambda s: None)
+    job = {"submission_id": "ganflow-train-1", "entrypoint": "python pipelines/train.py"}
+    head = HeadStandIn(dropped(), dropped())
+    jobs._submit_waiting(head, "train", "http://127.0.0.1:8265", job)
+    assert head.submitted == ["ganflow-train-1"] * 3
+    assert (
+        "train: the Ray job agent on http://127.0.0.1:8265 dropped the connection; waiting" in capsys.readouterr().out
+    )
+
+    head = HeadStandIn(dropped(), created=True)
+    jobs._submit_waiting(head, "train", "http://127.0.0.1:8265", job)
+    assert head.submitted == ["ganflow-train-1"]  # it exists: not submitted twice
+
+    with pytest.raises(jobs.JobError, match=r"submitting train to \S+ failed: bad runtime_env") as refused:
+        jobs._submit_waiting(HeadStandIn(RuntimeError("bad runtime_env\ndetails")), "train", "http://h:1", job)
+    assert "\n" not in str(refused.value)
+
+    monkeypatch.setattr(jobs, "AGENT_WAIT_S", 0.0)
+    with pytest.raises(jobs.JobError, match="kept dropping the submission of train for 0 s") as gave_up:
+        jobs._submit_waiting(HeadStandIn(*[dropped()] * 3), "train", "http://h:1", job)
+    assert "\n" not in str(gave_up.value)
+
+
 NO_TORCH = """
 import sys
 sys.modules["torch"] = None  # `import torch` raises ImportError from here on
