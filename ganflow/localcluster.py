@@ -61,6 +61,12 @@ def tool(name: str) -> str:
     return str(local) if local.exists() else (shutil.which(name) or name)
 
 
+# How long `up` waits for a live MLflow server or Ray head to answer (a process that exits ends
+# the wait at once). On a 2-core machine loaded with two test workers and a training, an MLflow
+# server first answered after 128 s.
+STARTUP_WAIT_S = 300.0
+
+
 def _wait(check, what: str, timeout: float, proc: subprocess.Popen, log: Path) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -100,7 +106,7 @@ def start_mlflow_server(
     port: int,
     log: Path,
     artifact_args: list[str],
-    timeout: float = 120.0,
+    timeout: float = STARTUP_WAIT_S,
     env: dict[str, str] | None = None,
     cwd: Path | None = None,
 ) -> subprocess.Popen:
@@ -212,7 +218,7 @@ def up(
     dashboard_port: int = 8265,
     mlflow_port: int = 5001,
     num_cpus: int | None = None,
-    timeout: float = 120.0,
+    timeout: float = STARTUP_WAIT_S,
 ) -> LocalCluster:
     """Start the head and the MLflow server; returns what is running (idempotent)."""
     root = Path(root).resolve()
@@ -297,7 +303,7 @@ def up(
     return state
 
 
-def ensure_auth_token(timeout: float = 120.0) -> None:
+def ensure_auth_token(timeout: float = STARTUP_WAIT_S) -> None:
     """`ray start` refuses to start without a token (unlike ray.init, it never makes one): on a
     machine where no local Ray ever ran, ~/.ray/auth_token does not exist yet."""
     subprocess.run(

@@ -57,7 +57,7 @@ def cluster(tmp_path_factory):
                 "2",
             ],
             root,
-            timeout=240,
+            timeout=900,  # cluster up waits up to STARTUP_WAIT_S for each of its two processes
         )
         assert proc.returncode == 0, proc.stderr
         state = localcluster.read_state(root)
