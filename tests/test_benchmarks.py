@@ -98,3 +98,18 @@ def test_quality_probes_the_rows_in_turn_and_takes_the_median(monkeypatch):
     monkeypatch.setattr(quality, "seconds_per_kimg", probe)
     assert quality.probe_rows(["default", "before"]) == [2.0, 5.0]
     assert calls == ["default", "before"] * 3
+
+
+def test_every_quality_row_is_a_valid_params_file(monkeypatch):
+    """Each variant of quality.py names keys and values the config accepts, and changes it."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import quality
+
+    from ganflow.config import load_config
+
+    cfg = load_config(REPO / "params.yaml")
+    for name, changes in quality.VARIANTS.items():
+        row = quality.row_cfg(cfg, name)
+        for dotted, value in changes.items():
+            section, key = dotted.split(".")
+            assert getattr(getattr(row, section), key) == value, (name, dotted)
