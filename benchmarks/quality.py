@@ -53,6 +53,7 @@ VARIANTS: dict[str, dict[str, object]] = {
     "lecam": {"train.lecam": 0.3},  # LeCam at StudioGAN's weight
     # the widths before model.g_width/d_width auto (the same at 32 px; at 64 px twice auto's)
     "width-64": {"model.g_width": 64, "model.d_width": 64},
+    "no-color": {"train.augment_policy": "translation,cutout"},  # RGB sets without the colour jitter
     "sn": {"model.spectral_norm": True},  # spectral norm on D (no BatchNorm there), BCE and ADA kept
     # residual G and D (model.arch resnet), with and without spectral norm and the hinge loss
     "resnet": {"model.arch": "resnet"},
