@@ -389,18 +389,17 @@ def _submit_waiting(client, stage: str, address: str, job: dict) -> None:
             dropped = _dropped_connection(exc)
             if "No available agent" not in str(exc) and not dropped:
                 raise JobError(f"cluster.address: submitting {stage} to {address} failed: {first_line(exc)}") from None
-            if dropped and time.monotonic() > deadline:
-                raise JobError(
-                    f"cluster.address: the Ray head at {address} kept dropping the submission of {stage} "
-                    f"for {AGENT_WAIT_S:.0f} s: {first_line(exc)}"
-                ) from None
             if time.monotonic() > deadline:
-                raise JobError(
-                    f"cluster.address: the Ray head at {address} still has no job agent after {AGENT_WAIT_S:.0f} s "
-                    '("No available agent to submit job"): its dashboard agent runs without its HTTP server; '
-                    "see dashboard_agent.log in the head's Ray logs (usually its port, 52365 unless "
-                    "--dashboard-agent-listen-port says otherwise, is taken by another Ray on that machine)"
-                ) from None
+                if dropped:
+                    why = f"kept dropping the submission of {stage} for {AGENT_WAIT_S:.0f} s: {first_line(exc)}"
+                else:
+                    why = (
+                        f"still has no job agent after {AGENT_WAIT_S:.0f} s "
+                        '("No available agent to submit job"): its dashboard agent runs without its HTTP server; '
+                        "see dashboard_agent.log in the head's Ray logs (usually its port, 52365 unless "
+                        "--dashboard-agent-listen-port says otherwise, is taken by another Ray on that machine)"
+                    )
+                raise JobError(f"cluster.address: the Ray head at {address} {why}") from None
             if _job_exists(client, job["submission_id"]):
                 break
             if not waiting:

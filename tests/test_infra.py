@@ -696,8 +696,8 @@ def test_plain_exchange_keys_land_inside_the_target(tmp_path):
 
 class HeadStandIn:
     """What ``_submit_waiting`` sees of a job server: ``submit_job`` raises the given errors in
-    turn, then takes the job; ``get_job_info`` knows the jobs taken (or, with ``created``, the job
-    a dropped request created anyway)."""
+    turn, then takes the job; ``get_job_info`` finds the job only with ``created`` (a dropped
+    request that created it anyway)."""
 
     def __init__(self, *errors: Exception, created: bool = False):
         self.errors, self.created, self.submitted = list(errors), created, []
