@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _scratch import DATASETS, dataset_cfg, score_exported, scratch, smoke_data
+from _scratch import DATASETS, dataset_cfg, dataset_unavailable, score_exported, scratch, smoke_data
 
 from ganflow.artifacts import class_prior
 from ganflow.config import Config, load_config
@@ -207,6 +207,10 @@ def main() -> int:
             f"datasets: {', '.join(DATASETS)}",
             file=sys.stderr,
         )
+        return 2
+    missing = [why for d in datasets if (why := dataset_unavailable(d))] if not args.smoke else []
+    if missing:  # before any set trains: a run over several sets would die at the first of these
+        print(f"error: {'; '.join(missing)}", file=sys.stderr)
         return 2
     if args.seeds < 1 or (args.kimg is not None and args.kimg <= 0):
         print("error: --seeds must be >= 1 and --kimg > 0", file=sys.stderr)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,32 @@ def test_every_quality_row_is_a_valid_params_file(monkeypatch):
         for dotted, value in changes.items():
             section, key = dotted.split(".")
             assert getattr(getattr(row, section), key) == value, (name, dotted)
+
+
+def test_quality_refuses_a_set_it_cannot_build_before_training_any(monkeypatch, capsys, tmp_path):
+    """A run over several sets checks each set's source package first: without scikit-image the
+    faces would fail only after the sets before them had trained."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import _scratch
+    import quality
+
+    real_find_spec = _scratch.importlib.util.find_spec
+    monkeypatch.setattr(
+        _scratch.importlib.util, "find_spec", lambda name, *a: None if name == "skimage" else real_find_spec(name, *a)
+    )
+    assert _scratch.dataset_unavailable("faces-100-64") == (
+        "faces-100-64 reads scikit-image's bundled LFW subset: pip install scikit-image"
+    )
+    assert _scratch.dataset_unavailable("digits-100") is None
+
+    def no_training(*_args, **_kwargs):
+        raise AssertionError("a set was prepared before the check")
+
+    monkeypatch.setattr(quality, "dataset_cfg", no_training)
+    monkeypatch.setattr(
+        sys, "argv", ["quality.py", "--params", str(REPO / "params.yaml"), "--dataset", "digits-100,faces-100"]
+    )
+    assert quality.main() == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: faces-100 reads scikit-image's bundled LFW subset: pip install scikit-image"
+    )
