@@ -66,11 +66,14 @@ DATASETS = {
 }
 
 
+FACES = ("faces-100", "faces-100-64")  # read from scikit-image's wheel, not a project dependency
+
+
 def dataset_unavailable(name: str) -> str | None:
     """Why DATASETS[name] cannot be built here (a package it reads is not installed), or None.
     A script over several sets checks them all first, so it does not fail at the last one after
     training on the others."""
-    if name in ("faces-100", "faces-100-64"):
+    if name in FACES:
         spec = importlib.util.find_spec("skimage")
         if spec is None or spec.origin is None:
             return f"{name} reads scikit-image's bundled LFW subset: pip install scikit-image"
@@ -90,7 +93,7 @@ def dataset_arrays(name: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray | N
             return gray[np.sort(index)], None, 32
         index = np.concatenate([rng.choice(np.flatnonzero(digits.target == c), 30, replace=False) for c in range(10)])
         return gray[np.sort(index)], digits.target[np.sort(index)].astype(np.int64), 32
-    if name in ("faces-100", "faces-100-64"):
+    if name in FACES:
         from PIL import Image
 
         if why := dataset_unavailable(name):

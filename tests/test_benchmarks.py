@@ -116,7 +116,7 @@ def test_every_quality_row_is_a_valid_params_file(monkeypatch):
             assert getattr(getattr(row, section), key) == value, (name, dotted)
 
 
-def test_quality_refuses_a_set_it_cannot_build_before_training_any(monkeypatch, capsys, tmp_path):
+def test_quality_refuses_a_set_it_cannot_build_before_training_any(monkeypatch, capsys):
     """A run over several sets checks each set's source package first: without scikit-image the
     faces would fail only after the sets before them had trained."""
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
