@@ -104,6 +104,7 @@ class GanState:
     best_ema_g: dict[str, torch.Tensor] | None = None  # the EMA generator of best_epoch (CPU)
     history: list[dict[str, float]] = field(default_factory=list)  # one row per finished tick
     lecam_ema: torch.Tensor | None = None  # train.lecam > 0: EMAs of D's mean real and fake logits
+    mode_seeking: float = 0.0  # train.mode_seeking resolved for this G (Config.mode_seeking_weight)
 
     @property
     def augment_p(self) -> float:
@@ -145,6 +146,7 @@ def build_state(
         ada=ada_controller(cfg),
         prior=list(prior) if prior else None,
         lecam_ema=torch.zeros(2, device=device) if cfg.train.lecam > 0 else None,
+        mode_seeking=cfg.mode_seeking_weight(conditional=classes > 0),
     )
 
 
@@ -201,7 +203,7 @@ def gan_step(
     d_loss_fn, g_loss_fn = LOSSES[cfg.train.loss]
     b = real.shape[0]
     z = torch.randn(b, cfg.model.latent_dim, generator=z_gen, device=z_gen.device).to(state.device)
-    seeking = cfg.train.mode_seeking > 0 and update_g and b >= 2  # the G step pairs fakes i and i + b//2
+    seeking = state.mode_seeking > 0 and update_g and b >= 2  # the G step pairs fakes i and i + b//2
     c = c_fake = None
     if state.prior:
         c = c_fake = one_hot(labels, len(state.prior)).to(state.device)  # (B, K)
@@ -259,7 +261,7 @@ def gan_step(
             loss_g = g_loss_fn(judge_fake(seen(fake)).float())  # the diagnostic: without the penalty
             total_g = loss_g
             if seeking:
-                total_g = loss_g + cfg.train.mode_seeking * mode_seeking_penalty(fake, z[:, : cfg.model.latent_dim])
+                total_g = loss_g + state.mode_seeking * mode_seeking_penalty(fake, z[:, : cfg.model.latent_dim])
         state.opt_g.zero_grad(set_to_none=True)
         state.scaler_g.scale(total_g).backward()
     state.scaler_g.step(state.opt_g)

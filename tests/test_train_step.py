@@ -363,6 +363,39 @@ def test_mode_seeking_adds_to_g_loss_only_and_pairs_classes(tmp_path):
     assert torch.equal(state.g.codes[0][:, 8:].argmax(1), labels)
 
 
+def test_mode_seeking_auto_is_on_for_a_conditional_g_only(tmp_path):
+    """train.mode_seeking auto: the conditional G's weight (MODE_SEEKING_AUTO), and none for an
+    unconditional G, whose G step then equals an explicit 0's; a number is used as it is."""
+    from ganflow.config import MODE_SEEKING_AUTO
+
+    auto = tiny_cfg(tmp_path, train=dict(mode_seeking="auto"))
+    assert auto.mode_seeking_weight(conditional=True) == MODE_SEEKING_AUTO > 0
+    assert auto.mode_seeking_weight(conditional=False) == 0.0
+    assert tiny_cfg(tmp_path, train=dict(mode_seeking=0.3)).mode_seeking_weight(conditional=False) == 0.3
+    assert build_state(auto, torch.device("cpu"), 1e-3, 1e-3, [0.5, 0.5]).mode_seeking == MODE_SEEKING_AUTO
+
+    real = torch.rand(8, 1, 16, 16) * 2 - 1
+    labels = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1])
+
+    def trained(weight, prior=None):
+        cfg = tiny_cfg(tmp_path, train=dict(mode_seeking=weight))
+        state = build_state(cfg, torch.device("cpu"), 1e-3, 1e-3, prior)
+        gan_step(state, cfg, real, torch.Generator().manual_seed(0), update_g=True, labels=labels if prior else None)
+        return list(state.g.parameters())
+
+    def same(a, b):
+        return all(torch.equal(x, y) for x, y in zip(a, b))
+
+    unconditional = trained("auto")
+    assert same(unconditional, trained(0.0))  # auto: as 0
+    assert not same(unconditional, trained(MODE_SEEKING_AUTO))  # (the term does move G)
+    conditional = trained("auto", [0.5, 0.5])
+    assert same(conditional, trained(MODE_SEEKING_AUTO, [0.5, 0.5]))  # a labelled set trains as before
+    assert not same(conditional, trained(0.0, [0.5, 0.5]))
+    with pytest.raises(Exception, match="mode_seeking"):
+        tiny_cfg(tmp_path, train=dict(mode_seeking="on"))
+
+
 def test_each_tick_is_scored_on_the_mean_of_several_fixed_latent_draws(tmp_path, monkeypatch):
     """The exported tick and the sweep's objective rest on evaluate_ema: eval.tick_draws draws,
     the same vectors at every tick, the first draw the one a single-draw evaluation uses."""
