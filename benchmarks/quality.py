@@ -54,6 +54,7 @@ VARIANTS: dict[str, dict[str, object]] = {
     # least as well): 800 epochs (56 kimg of 70 images) with every augmentation op always on
     "hand-found": {"train.epochs": 800, "train.augment": "diffaugment"},
     "lecam": {"train.lecam": 0.3},  # LeCam at StudioGAN's weight
+    "bcr": {"train.consistency": 10.0},  # consistency regularisation at the bCR paper's weight
     # the mode-seeking weight on every G, as before auto turned it off for unconditional ones
     "mode-seeking": {"train.mode_seeking": 0.5},
     # the widths before model.g_width/d_width auto (the same at 32 px; at 64 px twice auto's)

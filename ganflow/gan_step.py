@@ -1,7 +1,7 @@
 """One GAN update and the state it updates: networks, optimizers, EMA of G, mixed precision.
 
 Per batch: the D step on fake.detach() (G's gradients untouched), with the R1 penalty every
-train.r1_every steps and, optionally, LeCam; then, every train.d_steps batches, the G step, with
+train.r1_every steps and, optionally, LeCam and consistency regularisation; then, every train.d_steps batches, the G step, with
 the mode-seeking term when set; an EMA copy of G follows every G step. Adaptive augmentation
 (ganflow.augment) applies to every image D sees. No Ray, no I/O: the loop (ganflow.train_loop)
 and the sweep's trials drive it.
@@ -93,6 +93,7 @@ class GanState:
     device: torch.device
     dtype: torch.dtype | None  # autocast dtype, None = full precision
     augment: Augment | None = None  # applied to every D input, real and generated (train.augment)
+    consistency: Augment | None = None  # train.consistency > 0: the transform D's logits must not follow
     ada: AdaptiveP | None = None  # train.augment auto: the controller of the augmentation's probability
     prior: list[float] | None = None  # a conditional G's class frequencies (train split); None = unconditional
     epoch: int = 0  # the next epoch to run
@@ -124,6 +125,9 @@ def build_state(
     betas = (cfg.train.beta1, cfg.train.beta2)
     dtype = amp_dtype(cfg, device)
     fp16 = dtype == torch.float16
+    ops = augmenter(
+        policy_of(cfg.train.augment_policy, cfg.data.channels), cfg.train.augment_translation, cfg.train.augment_cutout
+    )
     return GanState(
         g=g,
         d=d,
@@ -134,15 +138,8 @@ def build_state(
         scaler_d=torch.amp.GradScaler(device.type, enabled=fp16),
         device=device,
         dtype=dtype,
-        augment=(
-            augmenter(
-                policy_of(cfg.train.augment_policy, cfg.data.channels),
-                cfg.train.augment_translation,
-                cfg.train.augment_cutout,
-            )
-            if cfg.train.augment != "none"
-            else None
-        ),
+        augment=ops if cfg.train.augment != "none" else None,
+        consistency=ops if cfg.train.consistency > 0 else None,
         ada=ada_controller(cfg),
         prior=list(prior) if prior else None,
         lecam_ema=torch.zeros(2, device=device) if cfg.train.lecam > 0 else None,
@@ -226,15 +223,22 @@ def gan_step(
         if r1:
             real_seen = real_seen.detach().requires_grad_(True)
         real_logits = judge(real_seen)
-        fake_logits = judge_fake(seen(fake.detach()))
-        loss_d = d_loss_fn(real_logits.float(), fake_logits.float())  # the diagnostic: without the penalty
+        fake_seen = seen(fake.detach())
+        fake_logits = judge_fake(fake_seen)
+        loss_d = d_loss_fn(real_logits.float(), fake_logits.float())  # the diagnostic: without the penalties
         total_d = loss_d
         if state.lecam_ema is not None:
             total_d = total_d + cfg.train.lecam * lecam_penalty(
                 real_logits.float(), fake_logits.float(), state.lecam_ema
             )
+        if state.consistency is not None:  # bCR: D's logit should not change under the policy's ops
+            t = state.consistency
+            total_d = total_d + cfg.train.consistency * (
+                consistency_penalty(real_logits, judge(t(real_seen, z_gen, 1.0)))
+                + consistency_penalty(fake_logits, judge_fake(t(fake_seen, z_gen, 1.0)))
+            )
         if r1:
-            total_d = loss_d + 0.5 * cfg.train.r1_gamma * cfg.train.r1_every * r1_penalty(real_logits, real_seen)
+            total_d = total_d + 0.5 * cfg.train.r1_gamma * cfg.train.r1_every * r1_penalty(real_logits, real_seen)
     state.opt_d.zero_grad(set_to_none=True)
     state.scaler_d.scale(total_d).backward()
     state.scaler_d.step(state.opt_d)
@@ -276,6 +280,12 @@ def lecam_penalty(real_logits: torch.Tensor, fake_logits: torch.Tensor, ema: tor
     """LeCam (Tseng et al. 2021): keeps D's outputs on real images from running away from what it
     said of fakes lately, and the reverse; ``ema`` = (EMA of mean real logit, of mean fake logit)."""
     return F.relu(real_logits - ema[1]).pow(2).mean() + F.relu(ema[0] - fake_logits).pow(2).mean()
+
+
+def consistency_penalty(logits: torch.Tensor, transformed_logits: torch.Tensor) -> torch.Tensor:
+    """bCR's term for one side (real or generated): the mean squared change of D's logits when
+    the images are transformed; both passes get the gradient, as in the paper."""
+    return (logits.float() - transformed_logits.float()).pow(2).mean()
 
 
 def mode_seeking_penalty(fake: torch.Tensor, z: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:

@@ -184,3 +184,41 @@ def test_lecam_adds_a_penalty_that_anchors_d_to_its_recent_outputs(tmp_path):
     gan_step(state, cfg, torch.rand(8, 1, 16, 16) * 2 - 1, torch.Generator().manual_seed(0), update_g=True)
     assert state.lecam_ema is not None and bool(state.lecam_ema.ne(0).all())  # the EMAs moved
     assert build_state(tiny(tmp_path), torch.device("cpu"), 1e-3, 1e-3).lecam_ema is None
+
+
+def test_consistency_regularisation_penalises_d_for_following_the_transform(tmp_path):
+    """bCR: zero when D's logits do not move under the transform, the mean squared change when they
+    do; it changes D's update (with or without augmentation of what D sees); off builds nothing."""
+    from ganflow.gan_step import consistency_penalty
+
+    assert float(consistency_penalty(torch.ones(4), torch.ones(4))) == 0.0
+    assert float(consistency_penalty(torch.zeros(4), torch.full((4,), 2.0))) == pytest.approx(4.0)
+    real = torch.rand(8, 1, 16, 16) * 2 - 1
+
+    def d_after_one_step(**train):
+        cfg = tiny(tmp_path, **train)
+        state = build_state(cfg, torch.device("cpu"), 1e-3, 1e-3)
+        gan_step(state, cfg, real, torch.Generator().manual_seed(0), update_g=False)
+        return state, [p.grad.clone() for p in state.d.parameters()]  # D's gradient of its whole loss
+
+    off, d_off = d_after_one_step(augment="none")
+    assert off.consistency is None
+    on, d_on = d_after_one_step(augment="none", consistency=10.0)
+    assert on.consistency is not None and on.augment is None  # the transform, without augmenting D's inputs
+    assert any(not torch.equal(a, b) for a, b in zip(d_off, d_on))
+    _, d_ada = d_after_one_step(augment="auto", consistency=10.0)
+    assert all(torch.isfinite(p).all() for p in d_ada)
+
+
+def test_an_r1_step_keeps_the_other_penalties(tmp_path):
+    """On the steps R1 applies to, LeCam still counts (R1 once replaced the total with its own)."""
+    real = torch.rand(8, 1, 16, 16) * 2 - 1
+
+    def d_after_one_step(**train):
+        cfg = tiny(tmp_path, r1_gamma=1.0, r1_every=1, **train)
+        state = build_state(cfg, torch.device("cpu"), 1e-3, 1e-3)
+        state.lecam_ema = None if state.lecam_ema is None else torch.tensor([5.0, -5.0])  # a penalty now
+        gan_step(state, cfg, real, torch.Generator().manual_seed(0), update_g=False)
+        return [p.grad.clone() for p in state.d.parameters()]  # Adam's first step follows only the signs
+
+    assert any(not torch.equal(a, b) for a, b in zip(d_after_one_step(), d_after_one_step(lecam=0.3)))
