@@ -444,6 +444,19 @@ class Config(Section):
             return MODE_SEEKING_AUTO if conditional else 0.0
         return float(weight)
 
+    def resolved_params(self, conditional: bool) -> dict[str, str]:
+        """What the params' auto values became for one G (conditional or not), as MLflow params
+        beside the params as written: resolved.model.conditional, .g_width, .d_width,
+        resolved.train.mode_seeking, .augment_policy."""
+        g_width, d_width = self.net_widths
+        return {
+            "resolved.model.conditional": str(conditional),
+            "resolved.model.g_width": str(g_width),
+            "resolved.model.d_width": str(d_width),
+            "resolved.train.mode_seeking": str(self.mode_seeking_weight(conditional)),
+            "resolved.train.augment_policy": ",".join(policy_of(self.train.augment_policy, self.data.channels)),
+        }
+
     def to_dict(self) -> dict[str, Any]:
         """Plain, YAML/JSON-ready values (paths as strings)."""
         return self.model_dump(mode="json")

@@ -174,9 +174,14 @@ def start_training_run(
         f"tick; metric steps of per-tick values are epochs, of per-step values D steps.\n\n{_data_text(cfg)}"
     )
     run_id = start_run(client, experiment_id, cfg, name, {**tags, NOTE_TAG: note})
-    # the learning rates this run used (train.lr_* in the params may be overridden by tune)
-    client.log_param(run_id, "lr_g", repr(lr_g))
-    client.log_param(run_id, "lr_d", repr(lr_d))
+    from mlflow.entities import Param
+
+    from ganflow.artifacts import class_prior
+
+    # the learning rates this run used (train.lr_* in the params may be overridden by tune), and
+    # what the params' auto values became for this data (a compare view shows the weights used)
+    used = {"lr_g": repr(lr_g), "lr_d": repr(lr_d), **cfg.resolved_params(class_prior(cfg) is not None)}
+    client.log_batch(run_id, params=[Param(k, v) for k, v in sorted(used.items())])
     return run_id
 
 

@@ -207,6 +207,24 @@ def test_auto_widths_keep_the_4x4_layers_at_256_channels(size, width):
         )
 
 
+def test_resolved_params_say_what_the_auto_values_became():
+    """What a run logs beside the params as written: per G, the auto values resolved."""
+    from ganflow.config import from_dict
+
+    rgb64 = from_dict({"data": {"image_size": 64, "channels": 3}, "train": {"mode_seeking": "auto"}})
+    assert rgb64.resolved_params(conditional=False) == {
+        "resolved.model.conditional": "False",
+        "resolved.model.g_width": "32",
+        "resolved.model.d_width": "32",
+        "resolved.train.mode_seeking": "0.0",
+        "resolved.train.augment_policy": "translation,cutout,color",
+    }
+    assert rgb64.resolved_params(conditional=True)["resolved.train.mode_seeking"] == "0.5"
+    fixed = from_dict({"train": {"mode_seeking": 0.2, "augment_policy": "cutout"}})
+    assert fixed.resolved_params(conditional=True)["resolved.train.mode_seeking"] == "0.2"
+    assert fixed.resolved_params(conditional=False)["resolved.train.augment_policy"] == "cutout"
+
+
 def error_of_dict(values: dict) -> str:
     from ganflow.config import from_dict
 

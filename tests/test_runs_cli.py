@@ -64,6 +64,13 @@ def test_runs_are_named_described_and_tagged(store):
             train.data.params["lr_g"],
             train.data.params["lr_d"],
         )
+    # beside the params as written (auto), what they resolved to for these 16 px grey digits
+    for run in (train, *trials):
+        params = run.data.params
+        assert params["model.g_width"] == params["train.augment_policy"] == "auto"
+        assert params["resolved.model.g_width"] == params["resolved.model.d_width"] == "64"
+        assert params["resolved.train.augment_policy"] == "translation,cutout"
+        assert params["resolved.model.conditional"] == "False" and params["resolved.train.mode_seeking"] == "0.0"
     # one data set, one commit; the trials ran with another config (tune.epochs) than the training
     assert len({r.data.tags["data_hash"] for r in (train, sweep, *trials)}) == 1
     assert trials[0].data.tags["params_hash"] != train.data.tags["params_hash"]
