@@ -202,8 +202,8 @@ class TrainConfig(Section):
     lecam: float = Field(0.0, ge=0.0)
     lecam_decay: float = Field(0.99, ge=0.0, lt=1.0)
     # balanced consistency regularisation of D (bCR, Zhao et al. 2021): weight x the mean squared
-    # change of D's logit when the augmentation policy (p = 1) is applied to what D saw, real and
-    # generated alike; 10 in the paper; 0 = off
+    # change of D's logit when what D saw, real and generated alike, is shifted by up to
+    # augment_translation; 10 in the paper; 0 = off
     consistency: float = Field(0.0, ge=0.0)
 
     @field_validator("augment_policy")

@@ -139,7 +139,11 @@ def build_state(
         device=device,
         dtype=dtype,
         augment=ops if cfg.train.augment != "none" else None,
-        consistency=ops if cfg.train.consistency > 0 else None,
+        # bCR's transform is a shift (the paper's, with flips): invariance to cutout's hidden half
+        # of the image or to colour left D unable to tell real from fake on 100 digits (D(x) 0.5)
+        consistency=augmenter(("translation",), cfg.train.augment_translation, 0.0)
+        if cfg.train.consistency > 0
+        else None,
         ada=ada_controller(cfg),
         prior=list(prior) if prior else None,
         lecam_ema=torch.zeros(2, device=device) if cfg.train.lecam > 0 else None,
