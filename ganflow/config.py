@@ -403,6 +403,12 @@ class Config(Section):
                 "train.batch_size",
                 f"must be divisible by cluster.num_workers ({self.cluster.num_workers})",
             )
+        if self.train.consistency > 0 and int(self.data.image_size * self.train.augment_translation + 0.5) == 0:
+            raise _FieldError(  # translate() would return the image as it is: a penalty of 0, at a cost
+                "train.consistency",
+                f"needs a shift of at least 1 px, and train.augment_translation {self.train.augment_translation:g} "
+                f"x data.image_size {self.data.image_size} rounds to 0",
+            )
         if self.tune.enabled and self.tune.scheduler in ("pbt", "sha") and self.cluster.num_workers > 1:
             # a multi-worker trial is a TorchTrainer, whose checkpoints Train V2 keeps from Tune
             raise _FieldError(
@@ -454,7 +460,11 @@ class Config(Section):
             "resolved.model.g_width": str(g_width),
             "resolved.model.d_width": str(d_width),
             "resolved.train.mode_seeking": str(self.mode_seeking_weight(conditional)),
-            "resolved.train.augment_policy": ",".join(policy_of(self.train.augment_policy, self.data.channels)),
+            "resolved.train.augment_policy": (
+                "none"  # nothing is augmented, whatever the policy says
+                if self.train.augment == "none"
+                else ",".join(policy_of(self.train.augment_policy, self.data.channels))
+            ),
         }
 
     def to_dict(self) -> dict[str, Any]:

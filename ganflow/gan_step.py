@@ -235,7 +235,7 @@ def gan_step(
             total_d = total_d + cfg.train.lecam * lecam_penalty(
                 real_logits.float(), fake_logits.float(), state.lecam_ema
             )
-        if state.consistency is not None:  # bCR: D's logit should not change under the policy's ops
+        if state.consistency is not None:  # bCR: D's logit should not change when its input is shifted
             t = state.consistency
             total_d = total_d + cfg.train.consistency * (
                 consistency_penalty(real_logits, judge(t(real_seen, z_gen, 1.0)))

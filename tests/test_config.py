@@ -223,6 +223,19 @@ def test_resolved_params_say_what_the_auto_values_became():
     fixed = from_dict({"train": {"mode_seeking": 0.2, "augment_policy": "cutout"}})
     assert fixed.resolved_params(conditional=True)["resolved.train.mode_seeking"] == "0.2"
     assert fixed.resolved_params(conditional=False)["resolved.train.augment_policy"] == "cutout"
+    off = from_dict({"train": {"augment": "none"}})
+    assert off.resolved_params(conditional=False)["resolved.train.augment_policy"] == "none"
+
+
+def test_consistency_needs_a_shift_of_a_pixel():
+    """bCR's transform is a shift: one that rounds to 0 px would add nothing but its cost."""
+    from ganflow.config import from_dict
+
+    assert from_dict({"data": {"image_size": 32}, "train": {"consistency": 1.0}}).train.consistency == 1.0
+    assert error_of_dict({"data": {"image_size": 16}, "train": {"consistency": 1.0, "augment_translation": 0.03}}) == (
+        "params.yaml: train.consistency: needs a shift of at least 1 px, and train.augment_translation 0.03 "
+        "x data.image_size 16 rounds to 0"
+    )
 
 
 def error_of_dict(values: dict) -> str:
