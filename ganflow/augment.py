@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ganflow.config import shift_pixels
+
 
 def _randint(low: int, high: int, shape: tuple[int, ...], gen: torch.Generator | None, device) -> torch.Tensor:
     where = gen.device if gen is not None else "cpu"
@@ -46,7 +48,7 @@ def _rand(shape: tuple[int, ...], gen: torch.Generator | None, like: torch.Tenso
 def translate(x: torch.Tensor, ratio: float, gen: torch.Generator | None = None) -> torch.Tensor:
     """(B, C, H, W) -> same shape, each sample shifted by its own (dy, dx), zero-filled."""
     b, _, h, w = x.shape
-    ry, rx = int(h * ratio + 0.5), int(w * ratio + 0.5)
+    ry, rx = shift_pixels(h, ratio), shift_pixels(w, ratio)
     if ry == 0 and rx == 0:
         return x
     dy = _randint(-ry, ry + 1, (b, 1, 1), gen, x.device)

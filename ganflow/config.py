@@ -216,6 +216,12 @@ class TrainConfig(Section):
 AUGMENT_OPERATIONS = ("translation", "cutout", "color")  # what ganflow.augment implements
 
 
+def shift_pixels(side: int, ratio: float) -> int:
+    """The largest shift of train.augment_translation ``ratio`` on a ``side``-pixel image, in whole
+    pixels (ganflow.augment.translate shifts by up to this)."""
+    return int(side * ratio + 0.5)
+
+
 def policy_of(policy: str, channels: int) -> tuple[str, ...]:
     """The operations a policy string names, in a fixed order; raises ValueError on a bad name."""
     if policy == "auto":
@@ -403,7 +409,7 @@ class Config(Section):
                 "train.batch_size",
                 f"must be divisible by cluster.num_workers ({self.cluster.num_workers})",
             )
-        if self.train.consistency > 0 and int(self.data.image_size * self.train.augment_translation + 0.5) == 0:
+        if self.train.consistency > 0 and shift_pixels(self.data.image_size, self.train.augment_translation) == 0:
             raise _FieldError(  # translate() would return the image as it is: a penalty of 0, at a cost
                 "train.consistency",
                 f"needs a shift of at least 1 px, and train.augment_translation {self.train.augment_translation:g} "

@@ -1,10 +1,10 @@
 """One GAN update and the state it updates: networks, optimizers, EMA of G, mixed precision.
 
 Per batch: the D step on fake.detach() (G's gradients untouched), with the R1 penalty every
-train.r1_every steps and, optionally, LeCam and consistency regularisation; then, every train.d_steps batches, the G step, with
-the mode-seeking term when set; an EMA copy of G follows every G step. Adaptive augmentation
-(ganflow.augment) applies to every image D sees. No Ray, no I/O: the loop (ganflow.train_loop)
-and the sweep's trials drive it.
+train.r1_every steps and, optionally, LeCam and consistency regularisation; then, every
+train.d_steps batches, the G step, with the mode-seeking term when set; an EMA copy of G follows
+every G step. Adaptive augmentation (ganflow.augment) applies to every image D sees. No Ray, no
+I/O: the loop (ganflow.train_loop) and the sweep's trials drive it.
 """
 
 from __future__ import annotations
